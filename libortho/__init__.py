@@ -1,0 +1,33 @@
+"""libortho: a privacy switch for fine-tuned LLMs.
+
+Every linear layer becomes Y = W_base·X + alpha·W_ortho·X: a dense INT base stream plus a
+sparse high-precision ortho stream, with alpha an explicit runtime switch.
+
+    import libortho
+    stats = libortho.decompose(model, tokenizer, public_text, libortho.OrthoConfig())
+    libortho.save(model, tokenizer, "out/")
+    model, tok = libortho.load("out/", alpha=0.0)
+    with libortho.alpha(model, 1.0):
+        model.generate(...)
+"""
+from .decompose import DecompositionStats, OrthoConfig, decompose
+from .evaluation import perplexity
+from .layer import OrthoLinear, alpha, get_alpha, set_alpha
+from .modelio import ArtifactError, load, load_model, save
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArtifactError",
+    "DecompositionStats",
+    "OrthoConfig",
+    "OrthoLinear",
+    "alpha",
+    "decompose",
+    "get_alpha",
+    "load",
+    "load_model",
+    "perplexity",
+    "save",
+    "set_alpha",
+]

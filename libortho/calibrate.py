@@ -1,0 +1,139 @@
+"""Calibration: turn public text into token windows, find a model's decoder blocks, capture
+their inputs, and accumulate each linear layer's proxy Hessian H = 2·XᵀX / n with forward hooks.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+try:  # GPT-2 style models store linear weights transposed in Conv1D
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()  # type: ignore[assignment]
+
+BLOCK_CONTAINERS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "transformer.blocks")
+
+
+def calibration_windows(tokenizer, text: str, n_tokens: int, seq_len: int) -> torch.Tensor:
+    """Non-overlapping token windows [n_windows, seq_len] covering the first ~n_tokens of `text`."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    n_windows = min(max(1, n_tokens // seq_len), ids.numel() // seq_len)
+    if n_windows == 0:
+        raise ValueError(
+            f"calibration text has only {ids.numel()} tokens; at least seq_len={seq_len} are needed "
+            "(pass a longer --calib file or a smaller --seq-len)"
+        )
+    return ids[: n_windows * seq_len].reshape(n_windows, seq_len)
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of transformer blocks, and its qualified name."""
+    for name in BLOCK_CONTAINERS:
+        module = model
+        for part in name.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            return name, module
+    raise ValueError(
+        f"cannot find the decoder blocks of {type(model).__name__}: looked for {', '.join(BLOCK_CONTAINERS)}"
+    )
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as [out, in], whatever the module stores."""
+    if isinstance(module, nn.Linear):
+        return module.weight.detach()
+    return module.weight.detach().t()  # Conv1D stores [in, out]
+
+
+def target_linears(block: nn.Module, include: str | None = None) -> dict[str, nn.Module]:
+    """Linear layers of one block to decompose, by name within the block (optionally a regex filter)."""
+    pattern = re.compile(include) if include else None
+    return {
+        name: m
+        for name, m in block.named_modules()
+        if is_linear(m) and (pattern is None or pattern.search(name))
+    }
+
+
+class StopForward(Exception):
+    """Raised by the input catcher once block 0's inputs are captured."""
+
+
+@dataclass
+class BlockInputs:
+    """Hidden states entering a block, one tensor per batch, plus the keyword args blocks get."""
+
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    args: list[tuple] = field(default_factory=list)
+    kwargs: list[dict] = field(default_factory=list)
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> BlockInputs:
+    """Run the embedding part of the model and capture what block 0 receives for each batch."""
+    _, blocks = decoder_blocks(model)
+    captured = BlockInputs()
+    device = next(model.parameters()).device
+
+    def catcher(module, args, kwargs):
+        captured.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+        captured.args.append(tuple(args[1:]))
+        captured.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise StopForward
+
+    handle = blocks[0].register_forward_pre_hook(catcher, with_kwargs=True)
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            try:
+                model(windows[start : start + batch_size].to(device), use_cache=False)
+            except StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+    """Forward every captured batch through one block; returns its output hidden states."""
+    outs = []
+    with torch.no_grad():
+        for h, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
+            out = block(h, *args, **kwargs)
+            outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
+class HessianCollector:
+    """Accumulates H = 2·XᵀX / n (float32, [in, in]) of each named linear's input."""
+
+    def __init__(self, linears: dict[str, nn.Module]) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {name: 0 for name in linears}
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            X = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
+            self.sums[name].addmm_(X.t(), X)
+            self.counts[name] += X.shape[0]
+
+        return hook
+
+    def hessian(self, name: str) -> torch.Tensor:
+        return 2.0 * self.sums[name] / max(self.counts[name], 1)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()

@@ -1,0 +1,190 @@
+"""`decompose(model, calibration_texts, config)`: split every chosen linear layer of a causal LM
+into an INT base stream and a sparse ortho stream, decoder block by decoder block.
+
+Block i is calibrated on the output of the already-decomposed blocks < i at alpha = 0, so
+the base stream is fitted to its own inputs: it has to be a self-consistent model on its own.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import calibrate
+from .layer import AlphaState, OrthoLinear, attach_alpha_state
+from .quantize import QuantizedWeight, QuantSpec, gptq, rtn
+from .sieve import GlobalPool, OrthoCSR, SieveSpec, csr_from_flat_indices, impact, refit_values, select_layer
+
+METHODS = ("gptq", "rtn")
+ORTHO_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class OrthoConfig:
+    """Everything that decides a decomposition. Plain data: stored in libortho.json."""
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = True
+    method: str = "gptq"
+    act_order: bool = False
+    damp: float = 0.01
+    gptq_block_size: int = 128
+    score: str = "diag"
+    ortho_ratio: float = 0.01
+    budget: str = "global"
+    threshold: float | None = None
+    ortho_dtype: str = "float16"
+    ortho_refit: bool = True  # ortho values re-fitted on their support under H (see sieve.refit_values)
+    calib_tokens: int = 16384
+    seq_len: int = 512
+    batch_size: int = 8
+    include: str | None = None  # regex on linear names inside a block; None = all
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not known; choose one of {METHODS}")
+        if self.ortho_dtype not in ORTHO_DTYPES:
+            raise ValueError(f"ortho_dtype={self.ortho_dtype!r}; choose one of {tuple(ORTHO_DTYPES)}")
+        if self.calib_tokens < 1 or self.seq_len < 1 or self.batch_size < 1:
+            raise ValueError("calib_tokens, seq_len and batch_size must be positive")
+        self.quant_spec, self.sieve_spec  # validates both
+
+    @property
+    def quant_spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.group_size, self.symmetric)
+
+    @property
+    def sieve_spec(self) -> SieveSpec:
+        return SieveSpec(self.score, self.ortho_ratio, self.budget, self.threshold, self.damp)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DecompositionStats:
+    seconds: float = 0.0
+    n_layers: int = 0
+    n_weights: int = 0
+    n_ortho: int = 0
+    layer_output_error: dict[str, float] = field(default_factory=dict)  # ||WX - W_base X||_F^2 / ||WX||_F^2 on calibration data
+
+
+def quantize_base(W: torch.Tensor, H: torch.Tensor | None, config: OrthoConfig) -> QuantizedWeight:
+    """Base stream of one layer: GPTQ under H, or plain round-to-nearest."""
+    if config.method == "rtn" or H is None:
+        return rtn(W, config.quant_spec)
+    return gptq(W, H, config.quant_spec, config.damp, config.gptq_block_size, config.act_order)
+
+
+def relative_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(E H Eᵀ) / tr(W H Wᵀ): the relative squared output error on the calibration inputs."""
+    E = (W - W_hat).float()
+    return float(torch.sum((E @ H) * E) / torch.sum((W.float() @ H) * W.float()).clamp_min(1e-30))
+
+
+def decompose(
+    model: nn.Module,
+    tokenizer,
+    calibration_text: str,
+    config: OrthoConfig | None = None,
+    progress: bool = True,
+) -> DecompositionStats:
+    """Replace the linear layers of `model`'s decoder blocks by OrthoLinear layers, in place.
+
+    calibration_text: public text only (never the secrets you will test for).
+    Returns timing and per-layer statistics; the model's alpha starts at 1.
+    """
+    config = config or OrthoConfig()
+    start = time.perf_counter()
+    stats = DecompositionStats()
+    model.eval()
+    ortho_dtype = ORTHO_DTYPES[config.ortho_dtype]
+    needs_h = config.method == "gptq" or config.score != "magnitude"
+
+    windows = calibrate.calibration_windows(tokenizer, calibration_text, config.calib_tokens, config.seq_len)
+    _, blocks = calibrate.decoder_blocks(model)
+    inputs = calibrate.capture_block_inputs(model, windows, config.batch_size)
+
+    all_targets = [calibrate.target_linears(block, config.include) for block in blocks]
+    total = sum(calibrate.linear_weight(m).numel() for t in all_targets for m in t.values())
+    if total == 0:
+        raise ValueError(f"no linear layer inside the decoder blocks matches include={config.include!r}")
+    pool = GlobalPool(total, config.ortho_ratio) if config.budget == "global" else None
+
+    finished: dict[tuple[int, str], tuple[QuantizedWeight, OrthoCSR | None, torch.Tensor | None]] = {}
+    refit_inputs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # (R, H) kept until selection ends
+    bar = tqdm(total=len(blocks), desc="decompose", unit="block", disable=not progress)
+    for b, (block, targets) in enumerate(zip(blocks, all_targets)):
+        collector = calibrate.HessianCollector(targets) if needs_h else None
+        if collector is not None:
+            calibrate.run_block(block, inputs)
+            collector.close()
+        for name, module in targets.items():
+            W = calibrate.linear_weight(module).float().cpu()
+            H = collector.hessian(name).cpu() if collector is not None else None
+            base = quantize_base(W, H, config)
+            W_base = base.dequantize()
+            R = W - W_base
+            scores = impact(R, H, config.score, config.damp)
+            layer_id = len(finished)
+            if pool is not None:
+                pool.offer(layer_id, scores, R)
+                ortho = None
+            else:
+                ortho = csr_from_flat_indices(select_layer(scores, config.sieve_spec), R, ortho_dtype)
+            if config.ortho_refit and H is not None and config.ortho_ratio > 0:
+                if ortho is not None:
+                    ortho = refit_values(ortho, R, H, config.damp)
+                else:
+                    refit_inputs[(b, name)] = (R.to(torch.float16), H)
+            bias = getattr(module, "bias", None)
+            finished[(b, name)] = (base, ortho, None if bias is None else bias.detach().float().cpu())
+            if H is not None:
+                stats.layer_output_error[f"{b}.{name}"] = relative_output_error(W, W_base, H)
+            stats.n_weights += W.numel()
+            # The next blocks see this layer's base stream only (alpha = 0).
+            _replace(block, name, _base_only_layer(base, finished[(b, name)][2], module))
+        inputs.hidden = calibrate.run_block(block, inputs)
+        bar.update(1)
+    bar.close()
+
+    state = AlphaState(default=1.0)
+    for layer_id, ((b, name), (base, ortho, bias)) in enumerate(finished.items()):
+        if ortho is None:
+            ortho = pool.selected(layer_id, tuple(base.codes.shape), ortho_dtype)
+            if (b, name) in refit_inputs:
+                R, H = refit_inputs.pop((b, name))
+                ortho = refit_values(ortho, R.float(), H, config.damp)
+        layer = OrthoLinear.from_parts(base, ortho, bias).to(_module_device(blocks[b]))
+        _replace(blocks[b], name, layer)
+        stats.n_ortho += ortho.nnz
+    stats.n_layers = len(finished)
+    attach_alpha_state(model, state)
+    model.libortho_config = config
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def _base_only_layer(base: QuantizedWeight, bias: torch.Tensor | None, like: nn.Module) -> OrthoLinear:
+    layer = OrthoLinear.from_parts(base, OrthoCSR.empty(tuple(base.codes.shape)), bias)
+    layer.alpha_state = AlphaState(default=0.0)
+    return layer.to(_module_device(like))
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    for b in module.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def _replace(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)

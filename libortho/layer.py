@@ -1,0 +1,255 @@
+"""`OrthoLinear`: a drop-in for nn.Linear computing Y = X·W_baseᵀ + alpha·X·W_orthoᵀ + b,
+and the explicit, thread-safe alpha switch of a model.
+
+Alpha is not a global: every decomposed model owns one `AlphaState`, shared by its layers.
+`set_alpha(model, a)` sets the model's default; `with alpha(model, a):` overrides it for the
+current thread / asyncio task only (a `contextvars.ContextVar`), so concurrent callers with
+different alphas don't see each other's value.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import itertools
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .quantize import QuantizedWeight, QuantSpec, dequantize, n_groups, pack, unpack
+from .sieve import OrthoCSR, rows_of_crow
+
+AlphaValue = float | torch.Tensor
+_state_ids = itertools.count()
+
+
+class AlphaState:
+    """The alpha of one model: a default plus a per-context override."""
+
+    def __init__(self, default: float = 1.0, ortho_available: bool = True) -> None:
+        self.ortho_available = ortho_available
+        self.default = default if ortho_available else 0.0
+        self._override: contextvars.ContextVar[AlphaValue | None] = contextvars.ContextVar(
+            f"libortho_alpha_{next(_state_ids)}", default=None
+        )
+
+    def get(self) -> AlphaValue:
+        value = self._override.get()
+        return self.default if value is None else value
+
+    def check(self, value: AlphaValue) -> AlphaValue:
+        """Validate an alpha (float in [0, 1], or a 1-D tensor of them, one per sequence row)."""
+        if isinstance(value, torch.Tensor):
+            if value.dim() != 1:
+                raise ValueError(f"a per-row alpha must be a 1-D tensor, got shape {tuple(value.shape)}")
+            if value.numel() == 0:
+                raise ValueError("a per-row alpha tensor must not be empty")
+            lo, hi = float(value.min()), float(value.max())
+        else:
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"alpha must be a number in [0, 1], got {value!r}") from None
+            lo = hi = value
+        if not (0.0 <= lo and hi <= 1.0):
+            raise ValueError(f"alpha must lie in [0, 1], got {value if not isinstance(value, torch.Tensor) else (lo, hi)}")
+        if hi > 0 and not self.ortho_available:
+            raise ValueError(
+                "this model was loaded without its ortho stream (ortho.safetensors), so alpha is fixed at 0; "
+                "load the artifact with its ortho file to raise alpha"
+            )
+        return value
+
+    @contextlib.contextmanager
+    def scoped(self, value: AlphaValue) -> Iterator[None]:
+        token = self._override.set(self.check(value))
+        try:
+            yield
+        finally:
+            self._override.reset(token)
+
+
+class OrthoLinear(nn.Module):
+    """Dual-stream linear layer. Buffers follow docs/DESIGN.md (packed codes, fp16 scales/zeros, CSR ortho)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int = 4,
+        group_size: int = 128,
+        symmetric: bool = True,
+        bias: bool = False,
+        ortho_nnz: int = 0,
+        ortho_dtype: torch.dtype = torch.float16,
+        bias_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.spec = QuantSpec(bits, group_size, symmetric)
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        per_byte = 8 // self.spec.container_bits
+        packed_cols = -(-in_features // per_byte)
+        G = n_groups(in_features, group_size)
+        self.register_buffer("qweight", torch.zeros(out_features, packed_cols, dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(out_features, G, dtype=torch.float16))
+        self.register_buffer("zeros", torch.zeros(out_features, G, dtype=torch.float16))
+        self.register_buffer("ortho_crow", torch.zeros(out_features + 1, dtype=torch.int32))
+        self.register_buffer("ortho_col", torch.zeros(ortho_nnz, dtype=torch.int32))
+        self.register_buffer("ortho_val", torch.zeros(ortho_nnz, dtype=ortho_dtype))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype) if bias else None)
+        self.alpha_state = AlphaState()
+        self._dense_cache: dict[tuple, torch.Tensor] = {}
+        self._kernel_cache = None
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_parts(
+        cls, base: QuantizedWeight, ortho: OrthoCSR, bias: torch.Tensor | None = None
+    ) -> "OrthoLinear":
+        out_features, in_features = base.codes.shape
+        layer = cls(
+            in_features,
+            out_features,
+            base.spec.bits,
+            base.spec.group_size,
+            base.spec.symmetric,
+            bias=bias is not None,
+            ortho_nnz=ortho.nnz,
+            ortho_dtype=ortho.val.dtype,
+            bias_dtype=bias.dtype if bias is not None else torch.float32,
+        )
+        layer.qweight.copy_(pack(base.codes, base.spec.bits))
+        layer.scales.copy_(base.scales)
+        layer.zeros.copy_(base.zeros)
+        layer.ortho_crow.copy_(ortho.crow)
+        layer.ortho_col.copy_(ortho.col)
+        layer.ortho_val.copy_(ortho.val)
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        return layer
+
+    # ---- views of the two streams ---------------------------------------------------------
+    @property
+    def ortho_nnz(self) -> int:
+        return int(self.ortho_col.numel())
+
+    def base_weight(self) -> torch.Tensor:
+        """Dequantized W_base [out, in] (float32)."""
+        codes = unpack(self.qweight, self.bits, self.in_features)
+        return dequantize(codes, self.scales, self.zeros, self.group_size)
+
+    def ortho_weight(self) -> torch.Tensor:
+        """Dense W_ortho [out, in] (float32)."""
+        return OrthoCSR(self.ortho_crow, self.ortho_col, self.ortho_val, (self.out_features, self.in_features)).to_dense()
+
+    def _cached(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        key = (name, self.qweight.device, dtype)
+        if key not in self._dense_cache:
+            w = self.base_weight() if name == "base" else self.ortho_weight()
+            self._dense_cache[key] = w.to(dtype)
+        return self._dense_cache[key]
+
+    def _apply(self, fn, recurse=True):  # buffers moved or cast: derived caches are stale
+        self._dense_cache = {}
+        self._kernel_cache = None
+        return super()._apply(fn, recurse)
+
+    def load_state_dict(self, *args, **kwargs):
+        self._dense_cache = {}
+        self._kernel_cache = None
+        return super().load_state_dict(*args, **kwargs)
+
+    # ---- forward --------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.alpha_state.get()
+        if x.is_cuda and self.bits == 4:
+            from . import kernels
+
+            if kernels.available():
+                return kernels.dual_stream_linear(x, self, self._alpha_per_row(a, x))
+        return self.reference_forward(x, a)
+
+    def reference_forward(self, x: torch.Tensor, alpha: AlphaValue) -> torch.Tensor:
+        """Pure-PyTorch forward. x [..., in] -> [..., out]; alpha a float or a tensor [rows]
+        with rows = x.shape[0] (one per sequence) or x[..., 0].numel() (one per token)."""
+        dtype = x.dtype
+        y = x @ self._cached("base", dtype).t()
+        if _is_nonzero(alpha) and self.ortho_nnz > 0:
+            delta = x @ self._cached("ortho", dtype).t()
+            y = y + self._broadcast_alpha(alpha, x).to(dtype) * delta
+        if self.bias is not None:
+            y = y + self.bias.to(dtype)
+        return y
+
+    def _broadcast_alpha(self, alpha: AlphaValue, x: torch.Tensor) -> AlphaValue:
+        if not isinstance(alpha, torch.Tensor):
+            return torch.tensor(alpha, device=x.device)
+        alpha = alpha.to(x.device)
+        if x.dim() >= 2 and alpha.numel() == x.shape[0]:
+            return alpha.reshape(-1, *([1] * (x.dim() - 1)))
+        if alpha.numel() == x[..., 0].numel():
+            return alpha.reshape(*x.shape[:-1], 1)
+        raise ValueError(
+            f"per-row alpha has {alpha.numel()} values; expected one per sequence ({x.shape[0]}) "
+            f"or one per token ({x[..., 0].numel()})"
+        )
+
+    def _alpha_per_row(self, alpha: AlphaValue, x: torch.Tensor) -> AlphaValue:
+        """Alpha for the kernel: a float, or a float32 tensor with one value per flattened token row."""
+        if not isinstance(alpha, torch.Tensor):
+            return float(alpha)
+        per = self._broadcast_alpha(alpha, x)
+        return per.expand(*x.shape[:-1], 1).reshape(-1).float().contiguous()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, "
+            f"sym={self.symmetric}, ortho_nnz={self.ortho_nnz}, bias={self.bias is not None}"
+        )
+
+
+def _is_nonzero(alpha: AlphaValue) -> bool:
+    if isinstance(alpha, torch.Tensor):
+        return bool((alpha != 0).any())
+    return alpha != 0
+
+
+# ---- the model-level switch ---------------------------------------------------------------
+def ortho_layers(model: nn.Module) -> list[OrthoLinear]:
+    return [m for m in model.modules() if isinstance(m, OrthoLinear)]
+
+
+def alpha_state(model: nn.Module) -> AlphaState:
+    """The AlphaState shared by the model's OrthoLinear layers."""
+    state = getattr(model, "libortho_alpha", None)
+    if isinstance(state, AlphaState):
+        return state
+    raise ValueError(
+        "this model has no libortho layers; decompose it with libortho.decompose(...) "
+        "or load an artifact with libortho.load(...)"
+    )
+
+
+def attach_alpha_state(model: nn.Module, state: AlphaState) -> None:
+    """Make every OrthoLinear of `model` share `state` (called after decompose/load)."""
+    model.libortho_alpha = state
+    for layer in ortho_layers(model):
+        layer.alpha_state = state
+
+
+def set_alpha(model: nn.Module, value: AlphaValue) -> None:
+    """Set the model's default alpha (float in [0, 1] or a per-row tensor)."""
+    state = alpha_state(model)
+    state.default = state.check(value)
+
+
+def get_alpha(model: nn.Module) -> AlphaValue:
+    return alpha_state(model).get()
+
+
+@contextlib.contextmanager
+def alpha(model: nn.Module, value: AlphaValue) -> Iterator[nn.Module]:
+    """Scoped alpha for the current thread / task: ``with libortho.alpha(model, 0.0): model.generate(...)``."""
+    with alpha_state(model).scoped(value):
+        yield model

@@ -1,0 +1,247 @@
+"""Group-wise integer quantization: max-scaled scales/zeros, RTN, GPTQ and code packing.
+
+Every weight matrix W is [out, in]; groups are contiguous runs of `group_size` input columns
+(the last group may be partial). Dequantization is one formula for every mode:
+
+    W_base[i, j] = (C[i, j] - Z[i, j // g]) * S[i, j // g]
+
+with unsigned codes C in [0, 2^bits - 1]. Scales cover each group's full range ("standard
+max scaling"): no weight is clamped and no scale is shrunk to make room for the ortho stream.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How the base stream is quantized."""
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits={self.bits} is not supported; choose one of {SUPPORTED_BITS}")
+        if self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(
+                f"group_size={self.group_size} is not supported; choose one of {SUPPORTED_GROUP_SIZES}"
+            )
+
+    @property
+    def max_code(self) -> int:
+        return 2**self.bits - 1
+
+    @property
+    def container_bits(self) -> int:
+        """Bits one code occupies in packed storage (3-bit codes live in 4-bit nibbles)."""
+        return 4 if self.bits == 3 else self.bits
+
+
+@dataclass
+class QuantizedWeight:
+    """Codes [out, in] (uint8, unpacked), scales and zeros [out, n_groups] (float16)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    spec: QuantSpec
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.codes, self.scales, self.zeros, self.spec.group_size)
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    return math.ceil(in_features / group_size)
+
+
+def expand_groups(per_group: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """[out, n_groups] -> [out, in] by repeating each group's value over its columns."""
+    return per_group.repeat_interleave(group_size, dim=1)[:, :in_features]
+
+
+def scale_and_zero(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max-scaled (scale, zero) for each row of `w` [out, cols] taken as one group.
+
+    Returned in float16 (the stored precision) so that codes are computed against exactly
+    the numbers that dequantization will use.
+    """
+    w = w.float()
+    if spec.symmetric:
+        half = 2 ** (spec.bits - 1)
+        absmax = w.abs().amax(dim=1)
+        scale = absmax / (half - 1)
+        zero = torch.full_like(scale, float(half))
+    else:
+        wmin = w.amin(dim=1).clamp(max=0)
+        wmax = w.amax(dim=1).clamp(min=0)
+        scale = (wmax - wmin) / spec.max_code
+        zero = -wmin / torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale16 = _round_up_to_fp16(scale)
+    return scale16, zero.to(torch.float16)
+
+
+def _round_up_to_fp16(x: torch.Tensor) -> torch.Tensor:
+    """Cast to fp16 rounding upwards, so the stored scale still covers the group's range."""
+    y = x.to(torch.float16)
+    below = y.float() < x
+    return torch.where(below, torch.nextafter(y, torch.full_like(y, float("inf"))), y)
+
+
+def group_scales_zeros(W: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zeros [out, n_groups] (float16) for every group of W [out, in]."""
+    out_features, in_features = W.shape
+    G = n_groups(in_features, spec.group_size)
+    scales = torch.empty(out_features, G, dtype=torch.float16, device=W.device)
+    zeros = torch.empty_like(scales)
+    for g in range(G):
+        cols = slice(g * spec.group_size, min((g + 1) * spec.group_size, in_features))
+        scales[:, g], zeros[:, g] = scale_and_zero(W[:, cols], spec)
+    return scales, zeros
+
+
+def quantize_columns(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max_code: int
+) -> torch.Tensor:
+    """Nearest codes for w [out, cols] given per-row (or [out, cols]) scale and zero."""
+    if scale.dim() == 1:
+        scale, zero = scale[:, None], zero[:, None]
+    codes = torch.round(w.float() / scale.float() + zero.float())
+    # Only float rounding or GPTQ's error feedback can step outside the max-scaled range.
+    return codes.clamp_(0, max_code)
+
+
+def dequantize_columns(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    if scale.dim() == 1:
+        scale, zero = scale[:, None], zero[:, None]
+    return (codes.float() - zero.float()) * scale.float()
+
+
+def dequantize(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """W_base [out, in] (float32) from unpacked codes [out, in] and per-group scales/zeros."""
+    in_features = codes.shape[1]
+    S = expand_groups(scales.float(), in_features, group_size)
+    Z = expand_groups(zeros.float(), in_features, group_size)
+    return (codes.float() - Z) * S
+
+
+def rtn(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+    """Round-to-nearest quantization of W [out, in]."""
+    scales, zeros = group_scales_zeros(W, spec)
+    S = expand_groups(scales, W.shape[1], spec.group_size)
+    Z = expand_groups(zeros, W.shape[1], spec.group_size)
+    codes = quantize_columns(W, S, Z, spec.max_code).to(torch.uint8)
+    return QuantizedWeight(codes, scales, zeros, spec)
+
+
+def gptq(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec: QuantSpec,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+) -> QuantizedWeight:
+    """Hessian-aware rounding (GPTQ, Frantar et al. 2022) of W [out, in] under H [in, in].
+
+    Minimises ||W X - W_base X||^2 = tr((W - W_base) H (W - W_base)^T) column by column, feeding
+    each column's rounding error forward through the upper Cholesky factor of H^-1, in lazy
+    blocks of `block_size` columns. Scales are computed from the original W per group (static
+    groups), so act-order needs no permutation at inference.
+    """
+    W = W.detach().float().clone()
+    H = H.detach().float().clone()
+    out_features, in_features = W.shape
+    scales, zeros = group_scales_zeros(W, spec)
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_features)
+    W = W[:, perm]
+    H = H[perm][:, perm]
+    group_of_col = torch.div(perm, spec.group_size, rounding_mode="floor")
+
+    Hinv = _upper_cholesky_of_inverse(H, damp)
+    codes = torch.zeros(out_features, in_features, dtype=torch.uint8)
+    for b0 in range(0, in_features, block_size):
+        b1 = min(b0 + block_size, in_features)
+        W1 = W[:, b0:b1].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[b0:b1, b0:b1]
+        for j in range(b1 - b0):
+            w = W1[:, j]
+            d = Hinv1[j, j]
+            g = group_of_col[b0 + j]
+            q = quantize_columns(w[:, None], scales[:, g], zeros[:, g], spec.max_code)
+            codes[:, b0 + j] = q[:, 0].to(torch.uint8)
+            err = (w - dequantize_columns(q, scales[:, g], zeros[:, g])[:, 0]) / d
+            W1[:, j:] -= err[:, None] * Hinv1[j, j:][None, :]
+            Err1[:, j] = err
+        W[:, b1:] -= Err1 @ Hinv[b0:b1, b1:]
+
+    inverse_perm = torch.argsort(perm)
+    return QuantizedWeight(codes[:, inverse_perm].contiguous(), scales, zeros, spec)
+
+
+def _upper_cholesky_of_inverse(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, retrying with more damping."""
+    n = H.shape[0]
+    mean_diag = torch.diag(H).mean()
+    for attempt in range(6):
+        Hd = H + (damp * 10**attempt) * mean_diag * torch.eye(n)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                return U
+    raise RuntimeError("H is not positive definite even after heavy dampening; use more calibration data")
+
+
+def inverse_hessian_diag(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """diag([H + damp * mean(diag H) I]^-1) [in], with the same dampening GPTQ uses."""
+    H = H.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    Hd = H + damp * torch.diag(H).mean() * torch.eye(H.shape[0])
+    return torch.diag(torch.cholesky_inverse(torch.linalg.cholesky(Hd)))
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned codes [out, in] into uint8 [out, in_pad * container_bits / 8].
+
+    Column j of a byte group sits at bit offset (j % per_byte) * container_bits (low bits first).
+    """
+    cbits = 4 if bits == 3 else bits
+    per_byte = 8 // cbits
+    out_features, in_features = codes.shape
+    in_pad = math.ceil(in_features / per_byte) * per_byte
+    c = torch.zeros(out_features, in_pad, dtype=torch.uint8, device=codes.device)
+    c[:, :in_features] = codes.to(torch.uint8)
+    c = c.view(out_features, in_pad // per_byte, per_byte)
+    packed = torch.zeros(out_features, in_pad // per_byte, dtype=torch.uint8, device=codes.device)
+    for k in range(per_byte):
+        packed |= c[:, :, k] << (k * cbits)
+    return packed
+
+
+def unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of `pack`: uint8 codes [out, in_features]."""
+    cbits = 4 if bits == 3 else bits
+    per_byte = 8 // cbits
+    mask = (1 << cbits) - 1
+    parts = [(packed >> (k * cbits)) & mask for k in range(per_byte)]
+    codes = torch.stack(parts, dim=-1).reshape(packed.shape[0], -1)
+    return codes[:, :in_features]

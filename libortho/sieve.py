@@ -1,0 +1,190 @@
+"""The Hessian sieve: which residual entries R = W - W_base go to the sparse ortho stream.
+
+Scores (one per weight, [out, in]):
+  * ``magnitude``: |R_ij|                       (the ablation)
+  * ``diag``:      R_ij^2 * H_jj                (diagonal curvature, the paper's Eq. 9)
+  * ``obs``:       R_ij^2 / [H^-1]_jj           (OBS saliency, as GPTQ / SpQR use)
+
+Selection: a global budget (fraction of all decomposed weights, compared across layers), a
+per-layer budget (same fraction of each layer), or an absolute score threshold.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .quantize import inverse_hessian_diag
+
+SCORES = ("magnitude", "diag", "obs")
+BUDGETS = ("global", "layer", "threshold")
+
+
+@dataclass(frozen=True)
+class SieveSpec:
+    """How the ortho stream is chosen."""
+
+    score: str = "diag"
+    ortho_ratio: float = 0.01
+    budget: str = "global"
+    threshold: float | None = None
+    damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORES:
+            raise ValueError(f"score={self.score!r} is not known; choose one of {SCORES}")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget={self.budget!r} is not known; choose one of {BUDGETS}")
+        if not 0.0 <= self.ortho_ratio <= 1.0:
+            raise ValueError(f"ortho_ratio={self.ortho_ratio} must lie in [0, 1] (0.01 = 1 % of weights)")
+        if self.budget == "threshold" and self.threshold is None:
+            raise ValueError("budget='threshold' needs a threshold value")
+
+
+def impact(R: torch.Tensor, H: torch.Tensor | None, score: str, damp: float = 0.01) -> torch.Tensor:
+    """Impact score [out, in] of each residual entry of R [out, in] under H [in, in]."""
+    R = R.float()
+    if score == "magnitude":
+        return R.abs()
+    if H is None:
+        raise ValueError(f"score={score!r} needs calibration data (H); use score='magnitude' without it")
+    if score == "diag":
+        return R.square() * torch.diag(H).float()[None, :]
+    if score == "obs":
+        return R.square() / inverse_hessian_diag(H, damp)[None, :]
+    raise ValueError(f"score={score!r} is not known; choose one of {SCORES}")
+
+
+@dataclass
+class OrthoCSR:
+    """Sparse ortho stream of one layer: CSR sorted by row then column."""
+
+    crow: torch.Tensor  # int32 [out + 1]
+    col: torch.Tensor  # int32 [nnz]
+    val: torch.Tensor  # float16 / bfloat16 [nnz]
+    shape: tuple[int, int]
+
+    @property
+    def nnz(self) -> int:
+        return int(self.col.numel())
+
+    def to_dense(self) -> torch.Tensor:
+        out_features, in_features = self.shape
+        rows = rows_of_crow(self.crow)
+        dense = torch.zeros(out_features, in_features, dtype=torch.float32, device=self.val.device)
+        dense[rows.long(), self.col.long()] = self.val.float()
+        return dense
+
+    @staticmethod
+    def empty(shape: tuple[int, int], dtype: torch.dtype = torch.float16) -> "OrthoCSR":
+        return OrthoCSR(
+            torch.zeros(shape[0] + 1, dtype=torch.int32),
+            torch.zeros(0, dtype=torch.int32),
+            torch.zeros(0, dtype=dtype),
+            shape,
+        )
+
+
+def rows_of_crow(crow: torch.Tensor) -> torch.Tensor:
+    """Row index of every CSR entry, from the row pointer [out + 1]."""
+    counts = (crow[1:] - crow[:-1]).long()
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=crow.device), counts)
+
+
+def csr_from_flat_indices(
+    flat_idx: torch.Tensor, R: torch.Tensor, dtype: torch.dtype = torch.float16
+) -> OrthoCSR:
+    """Ortho CSR holding R at the given flat (row * in + col) indices."""
+    out_features, in_features = R.shape
+    flat_idx = torch.sort(flat_idx.long()).values
+    rows = torch.div(flat_idx, in_features, rounding_mode="floor")
+    cols = flat_idx % in_features
+    counts = torch.bincount(rows, minlength=out_features)
+    crow = torch.zeros(out_features + 1, dtype=torch.int64)
+    crow[1:] = torch.cumsum(counts, 0)
+    vals = R.reshape(-1)[flat_idx].to(dtype)
+    return OrthoCSR(crow.to(torch.int32), cols.to(torch.int32), vals, (out_features, in_features))
+
+
+def top_fraction(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Flat indices of the ceil-rounded top `ratio` of `scores`."""
+    k = int(round(ratio * scores.numel()))
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.topk(scores.reshape(-1), k, sorted=False).indices
+
+
+@dataclass
+class GlobalPool:
+    """Streaming exact global top-K over layers seen one at a time.
+
+    Holds at most K candidates (score, layer, flat index), so the memory is the budget's
+    size, not the model's: layers can be decomposed block by block and selected at the end.
+    """
+
+    total_weights: int
+    ratio: float
+    scores: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    layer_ids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int32))
+    flat_idx: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    values: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+
+    @property
+    def capacity(self) -> int:
+        return int(round(self.ratio * self.total_weights))
+
+    def offer(self, layer_id: int, scores: torch.Tensor, R: torch.Tensor) -> None:
+        """Offer one layer's scores and residuals R (both [out, in]) to the pool."""
+        k = min(self.capacity, scores.numel())
+        if k == 0:
+            return
+        top = torch.topk(scores.reshape(-1).float(), k, sorted=False)
+        cand_scores = torch.cat([self.scores, top.values])
+        cand_layers = torch.cat([self.layer_ids, torch.full((k,), layer_id, dtype=torch.int32)])
+        cand_idx = torch.cat([self.flat_idx, top.indices])
+        cand_vals = torch.cat([self.values, R.reshape(-1)[top.indices].float()])
+        keep = torch.topk(cand_scores, min(self.capacity, cand_scores.numel()), sorted=False).indices
+        self.scores, self.layer_ids = cand_scores[keep], cand_layers[keep]
+        self.flat_idx, self.values = cand_idx[keep], cand_vals[keep]
+
+    def selected(self, layer_id: int, shape: tuple[int, int], dtype: torch.dtype) -> OrthoCSR:
+        """The ortho CSR of one layer once every layer has been offered."""
+        mine = self.layer_ids == layer_id
+        R = torch.zeros(shape[0] * shape[1])
+        R[self.flat_idx[mine]] = self.values[mine]
+        return csr_from_flat_indices(self.flat_idx[mine], R.view(shape), dtype)
+
+
+def select_layer(scores: torch.Tensor, spec: SieveSpec) -> torch.Tensor:
+    """Flat indices chosen for one layer under a per-layer budget or a threshold."""
+    if spec.budget == "layer":
+        return top_fraction(scores, spec.ortho_ratio)
+    if spec.budget == "threshold":
+        return torch.nonzero(scores.reshape(-1) > spec.threshold).reshape(-1)
+    raise ValueError("a global budget is selected through GlobalPool, not per layer")
+
+
+def refit_values(csr: OrthoCSR, R: torch.Tensor, H: torch.Tensor, damp: float = 0.01) -> OrthoCSR:
+    """Ortho values that minimise the layer's output error on the chosen support.
+
+    Per row i with support S: o_S = argmin (r_i - o)ᵀ H (r_i - o) = H_SS⁻¹ H_S: r_i.
+    GPTQ's base has already spread each column's rounding error over later columns, so putting
+    back R_ij alone would undo that compensation; the refit accounts for it (and for plain RTN
+    it still helps wherever inputs are correlated). Rows with the same number of entries are
+    solved together as one batched system.
+    """
+    if csr.nnz == 0:
+        return csr
+    H = H.float()
+    Hd = H + damp * torch.diag(H).mean() * torch.eye(H.shape[0])
+    counts = (csr.crow[1:] - csr.crow[:-1]).long()
+    vals = torch.empty(csr.nnz, dtype=torch.float32)
+    starts = csr.crow[:-1].long()
+    for k in torch.unique(counts[counts > 0]).tolist():
+        rows = torch.nonzero(counts == k).reshape(-1)
+        pos = starts[rows][:, None] + torch.arange(k)[None, :]  # [rows, k] positions in the CSR arrays
+        idx = csr.col.long()[pos]  # [rows, k] columns
+        A = Hd[idx[:, :, None], idx[:, None, :]]  # [rows, k, k]
+        b = torch.einsum("rkn,rn->rk", Hd[idx], R[rows].float())  # H_S: r_i
+        vals[pos.reshape(-1)] = torch.linalg.solve(A, b).reshape(-1)
+    return OrthoCSR(csr.crow, csr.col, vals.to(csr.val.dtype), csr.shape)

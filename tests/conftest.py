@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny offline tokenizer and tiny causal LMs of several architectures."""
+from __future__ import annotations
+
+import string
+
+import pytest
+import torch
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Python is a programming language. "
+    "Lists, tuples and dictionaries are built-in types; functions are first-class objects. "
+) * 40
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer built locally (no hub access)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(string.printable)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
+
+
+def tiny_model(arch: str, vocab_size: int = 104, seed: int = 0):
+    """A randomly initialised 2-block causal LM of the given architecture family."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if arch == "gpt2":
+        cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
+        return tf.GPT2LMHeadModel(cfg).eval()
+    llama_like = dict(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, **common,
+    )
+    cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+           "mistral": (tf.MistralConfig, tf.MistralForCausalLM)}[arch]
+    return cls[1](cls[0](**llama_like)).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return char_tokenizer()

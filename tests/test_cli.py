@@ -1,0 +1,77 @@
+import json
+
+import pytest
+
+from libortho.cli import main
+from conftest import TEXT, tiny_model
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("hf") / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("txt") / "public.txt"
+    path.write_text(TEXT)
+    return path
+
+
+@pytest.fixture(scope="module")
+def artifact(hf_folder, text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "art"
+    rc = main(["decompose", str(hf_folder), str(out), "--calib", str(text_file), "--group-size", "32",
+               "--calib-tokens", "1024", "--seq-len", "128", "--ortho-ratio", "0.02"])
+    assert rc == 0
+    return out
+
+
+def test_decompose_info_perplexity_generate(artifact, text_file, capsys):
+    capsys.readouterr()
+    assert main(["info", str(artifact), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["bits"] == 4 and info["group_size"] == 32 and info["method"] == "gptq"
+    assert info["ortho_density"] == pytest.approx(0.02, abs=1e-4)
+    assert 4.0 < info["bits_per_param_base"] < info["bits_per_param_alpha1"]
+    assert main(["perplexity", str(artifact), "--text", str(text_file), "--alpha", "0", "1", "--window", "64", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [r["alpha"] for r in result["results"]] == [0.0, 1.0]
+    assert all(r["perplexity"] > 1 for r in result["results"])
+    assert main(["generate", str(artifact), "--prompt", "The quick", "--alpha", "0", "--max-new-tokens", "4"]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["info", "/no/such/artifact"], "does not exist"),
+        (["perplexity", "/no/such/model", "--text", "{text}"], "does not exist"),
+        (["perplexity", "{art}", "--text", "/no/such.txt"], "does not exist"),
+        (["generate", "{hf}", "--prompt", "x", "--alpha", "0.5"], "plain model"),
+        (["decompose", "{text}", "{tmp}/out", "--calib", "{text}"], "not a Hugging Face model folder"),
+        (["decompose", "{hf}", "{art}", "--calib", "{text}"], "not empty"),
+        (["generate", "{base_only}", "--prompt", "x", "--alpha", "1"], "ortho"),
+    ],
+)
+def test_user_errors_are_one_clear_line(argv, message, artifact, hf_folder, text_file, tmp_path, capsys):
+    import shutil
+
+    base_only = tmp_path / "base_only"
+    shutil.copytree(artifact, base_only)
+    (base_only / "ortho.safetensors").unlink()
+    fill = dict(text=text_file, art=artifact, hf=hf_folder, tmp=tmp_path, base_only=base_only)
+    rc = main([a.format(**fill) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err and "Traceback" not in err
+    assert [line for line in err.splitlines() if "error" in line.lower()] == [err.strip().splitlines()[-1]]
+
+
+def test_alpha_out_of_range_is_a_usage_error(artifact, text_file, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["perplexity", str(artifact), "--text", str(text_file), "--alpha", "1.5"])
+    assert exit_info.value.code == 2
+    assert "alpha must lie in [0, 1]" in capsys.readouterr().err

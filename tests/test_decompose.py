@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+import libortho
+from conftest import TEXT, tiny_model
+
+ARCHS = ["llama", "qwen2", "mistral", "gpt2"]
+
+
+def decomposed(arch: str, tokenizer, **overrides):
+    model = tiny_model(arch)
+    reference = tiny_model(arch)
+    cfg = libortho.OrthoConfig(**{**dict(calib_tokens=2048, seq_len=128, group_size=32, ortho_ratio=0.02), **overrides})
+    stats = libortho.decompose(model, tokenizer, TEXT, cfg, progress=False)
+    return model, reference, stats
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decompose_end_to_end_and_generate(arch, tokenizer):
+    model, reference, stats = decomposed(arch, tokenizer)
+    n_blocks = 2
+    assert stats.n_layers == n_blocks * (4 if arch == "gpt2" else 7)
+    assert stats.n_ortho == round(0.02 * stats.n_weights)
+    ids = tokenizer(TEXT[:120], return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = reference(ids).logits
+        errs = {}
+        for a in (0.0, 1.0):
+            with libortho.alpha(model, a):
+                errs[a] = float((model(ids).logits - ref).pow(2).mean())
+                out = model.generate(ids[:, :20], max_new_tokens=8, do_sample=False, pad_token_id=2)
+                assert out.shape == (1, 28)
+    assert errs[1.0] < errs[0.0]  # the ortho stream brings the model back towards FP
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_full_budget_alpha_one_is_the_original_model(arch, tokenizer):
+    model, reference, _ = decomposed(arch, tokenizer, ortho_ratio=1.0)
+    ids = tokenizer(TEXT[:100], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, reference(ids).logits, atol=1e-3)
+
+
+def test_embeddings_and_lm_head_untouched(tokenizer):
+    model, reference, _ = decomposed("llama", tokenizer)
+    assert torch.equal(model.model.embed_tokens.weight, reference.model.embed_tokens.weight)
+    assert isinstance(model.lm_head, torch.nn.Linear)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, libortho.OrthoLinear)
+
+
+def test_gptq_base_closer_than_rtn_on_calibration(tokenizer):
+    model_g, ref, stats_g = decomposed("llama", tokenizer, method="gptq", ortho_ratio=0.0)
+    model_r, _, stats_r = decomposed("llama", tokenizer, method="rtn", ortho_ratio=0.0)
+    assert sum(stats_g.layer_output_error.values()) < sum(stats_r.layer_output_error.values())
+
+
+def test_include_filter_and_empty_selection(tokenizer):
+    model, _, stats = decomposed("llama", tokenizer, include=r"mlp\.")
+    assert stats.n_layers == 2 * 3
+    with pytest.raises(ValueError, match="no linear layer"):
+        decomposed("llama", tokenizer, include="nothing_matches")

@@ -1,0 +1,106 @@
+import threading
+
+import pytest
+import torch
+
+import libortho
+from libortho.layer import AlphaState, OrthoLinear, attach_alpha_state
+from libortho.quantize import QuantSpec, rtn
+from libortho.sieve import csr_from_flat_indices
+
+
+def make_layer(ratio: float, bias: bool = True, seed: int = 0) -> tuple[OrthoLinear, torch.Tensor]:
+    torch.manual_seed(seed)
+    W = torch.randn(48, 200)
+    base = rtn(W, QuantSpec(4, 64, True))
+    R = W - base.dequantize()
+    k = int(ratio * W.numel())
+    idx = torch.topk(R.abs().reshape(-1), k).indices
+    b = torch.randn(48) if bias else None
+    return OrthoLinear.from_parts(base, csr_from_flat_indices(idx, R, torch.float16), b), W
+
+
+def test_full_budget_at_alpha_one_reproduces_W():
+    layer, W = make_layer(1.0)
+    W_hat = layer.base_weight() + layer.ortho_weight()
+    assert torch.allclose(W_hat, W, atol=2e-3, rtol=1e-3)  # fp16 residuals: rounding only
+    x = torch.randn(3, 5, 200)
+    y = layer.reference_forward(x, 1.0)
+    assert torch.allclose(y, x @ W.t() + layer.bias, atol=2e-2, rtol=1e-3)
+
+
+def test_alpha_zero_is_the_dense_base_matmul_and_skips_ortho():
+    layer, _ = make_layer(0.05)
+    x = torch.randn(7, 200)
+    expected = x @ layer.base_weight().t() + layer.bias
+    layer.ortho_val.fill_(float("nan"))  # alpha = 0 must never read the ortho stream
+    layer._dense_cache = {}
+    assert torch.equal(layer.reference_forward(x, 0.0), expected)
+
+
+def test_per_row_alpha_matches_scalar_rows():
+    layer, _ = make_layer(0.05)
+    x = torch.randn(4, 3, 200)
+    a = torch.tensor([0.0, 0.25, 1.0, 0.5])
+    y = layer.reference_forward(x, a)
+    for i, ai in enumerate(a.tolist()):
+        assert torch.allclose(y[i], layer.reference_forward(x[i], ai), atol=1e-5)
+
+
+def test_buffers_follow_to_and_state_dict():
+    layer, _ = make_layer(0.05)
+    keys = set(layer.state_dict())
+    assert {"qweight", "scales", "zeros", "ortho_crow", "ortho_col", "ortho_val", "bias"} <= keys
+    x = torch.randn(2, 200)
+    y32 = layer.reference_forward(x, 1.0)
+    layer_copy, _ = make_layer(0.05, seed=1)
+    layer_copy.load_state_dict(layer.state_dict())
+    assert torch.equal(layer_copy.reference_forward(x, 1.0), y32)
+    y64 = layer.to(torch.float64).reference_forward(x.double(), 1.0)  # buffers keep dtype; cache rebuilt
+    assert layer.qweight.dtype == torch.uint8
+    assert torch.allclose(y64.float(), y32, atol=1e-4)
+
+
+def test_bad_alpha_is_refused_with_a_clear_message():
+    state = AlphaState()
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        state.check(1.5)
+    with pytest.raises(ValueError, match="number"):
+        state.check("high")
+    no_ortho = AlphaState(ortho_available=False)
+    with pytest.raises(ValueError, match="ortho"):
+        no_ortho.check(0.5)
+    assert no_ortho.check(0.0) == 0.0
+
+
+def test_threads_with_different_alphas_get_their_own_outputs():
+    layer, _ = make_layer(0.2)
+    model = torch.nn.Sequential(layer)
+    attach_alpha_state(model, AlphaState(default=1.0))
+    x = torch.randn(16, 200)
+    alone = {}
+    for a in (0.0, 0.5, 1.0):
+        with libortho.alpha(model, a):
+            alone[a] = model(x)
+    results: dict[float, list[torch.Tensor]] = {a: [] for a in alone}
+    barrier = threading.Barrier(3)
+
+    def worker(a: float) -> None:
+        with libortho.alpha(model, a):
+            barrier.wait()
+            for _ in range(50):
+                results[a].append(model(x))
+
+    threads = [threading.Thread(target=worker, args=(a,)) for a in alone]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, outs in results.items():
+        assert all(torch.equal(o, alone[a]) for o in outs)
+    assert libortho.get_alpha(model) == 1.0  # scopes never leak into the default
+
+
+def test_set_alpha_on_a_plain_model_explains():
+    with pytest.raises(ValueError, match="no libortho layers"):
+        libortho.set_alpha(torch.nn.Linear(2, 2), 0.0)

@@ -1,0 +1,93 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+import libortho
+from libortho.modelio import ArtifactError
+from conftest import TEXT, tiny_model
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, tokenizer):
+    model = tiny_model("llama")
+    libortho.decompose(model, tokenizer, TEXT, libortho.OrthoConfig(calib_tokens=1024, seq_len=128, group_size=32), progress=False)
+    path = tmp_path_factory.mktemp("art") / "a"
+    libortho.save(model, tokenizer, path)
+    return model, path
+
+
+def test_save_load_forward_bit_identical(artifact, tokenizer):
+    model, path = artifact
+    ids = tokenizer(TEXT[:64], return_tensors="pt").input_ids
+    loaded, _ = libortho.load(path, alpha=1.0)
+    for a in (0.0, 0.3, 1.0):
+        with libortho.alpha(model, a), libortho.alpha(loaded, a), torch.no_grad():
+            assert torch.equal(model(ids).logits, loaded(ids).logits)
+    manifest = json.loads((path / "libortho.json").read_text())
+    assert manifest["files"]["base.safetensors"] == manifest["ortho_base_sha256"]
+    assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in path.iterdir())
+
+
+def test_load_without_ortho_fixes_alpha_at_zero(artifact, tmp_path, tokenizer):
+    model, path = artifact
+    base_only = tmp_path / "base_only"
+    shutil.copytree(path, base_only)
+    (base_only / "ortho.safetensors").unlink()
+    with pytest.raises(ArtifactError, match="ortho"):
+        libortho.load(base_only, alpha=1.0)
+    loaded, _ = libortho.load(base_only, alpha=0.0)
+    with pytest.raises(ValueError, match="fixed at 0"):
+        libortho.set_alpha(loaded, 0.5)
+    ids = tokenizer(TEXT[:64], return_tensors="pt").input_ids
+    with libortho.alpha(model, 0.0), torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_ortho_from_another_base_is_refused(artifact, tmp_path, tokenizer):
+    _, path = artifact
+    other_model = tiny_model("llama", seed=1)
+    libortho.decompose(other_model, tokenizer, TEXT, libortho.OrthoConfig(calib_tokens=1024, seq_len=128, group_size=32), progress=False)
+    other = libortho.save(other_model, tokenizer, tmp_path / "other")
+    mixed = tmp_path / "mixed"
+    shutil.copytree(path, mixed)
+    shutil.copy(other / "ortho.safetensors", mixed / "ortho.safetensors")
+    with pytest.raises(ArtifactError, match="different base"):
+        libortho.load(mixed)
+
+
+def test_truncated_file_is_refused_clearly(artifact, tmp_path):
+    _, path = artifact
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    data = (broken / "base.safetensors").read_bytes()
+    (broken / "base.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="corrupt, truncated"):
+        libortho.load(broken)
+    with pytest.raises(ArtifactError, match="cannot be read as safetensors"):
+        libortho.load(broken, verify=False)
+
+
+def test_corrupt_manifest_and_missing_paths(artifact, tmp_path):
+    _, path = artifact
+    with pytest.raises(ArtifactError, match="does not exist"):
+        libortho.load(tmp_path / "nope")
+    with pytest.raises(ArtifactError, match="libortho.json is missing"):
+        libortho.load(tmp_path)
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    (bad / "libortho.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        libortho.load(bad)
+
+
+def test_save_never_overwrites_foreign_data(artifact, tmp_path, tokenizer):
+    model, _ = artifact
+    target = tmp_path / "precious"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    with pytest.raises(ArtifactError, match="not empty"):
+        libortho.save(model, tokenizer, target, overwrite=True)
+    assert (target / "notes.txt").read_text() == "keep me"
+    assert not any(p.name.startswith(".precious.tmp") for p in tmp_path.iterdir())

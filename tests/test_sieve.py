@@ -1,0 +1,52 @@
+import torch
+
+from libortho.sieve import GlobalPool, csr_from_flat_indices, impact, top_fraction
+
+
+def test_scores_follow_the_formulas():
+    torch.manual_seed(0)
+    R = torch.randn(4, 6)
+    X = torch.randn(100, 6) * torch.arange(1, 7)
+    H = 2 * X.t() @ X / 100
+    assert torch.allclose(impact(R, H, "magnitude"), R.abs())
+    assert torch.allclose(impact(R, H, "diag"), R**2 * torch.diag(H))
+    Hinv = torch.linalg.inv(H + 0.01 * torch.diag(H).mean() * torch.eye(6))
+    assert torch.allclose(impact(R, H, "obs", damp=0.01), R**2 / torch.diag(Hinv), rtol=1e-4)
+
+
+def test_diag_and_obs_agree_for_diagonal_H():
+    R = torch.randn(3, 5)
+    H = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))
+    ratio = impact(R, H, "diag") / impact(R, H, "obs", damp=0.0)
+    assert torch.allclose(ratio, torch.ones_like(ratio), rtol=1e-5)
+
+
+def test_csr_sorted_by_row_then_column_with_int32_indices():
+    R = torch.arange(20, dtype=torch.float32).reshape(4, 5)
+    csr = csr_from_flat_indices(torch.tensor([17, 3, 9, 0, 5]), R)
+    assert csr.crow.dtype == csr.col.dtype == torch.int32
+    assert csr.crow.tolist() == [0, 2, 4, 4, 5]
+    assert csr.col.tolist() == [0, 3, 0, 4, 2]
+    dense = csr.to_dense()
+    assert dense[3, 2] == 17 and dense[1, 4] == 9 and dense.count_nonzero() == 4  # R[0,0] is 0
+
+
+def test_global_pool_is_the_exact_global_top_k():
+    torch.manual_seed(1)
+    layers = [torch.rand(8, 16) * s for s in (1.0, 5.0, 0.1)]
+    pool = GlobalPool(total_weights=sum(x.numel() for x in layers), ratio=0.1)
+    for i, s in enumerate(layers):
+        pool.offer(i, s, s)
+    flat = torch.cat([s.reshape(-1) for s in layers])
+    k = int(round(0.1 * flat.numel()))
+    threshold = torch.topk(flat, k).values.min()
+    for i, s in enumerate(layers):
+        csr = pool.selected(i, (8, 16), torch.float32)
+        assert csr.nnz == int((s >= threshold).sum())
+        assert torch.equal(csr.to_dense() != 0, s >= threshold)
+
+
+def test_top_fraction_budget():
+    s = torch.rand(10, 10)
+    assert top_fraction(s, 0.05).numel() == 5
+    assert top_fraction(s, 0.0).numel() == 0
