@@ -87,6 +87,103 @@ def relative_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor)
     return float(torch.sum((E @ H) * E) / torch.sum((W.float() @ H) * W.float()).clamp_min(1e-30))
 
 
+@dataclass
+class LayerParts:
+    """One decomposed layer before the sieve: base stream, residual R = W - W_base [out, in],
+    its proxy Hessian H [in, in] (None without calibration) and bias."""
+
+    base: QuantizedWeight
+    R: torch.Tensor
+    H: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+def quantize_model(
+    model: nn.Module,
+    tokenizer,
+    calibration_text: str,
+    config: OrthoConfig,
+    progress: bool = True,
+) -> tuple[dict[tuple[int, str], LayerParts], DecompositionStats]:
+    """Quantize the base stream block by block; chosen linears become base-only OrthoLinear in place.
+
+    Block i is calibrated on the alpha = 0 output of blocks < i. Returns every layer's parts,
+    keyed by (block index, name inside the block), so one base can be sieved in several ways.
+    """
+    start = time.perf_counter()
+    stats = DecompositionStats()
+    model.eval()
+    needs_h = config.method == "gptq" or config.score != "magnitude" or config.ortho_refit
+    windows = calibrate.calibration_windows(tokenizer, calibration_text, config.calib_tokens, config.seq_len)
+    _, blocks = calibrate.decoder_blocks(model)
+    all_targets = [calibrate.target_linears(block, config.include) for block in blocks]
+    if not any(all_targets):
+        raise ValueError(f"no linear layer inside the decoder blocks matches include={config.include!r}")
+    inputs = calibrate.capture_block_inputs(model, windows, config.batch_size)
+
+    parts: dict[tuple[int, str], LayerParts] = {}
+    for b, (block, targets) in enumerate(tqdm(list(zip(blocks, all_targets)), desc="decompose", unit="block", disable=not progress)):
+        collector = calibrate.HessianCollector(targets) if needs_h else None
+        if collector is not None:
+            calibrate.run_block(block, inputs)
+            collector.close()
+        for name, module in targets.items():
+            W = calibrate.linear_weight(module).float().cpu()
+            H = collector.hessian(name).cpu() if collector is not None else None
+            base = quantize_base(W, H, config)
+            W_base = base.dequantize()
+            bias = getattr(module, "bias", None)
+            bias = None if bias is None else bias.detach().float().cpu()
+            parts[(b, name)] = LayerParts(base, W - W_base, H, bias)
+            if H is not None:
+                stats.layer_output_error[f"{b}.{name}"] = relative_output_error(W, W_base, H)
+            stats.n_weights += W.numel()
+            _replace(block, name, _base_only_layer(base, bias, module))
+        inputs.hidden = calibrate.run_block(block, inputs)  # what block b+1 sees: the base stream's output
+    stats.n_layers = len(parts)
+    stats.seconds = time.perf_counter() - start
+    return parts, stats
+
+
+def sieve_model(parts: dict[tuple[int, str], LayerParts], config: OrthoConfig) -> dict[tuple[int, str], OrthoCSR]:
+    """Choose each layer's ortho entries (global or per-layer budget, or threshold) and their values."""
+    ortho_dtype = ORTHO_DTYPES[config.ortho_dtype]
+    spec = config.sieve_spec
+    scores = {key: impact(p.R, p.H, spec.score, spec.damp) for key, p in parts.items()}
+    if spec.budget == "global":
+        pool = GlobalPool(sum(p.R.numel() for p in parts.values()), spec.ortho_ratio)
+        for layer_id, key in enumerate(parts):
+            pool.offer(layer_id, scores[key], parts[key].R)
+        orthos = {key: pool.selected(i, tuple(parts[key].R.shape), ortho_dtype) for i, key in enumerate(parts)}
+    else:
+        orthos = {key: csr_from_flat_indices(select_layer(scores[key], spec), parts[key].R, ortho_dtype) for key in parts}
+    if config.ortho_refit:
+        orthos = {
+            key: refit_values(csr, parts[key].R, parts[key].H, spec.damp) if parts[key].H is not None else csr
+            for key, csr in orthos.items()
+        }
+    return orthos
+
+
+def install(
+    model: nn.Module,
+    parts: dict[tuple[int, str], LayerParts],
+    orthos: dict[tuple[int, str], OrthoCSR],
+    config: OrthoConfig,
+    alpha: float = 1.0,
+) -> int:
+    """Put the final OrthoLinear layers into `model` sharing one alpha switch; returns the ortho nnz."""
+    _, blocks = calibrate.decoder_blocks(model)
+    n_ortho = 0
+    for (b, name), p in parts.items():
+        layer = OrthoLinear.from_parts(p.base, orthos[(b, name)], p.bias).to(_module_device(blocks[b]))
+        _replace(blocks[b], name, layer)
+        n_ortho += orthos[(b, name)].nnz
+    attach_alpha_state(model, AlphaState(default=alpha))
+    model.libortho_config = config
+    return n_ortho
+
+
 def decompose(
     model: nn.Module,
     tokenizer,
@@ -101,71 +198,8 @@ def decompose(
     """
     config = config or OrthoConfig()
     start = time.perf_counter()
-    stats = DecompositionStats()
-    model.eval()
-    ortho_dtype = ORTHO_DTYPES[config.ortho_dtype]
-    needs_h = config.method == "gptq" or config.score != "magnitude"
-
-    windows = calibrate.calibration_windows(tokenizer, calibration_text, config.calib_tokens, config.seq_len)
-    _, blocks = calibrate.decoder_blocks(model)
-    inputs = calibrate.capture_block_inputs(model, windows, config.batch_size)
-
-    all_targets = [calibrate.target_linears(block, config.include) for block in blocks]
-    total = sum(calibrate.linear_weight(m).numel() for t in all_targets for m in t.values())
-    if total == 0:
-        raise ValueError(f"no linear layer inside the decoder blocks matches include={config.include!r}")
-    pool = GlobalPool(total, config.ortho_ratio) if config.budget == "global" else None
-
-    finished: dict[tuple[int, str], tuple[QuantizedWeight, OrthoCSR | None, torch.Tensor | None]] = {}
-    refit_inputs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # (R, H) kept until selection ends
-    bar = tqdm(total=len(blocks), desc="decompose", unit="block", disable=not progress)
-    for b, (block, targets) in enumerate(zip(blocks, all_targets)):
-        collector = calibrate.HessianCollector(targets) if needs_h else None
-        if collector is not None:
-            calibrate.run_block(block, inputs)
-            collector.close()
-        for name, module in targets.items():
-            W = calibrate.linear_weight(module).float().cpu()
-            H = collector.hessian(name).cpu() if collector is not None else None
-            base = quantize_base(W, H, config)
-            W_base = base.dequantize()
-            R = W - W_base
-            scores = impact(R, H, config.score, config.damp)
-            layer_id = len(finished)
-            if pool is not None:
-                pool.offer(layer_id, scores, R)
-                ortho = None
-            else:
-                ortho = csr_from_flat_indices(select_layer(scores, config.sieve_spec), R, ortho_dtype)
-            if config.ortho_refit and H is not None and config.ortho_ratio > 0:
-                if ortho is not None:
-                    ortho = refit_values(ortho, R, H, config.damp)
-                else:
-                    refit_inputs[(b, name)] = (R.to(torch.float16), H)
-            bias = getattr(module, "bias", None)
-            finished[(b, name)] = (base, ortho, None if bias is None else bias.detach().float().cpu())
-            if H is not None:
-                stats.layer_output_error[f"{b}.{name}"] = relative_output_error(W, W_base, H)
-            stats.n_weights += W.numel()
-            # The next blocks see this layer's base stream only (alpha = 0).
-            _replace(block, name, _base_only_layer(base, finished[(b, name)][2], module))
-        inputs.hidden = calibrate.run_block(block, inputs)
-        bar.update(1)
-    bar.close()
-
-    state = AlphaState(default=1.0)
-    for layer_id, ((b, name), (base, ortho, bias)) in enumerate(finished.items()):
-        if ortho is None:
-            ortho = pool.selected(layer_id, tuple(base.codes.shape), ortho_dtype)
-            if (b, name) in refit_inputs:
-                R, H = refit_inputs.pop((b, name))
-                ortho = refit_values(ortho, R.float(), H, config.damp)
-        layer = OrthoLinear.from_parts(base, ortho, bias).to(_module_device(blocks[b]))
-        _replace(blocks[b], name, layer)
-        stats.n_ortho += ortho.nnz
-    stats.n_layers = len(finished)
-    attach_alpha_state(model, state)
-    model.libortho_config = config
+    parts, stats = quantize_model(model, tokenizer, calibration_text, config, progress)
+    stats.n_ortho = install(model, parts, sieve_model(parts, config), config)
     stats.seconds = time.perf_counter() - start
     return stats
 

@@ -50,3 +50,21 @@ def test_top_fraction_budget():
     s = torch.rand(10, 10)
     assert top_fraction(s, 0.05).numel() == 5
     assert top_fraction(s, 0.0).numel() == 0
+
+
+def test_refit_never_worse_than_plain_residuals_under_H():
+    from libortho.quantize import QuantSpec, gptq
+    from libortho.sieve import refit_values
+
+    torch.manual_seed(2)
+    X = torch.randn(1024, 64) @ (torch.randn(64, 64) / 8)
+    H = 2 * X.t() @ X / X.shape[0]
+    W = torch.randn(32, 64)
+    base = gptq(W, H, QuantSpec(4, 32, True))
+    R = W - base.dequantize()
+    err = lambda E: float(torch.sum((E @ H) * E))
+    csr = csr_from_flat_indices(top_fraction(impact(R, H, "diag"), 0.05), R, torch.float32)
+    refit = refit_values(csr, R, H, damp=0.0)
+    assert err(R - refit.to_dense()) <= err(R - csr.to_dense()) + 1e-6
+    assert err(R - refit.to_dense()) < err(R)
+    assert torch.equal(refit.col, csr.col) and torch.equal(refit.crow, csr.crow)
