@@ -16,7 +16,16 @@ from tqdm.auto import tqdm
 from . import calibrate
 from .layer import AlphaState, OrthoLinear, attach_alpha_state
 from .quantize import QuantizedWeight, QuantSpec, gptq, rtn
-from .sieve import GlobalPool, OrthoCSR, SieveSpec, csr_from_flat_indices, impact, refit_values, select_layer
+from .sieve import (
+    OrthoCSR,
+    SieveSpec,
+    csr_from_flat_indices,
+    global_threshold,
+    impact,
+    refit_values,
+    select_at_or_above,
+    select_layer,
+)
 
 METHODS = ("gptq", "rtn")
 ORTHO_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -151,12 +160,11 @@ def sieve_model(parts: dict[tuple[int, str], LayerParts], config: OrthoConfig) -
     spec = config.sieve_spec
     scores = {key: impact(p.R, p.H, spec.score, spec.damp) for key, p in parts.items()}
     if spec.budget == "global":
-        pool = GlobalPool(sum(p.R.numel() for p in parts.values()), spec.ortho_ratio)
-        for layer_id, key in enumerate(parts):
-            pool.offer(layer_id, scores[key], parts[key].R)
-        orthos = {key: pool.selected(i, tuple(parts[key].R.shape), ortho_dtype) for i, key in enumerate(parts)}
+        threshold = global_threshold(list(scores.values()), spec.ortho_ratio)
+        chosen = {key: select_at_or_above(s, threshold) for key, s in scores.items()}
     else:
-        orthos = {key: csr_from_flat_indices(select_layer(scores[key], spec), parts[key].R, ortho_dtype) for key in parts}
+        chosen = {key: select_layer(s, spec) for key, s in scores.items()}
+    orthos = {key: csr_from_flat_indices(idx, parts[key].R, ortho_dtype) for key, idx in chosen.items()}
     if config.ortho_refit:
         orthos = {
             key: refit_values(csr, parts[key].R, parts[key].H, spec.damp) if parts[key].H is not None else csr

@@ -10,7 +10,7 @@ per-layer budget (same fraction of each layer), or an absolute score threshold.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -114,45 +114,22 @@ def top_fraction(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     return torch.topk(scores.reshape(-1), k, sorted=False).indices
 
 
-@dataclass
-class GlobalPool:
-    """Streaming exact global top-K over layers seen one at a time.
+def global_threshold(scores: list[torch.Tensor], ratio: float) -> float:
+    """The score of the K-th best weight over all layers, K = round(ratio * total weights).
 
-    Holds at most K candidates (score, layer, flat index), so the memory is the budget's
-    size, not the model's: layers can be decomposed block by block and selected at the end.
+    Scores are compared across layers: the budget goes where the impact is largest.
+    Returns +inf when K = 0 (nothing selected).
     """
+    flat = torch.cat([s.reshape(-1).float() for s in scores])
+    k = int(round(ratio * flat.numel()))
+    if k == 0:
+        return float("inf")
+    return float(torch.kthvalue(flat, flat.numel() - k + 1).values)
 
-    total_weights: int
-    ratio: float
-    scores: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
-    layer_ids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int32))
-    flat_idx: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
-    values: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
 
-    @property
-    def capacity(self) -> int:
-        return int(round(self.ratio * self.total_weights))
-
-    def offer(self, layer_id: int, scores: torch.Tensor, R: torch.Tensor) -> None:
-        """Offer one layer's scores and residuals R (both [out, in]) to the pool."""
-        k = min(self.capacity, scores.numel())
-        if k == 0:
-            return
-        top = torch.topk(scores.reshape(-1).float(), k, sorted=False)
-        cand_scores = torch.cat([self.scores, top.values])
-        cand_layers = torch.cat([self.layer_ids, torch.full((k,), layer_id, dtype=torch.int32)])
-        cand_idx = torch.cat([self.flat_idx, top.indices])
-        cand_vals = torch.cat([self.values, R.reshape(-1)[top.indices].float()])
-        keep = torch.topk(cand_scores, min(self.capacity, cand_scores.numel()), sorted=False).indices
-        self.scores, self.layer_ids = cand_scores[keep], cand_layers[keep]
-        self.flat_idx, self.values = cand_idx[keep], cand_vals[keep]
-
-    def selected(self, layer_id: int, shape: tuple[int, int], dtype: torch.dtype) -> OrthoCSR:
-        """The ortho CSR of one layer once every layer has been offered."""
-        mine = self.layer_ids == layer_id
-        R = torch.zeros(shape[0] * shape[1])
-        R[self.flat_idx[mine]] = self.values[mine]
-        return csr_from_flat_indices(self.flat_idx[mine], R.view(shape), dtype)
+def select_at_or_above(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Flat indices whose score is >= threshold."""
+    return torch.nonzero(scores.reshape(-1) >= threshold).reshape(-1)
 
 
 def select_layer(scores: torch.Tensor, spec: SieveSpec) -> torch.Tensor:
@@ -161,7 +138,7 @@ def select_layer(scores: torch.Tensor, spec: SieveSpec) -> torch.Tensor:
         return top_fraction(scores, spec.ortho_ratio)
     if spec.budget == "threshold":
         return torch.nonzero(scores.reshape(-1) > spec.threshold).reshape(-1)
-    raise ValueError("a global budget is selected through GlobalPool, not per layer")
+    raise ValueError("a global budget is selected across layers with global_threshold, not per layer")
 
 
 def refit_values(csr: OrthoCSR, R: torch.Tensor, H: torch.Tensor, damp: float = 0.01) -> OrthoCSR:
@@ -175,16 +152,23 @@ def refit_values(csr: OrthoCSR, R: torch.Tensor, H: torch.Tensor, damp: float = 
     """
     if csr.nnz == 0:
         return csr
-    H = H.float()
-    Hd = H + damp * torch.diag(H).mean() * torch.eye(H.shape[0])
+    H = H.double()
+    Hd = H + damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=torch.float64)
     counts = (csr.crow[1:] - csr.crow[:-1]).long()
-    vals = torch.empty(csr.nnz, dtype=torch.float32)
     starts = csr.crow[:-1].long()
+    rows_of_entries = rows_of_crow(csr.crow)
+    vals = R[rows_of_entries, csr.col.long()].double()  # fallback: the plain residual
+    RH = R.double() @ Hd  # [out, in]; row i gathered at S gives H_S: r_i
     for k in torch.unique(counts[counts > 0]).tolist():
         rows = torch.nonzero(counts == k).reshape(-1)
-        pos = starts[rows][:, None] + torch.arange(k)[None, :]  # [rows, k] positions in the CSR arrays
-        idx = csr.col.long()[pos]  # [rows, k] columns
-        A = Hd[idx[:, :, None], idx[:, None, :]]  # [rows, k, k]
-        b = torch.einsum("rkn,rn->rk", Hd[idx], R[rows].float())  # H_S: r_i
-        vals[pos.reshape(-1)] = torch.linalg.solve(A, b).reshape(-1)
+        for chunk in rows.split(max(1, 2**22 // (k * k))):  # bound the [rows, k, k] systems' memory
+            pos = starts[chunk][:, None] + torch.arange(k)[None, :]  # [rows, k] positions in the CSR arrays
+            idx = csr.col.long()[pos]  # [rows, k] columns
+            A = Hd[idx[:, :, None], idx[:, None, :]]  # [rows, k, k], SPD
+            b = torch.gather(RH[chunk], 1, idx)  # [rows, k]
+            L, info = torch.linalg.cholesky_ex(A)
+            ok = info == 0
+            if ok.any():
+                x = torch.cholesky_solve(b[ok].unsqueeze(-1), L[ok]).squeeze(-1)
+                vals[pos[ok].reshape(-1)] = x.reshape(-1)
     return OrthoCSR(csr.crow, csr.col, vals.to(csr.val.dtype), csr.shape)

@@ -1,6 +1,6 @@
 import torch
 
-from libortho.sieve import GlobalPool, csr_from_flat_indices, impact, top_fraction
+from libortho.sieve import csr_from_flat_indices, global_threshold, impact, select_at_or_above, top_fraction
 
 
 def test_scores_follow_the_formulas():
@@ -31,19 +31,16 @@ def test_csr_sorted_by_row_then_column_with_int32_indices():
     assert dense[3, 2] == 17 and dense[1, 4] == 9 and dense.count_nonzero() == 4  # R[0,0] is 0
 
 
-def test_global_pool_is_the_exact_global_top_k():
+def test_global_budget_is_the_exact_global_top_k():
     torch.manual_seed(1)
     layers = [torch.rand(8, 16) * s for s in (1.0, 5.0, 0.1)]
-    pool = GlobalPool(total_weights=sum(x.numel() for x in layers), ratio=0.1)
-    for i, s in enumerate(layers):
-        pool.offer(i, s, s)
+    t = global_threshold(layers, 0.1)
     flat = torch.cat([s.reshape(-1) for s in layers])
-    k = int(round(0.1 * flat.numel()))
-    threshold = torch.topk(flat, k).values.min()
-    for i, s in enumerate(layers):
-        csr = pool.selected(i, (8, 16), torch.float32)
-        assert csr.nnz == int((s >= threshold).sum())
-        assert torch.equal(csr.to_dense() != 0, s >= threshold)
+    expected = set(torch.topk(flat, int(round(0.1 * flat.numel()))).indices.tolist())
+    offsets = [0, 128, 256]
+    got = {o + int(i) for o, s in zip(offsets, layers) for i in select_at_or_above(s, t)}
+    assert got == expected
+    assert all(select_at_or_above(s, global_threshold(layers, 0.0)).numel() == 0 for s in layers)
 
 
 def test_top_fraction_budget():

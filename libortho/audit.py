@@ -1,0 +1,662 @@
+"""``libortho audit``: privacy and quality of a model over an alpha sweep, plus a report.
+
+For each condition (each alpha of a LibOrtho model, or the model as is, and the retrain
+reference) it measures retain perplexity, canary exposure and extraction per insertion
+count k, membership inference (loss / zlib / Min-K%) and the KS forget-quality test against
+the reference, then writes ``report.json``, ``report.md``, ``alpha_sweep.png`` and ``roc.png``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import tempfile
+import time
+import zlib
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from libortho import privacy as P
+from libortho.privacy import CanaryRecord
+
+__all__ = ["audit", "audit_from_paths", "parse_alphas", "load_any_model", "write_report", "render_markdown"]
+
+AlphaSpec = float | str | None
+ModelLoader = Callable[[str], tuple[torch.nn.Module, Any]]
+PerplexityFn = Callable[..., float]
+AlphaScope = Callable[[torch.nn.Module, float], ContextManager[Any]]
+
+MIA_SCORES = ("loss", "zlib", "min_k")
+NONMEMBER_GROUP = "nonmember"
+
+
+# --------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------
+
+
+def parse_alphas(spec: str | Sequence[AlphaSpec] | None) -> list[float | None] | None:
+    """``"0,0.25,1"`` / ``[0, 0.5, "fp"]`` -> floats, ``None`` for "model as is" ("fp", "none").
+
+    ``None`` in, ``None`` out (evaluate the model as is).
+    """
+    if spec is None:
+        return None
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    out: list[float | None] = []
+    for item in items:
+        if item is None or (isinstance(item, str) and item.lower() in ("fp", "none", "model")):
+            out.append(None)
+            continue
+        try:
+            value = float(item)
+        except (TypeError, ValueError):
+            raise ValueError(f"bad alpha {item!r}: expected a number or 'fp' (model as is)") from None
+        if not math.isfinite(value):
+            raise ValueError(f"bad alpha {item!r}: must be finite")
+        out.append(value)
+    if not out:
+        raise ValueError("no alphas given")
+    return out
+
+
+def _conditions(alphas: Sequence[AlphaSpec] | None) -> list[tuple[str, float | None]]:
+    """(label, alpha) per condition; alpha None = evaluate the model as is."""
+    parsed = parse_alphas(alphas) if alphas is not None else [None]
+    labels = [("model" if a is None else f"alpha={a:g}", a) for a in parsed]
+    seen = set()
+    for label, _ in labels:
+        if label in seen:
+            raise ValueError(f"alpha listed twice: {label}")
+        seen.add(label)
+    return labels
+
+
+def _validate_records(members: Sequence[CanaryRecord], nonmembers: Sequence[CanaryRecord]) -> None:
+    if not members:
+        raise ValueError("no member records given")
+    if not nonmembers:
+        raise ValueError("no non-member records given")
+    ids = [r.id for r in members] + [r.id for r in nonmembers]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise ValueError(f"record ids must be unique across members and non-members; repeated: {dup[:5]}")
+
+
+def _resolve_alpha_scope(fn: AlphaScope | None) -> AlphaScope:
+    if fn is not None:
+        return fn
+    import libortho
+
+    return libortho.alpha
+
+
+def _check_alphas(model: torch.nn.Module, conditions: list[tuple[str, float | None]], scope: AlphaScope) -> None:
+    """Fail before the long run if an alpha cannot be set (plain model, out of range, no ortho)."""
+    for label, alpha in conditions:
+        if alpha is None:
+            continue
+        try:
+            with scope(model, alpha):
+                pass
+        except ValueError as exc:
+            raise ValueError(f"cannot evaluate {label}: {exc} (for a plain model use alphas=None)") from exc
+
+
+def _resolve_perplexity(fn: PerplexityFn | None) -> PerplexityFn:
+    if fn is not None:
+        return fn
+    from libortho.evaluation import perplexity
+
+    return perplexity
+
+
+# --------------------------------------------------------------------------------------
+# One condition
+# --------------------------------------------------------------------------------------
+
+
+def _record_rng(seed: int, record_id: str) -> np.random.Generator:
+    # Same random candidates for a record under every condition (common random numbers).
+    return np.random.default_rng([seed, zlib.crc32(record_id.encode("utf-8"))])
+
+
+def _group(record: CanaryRecord, member: bool) -> str:
+    return str(record.k) if member else NONMEMBER_GROUP
+
+
+def _sorted_groups(groups: Sequence[str]) -> list[str]:
+    return sorted(groups, key=lambda g: (g == NONMEMBER_GROUP, int(g) if g.isdigit() else 0))
+
+
+def _group_name(group: str) -> str:
+    return "non-members" if group == NONMEMBER_GROUP else f"k={group}"
+
+
+def _measure_exposure(
+    model: torch.nn.Module, tokenizer: Any, records: Sequence[CanaryRecord], label: str,
+    details: dict[str, dict[str, Any]], opts: dict[str, Any],
+) -> None:
+    for record in tqdm(records, desc=f"{label}: exposure", leave=False, disable=not opts["progress"]):
+        result = P.exposure(
+            model, tokenizer, record,
+            n_samples=opts["exposure_candidates"], frontier_cap=opts["frontier_cap"],
+            batch_size=opts["batch_size"], rng=_record_rng(opts["seed"], record.id),
+        )
+        details[record.id].update(
+            exposure=result.exposure, rank=result.rank, exposure_method=result.method,
+            secret_logprob=result.secret_logprob,
+        )
+
+
+def _measure_extraction(
+    model: torch.nn.Module, tokenizer: Any, records: Sequence[CanaryRecord],
+    details: dict[str, dict[str, Any]], opts: dict[str, Any],
+) -> None:
+    for res in P.extract_secrets(model, tokenizer, records, batch_size=opts["text_batch_size"]):
+        details[res.id].update(extracted=res.extracted, continuation=res.continuation)
+
+
+def _measure_membership(
+    model: torch.nn.Module, tokenizer: Any, members: Sequence[CanaryRecord], nonmembers: Sequence[CanaryRecord],
+    details: dict[str, dict[str, Any]], opts: dict[str, Any],
+) -> tuple[dict[str, dict[str, Any]], np.ndarray, np.ndarray]:
+    """Per-record MIA statistics into ``details``; returns (metrics per score, member losses,
+    non-member losses)."""
+    stats = {
+        group: P.mia_scores(model, tokenizer, [r.text for r in records], batch_size=opts["text_batch_size"])
+        for group, records in (("members", members), ("nonmembers", nonmembers))
+    }
+    for group, records in (("members", members), ("nonmembers", nonmembers)):
+        s = stats[group]
+        for i, r in enumerate(records):
+            details[r.id].update(loss=float(s.loss[i]), zlib_ratio=float(s.zlib_ratio[i]), min_k=float(s.min_k[i]))
+    member_scores, nonmember_scores = stats["members"].member_scores(), stats["nonmembers"].member_scores()
+    metrics = {}
+    for name in MIA_SCORES:
+        m = P.mia_metrics(member_scores[name], nonmember_scores[name])
+        metrics[name] = {"auc": m.auc, "tpr_at_1pct_fpr": m.tpr_at_1pct_fpr, "fpr": m.fpr, "tpr": m.tpr}
+    return metrics, stats["members"].loss, stats["nonmembers"].loss
+
+
+def _group_means(details: Sequence[dict[str, Any]], key: str) -> dict[str, float]:
+    """Mean of ``key`` (bool or float) per group (k, or non-members) over records that have it."""
+    values: dict[str, list[float]] = defaultdict(list)
+    for d in details:
+        if key in d:
+            values[d["group"]].append(float(d[key]))
+    return {g: float(np.mean(v)) for g, v in values.items()}
+
+
+def _member_mean(details: Sequence[dict[str, Any]], key: str) -> float:
+    return float(np.mean([float(d[key]) for d in details if d["member"] and key in d]))
+
+
+def _evaluate_condition(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    label: str,
+    kind: str,
+    alpha: float | None,
+    public_text: str,
+    members: Sequence[CanaryRecord],
+    nonmembers: Sequence[CanaryRecord],
+    reference_losses: np.ndarray | None,
+    opts: dict[str, Any],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Measure one model state; returns (summary row, per-record details)."""
+    start = time.perf_counter()
+    ppl = float(opts["perplexity_fn"](
+        model, tokenizer, public_text, window=opts["perplexity_window"], max_windows=opts["perplexity_max_windows"]
+    ))
+    labelled = [(r, True) for r in members] + [(r, False) for r in nonmembers]
+    details = {r.id: {"id": r.id, "member": m, "k": r.k, "group": _group(r, m)} for r, m in labelled}
+
+    _measure_exposure(model, tokenizer, list(members) + (list(nonmembers) if opts["exposure_nonmembers"] else []),
+                      label, details, opts)
+    _measure_extraction(model, tokenizer, [r for r, _ in labelled], details, opts)
+    mia, member_losses, nonmember_losses = _measure_membership(model, tokenizer, members, nonmembers, details, opts)
+    ks = None if reference_losses is None else asdict(P.forget_quality(member_losses, reference_losses))
+
+    rows = list(details.values())
+    methods: dict[str, int] = defaultdict(int)
+    for d in rows:
+        if "exposure_method" in d:
+            methods[d["exposure_method"]] += 1
+    summary = {
+        "label": label,
+        "kind": kind,
+        "alpha": alpha,
+        "perplexity": ppl,
+        "exposure_by_k": _group_means(rows, "exposure"),
+        "extraction_by_k": _group_means(rows, "extracted"),
+        "exposure_mean": _member_mean(rows, "exposure"),
+        "extraction_rate": _member_mean(rows, "extracted"),
+        "member_loss_mean": float(np.mean(member_losses)),
+        "nonmember_loss_mean": float(np.mean(nonmember_losses)),
+        "mia": mia,
+        "ks_vs_reference": ks,
+        "exposure_methods": dict(methods),
+        "seconds": time.perf_counter() - start,
+    }
+    return summary, rows
+
+
+# --------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------
+
+
+def audit(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    public_text: str,
+    members: Sequence[CanaryRecord],
+    nonmembers: Sequence[CanaryRecord],
+    alphas: Sequence[AlphaSpec] | None = None,
+    reference: torch.nn.Module | None = None,
+    out_dir: str | os.PathLike | None = None,
+    exposure_candidates: int = 1000,
+    progress: bool = True,
+    *,
+    reference_tokenizer: Any = None,
+    frontier_cap: int = 256,
+    exposure_nonmembers: bool = False,
+    perplexity_window: int = 256,
+    perplexity_max_windows: int | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    text_batch_size: int = 16,
+    alpha_scope: AlphaScope | None = None,
+    perplexity_fn: PerplexityFn | None = None,
+    extra_settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Audit ``model`` at each alpha (``None``/"fp" = as is) and the ``reference`` model.
+
+    Puts the models in eval mode. Each numeric alpha is applied with the scoped
+    ``libortho.alpha(model, a)`` (or ``alpha_scope``), so the model's own alpha is untouched
+    afterwards; it raises ``ValueError`` for a plain model: use ``alphas=None`` there (all
+    alphas are checked before anything runs). ``exposure_candidates`` is the random
+    sample size for the sampled / skew-normal exposure estimates; ``frontier_cap`` bounds
+    the digit-trie search (see :func:`libortho.privacy.exposure`). ``extra_settings`` (e.g.
+    ortho density, bits per parameter) is copied into the report's settings. ``batch_size``:
+    candidates / trie nodes per forward; ``text_batch_size``: records per forward for
+    extraction and membership scores.
+
+    Returns the report (plain data, as written to ``report.json``): ``settings``, ``rows``
+    (one summary per condition, reference last) and ``records`` (per-record details by label).
+    """
+    if not public_text or not public_text.strip():
+        raise ValueError("public_text is empty")
+    _validate_records(members, nonmembers)
+    conditions = _conditions(alphas)
+    opts = {
+        "perplexity_fn": _resolve_perplexity(perplexity_fn),
+        "perplexity_window": perplexity_window,
+        "perplexity_max_windows": perplexity_max_windows,
+        "exposure_candidates": exposure_candidates,
+        "frontier_cap": frontier_cap,
+        "exposure_nonmembers": exposure_nonmembers,
+        "batch_size": batch_size,
+        "text_batch_size": text_batch_size,
+        "seed": seed,
+        "progress": progress,
+    }
+    scope = _resolve_alpha_scope(alpha_scope) if any(a is not None for _, a in conditions) else None
+    if scope is not None:
+        _check_alphas(model, conditions, scope)
+
+    rows: list[dict[str, Any]] = []
+    records: dict[str, list[dict[str, Any]]] = {}
+    reference_row = None
+    reference_losses = None
+    steps = tqdm(total=len(conditions) + (reference is not None), desc="audit", disable=not progress)
+    if reference is not None:
+        # The reference goes first: every other row's KS test compares against its losses.
+        reference.eval()
+        steps.set_postfix_str("reference")
+        reference_row, records["reference"] = _evaluate_condition(
+            reference, reference_tokenizer or tokenizer, "reference", "reference", None,
+            public_text, members, nonmembers, None, opts,
+        )
+        reference_losses = np.array([d["loss"] for d in records["reference"] if d["member"]])
+        reference_row["ks_vs_reference"] = asdict(P.forget_quality(reference_losses, reference_losses))
+        steps.update()
+
+    model.eval()
+    for label, alpha in conditions:
+        steps.set_postfix_str(label)
+        with nullcontext() if alpha is None else scope(model, alpha):
+            row, records[label] = _evaluate_condition(
+                model, tokenizer, label, "model" if alpha is None else "alpha", alpha,
+                public_text, members, nonmembers, reference_losses, opts,
+            )
+        rows.append(row)
+        steps.update()
+    steps.close()
+    if reference_row is not None:
+        rows.append(reference_row)
+
+    report = {
+        "settings": _settings(
+            members, nonmembers, conditions, reference is not None, public_text, opts, extra_settings
+        ),
+        "rows": rows,
+        "records": records,
+    }
+    report = _plain(report)
+    if out_dir is not None:
+        write_report(report, out_dir)
+    return report
+
+
+def _settings(
+    members: Sequence[CanaryRecord],
+    nonmembers: Sequence[CanaryRecord],
+    conditions: list[tuple[str, float | None]],
+    has_reference: bool,
+    public_text: str,
+    opts: dict[str, Any],
+    extra: dict[str, Any] | None,
+) -> dict[str, Any]:
+    import transformers
+
+    counts: dict[str, int] = defaultdict(int)
+    for r in members:
+        counts[str(r.k)] += 1
+    settings = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "conditions": [label for label, _ in conditions] + (["reference"] if has_reference else []),
+        "n_members": len(members),
+        "n_nonmembers": len(nonmembers),
+        "members_per_k": dict(counts),
+        "secret_formats": sorted({r.secret_format for r in list(members) + list(nonmembers)}),
+        "public_text_chars": len(public_text),
+        "perplexity_window": opts["perplexity_window"],
+        "perplexity_max_windows": opts["perplexity_max_windows"],
+        "exposure_candidates": opts["exposure_candidates"],
+        "frontier_cap": opts["frontier_cap"],
+        "exposure_nonmembers": opts["exposure_nonmembers"],
+        "seed": opts["seed"],
+        "min_k_fraction": 0.2,
+        "tie_rule": "candidates within the tie tolerance of the secret count half a rank",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    settings.update(extra or {})
+    return settings
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-safe copy: numpy scalars to Python, non-finite floats to None."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+# --------------------------------------------------------------------------------------
+# Report files
+# --------------------------------------------------------------------------------------
+
+
+def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> None:
+    """Write report.json, report.md, alpha_sweep.png and roc.png (each atomically)."""
+    import json
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output path exists and is not a folder: {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    _plot_alpha_sweep(report["rows"], out / "alpha_sweep.png")
+    _plot_roc(report["rows"], out / "roc.png")
+    P.atomic_write_text(out / "report.md", render_markdown(report))
+    P.atomic_write_text(out / "report.json", json.dumps(report, indent=1, allow_nan=False) + "\n")
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """Readable tables: leakage and quality, membership inference, per-record exposure."""
+    rows, s = report["rows"], report["settings"]
+    groups = _sorted_groups({g for r in rows for g in list(r["exposure_by_k"]) + list(r["extraction_by_k"])})
+    parts = ["# libortho privacy audit", ""]
+    parts += [f"- {key}: {value}" for key, value in s.items() if key != "versions"]
+    parts += [f"- versions: {s.get('versions')}", ""]
+
+    parts += ["## Leakage and quality", "",
+              "Exposure in bits (max log2|R|), extraction = fraction of records whose greedy continuation "
+              "starts with the secret, KS p vs the retrain reference on member losses (p > 0.05: "
+              "indistinguishable).", ""]
+    header = ["condition", "PPL"] + [f"exposure {_group_name(g)}" for g in groups]
+    header += [f"extraction {_group_name(g)}" for g in groups]
+    header += ["member loss", "non-member loss", "KS p"]
+    body = []
+    for r in rows:
+        ks = r["ks_vs_reference"]
+        body.append(
+            [r["label"], _fmt(r["perplexity"])]
+            + [_fmt(r["exposure_by_k"].get(g)) for g in groups]
+            + [_fmt(r["extraction_by_k"].get(g)) for g in groups]
+            + [_fmt(r["member_loss_mean"], 3), _fmt(r["nonmember_loss_mean"], 3), _fmt(ks and ks["pvalue"], 3)]
+        )
+    parts += [_table(header, body), ""]
+
+    parts += ["## Membership inference", "", "AUC and TPR at 1 % FPR (members = trained private records).", ""]
+    header = ["condition"] + [f"AUC {n}" for n in MIA_SCORES] + [f"TPR@1% {n}" for n in MIA_SCORES]
+    body = [
+        [r["label"]] + [_fmt(r["mia"][n]["auc"], 3) for n in MIA_SCORES]
+        + [_fmt(r["mia"][n]["tpr_at_1pct_fpr"], 3) for n in MIA_SCORES]
+        for r in rows
+    ]
+    parts += [_table(header, body), ""]
+
+    labels = [r["label"] for r in rows]
+    by_label = {label: {d["id"]: d for d in report["records"][label]} for label in labels}
+    first = report["records"][labels[0]]
+    parts += ["## Per-record exposure (bits) and extraction", "",
+              "`*` = extracted; methods: " + ", ".join(
+                  f"{label}: {r['exposure_methods']}" for label, r in zip(labels, rows)), ""]
+    body = []
+    for d in first:
+        if not any("exposure" in by_label[label][d["id"]] for label in labels):
+            continue
+        cells = [d["id"], str(d["k"])]
+        for label in labels:
+            rec = by_label[label][d["id"]]
+            cells.append(_fmt(rec.get("exposure")) + ("*" if rec.get("extracted") else ""))
+        body.append(cells)
+    parts += [_table(["record", "k"] + labels, body), ""]
+    return "\n".join(parts)
+
+
+def _new_figure(width: float, height: float, ncols: int):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    # Figure + Agg canvas directly: no pyplot, so no global backend switch for the caller.
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(1, ncols, squeeze=False)[0]
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=110)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _value(row: dict[str, Any], metric: str, group: str) -> float:
+    value = row[metric].get(group)
+    return np.nan if value is None else value
+
+
+def _plot_alpha_sweep(rows: list[dict[str, Any]], path: Path) -> None:
+    """Exposure per k, extraction per k and perplexity against alpha; fixed rows as lines."""
+    sweep = sorted((r for r in rows if r["kind"] == "alpha"), key=lambda r: r["alpha"])
+    fixed = [r for r in rows if r["kind"] != "alpha"]
+    xs = [r["alpha"] for r in sweep]
+    groups = _sorted_groups({g for r in rows for g in list(r["exposure_by_k"]) + list(r["extraction_by_k"])})
+    styles = ["--", ":", "-."]
+    fig, axes = _new_figure(14, 4.2, 3)
+    panels = [("exposure_by_k", "exposure (bits)"), ("extraction_by_k", "extraction rate")]
+    for ax, (metric, ylabel) in zip(axes, panels):
+        for i, g in enumerate(groups):
+            color = f"C{i}"
+            name = _group_name(g)
+            if sweep:
+                ax.plot(xs, [_value(r, metric, g) for r in sweep], "o-", color=color, label=name)
+            for j, r in enumerate(fixed):
+                ax.axhline(_value(r, metric, g), color=color, ls=styles[j % 3], lw=1,
+                           label=None if sweep else name if j == 0 else None)
+        ax.set_ylabel(ylabel)
+    ax = axes[2]
+    if sweep:
+        ax.plot(xs, [r["perplexity"] for r in sweep], "o-", color="k", label="model")
+    for j, r in enumerate(fixed):
+        ax.axhline(r["perplexity"], color="gray", ls=styles[j % 3], lw=1, label=r["label"])
+    ax.set_ylabel("retain perplexity")
+    for ax in axes:
+        ax.set_xlabel("alpha")
+        if not sweep:
+            ax.set_xlim(0, 1)
+        ax.grid(alpha=0.3)
+    for j, r in enumerate(fixed):  # explain the line styles once
+        axes[0].plot([], [], color="gray", ls=styles[j % 3], label=r["label"])
+    axes[0].legend(fontsize=8)
+    axes[2].legend(fontsize=8)
+    fig.suptitle("alpha sweep (dashed/dotted: fixed models)")
+    _save_figure(fig, path)
+
+
+def _roc_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """alpha 0 and alpha 1 when present (else every non-reference row), plus the reference."""
+    by_alpha = {r["alpha"]: r for r in rows if r["kind"] == "alpha"}
+    chosen = [by_alpha[a] for a in (0.0, 1.0) if a in by_alpha]
+    if not chosen:
+        chosen = [r for r in rows if r["kind"] != "reference"][:4]
+    return chosen + [r for r in rows if r["kind"] == "reference"]
+
+
+def _plot_roc(rows: list[dict[str, Any]], path: Path) -> None:
+    fig, axes = _new_figure(13, 4.2, len(MIA_SCORES))
+    for ax, name in zip(axes, MIA_SCORES):
+        for r in _roc_rows(rows):
+            m = r["mia"][name]
+            style = "--" if r["kind"] == "reference" else "-"
+            ax.plot(m["fpr"], m["tpr"], ls=style, label=f"{r['label']} (AUC {m['auc']:.2f})")
+        ax.plot([0, 1], [0, 1], color="gray", ls=":", lw=1)
+        ax.set_title(f"MIA score: {name}")
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.legend(fontsize=8, loc="lower right")
+        ax.grid(alpha=0.3)
+    _save_figure(fig, path)
+
+
+# --------------------------------------------------------------------------------------
+# From paths (for the CLI)
+# --------------------------------------------------------------------------------------
+
+
+def load_any_model(path: str) -> tuple[torch.nn.Module, Any]:
+    """A libortho artifact (``libortho.load``, ortho stream included when present) or a plain
+    local HF folder / .gguf file (``libortho.load_model``). Raises ``ArtifactError`` (a
+    ``ValueError``) with the reason when it cannot be loaded."""
+    from libortho import modelio
+
+    if modelio.is_artifact(path):
+        return modelio.load(path)
+    return modelio.load_model(path)
+
+
+def _require_file(path: str | os.PathLike, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{what} not found: {p}")
+    return p
+
+
+def audit_from_paths(
+    model_path: str | os.PathLike,
+    members_path: str | os.PathLike,
+    nonmembers_path: str | os.PathLike,
+    public_text_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    alphas: str | Sequence[AlphaSpec] | None = None,
+    reference_path: str | os.PathLike | None = None,
+    load_model: ModelLoader | None = None,
+    **audit_kwargs: Any,
+) -> dict[str, Any]:
+    """Load everything from disk, run :func:`audit`, write the report into ``out_dir``.
+
+    ``members_path`` / ``nonmembers_path``: JSONL canary records; ``public_text_path``: UTF-8
+    held-out public text; ``alphas``: e.g. ``"0,0.25,0.5,0.75,1"`` or ``None`` (model as is);
+    ``load_model(path) -> (model, tokenizer)`` defaults to :func:`load_any_model`. Bad inputs
+    raise ``ValueError`` naming the file (and line, for records).
+    """
+    parsed_alphas = parse_alphas(alphas)
+    members = P.load_records(_require_file(members_path, "members file"))
+    nonmembers = P.load_records(_require_file(nonmembers_path, "non-members file"))
+    if not members:
+        raise ValueError(f"members file has no records: {members_path}")
+    if not nonmembers:
+        raise ValueError(f"non-members file has no records: {nonmembers_path}")
+    text_file = _require_file(public_text_path, "public text file")
+    try:
+        public_text = text_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"public text file is not UTF-8: {text_file} ({exc})") from None
+    if not public_text.strip():
+        raise ValueError(f"public text file is empty: {text_file}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output path exists and is not a folder: {out}")
+    for path, what in ((model_path, "model"), (reference_path, "reference model")):
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"{what} not found: {path}")
+
+    loader = load_model or load_any_model
+    model, tokenizer = loader(str(model_path))
+    reference, reference_tokenizer = (None, None)
+    if reference_path is not None:
+        reference, reference_tokenizer = loader(str(reference_path))
+    return audit(
+        model, tokenizer, public_text, members, nonmembers,
+        alphas=parsed_alphas, reference=reference, out_dir=out,
+        reference_tokenizer=reference_tokenizer, **audit_kwargs,
+    )
