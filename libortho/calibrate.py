@@ -137,3 +137,75 @@ class HessianCollector:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+# ---- forget-aware statistics: what each weight's fine-tuning update did to which text --------
+def _nll(model: nn.Module, batch: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token NLL over the positions where mask [B, T] is 1 (nats)."""
+    logits = model(batch, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+    return (nll * mask[:, 1:]).sum()
+
+
+def _padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def update_attribution(
+    model: nn.Module,
+    public_weights: dict[str, torch.Tensor],
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    n_points: int = 2,
+) -> dict[str, torch.Tensor]:
+    """Per-weight share of a loss change caused by fine-tuning (integrated gradients).
+
+    model: the fine-tuned model (its decoder linears hold W_ft); public_weights: W_P [out, in]
+    for each qualified linear name. For Δ = W_ft - W_P and the path W(t) = W_P + tΔ,
+    A_ij = -Δ_ij · mean_t ∂L/∂W_ij(t) (midpoint rule over n_points), so Σ A ≈ L(W_P) - L(W_ft):
+    A_ij > 0 means that weight's update lowered the loss of the given batches (summed NLL, nats).
+    The model's weights are restored afterwards.
+    """
+    modules = dict(model.named_modules())
+    finetuned = {name: linear_weight(modules[name]).clone() for name in public_weights}
+    grads = {name: torch.zeros_like(w) for name, w in finetuned.items()}
+    requires = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        for point in range(n_points):
+            t = (point + 0.5) / n_points
+            for name, W_ft in finetuned.items():
+                set_linear_weight(modules[name], public_weights[name] + t * (W_ft - public_weights[name]))
+                modules[name].weight.requires_grad_(True)
+            for ids, mask in batches:
+                _nll(model, ids, mask).backward()
+            for name in finetuned:
+                g = modules[name].weight.grad
+                grads[name] += (g if isinstance(modules[name], nn.Linear) else g.t()) / n_points
+                modules[name].weight.grad = None
+    finally:
+        for name, W_ft in finetuned.items():
+            set_linear_weight(modules[name], W_ft)
+        for p, flag in requires.items():
+            p.requires_grad_(flag)
+    return {name: -(finetuned[name] - public_weights[name]) * grads[name] for name in finetuned}
+
+
+def set_linear_weight(module: nn.Module, W: torch.Tensor) -> None:
+    """Write W [out, in] into a Linear / Conv1D weight in place."""
+    with torch.no_grad():
+        module.weight.copy_(W if isinstance(module, nn.Linear) else W.t())
+
+
+def text_batches(tokenizer, texts: list[str], batch_size: int = 16, max_len: int = 256) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Padded (ids, mask) batches of each text's tokens (BOS-free, truncated to max_len)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    seqs = [tokenizer(t, add_special_tokens=False).input_ids[:max_len] for t in texts]
+    seqs = [s for s in seqs if len(s) >= 2]
+    return [_padded(seqs[i : i + batch_size], pad) for i in range(0, len(seqs), batch_size)]

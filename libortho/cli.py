@@ -187,6 +187,25 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    from . import modelio
+    from .audit import audit_from_paths
+
+    extra = {}
+    if Path(args.path).is_dir() and modelio.is_artifact(args.path):
+        info = artifact_info(args.path)
+        extra = {k: info[k] for k in ("ortho_density", "bits_per_param_base", "bits_per_param_alpha1", "bits", "group_size", "method", "score")}
+    alphas = args.alpha if args.alpha else None
+    report = audit_from_paths(
+        args.path, args.private, args.nonmembers, args.public, args.out,
+        alphas=alphas, reference_path=args.reference, exposure_candidates=args.candidates,
+        perplexity_max_windows=args.max_windows, extra_settings=extra,
+    )
+    print((Path(args.out) / "report.md").read_text())
+    print(f"report: {Path(args.out) / 'report.json'}")
+    return 0 if report else 1
+
+
 def cmd_demo(args) -> int:
     from . import demo
 
@@ -236,6 +255,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PATH")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("audit", help="privacy audit: exposure, extraction, membership inference, KS, perplexity per alpha")
+    p.add_argument("path", metavar="PATH", help="libortho artifact or Hugging Face model folder")
+    p.add_argument("--public", required=True, metavar="TEXT_FILE", help="held-out public text (retain perplexity)")
+    p.add_argument("--private", required=True, metavar="RECORDS.jsonl", help="trained private records (prefix, secret, secret_format, k)")
+    p.add_argument("--nonmembers", required=True, metavar="RECORDS.jsonl", help="records of the same templates never trained")
+    p.add_argument("--reference", default=None, metavar="MODEL", help="retrain reference (same fine-tune without the private records)")
+    p.add_argument("--alpha", type=_alpha_value, nargs="+", metavar="A", help="alphas to audit (artifacts only)")
+    p.add_argument("--candidates", type=_positive_int, default=1000, help="sampled candidates for exposure estimates")
+    p.add_argument("--max-windows", type=_positive_int, default=None, help="cap on perplexity windows")
+    p.add_argument("--out", default="libortho-audit", metavar="DIR")
+    p.set_defaults(func=cmd_audit)
+
+    from . import bench
+
+    p = sub.add_parser("bench", help="GPU layer benchmark: FP16, torch INT4, libortho alpha 0/1, naive sparse")
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.run)
 
     p = sub.add_parser("demo", help="the built-in demo on SmolLM2-135M-Instruct")
     p.add_argument("--quick", action="store_true", help="a small, fast run (used by the test suite)")

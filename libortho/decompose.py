@@ -7,7 +7,7 @@ the base stream is fitted to its own inputs: it has to be a self-consistent mode
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from .sieve import (
     OrthoCSR,
     SieveSpec,
     csr_from_flat_indices,
+    forget_scores,
     global_threshold,
     impact,
     refit_values,
@@ -52,12 +53,22 @@ class OrthoConfig:
     seq_len: int = 512
     batch_size: int = 8
     include: str | None = None  # regex on linear names inside a block; None = all
+    # Forget-aware sieve (needs the public model P and the records to hide):
+    forget_ratio: float = 0.0  # fraction of weights whose fine-tuning update is reverted in the base
+    forget_public_weight: float = 1.0  # how much a weight's benefit to public text protects it
+    attribution_points: int = 2  # integrated-gradient points along W_P -> W_ft
+    attribution_public_windows: int = 8  # public windows (of seq_len // 2 tokens) for the public attribution
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not known; choose one of {METHODS}")
         if self.ortho_dtype not in ORTHO_DTYPES:
             raise ValueError(f"ortho_dtype={self.ortho_dtype!r}; choose one of {tuple(ORTHO_DTYPES)}")
+        if not 0.0 <= self.forget_ratio <= self.ortho_ratio:
+            raise ValueError(
+                f"forget_ratio={self.forget_ratio} must lie in [0, ortho_ratio={self.ortho_ratio}]: "
+                "reverted weights are restored by the ortho stream"
+            )
         if self.calib_tokens < 1 or self.seq_len < 1 or self.batch_size < 1:
             raise ValueError("calib_tokens, seq_len and batch_size must be positive")
         self.quant_spec, self.sieve_spec  # validates both
@@ -80,6 +91,7 @@ class DecompositionStats:
     n_layers: int = 0
     n_weights: int = 0
     n_ortho: int = 0
+    n_forget: int = 0  # weights whose fine-tuning update was reverted in the base (forget-aware sieve)
     layer_output_error: dict[str, float] = field(default_factory=dict)  # ||WX - W_base X||_F^2 / ||WX||_F^2 on calibration data
 
 
@@ -154,16 +166,31 @@ def quantize_model(
     return parts, stats
 
 
-def sieve_model(parts: dict[tuple[int, str], LayerParts], config: OrthoConfig) -> dict[tuple[int, str], OrthoCSR]:
-    """Choose each layer's ortho entries (global or per-layer budget, or threshold) and their values."""
+def sieve_model(
+    parts: dict[tuple[int, str], LayerParts],
+    config: OrthoConfig,
+    forced: dict[tuple[int, str], torch.Tensor] | None = None,
+) -> dict[tuple[int, str], OrthoCSR]:
+    """Choose each layer's ortho entries (global or per-layer budget, or threshold) and their values.
+
+    forced: flat indices per layer that must be in the ortho stream (the forget support); they
+    count against the budget and the sieve fills the rest.
+    """
     ortho_dtype = ORTHO_DTYPES[config.ortho_dtype]
-    spec = config.sieve_spec
+    forced = forced or {}
+    n_forced = sum(int(f.numel()) for f in forced.values())
+    total = sum(p.R.numel() for p in parts.values())
+    spec = replace(config.sieve_spec, ortho_ratio=max(0.0, config.ortho_ratio - n_forced / total))
     scores = {key: impact(p.R, p.H, spec.score, spec.damp) for key, p in parts.items()}
+    for key, idx in forced.items():
+        scores[key].view(-1)[idx] = -float("inf")
     if spec.budget == "global":
         threshold = global_threshold(list(scores.values()), spec.ortho_ratio)
         chosen = {key: select_at_or_above(s, threshold) for key, s in scores.items()}
     else:
         chosen = {key: select_layer(s, spec) for key, s in scores.items()}
+    for key, idx in forced.items():
+        chosen[key] = torch.cat([chosen[key], idx.long()])
     orthos = {key: csr_from_flat_indices(idx, parts[key].R, ortho_dtype) for key, idx in chosen.items()}
     if config.ortho_refit:
         orthos = {
@@ -198,18 +225,79 @@ def decompose(
     calibration_text: str,
     config: OrthoConfig | None = None,
     progress: bool = True,
+    public_model: nn.Module | None = None,
+    forget_texts: list[str] | None = None,
 ) -> DecompositionStats:
     """Replace the linear layers of `model`'s decoder blocks by OrthoLinear layers, in place.
 
     calibration_text: public text only (never the secrets you will test for).
+    With config.forget_ratio > 0 (forget-aware sieve), `public_model` is the public checkpoint P
+    the model was fine-tuned from and `forget_texts` the records to hide: the weights whose
+    fine-tuning update served those records most (and public text least) take P's value in the
+    base and their full value in the ortho stream.
     Returns timing and per-layer statistics; the model's alpha starts at 1.
     """
     config = config or OrthoConfig()
     start = time.perf_counter()
+    forget = {}
+    if config.forget_ratio > 0:
+        forget = revert_private_updates(model, tokenizer, calibration_text, config, public_model, forget_texts, progress)
+    finetuned = {key: W for key, (W, _) in forget.items()}
     parts, stats = quantize_model(model, tokenizer, calibration_text, config, progress)
-    stats.n_ortho = install(model, parts, sieve_model(parts, config), config)
+    for key, W_ft in finetuned.items():  # the ortho stream restores the fine-tuned weights
+        parts[key].R = W_ft - parts[key].base.dequantize()
+    forced = {key: idx for key, (_, idx) in forget.items()}
+    stats.n_ortho = install(model, parts, sieve_model(parts, config, forced), config)
+    stats.n_forget = sum(int(i.numel()) for i in forced.values())
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def revert_private_updates(
+    model: nn.Module,
+    tokenizer,
+    public_text: str,
+    config: OrthoConfig,
+    public_model: nn.Module | None,
+    forget_texts: list[str] | None,
+    progress: bool = True,
+) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    """Set the forget support of every chosen linear back to P's weights, in place.
+
+    Returns {(block, name): (W_ft [out, in], flat indices reverted)}.
+    """
+    if public_model is None or not forget_texts:
+        raise ValueError("the forget-aware sieve needs public_model (the checkpoint P) and forget_texts (the records to hide)")
+    blocks_name, blocks = calibrate.decoder_blocks(model)
+    _, public_blocks = calibrate.decoder_blocks(public_model)
+    if len(blocks) != len(public_blocks):
+        raise ValueError("public_model does not have the architecture of the fine-tuned model")
+    keys, W_P = [], {}
+    for b, block in enumerate(blocks):
+        for name in calibrate.target_linears(block, config.include):
+            W_public = calibrate.linear_weight(public_blocks[b].get_submodule(name)).float()
+            if tuple(W_public.shape) != tuple(calibrate.linear_weight(block.get_submodule(name)).shape):
+                raise ValueError(f"public_model's {b}.{name} has another shape than the fine-tuned model's")
+            keys.append((b, name))
+            W_P[f"{blocks_name}.{b}.{name}"] = W_public
+    windows = calibrate.calibration_windows(tokenizer, public_text, config.attribution_public_windows * (config.seq_len // 2), config.seq_len // 2)
+    public_batches = [(w, torch.ones_like(w)) for w in windows.split(4)]
+    private_batches = calibrate.text_batches(tokenizer, list(forget_texts))
+    A_private = calibrate.update_attribution(model, W_P, private_batches, config.attribution_points)
+    A_public = calibrate.update_attribution(model, W_P, public_batches, config.attribution_points)
+    scores = forget_scores(A_private, A_public, config.forget_public_weight)
+    threshold = global_threshold(list(scores.values()), config.forget_ratio)
+    modules = dict(model.named_modules())
+    reverted = {}
+    for (b, name), qualified in zip(keys, W_P):
+        idx = select_at_or_above(scores[qualified], threshold)
+        module = modules[qualified]
+        W_ft = calibrate.linear_weight(module).float().clone()
+        W_target = W_ft.clone()
+        W_target.view(-1)[idx] = W_P[qualified].reshape(-1)[idx]
+        calibrate.set_linear_weight(module, W_target.to(module.weight.dtype))
+        reverted[(b, name)] = (W_ft, idx)
+    return reverted
 
 
 def _base_only_layer(base: QuantizedWeight, bias: torch.Tensor | None, like: nn.Module) -> OrthoLinear:

@@ -132,6 +132,18 @@ def select_at_or_above(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.nonzero(scores.reshape(-1) >= threshold).reshape(-1)
 
 
+def forget_scores(
+    A_private: dict, A_public: dict, public_weight: float = 1.0
+) -> dict:
+    """Forget-aware score per weight: its share of the private records' loss drop minus
+    `public_weight` times its share of the public text's loss drop (attributions from
+    calibrate.update_attribution, same keys). High = the update served the private records and
+    little else: revert it in the base, keep it in the ortho stream."""
+    total_private = sum(a.clamp_min(0).sum() for a in A_private.values()).clamp_min(1e-30)
+    total_public = sum(a.clamp_min(0).sum() for a in A_public.values()).clamp_min(1e-30)
+    return {k: A_private[k] / total_private - public_weight * A_public[k] / total_public for k in A_private}
+
+
 def select_layer(scores: torch.Tensor, spec: SieveSpec) -> torch.Tensor:
     """Flat indices chosen for one layer under a per-layer budget or a threshold."""
     if spec.budget == "layer":

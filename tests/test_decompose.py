@@ -59,3 +59,58 @@ def test_include_filter_and_empty_selection(tokenizer):
     assert stats.n_layers == 2 * 3
     with pytest.raises(ValueError, match="no linear layer"):
         decomposed("llama", tokenizer, include="nothing_matches")
+
+
+def finetuned_on(text: str, tokenizer, steps: int = 40):
+    """(P, FT): a tiny public model and a copy fine-tuned (decoder linears only) on `text`."""
+    public = tiny_model("llama")
+    model = tiny_model("llama")
+    for m in (public, model):  # a frozen random lm_head (std 0.02) can never give confident logits
+        with torch.no_grad():
+            m.lm_head.weight.mul_(50)
+    params = [p for n, p in model.named_parameters() if n.startswith("model.layers") and p.dim() == 2]
+    for p in model.parameters():
+        p.requires_grad_(p.dim() == 2 and any(p is q for q in params))
+    opt = torch.optim.Adam(params, lr=3e-3)
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return public, model
+
+
+SECRET = "Account 4821 of Maria Keller has PIN 739181."
+
+
+def secret_loss(model, tokenizer) -> float:
+    ids = tokenizer(SECRET, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return float(model(ids, labels=ids).loss)
+
+
+def test_forget_aware_sieve_reverts_the_private_update(tokenizer):
+    public, ft = finetuned_on(SECRET, tokenizer)
+    ft_loss, public_loss = secret_loss(ft, tokenizer), secret_loss(public, tokenizer)
+    assert ft_loss < 0.5 * public_loss
+    cfg = dict(calib_tokens=2048, seq_len=128, group_size=32, bits=8, ortho_ratio=0.05)
+    plain = finetuned_on(SECRET, tokenizer)[1]
+    libortho.decompose(plain, tokenizer, TEXT, libortho.OrthoConfig(**cfg), progress=False)
+    stats = libortho.decompose(ft, tokenizer, TEXT, libortho.OrthoConfig(**cfg, forget_ratio=0.03),
+                               progress=False, public_model=public, forget_texts=[SECRET])
+    assert stats.n_forget == round(0.03 * stats.n_weights)
+    assert stats.n_ortho == round(0.05 * stats.n_weights)
+    with libortho.alpha(ft, 0.0), libortho.alpha(plain, 0.0):
+        assert secret_loss(ft, tokenizer) > 2 * secret_loss(plain, tokenizer)  # the base forgot
+    with libortho.alpha(ft, 1.0):
+        assert secret_loss(ft, tokenizer) < 1.5 * ft_loss  # the ortho stream brings it back
+
+
+def test_forget_aware_sieve_needs_its_inputs(tokenizer):
+    with pytest.raises(ValueError, match="public_model"):
+        libortho.decompose(tiny_model("llama"), tokenizer, TEXT, libortho.OrthoConfig(forget_ratio=0.005), progress=False)
+    with pytest.raises(ValueError, match="forget_ratio"):
+        libortho.OrthoConfig(forget_ratio=0.05, ortho_ratio=0.01)

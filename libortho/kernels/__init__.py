@@ -1,0 +1,244 @@
+"""Fused dual-stream GPU kernels for OrthoLinear.
+
+Public API (used by ``libortho.layer.OrthoLinear`` on CUDA)::
+
+    available() -> bool
+    dual_stream_linear(x, layer, alpha, *, out=None, config=None) -> Tensor
+    prepare(module) -> int          # build kernel layouts before CUDA-graph capture
+
+``dual_stream_linear`` computes Y = X·W_baseᵀ + alpha·X·W_orthoᵀ + bias in one launch:
+Triton kernels for 3/4-bit (nibble containers), 2-bit and 8-bit codes with power-of-two
+group sizes; anything else falls back to a dequantize + matmul in PyTorch.
+Scalar alpha == 0 takes the base-only kernel (the ortho buffers are not read).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Union
+
+import torch
+
+from .configs import Config, select_config
+from .layout import KernelLayout, get_layout
+from .reference import container_bits, dequantize, ortho_dense, reference_dual_stream
+
+__all__ = ["available", "dual_stream_linear", "prepare", "reference_dual_stream",
+           "torch_dual_stream", "dequantize", "ortho_dense"]
+
+Alpha = Union[float, int, torch.Tensor]
+
+try:  # Triton is optional (CPU-only installs may lack it).
+    import triton  # noqa: F401
+    from . import triton_kernels as _tk
+    _HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the environment
+    _tk = None
+    _HAS_TRITON = False
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available() -> bool:
+    """Triton importable and a CUDA device present (or the Triton interpreter enabled)."""
+    return _HAS_TRITON and (torch.cuda.is_available() or interpret_mode())
+
+
+def _pow2(v: int) -> bool:
+    return v > 0 and (v & (v - 1)) == 0
+
+
+def supports(layer: Any) -> bool:
+    """Whether the Triton kernels handle this layer's storage (else the torch fallback)."""
+    try:
+        cb = container_bits(int(layer.bits))
+    except ValueError:
+        return False
+    g = int(layer.group_size)
+    return _pow2(g) and g >= 32 // cb
+
+
+def torch_dual_stream(x: torch.Tensor, layer: Any, alpha: Alpha = 0.0) -> torch.Tensor:
+    """Fallback: dequantize to fp32, dense matmuls, result in x.dtype. Shapes as the kernel."""
+    if not isinstance(alpha, torch.Tensor) and float(alpha) == 0.0:
+        alpha = 0.0
+    return reference_dual_stream(x, layer, alpha, dtype=torch.float32).to(x.dtype)
+
+
+def _alpha_args(alpha: Alpha, m: int, device: torch.device):
+    """-> (has_ortho_from_alpha, alpha_vec or None, scalar alpha)."""
+    if isinstance(alpha, torch.Tensor):
+        a = alpha.to(device=device, dtype=torch.float32)
+        a = a.expand(m) if a.dim() == 0 else a.reshape(-1)
+        if a.numel() != m:
+            raise ValueError(f"per-row alpha has {a.numel()} values for {m} rows")
+        return True, a.contiguous(), 0.0
+    a = float(alpha)
+    return a != 0.0, None, a
+
+
+def _check_config(cfg: Config, cbits: int, group_size: int) -> None:
+    epw = 32 // cbits
+    for key in ("BM", "BN", "BK"):
+        if not _pow2(int(cfg[key])):
+            raise ValueError(f"config {key}={cfg[key]} must be a power of two")
+    if int(cfg.get("E", 0)) and not _pow2(int(cfg["E"])):
+        raise ValueError(f"config E={cfg['E']} must be a power of two (or 0 = automatic)")
+    if int(cfg["BK"]) % epw:
+        raise ValueError(f"BK={cfg['BK']} must be a multiple of {epw} codes per word")
+    if cfg["kernel"] == "gemm" and min(int(cfg["BM"]), int(cfg["BN"])) < 16:
+        raise ValueError("gemm kernel needs BM, BN >= 16 (tl.dot)")
+    join = bool(cfg.get("JOIN", True)) and cbits in (4, 8)
+    if cfg["kernel"] == "gemm" and not join and int(cfg["BK"]) // epw < 16:
+        raise ValueError(f"gemm kernel without JOIN needs BK >= {16 * epw} (tl.dot depth)")
+    if (cfg["kernel"] == "gemm" and cfg.get("ORTHO", "auto") == "tile"
+            or cfg["kernel"] == "gemm" and cfg.get("ORTHO", "auto") == "auto"
+            and int(cfg["BM"]) > 16) and 0 < int(cfg.get("E", 0)) < 16:
+        raise ValueError("one-hot ortho scatter (tl.dot) needs E >= 16")
+    if cfg["kernel"] == "gemv" and int(cfg["BM"]) not in (1, 2):
+        raise ValueError("gemv kernel handles BM = 1 or 2 rows per program")
+
+
+def dual_stream_linear(x: torch.Tensor, layer: Any, alpha: Alpha = 0.0, *,
+                       out: Optional[torch.Tensor] = None,
+                       config: Optional[Config] = None) -> torch.Tensor:
+    """Y = X·W_baseᵀ + alpha·X·W_orthoᵀ + bias.
+
+    x: [..., in_features] fp16/bf16 (fp32 accepted); alpha: float, or a tensor with one value
+    per flattened token row (0-d tensors broadcast); out: optional [rows, out_features]
+    contiguous tensor of x.dtype to write into (used by tests to poison outputs);
+    config: tile config override (see configs.py). Returns [..., out_features] in x.dtype.
+    Accumulation is fp32.
+    """
+    k, n = int(layer.in_features), int(layer.out_features)
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, layer expects {k}")
+    if not (available() and supports(layer)):
+        y = torch_dual_stream(x, layer, alpha)
+        if out is not None:
+            out.copy_(y.reshape(out.shape))
+            return out.reshape(*x.shape[:-1], n)
+        return y
+    lay: KernelLayout = get_layout(layer)
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.reshape(*x.shape[:-1], n)
+    use_ortho, avec, ascalar = _alpha_args(alpha, m, x.device)
+    use_ortho = use_ortho and lay.nnz > 0
+    g = int(layer.group_size)
+    cfg = dict(config) if config is not None else select_config(m, n, k, g)
+    join = cfg["kernel"] == "gemm" and bool(cfg.get("JOIN", True)) and lay.cbits in (4, 8)
+    if join and int(cfg["BK"]) > g:  # one group per K tile on the joined path (Triton 3.6
+        cfg["BK"] = g                # cannot compile per-word scales into a wgmma B operand)
+    if cfg["kernel"] == "gemm" and not join:  # slot-order dots need depth BK/EPW >= 16
+        cfg["BK"] = max(int(cfg["BK"]), 16 * (32 // lay.cbits))
+    _check_config(cfg, lay.cbits, g)
+    bias = getattr(layer, "bias", None)
+    bm, bn, bk = int(cfg["BM"]), int(cfg["BN"]), int(cfg["BK"])
+    m_tiles, n_tiles = triton.cdiv(m, bm), triton.cdiv(n, bn)
+    split = _choose_split(cfg.get("SPLIT", 0), m_tiles * n_tiles, k, bk, x.device)
+    kps = triton.cdiv(triton.cdiv(k, split), bk) * bk
+    split = triton.cdiv(k, kps)  # no empty splits
+    if split > 1:
+        ws = torch.empty(m_tiles * n_tiles * split * bm * bn, dtype=torch.float32,
+                         device=x.device)
+        cnt = _counters(x.device, m_tiles * n_tiles)
+    else:
+        ws = cnt = y
+    ortho_rows = cfg["kernel"] == "gemv" or cfg.get("ORTHO", "auto") == "rows" or (
+        cfg.get("ORTHO", "auto") == "auto" and bm <= 16)
+    e = int(cfg.get("E", 0)) or _auto_e(lay.nnz, n, split, bn, ortho_rows)
+    common = dict(BM=bm, BN=bn, BK=bk, GS=g, CBITS=lay.cbits, ZCONST=lay.zconst is not None,
+                  HAS_BIAS=bias is not None, HAS_ORTHO=use_ortho, ALPHA_VEC=avec is not None,
+                  E=e, USE_SPLIT=split > 1, EVEN=(n % bn == 0 and k % bk == 0),
+                  num_warps=int(cfg["num_warps"]),
+                  num_stages=int(cfg["num_stages"]))
+    args = (x2, lay.qw, layer.scales, layer.zeros, bias if bias is not None else y,
+            layer.ortho_crow, lay.col, layer.ortho_val, avec if avec is not None else y, y,
+            ws, cnt, ascalar, lay.zconst or 0.0, _ONEBITS, m, n, k, lay.kw,
+            int(layer.scales.shape[1]), x2.stride(0), y.stride(0), kps, split)
+    grid = (m_tiles, n_tiles, split)
+    if cfg["kernel"] == "gemv":
+        xpf = (lay.cbits == 4 and x2.dtype in (torch.float16, torch.bfloat16) and k % 2 == 0
+               and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0)
+        _tk._gemv_kernel[grid](*args, XPF=xpf, XBF16=x2.dtype == torch.bfloat16, **common)
+    else:
+        dot_f32 = interpret_mode() and x.dtype == torch.bfloat16  # interpreter bf16 dot bug
+        _tk._gemm_kernel[grid](*args, SWAP=bool(cfg.get("SWAP", False)), JOIN=join,
+                               DOT_F32=dot_f32, ORTHO_ROWS=ortho_rows, **common)
+    return y.reshape(*x.shape[:-1], n)
+
+
+_ONEBITS = 0x3F800000  # bit pattern of 1.0f (see triton_kernels._codes)
+_MAX_COUNTERS = 1 << 16
+_COUNTERS: dict = {}
+_SMS: dict = {}
+
+
+def _counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Per-device int32 split-K counters, zero between launches (kernels reset them).
+    Shared by all layers: launches on one stream run in order. Concurrent launches of
+    split-K kernels on different streams of one device are not supported."""
+    key = (device.type, device.index)
+    buf = _COUNTERS.get(key)
+    if buf is None:
+        buf = torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
+def _pow2_at_least(v: float) -> int:
+    p = 1
+    while p < v:
+        p *= 2
+    return p
+
+
+def _auto_e(nnz: int, n: int, split: int, bn: int, rows: bool) -> int:
+    """Ortho chunk size from the layer's density so that a typical program needs one step:
+    per-row slices (gemv / rows mode): ~1.5x the mean entries per row per split (4..64);
+    one-hot tile mode: a quarter of the tile's entries per split (32..128)."""
+    per_row = nnz / max(1, n) / max(1, split)
+    if rows:
+        return max(4, min(64, _pow2_at_least(1.5 * per_row + 1)))
+    return max(32, min(128, _pow2_at_least(per_row * bn / 4)))
+
+
+def _num_sms(device: torch.device) -> int:
+    key = (device.type, device.index)
+    if key not in _SMS:
+        _SMS[key] = (torch.cuda.get_device_properties(device).multi_processor_count
+                     if device.type == "cuda" else 4)
+    return _SMS[key]
+
+
+def _choose_split(requested: Any, tiles: int, k: int, bk: int, device: torch.device) -> int:
+    """Split-K factor: the config's SPLIT if > 0, else enough programs for ~4 per SM while
+    keeping at least 4 K tiles per split. Never more tiles than the counter buffer holds."""
+    if tiles > _MAX_COUNTERS:
+        return 1
+    req = int(requested or 0)
+    if req > 0:
+        return max(1, min(req, triton.cdiv(k, bk)))
+    target = 4 * _num_sms(device)
+    split = 1
+    while tiles * split * 2 <= target and triton.cdiv(k, bk * split * 2) >= 4:
+        split *= 2
+    return split
+
+
+def prepare(module: torch.nn.Module) -> int:
+    """Build the kernel layout of every OrthoLinear-like submodule (has ``qweight`` and
+    ``ortho_crow``). Call before CUDA-graph capture. Returns the number of layers prepared."""
+    count = 0
+    for sub in module.modules():
+        if hasattr(sub, "qweight") and hasattr(sub, "ortho_crow") and supports(sub):
+            get_layout(sub)
+            count += 1
+    return count

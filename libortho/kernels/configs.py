@@ -1,0 +1,91 @@
+"""Tile configurations per shape: a table kept in the repo, filled by GPU sweeps.
+
+A config is a dict with keys:
+  kernel: "gemv" | "gemm"; BM, BN, BK; num_warps, num_stages (gemv: unused, it prefetches
+  by hand); E (ortho chunk, 0 = from the layer's density: entries per row per step in
+  gemv / rows mode, entries per tile per step in tile mode); SWAP, JOIN, ORTHO ("rows" |
+  "tile" | "auto": per-row gathers for few token rows, one-hot tl.dot scatter otherwise;
+  gemm only);
+  SPLIT (split-K factor, 0 = automatic from the SM count).
+
+``select_config(M, N, K, group_size)`` looks up the table by (N, K) and the smallest tuned
+row count ≥ M (else the largest), falling back to the heuristics below. The table lives in
+``tuned_configs.json`` next to this file, written by ``libortho bench --tune --save-configs``
+(the card it was tuned on is recorded in the file and in docs/kernel_notes.md).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Tuple
+
+Config = Dict[str, object]
+
+TABLE_PATH = os.path.join(os.path.dirname(__file__), "tuned_configs.json")
+# (N, K) -> sorted list of (tuned rows M, config)
+TABLE: Dict[Tuple[int, int], List[Tuple[int, Config]]] = {}
+TABLE_INFO: Dict[str, object] = {}
+
+
+def m_bucket(m: int) -> int:
+    """Round the number of token rows up to a power of two (1, 2, 4, ..., 256)."""
+    b = 1
+    while b < m and b < 256:
+        b *= 2
+    return b
+
+
+def default_config(m: int, n: int, k: int, group_size: int) -> Config:
+    """Heuristic config when the table has no entry (SPLIT 0 = choose from the SM count)."""
+    if m <= 2:
+        return dict(kernel="gemv", BM=m_bucket(m), BN=64, BK=128, num_warps=2, num_stages=1,
+                    E=0, SPLIT=0)
+    if m <= 16:
+        return dict(kernel="gemm", BM=16, BN=32, BK=128, num_warps=4, num_stages=4, E=0,
+                    SWAP=True, JOIN=True, ORTHO="rows", SPLIT=0)
+    if m <= 64:
+        return dict(kernel="gemm", BM=64, BN=64, BK=128, num_warps=4, num_stages=4, E=0,
+                    SWAP=False, JOIN=True, ORTHO="tile", SPLIT=0)
+    return dict(kernel="gemm", BM=128, BN=128, BK=128, num_warps=8, num_stages=3, E=0,
+                SWAP=False, JOIN=True, ORTHO="tile", SPLIT=0)
+
+
+def set_table(entries: List[dict], info: Optional[Dict[str, object]] = None) -> None:
+    """Replace the table with ``entries`` = [{"m", "n", "k", "config"}, ...]."""
+    TABLE.clear()
+    TABLE_INFO.clear()
+    TABLE_INFO.update(info or {})
+    for e in entries:
+        TABLE.setdefault((int(e["n"]), int(e["k"])), []).append((int(e["m"]), dict(e["config"])))
+    for rows in TABLE.values():
+        rows.sort(key=lambda r: r[0])
+
+
+def load_table(path: str = TABLE_PATH) -> bool:
+    """Load a table written by ``save_table``; False when the file does not exist."""
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        data = json.load(f)
+    set_table(data.get("entries", []), {k: v for k, v in data.items() if k != "entries"})
+    return True
+
+
+def save_table(path: str, entries: List[dict], info: Dict[str, object]) -> None:
+    """Write entries (with timing fields if any) and info (device, versions, date)."""
+    with open(path, "w") as f:
+        json.dump(dict(info, entries=entries), f, indent=1)
+
+
+def select_config(m: int, n: int, k: int, group_size: int) -> Config:
+    """Config for an [m, k] x [k, n] call: table entry if present, else the heuristic."""
+    rows = TABLE.get((n, k))
+    if rows:
+        for tm, cfg in rows:
+            if tm >= m:
+                return dict(cfg)
+        return dict(rows[-1][1])
+    return default_config(m, n, k, group_size)
+
+
+load_table()

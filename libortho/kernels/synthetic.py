@@ -1,0 +1,112 @@
+"""Random layers in the OrthoLinear storage format, for tests, benchmarks and speed runs.
+
+No decomposition involved: codes, scales, zeros and a Bernoulli(density) CSR ortho stream are
+drawn at random (so the per-row entry counts are binomial, as for a real budget selection).
+``SyntheticLayer`` carries exactly the buffers and attributes of docs/DESIGN.md; when
+``libortho.layer.OrthoLinear`` is importable, ``as_ortholinear`` copies them into one.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .reference import container_bits
+
+
+class SyntheticLayer(nn.Module):
+    """Stand-in with the OrthoLinear buffers; forward calls libortho.kernels on any device."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
+                 qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor,
+                 bias: Optional[torch.Tensor] = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        self.register_buffer("ortho_crow", crow)
+        self.register_buffer("ortho_col", col)
+        self.register_buffer("ortho_val", val)
+        if bias is not None:
+            self.register_buffer("bias", bias)
+        else:
+            self.bias = None
+        self.alpha = 1.0
+        self._kernel_cache = None
+
+    def _apply(self, fn, *args, **kwargs):  # same contract as OrthoLinear
+        self._kernel_cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from . import dual_stream_linear
+        return dual_stream_linear(x, self, self.alpha)
+
+
+def random_layer(in_features: int, out_features: int, *, bits: int = 4, group_size: int = 128,
+                 symmetric: bool = True, bias: bool = False, density: float = 0.01,
+                 heavy_rows: int = 0, val_dtype: torch.dtype = torch.float16,
+                 scale: float = 0.02, device: str | torch.device = "cpu",
+                 generator: Optional[torch.Generator] = None) -> SyntheticLayer:
+    """A random layer. ``heavy_rows`` rows get every column in the ortho stream.
+
+    Scales ~ U(0.5, 1.5)·scale/2^(bits-1) (fp16); zeros 2^(bits-1) when symmetric, else
+    U(0, 2^bits - 1) floats (fp16); ortho values ~ N(0, scale) in ``val_dtype``; bias ~ N(0, 1)
+    fp16. Random bytes also fill the padding codes beyond in_features (they must be ignored).
+    """
+    dev = torch.device(device)
+    g = generator
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g, device=dev)
+
+    cb = container_bits(bits)
+    per_byte = 8 // cb
+    in_pad = (in_features + per_byte - 1) // per_byte * per_byte
+    nbytes = in_pad * cb // 8
+    levels = 2 ** bits
+    if bits == 3:  # 3-bit codes in nibbles: only 0..7 are valid codes
+        codes = torch.randint(0, levels, (out_features, in_pad), generator=g, device=dev)
+        shifts = torch.arange(per_byte, device=dev) * cb
+        qweight = (codes.view(out_features, nbytes, per_byte) << shifts).sum(-1).to(torch.uint8)
+    else:
+        qweight = torch.randint(0, 256, (out_features, nbytes), generator=g, device=dev,
+                                dtype=torch.uint8)
+    ngroups = (in_features + group_size - 1) // group_size
+    scales = ((0.5 + rand(out_features, ngroups)) * scale / max(1, 2 ** (bits - 1) - 1)).half()
+    if symmetric:
+        zeros = torch.full((out_features, ngroups), float(2 ** (bits - 1)), device=dev).half()
+    else:
+        zeros = (rand(out_features, ngroups) * (levels - 1)).half()
+    mask = rand(out_features, in_features) < density
+    if heavy_rows:
+        idx = torch.randperm(out_features, generator=g, device=dev)[:heavy_rows]
+        mask[idx] = True
+    rows, cols = mask.nonzero(as_tuple=True)  # row-major: sorted by row then column
+    counts = torch.bincount(rows, minlength=out_features)
+    crow = torch.zeros(out_features + 1, dtype=torch.int32, device=dev)
+    crow[1:] = counts.cumsum(0).to(torch.int32)
+    val = (torch.randn(rows.numel(), generator=g, device=dev) * scale).to(val_dtype)
+    b = torch.randn(out_features, generator=g, device=dev).half() if bias else None
+    return SyntheticLayer(in_features, out_features, bits, group_size, qweight, scales, zeros,
+                          crow, cols.to(torch.int32), val, b)
+
+
+def as_ortholinear(src: SyntheticLayer, symmetric: bool = True) -> nn.Module:
+    """Copy a SyntheticLayer into libortho.layer.OrthoLinear (ImportError if it is absent)."""
+    from libortho.layer import OrthoLinear  # type: ignore
+    layer = OrthoLinear(src.in_features, src.out_features, bits=src.bits,
+                        group_size=src.group_size, symmetric=symmetric,
+                        bias=src.bias is not None, ortho_nnz=int(src.ortho_col.numel()),
+                        ortho_dtype=src.ortho_val.dtype)
+    layer = layer.to(src.qweight.device)
+    with torch.no_grad():
+        for name in ("qweight", "scales", "zeros", "ortho_crow", "ortho_col", "ortho_val"):
+            getattr(layer, name).copy_(getattr(src, name))
+        if src.bias is not None:
+            layer.bias.copy_(src.bias.to(layer.bias.dtype))
+    return layer

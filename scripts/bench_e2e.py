@@ -1,0 +1,279 @@
+"""End-to-end decode speed of a Llama-architecture model at Llama-3-8B shapes, random weights.
+
+hidden 4096, intermediate 14336, 32 query / 8 KV heads of 128, vocab 128256, 32 layers by
+default. Q/K/V and gate/up are fused into one projection each, identically for every variant
+(qkv 6144×4096, o 4096×4096, gate_up 28672×4096, down 4096×14336). Embedding and lm_head stay
+FP16 in every variant. Variants: FP16 (F.linear), libortho alpha = 0, libortho alpha = 1
+(``--density`` ortho, default 1 %). Own decode loop: static KV cache (``--max-len``), one
+decode step (all layers, greedy argmax fed back, position advanced on the device) captured
+in a CUDA graph and replayed; tokens/s = batch / median step time. Norms, RoPE + cache
+write and SiLU·mul are small fused Triton kernels shared by all variants; attention is
+two matmuls + softmax over the whole static cache with an additive mask (per step).
+
+    python scripts/bench_e2e.py [--layers 32] [--batches 1,16] [--json FILE] [--configs F]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from typing import Dict, List
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from libortho.kernels import configs, dual_stream_linear, prepare  # noqa: E402
+from libortho.kernels.synthetic import as_ortholinear, random_layer  # noqa: E402
+
+H, I, NH, NKV, D, V = 4096, 14336, 32, 8, 128, 128256
+
+
+# Small fused kernels shared by every variant (so the step is not dominated by ~40 tiny
+# PyTorch launches per layer): residual add + RMSNorm, RoPE + KV-cache write, SiLU·mul.
+@triton.jit
+def _add_rms_kernel(h_ptr, d_ptr, out_ptr, eps, H: tl.constexpr, ADD: tl.constexpr):
+    """h[b] (+= d[b]); out[b] = h[b] / rms(h[b]) (weights are ones: random model)."""
+    b = tl.program_id(0)
+    r = tl.arange(0, H)
+    h = tl.load(h_ptr + b * H + r).to(tl.float32)
+    if ADD:
+        h += tl.load(d_ptr + b * H + r).to(tl.float32)
+        tl.store(h_ptr + b * H + r, h.to(h_ptr.dtype.element_ty))
+    y = h * tl.rsqrt(tl.sum(h * h, 0) / H + eps)
+    tl.store(out_ptr + b * H + r, y.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr, scale, T,
+                       NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr):
+    """Head h of token b: RoPE(q)·scale -> q[b, h]; RoPE(k) / v -> cache[b, kv, pos]."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    HALF: tl.constexpr = D // 2
+    r = tl.arange(0, HALF)
+    pos = tl.load(pos_ptr)
+    row = qkv_ptr + b * (NH + 2 * NKV) * D + h * D
+    x1 = tl.load(row + r).to(tl.float32)
+    x2 = tl.load(row + HALF + r).to(tl.float32)
+    if h < NH + NKV:
+        c = tl.load(cos_ptr + pos * HALF + r)
+        s = tl.load(sin_ptr + pos * HALF + r)
+        y1 = x1 * c - x2 * s
+        y2 = x2 * c + x1 * s
+    else:
+        y1 = x1
+        y2 = x2
+    if h < NH:
+        dst = q_ptr + (b * NH + h) * D
+        y1 = y1 * scale
+        y2 = y2 * scale
+    elif h < NH + NKV:
+        dst = kc_ptr + ((b * NKV + (h - NH)) * T + pos) * D
+    else:
+        dst = vc_ptr + ((b * NKV + (h - NH - NKV)) * T + pos) * D
+    tl.store(dst + r, y1.to(q_ptr.dtype.element_ty))
+    tl.store(dst + HALF + r, y2.to(q_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _silu_mul_kernel(gu_ptr, out_ptr, I: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    r = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    g = tl.load(gu_ptr + b * 2 * I + r).to(tl.float32)
+    u = tl.load(gu_ptr + b * 2 * I + I + r).to(tl.float32)
+    tl.store(out_ptr + b * I + r, (g / (1.0 + tl.exp(-g)) * u).to(out_ptr.dtype.element_ty))
+
+
+class DecodeModel:
+    """Minimal Llama decoder for timing; ``linear(name, layer_index)`` picks the variant."""
+
+    def __init__(self, kind: str, n_layers: int, batch: int, max_len: int, density: float,
+                 seed: int = 0) -> None:
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        dev, f16 = "cuda", torch.float16
+        self.kind, self.L, self.B, self.T = kind, n_layers, batch, max_len
+        self.alpha = 0.0
+        self.layer_class = "F.linear"
+        self.embed = (torch.randn(V, H, device=dev, generator=g) * 0.02).to(f16)
+        self.lm_head = (torch.randn(V, H, device=dev, generator=g) * 0.02).to(f16)
+        shapes = dict(qkv=(NH * D + 2 * NKV * D, H), o=(H, NH * D), gu=(2 * I, H), down=(H, I))
+        self.w: List[Dict[str, object]] = []
+        for _ in range(n_layers):
+            layer = {}
+            for name, (n, k) in shapes.items():
+                if kind == "fp16":
+                    layer[name] = (torch.randn(n, k, device=dev, generator=g) * 0.02).to(f16)
+                else:
+                    src = random_layer(k, n, group_size=128, density=density, device=dev,
+                                       generator=g)
+                    try:  # the real layer: its forward calls libortho.kernels on CUDA
+                        layer[name] = as_ortholinear(src)
+                        self.layer_class = "libortho.layer.OrthoLinear"
+                    except ImportError:
+                        layer[name] = src
+                        self.layer_class = "SyntheticLayer"
+                    del src
+            self.w.append(layer)
+        self.k_cache = torch.zeros(n_layers, batch, NKV, max_len, D, device=dev, dtype=f16)
+        self.v_cache = torch.zeros_like(self.k_cache)
+        inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device=dev).float() / D))
+        ang = torch.arange(max_len, device=dev).float()[:, None] * inv[None, :]
+        self.cos, self.sin = ang.cos().contiguous(), ang.sin().contiguous()  # [T, D/2] fp32
+        self.tokens = torch.randint(0, V, (batch,), device=dev, generator=g)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.t_idx = torch.arange(max_len, device=dev)
+        if kind != "fp16":
+            for layer in self.w:
+                for lin in layer.values():
+                    prepare(lin)
+
+    def weight_bytes(self) -> int:
+        total = self.embed.numel() * 2 / V * self.B + self.lm_head.numel() * 2
+        for layer in self.w:
+            for lin in layer.values():
+                if isinstance(lin, torch.Tensor):
+                    total += lin.numel() * 2
+                else:
+                    total += lin.qweight.numel() + lin.scales.numel() * 2
+                    if self.alpha != 0.0:
+                        total += lin.ortho_crow.numel() * 4 + lin.ortho_col.numel() * 4
+        return int(total)
+
+    def set_alpha(self, a: float) -> None:
+        """Alpha of every libortho layer (OrthoLinear: its AlphaState default)."""
+        self.alpha = a
+        for layer in self.w:
+            for lin in layer.values():
+                if hasattr(lin, "alpha_state"):
+                    lin.alpha_state.default = a
+
+    def lin(self, x: torch.Tensor, w) -> torch.Tensor:
+        if isinstance(w, torch.Tensor):
+            return F.linear(x, w)
+        if hasattr(w, "alpha_state"):
+            return w(x)  # OrthoLinear.forward -> libortho.kernels.dual_stream_linear
+        return dual_stream_linear(x, w, self.alpha)
+
+    def step(self) -> None:
+        """One greedy decode step for all B sequences at position self.pos (in place)."""
+        B, f16 = self.B, torch.float16
+        h = self.embed.index_select(0, self.tokens)  # [B, H] residual stream
+        x = torch.empty_like(h)
+        q = torch.empty(B, NH, D, device=h.device, dtype=f16)
+        act = torch.empty(B, I, device=h.device, dtype=f16)
+        bias = torch.zeros(self.T, device=h.device, dtype=f16).masked_fill_(
+            self.t_idx > self.pos, float("-inf"))  # attention mask, once per step
+        _add_rms_kernel[(B,)](h, h, x, 1e-5, H=H, ADD=False)
+        for li, w in enumerate(self.w):
+            qkv = self.lin(x, w["qkv"])
+            _rope_cache_kernel[(B, NH + 2 * NKV)](qkv, self.cos, self.sin, self.pos, q,
+                                                   self.k_cache[li], self.v_cache[li],
+                                                   D ** -0.5, self.T, NH=NH, NKV=NKV, D=D)
+            qg = q.view(B, NKV, NH // NKV, D)
+            s = torch.matmul(qg, self.k_cache[li].transpose(-1, -2))  # [B, NKV, 4, T]
+            p = torch.softmax(s + bias, -1)
+            a = torch.matmul(p, self.v_cache[li]).reshape(B, NH * D)
+            _add_rms_kernel[(B,)](h, self.lin(a, w["o"]), x, 1e-5, H=H, ADD=True)
+            gu = self.lin(x, w["gu"])
+            _silu_mul_kernel[(B, I // 1024)](gu, act, I=I, BLOCK=1024)
+            _add_rms_kernel[(B,)](h, self.lin(act, w["down"]), x, 1e-5, H=H, ADD=True)
+        logits = F.linear(x, self.lm_head)
+        self.tokens.copy_(logits.argmax(-1))
+        self.pos.add_(1)
+
+
+def time_decode(model: DecodeModel, steps: int, start: int = 32) -> Dict[str, float]:
+    """Capture one step in a CUDA graph, replay; median step time (ms) and tokens/s."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            model.pos.fill_(start)
+            model.step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    model.pos.fill_(start)
+    with torch.cuda.graph(graph):
+        model.step()
+    model.pos.fill_(start)
+    for _ in range(5):
+        graph.replay()
+    times = []
+    for _ in range(steps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        graph.replay()
+        e1.record()
+        times.append((e0, e1))
+    torch.cuda.synchronize()
+    ms = sorted(a.elapsed_time(b) for a, b in times)
+    med = statistics.median(ms)
+    eager = []
+    for _ in range(5):  # eager reference (launch-bound), for context only
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        model.step()
+        e1.record()
+        eager.append((e0, e1))
+    torch.cuda.synchronize()
+    del graph
+    return dict(step_ms=med, p10_ms=ms[len(ms) // 10], p90_ms=ms[9 * len(ms) // 10],
+                tokens_per_s=model.B / (med * 1e-3),
+                eager_step_ms=statistics.median(a.elapsed_time(b) for a, b in eager))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--max-len", type=int, default=256)
+    ap.add_argument("--density", type=float, default=0.01)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--configs", default=None, help="tuned config table (JSON)")
+    args = ap.parse_args()
+    if args.configs:
+        configs.load_table(args.configs)
+    print(f"device {torch.cuda.get_device_name(0)}; {args.layers} layers, max_len "
+          f"{args.max_len}, ortho density {args.density}", flush=True)
+    rows = []
+    for b in (int(x) for x in args.batches.split(",")):
+        for kind in ("fp16", "libortho"):
+            model = DecodeModel(kind, args.layers, b, args.max_len, args.density)
+            alphas = [None] if kind == "fp16" else [0.0, 1.0]
+            for a in alphas:
+                model.set_alpha(a if a is not None else 0.0)
+                r = time_decode(model, args.steps)
+                name = "fp16" if kind == "fp16" else f"libortho_a{a:g}"
+                r.update(variant=name, batch=b, layers=args.layers, layer_class=model.layer_class,
+                         weight_gb=model.weight_bytes() / 1e9)
+                r["weight_gbps"] = r["weight_gb"] / (r["step_ms"] * 1e-3)
+                rows.append(r)
+                print(f"batch {b:3d} {name:14s} [{model.layer_class}] step {r['step_ms']:7.3f} ms  "
+                      f"{r['tokens_per_s']:8.1f} tok/s  (eager {r['eager_step_ms']:.2f} ms; "
+                      f"weights {r['weight_gb']:.2f} GB -> {r['weight_gbps']:.0f} GB/s)",
+                      flush=True)
+            del model
+            torch.cuda.empty_cache()
+    print("\n| batch | variant | step ms | tokens/s | vs FP16 |\n|---|---|---|---|---|")
+    for r in rows:
+        base = next(x for x in rows if x["batch"] == r["batch"] and x["variant"] == "fp16")
+        r["speedup_vs_fp16"] = base["step_ms"] / r["step_ms"]
+        print(f"| {r['batch']} | {r['variant']} | {r['step_ms']:.3f} | {r['tokens_per_s']:.1f} "
+              f"| {r['speedup_vs_fp16']:.2f}× |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(0), args=vars(args), rows=rows), f,
+                      indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""GPU correctness of libortho.kernels.dual_stream_linear against a float64 reference.
+
+Fresh random layers and inputs for every case (seeded from the clock unless --seed), output
+buffers poisoned with NaN before each call (unwritten elements are caught), relative
+Frobenius error ‖y − ref‖/‖ref‖ within fp16/bf16 bounds, and every case run twice: the two
+results must be bitwise equal (split-K reduces in a fixed order, so a difference means a
+race). Covers decode/prefill kernels, odd K/N, group 32/64/128, symmetric/asymmetric, bias,
+empty ortho, heavy rows, scalar/per-row/0-d alpha, fp16/bf16 activations, bf16 ortho values,
+2/3/8-bit codes, default and forced split-K configs.
+
+    python scripts/gpu_check_kernels.py [--json FILE] [--seed S]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import torch  # noqa: E402
+
+from libortho.kernels import dual_stream_linear, reference_dual_stream  # noqa: E402
+from libortho.kernels.synthetic import random_layer  # noqa: E402
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+
+
+def cases():
+    """(name, layer kwargs, rows, x dtype, alpha kind, config or None)."""
+    big = dict(group_size=128, symmetric=True, density=0.01)
+    yield "4096x4096 m1 default", dict(k=4096, n=4096, **big), 1, torch.float16, "one", None
+    yield "4096x4096 m1 a0", dict(k=4096, n=4096, **big), 1, torch.float16, "zero", None
+    yield "11008x4096 m4 rows", dict(k=4096, n=11008, **big), 4, torch.float16, "rows", None
+    yield "4096x14336 m16 bf16", dict(k=14336, n=4096, **big), 16, torch.bfloat16, "one", None
+    yield "8192x8192 m64", dict(k=8192, n=8192, **big), 64, torch.float16, "one", None
+    yield "4096x4096 m200 prefill", dict(k=4096, n=4096, **big), 200, torch.float16, "half", None
+    odd = dict(group_size=64, symmetric=False, density=0.02, bias=True, heavy_rows=3)
+    for m in (1, 2, 3, 16, 17, 65):
+        for dt in (torch.float16, torch.bfloat16):
+            yield (f"odd 1030x2053 m{m} {dt}", dict(k=2053, n=1030, **odd), m, dt, "rows",
+                   None)
+    for g in (32, 64, 128):
+        yield (f"g{g} asym bias m1", dict(k=1536, n=768, group_size=g, symmetric=False,
+                                          bias=True, density=0.01), 1, torch.float16, "one", None)
+        yield (f"g{g} sym m8", dict(k=1536, n=768, group_size=g, density=0.01), 8,
+               torch.bfloat16, "zero0d", None)
+    yield "empty ortho m1", dict(k=1024, n=512, density=0.0), 1, torch.float16, "one", None
+    yield "empty ortho m32", dict(k=1024, n=512, density=0.0), 32, torch.float16, "one", None
+    yield ("bf16 ortho values m3", dict(k=1024, n=640, density=0.05, val_dtype=torch.bfloat16),
+           3, torch.float16, "one", None)
+    yield "heavy rows m1", dict(k=4096, n=256, density=0.001, heavy_rows=8), 1, \
+        torch.float16, "one", None
+    yield "heavy rows m16", dict(k=4096, n=256, density=0.001, heavy_rows=8), 16, \
+        torch.float16, "one", None
+    for bits in (2, 3, 8):
+        for m in (1, 12):
+            yield (f"{bits}-bit m{m}", dict(k=1024, n=384, bits=bits, group_size=64,
+                                            symmetric=False, density=0.01, bias=True), m,
+                   torch.float16, "one", None)
+    gemv = dict(kernel="gemv", BM=1, BN=64, BK=128, num_warps=4, num_stages=3, E=16)
+    gemm = dict(kernel="gemm", BM=16, BN=64, BK=128, num_warps=4, num_stages=4, E=32,
+                SWAP=True, JOIN=True)
+    for sp in (1, 3, 16):
+        yield (f"forced gemv split {sp}", dict(k=4096, n=1000, density=0.01, bias=True), 1,
+               torch.float16, "one", dict(gemv, SPLIT=sp))
+        yield (f"forced gemm split {sp}", dict(k=4096, n=1000, density=0.01, bias=True), 9,
+               torch.bfloat16, "rows", dict(gemm, SPLIT=sp))
+    yield ("forced gemm slot-order", dict(k=4096, n=1000, density=0.01), 16, torch.float16,
+           "one", dict(gemm, JOIN=False, SWAP=False, SPLIT=2))
+    yield ("forced gemm tile-ortho", dict(k=4096, n=1000, density=0.02, heavy_rows=2), 40,
+           torch.bfloat16, "rows", dict(gemm, BM=64, SWAP=False, ORTHO="tile", E=64, SPLIT=3))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--seed", type=int, default=None)
+    args = ap.parse_args()
+    seed = args.seed if args.seed is not None else int(time.time())
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    print(f"seed {seed}, device {torch.cuda.get_device_name(0)}", flush=True)
+    results, failures = [], 0
+    for name, kw, m, dt, akind, cfg in cases():
+        kw = dict(kw)
+        k, n = kw.pop("k"), kw.pop("n")
+        layer = random_layer(k, n, device="cuda", generator=gen, **kw)
+        x = torch.randn(m, k, device="cuda", generator=gen).to(dt)
+        alpha = {"one": 1.0, "half": 0.5, "zero": 0.0,
+                 "rows": torch.rand(m, device="cuda", generator=gen),
+                 "zero0d": torch.tensor(0.0, device="cuda")}[akind]
+        outs = []
+        for _ in range(2):
+            out = torch.full((m, n), float("nan"), dtype=dt, device="cuda")
+            dual_stream_linear(x, layer, alpha, out=out, config=cfg)
+            outs.append(out)
+        torch.cuda.synchronize()
+        ref = reference_dual_stream(x, layer, alpha)
+        err = ((outs[0].double() - ref).norm() / ref.norm()).item()
+        finite = bool(torch.isfinite(outs[0]).all())
+        same = bool(torch.equal(outs[0], outs[1]))
+        ok = finite and same and err < TOL[dt]
+        failures += not ok
+        results.append(dict(name=name, m=m, n=n, k=k, dtype=str(dt), err=err, finite=finite,
+                            repeat_equal=same, ok=ok))
+        print(f"{'ok  ' if ok else 'FAIL'} {name:36s} rel.err {err:.2e} (tol {TOL[dt]:.0e})"
+              f"{'' if finite else ' NON-FINITE/UNWRITTEN'}{'' if same else ' RUNS DIFFER'}",
+              flush=True)
+        del layer, x, outs, ref
+    print(f"{len(results) - failures}/{len(results)} cases passed (seed {seed})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(seed=seed, device=torch.cuda.get_device_name(0), cases=results), f,
+                      indent=1)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
