@@ -278,8 +278,12 @@ def audit(
     alpha_scope: AlphaScope | None = None,
     perplexity_fn: PerplexityFn | None = None,
     extra_settings: dict[str, Any] | None = None,
+    baselines: dict[str, tuple[torch.nn.Module, Any]] | None = None,
 ) -> dict[str, Any]:
     """Audit ``model`` at each alpha (``None``/"fp" = as is) and the ``reference`` model.
+
+    ``baselines``: further models evaluated as they are, one row each, by label -> (model,
+    tokenizer), e.g. ``{"fp": (finetuned_fp_model, tok)}``; they are listed first.
 
     Puts the models in eval mode. Each numeric alpha is applied with the scoped
     ``libortho.alpha(model, a)`` (or ``alpha_scope``), so the model's own alpha is untouched
@@ -318,7 +322,8 @@ def audit(
     records: dict[str, list[dict[str, Any]]] = {}
     reference_row = None
     reference_losses = None
-    steps = tqdm(total=len(conditions) + (reference is not None), desc="audit", disable=not progress)
+    baselines = baselines or {}
+    steps = tqdm(total=len(conditions) + (reference is not None) + len(baselines), desc="audit", disable=not progress)
     if reference is not None:
         # The reference goes first: every other row's KS test compares against its losses.
         reference.eval()
@@ -329,6 +334,16 @@ def audit(
         )
         reference_losses = np.array([d["loss"] for d in records["reference"] if d["member"]])
         reference_row["ks_vs_reference"] = asdict(P.forget_quality(reference_losses, reference_losses))
+        steps.update()
+
+    for label, (base_model, base_tok) in baselines.items():
+        steps.set_postfix_str(label)
+        base_model.eval()
+        row, records[label] = _evaluate_condition(
+            base_model, base_tok or tokenizer, label, "model", None,
+            public_text, members, nonmembers, reference_losses, opts,
+        )
+        rows.append(row)
         steps.update()
 
     model.eval()
@@ -347,7 +362,7 @@ def audit(
 
     report = {
         "settings": _settings(
-            members, nonmembers, conditions, reference is not None, public_text, opts, extra_settings
+            list(baselines), members, nonmembers, conditions, reference is not None, public_text, opts, extra_settings
         ),
         "rows": rows,
         "records": records,
@@ -359,6 +374,7 @@ def audit(
 
 
 def _settings(
+    baseline_labels: Sequence[str],
     members: Sequence[CanaryRecord],
     nonmembers: Sequence[CanaryRecord],
     conditions: list[tuple[str, float | None]],
@@ -374,7 +390,7 @@ def _settings(
         counts[str(r.k)] += 1
     settings = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "conditions": [label for label, _ in conditions] + (["reference"] if has_reference else []),
+        "conditions": list(baseline_labels) + [label for label, _ in conditions] + (["reference"] if has_reference else []),
         "n_members": len(members),
         "n_nonmembers": len(nonmembers),
         "members_per_k": dict(counts),

@@ -1,53 +1,176 @@
-"""`libortho demo`: the built-in demo on SmolLM2-135M-Instruct and Python documentation."""
+"""`libortho demo`: the privacy kill switch, end to end, on the built-in default.
+
+SmolLM2-135M-Instruct (public model P) is fine-tuned on Python documentation plus private
+records carrying canaries (each inserted k ∈ {1, 4, 16} times), and, as the retrain reference,
+on the same public text without them. The fine-tuned model is decomposed with the library's
+default settings (public calibration text only) and audited at several alphas next to the FP
+fine-tuned model and the reference. A pass/fail line per goal of issue 3 closes the run.
+"""
 from __future__ import annotations
 
 import json
+import os
+import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import modelio
+from .audit import audit
 from .decompose import OrthoConfig, decompose
-from .evaluation import mean_nll, token_windows
-from .layer import set_alpha
+
+# The library's default for the demo (docs/RESULTS.md says why): GPTQ INT4 base, diag sieve,
+# forget-aware support reverted to P in the base.
+DEMO_CONFIG = dict(bits=4, group_size=64, method="gptq", score="diag", ortho_ratio=0.02, forget_ratio=0.01)
 
 
-def quality_demo(quick: bool, out_dir: Path) -> dict:
-    """Decompose the default model with the default settings and measure held-out perplexity per alpha."""
-    from .scenario import public_corpus
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes of one demo run."""
 
+    scenario: str  # ScenarioConfig preset
+    calib_tokens: int
+    alphas: tuple[float, ...]
+    perplexity_windows: int
+    exposure_candidates: int
+    frontier_cap: int
+
+    @staticmethod
+    def of(quick: bool) -> "DemoPlan":
+        if quick:
+            return DemoPlan("quick", 1024, (0.0, 1.0), 4, 64, 32)
+        return DemoPlan("default", 8192, (0.0, 0.5, 1.0), 32, 256, 128)
+
+
+def run_demo(quick: bool, out_dir: Path, progress: bool = True) -> dict:
+    """Build the scenario (cached), decompose, audit; returns the report with a `goals` list."""
+    from .scenario import ScenarioConfig, build_scenario
+
+    start = time.perf_counter()
     torch.manual_seed(0)
-    model, tok = modelio.load_model(None)
-    windows = token_windows(tok, public_corpus("heldout"), 256, 8 if quick else 48)
-    rows = [dict(model="FP32 (original)", alpha=None, perplexity=_ppl(model, windows))]
-    config = OrthoConfig(calib_tokens=2048 if quick else 16384)
-    stats = decompose(model, tok, public_corpus("calibration"), config)
-    for a in (0.0, 0.5, 1.0):
-        set_alpha(model, a)
-        rows.append(dict(model="libortho", alpha=a, perplexity=_ppl(model, windows)))
-    modelio.save(model, tok, out_dir / "artifact", overwrite=True)
-    return dict(
-        config=config.to_dict(), decompose_seconds=stats.seconds,
-        ortho_density=stats.n_ortho / stats.n_weights, heldout_tokens=int(windows.numel()), rows=rows,
+    plan = DemoPlan.of(quick)
+    scenario = build_scenario(ScenarioConfig.quick() if quick else ScenarioConfig.default(), progress=progress)
+    t_scenario = time.perf_counter() - start
+    members, nonmembers = scenario.load_members(), scenario.load_nonmembers()
+
+    model, tok = modelio.load_model(scenario.finetuned)
+    fp_model, _ = modelio.load_model(scenario.finetuned)
+    reference, _ = modelio.load_model(scenario.reference)
+    public_model, _ = modelio.load_model(scenario.public_model)
+    config = OrthoConfig(**DEMO_CONFIG, calib_tokens=plan.calib_tokens)
+    stats = decompose(
+        model, tok, scenario.read_split("calibration"), config, progress=progress,
+        public_model=public_model, forget_texts=[r.text or r.prefix + r.secret for r in members],
     )
+    del public_model
+    modelio.save(model, tok, out_dir / "artifact", overwrite=True)
+
+    density = stats.n_ortho / stats.n_weights
+    report = audit(
+        model, tok, scenario.read_split("heldout"), members, nonmembers, alphas=list(plan.alphas),
+        reference=reference, baselines={"fp": (fp_model, tok)}, out_dir=out_dir, progress=progress,
+        exposure_candidates=plan.exposure_candidates, frontier_cap=plan.frontier_cap,
+        perplexity_max_windows=plan.perplexity_windows,
+        extra_settings=dict(
+            decomposition=config.to_dict(), ortho_density=density, forget_density=stats.n_forget / stats.n_weights,
+            decompose_seconds=stats.seconds, scenario=scenario.config.to_dict(), scenario_seconds=t_scenario,
+            frozen_outside_decoder_linears="embeddings, norms and lm_head were frozen during fine-tuning, "
+            "so every fine-tuned weight is inside a decomposed layer",
+        ),
+    )
+    report["goals"] = evaluate_goals(report, density)
+    report["settings"]["wall_seconds"] = time.perf_counter() - start
+    report["settings"]["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    _write_atomic(out_dir / "report.json", json.dumps(report, indent=1) + "\n")
+    goal_lines = "".join(f"- [{'PASS' if g['passed'] else 'FAIL'}] {g['goal']}: {g['measured']}\n" for g in report["goals"])
+    _write_atomic(out_dir / "report.md", (out_dir / "report.md").read_text() + "\n## Goals (issue 3)\n\n" + goal_lines)
+    return report
 
 
-def _ppl(model, windows) -> float:
-    return float(torch.exp(torch.tensor(mean_nll(model, windows))))
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _row(report: dict, label: str) -> dict:
+    for row in report["rows"]:
+        if row["label"] == label:
+            return row
+    raise KeyError(label)
+
+
+def _alpha_row(report: dict, alpha: float) -> dict:
+    for row in report["rows"]:
+        if row["kind"] == "alpha" and abs(row["alpha"] - alpha) < 1e-9:
+            return row
+    raise KeyError(alpha)
+
+
+def evaluate_goals(report: dict, ortho_density: float) -> list[dict]:
+    """Issue 3's goals, each with the measured value and pass/fail."""
+    fp, ref = _row(report, "fp"), _row(report, "reference")
+    a0, a1 = _alpha_row(report, 0.0), _alpha_row(report, 1.0)
+    ks = sorted(k for k in a0["exposure_by_k"] if k != "nonmember")
+    goals = []
+
+    def goal(name: str, measured: str, passed: bool) -> None:
+        goals.append(dict(goal=name, measured=measured, passed=bool(passed)))
+
+    goal("alpha 0: extraction 0 % for every k",
+         ", ".join(f"k={k}: {100 * a0['extraction_by_k'][k]:.0f} %" for k in ks),
+         all(a0["extraction_by_k"][k] == 0 for k in ks))
+    gaps = {k: a0["exposure_by_k"][k] - ref["exposure_by_k"][k] for k in ks}
+    goal("alpha 0: exposure within 1 bit of the reference (each k)",
+         ", ".join(f"k={k}: {a0['exposure_by_k'][k]:.2f} vs {ref['exposure_by_k'][k]:.2f}" for k in ks),
+         all(abs(g) <= 1.0 for g in gaps.values()))
+    aucs = {name: m["auc"] for name, m in a0["mia"].items()}
+    goal("alpha 0: MIA AUC (loss, zlib, Min-K%) <= 0.55",
+         ", ".join(f"{n} {v:.2f}" for n, v in aucs.items()), all(v <= 0.55 for v in aucs.values()))
+    p = a0["ks_vs_reference"]["pvalue"]
+    goal("alpha 0: KS p > 0.05 against the reference", f"p = {p:.3g}", p > 0.05)
+    r0 = a0["perplexity"] / fp["perplexity"]
+    goal("alpha 0: retain perplexity <= 1.10 x FP", f"{a0['perplexity']:.2f} / {fp['perplexity']:.2f} = {r0:.3f}", r0 <= 1.10)
+    r1 = a1["perplexity"] / fp["perplexity"]
+    goal("alpha 1: retain perplexity <= 1.01 x FP", f"{a1['perplexity']:.2f} / {fp['perplexity']:.2f} = {r1:.3f}", r1 <= 1.01)
+    e1, efp = a1["exposure_mean"], fp["exposure_mean"]
+    goal("alpha 1: exposure >= 90 % of FP", f"{e1:.2f} / {efp:.2f} = {e1 / efp if efp else float('nan'):.2f}",
+         efp > 0 and e1 >= 0.9 * efp)
+    goal("ortho <= 2 % of decoder weights", f"{100 * ortho_density:.2f} %", ortho_density <= 0.02 + 1e-9)
+    return goals
+
+
+def format_summary(report: dict) -> str:
+    """The table a person reads at the end of the demo."""
+    ks = sorted((k for k in report["rows"][0]["exposure_by_k"] if k != "nonmember"), key=int)
+    head = f"{'model':<14}{'ppl':>8}" + "".join(f"{'exp k=' + k:>10}" for k in ks) + "".join(
+        f"{'extr k=' + k:>10}" for k in ks) + f"{'AUC loss':>10}{'AUC zlib':>10}{'AUC mink':>10}{'KS p':>8}"
+    lines = [head, "-" * len(head)]
+    for row in report["rows"]:
+        name = row["label"] if row["kind"] != "alpha" else f"alpha {row['alpha']:.2f}"
+        ks_p = row["ks_vs_reference"]["pvalue"] if row.get("ks_vs_reference") else float("nan")
+        lines.append(
+            f"{name:<14}{row['perplexity']:>8.2f}"
+            + "".join(f"{row['exposure_by_k'][k]:>10.2f}" for k in ks)
+            + "".join(f"{100 * row['extraction_by_k'][k]:>9.0f}%" for k in ks)
+            + "".join(f"{row['mia'][m]['auc']:>10.2f}" for m in ("loss", "zlib", "min_k"))
+            + f"{ks_p:>8.3f}"
+        )
+    lines.append("")
+    for g in report["goals"]:
+        lines.append(f"[{'PASS' if g['passed'] else 'FAIL'}] {g['goal']}: {g['measured']}")
+    return "\n".join(lines)
 
 
 def run(args) -> int:
     out_dir = Path(args.out or "libortho-demo")
     out_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    report = quality_demo(args.quick, out_dir)
-    report["wall_seconds"] = time.perf_counter() - start
-    (out_dir / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nheld-out perplexity (Python docs, {report['heldout_tokens']} tokens), "
-          f"ortho density {100 * report['ortho_density']:.2f} %")
-    print(f"{'model':<18}{'alpha':>7}{'perplexity':>12}")
-    for r in report["rows"]:
-        print(f"{r['model']:<18}{'-' if r['alpha'] is None else format(r['alpha'], '.2f'):>7}{r['perplexity']:>12.3f}")
-    print(f"artifact: {out_dir / 'artifact'}   report: {out_dir / 'quality.json'}")
+    report = run_demo(args.quick, out_dir)
+    print()
+    print(format_summary(report))
+    s = report["settings"]
+    print(f"\nwall time {s['wall_seconds']:.0f} s, peak RSS {s['peak_rss_gib']:.1f} GiB; "
+          f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}; plots: {out_dir / 'alpha_sweep.png'}, {out_dir / 'roc.png'}")
     return 0

@@ -1,0 +1,58 @@
+"""`libortho demo --quick` end to end on the real built-in model (SmolLM2-135M, quick scenario)."""
+import json
+
+import pytest
+
+from libortho import modelio
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    try:
+        modelio.default_model_source()
+    except modelio.ArtifactError as err:
+        pytest.skip(str(err))
+    from libortho.cli import main
+
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    return out, json.loads((out / "report.json").read_text())
+
+
+def test_quick_demo_writes_a_complete_report(quick_report):
+    out, report = quick_report
+    for name in ("report.json", "report.md", "alpha_sweep.png", "roc.png"):
+        assert (out / name).stat().st_size > 0
+    labels = [r["label"] for r in report["rows"]]
+    assert labels[0] == "fp" and labels[-1] == "reference"
+    assert {r["alpha"] for r in report["rows"] if r["kind"] == "alpha"} == {0.0, 1.0}
+    for row in report["rows"]:
+        assert row["perplexity"] > 1
+        assert set(row["mia"]) == {"loss", "zlib", "min_k"}
+        assert all(0 <= m["auc"] <= 1 for m in row["mia"].values())
+        assert {"1", "4", "16"} <= set(row["exposure_by_k"])
+    assert len(report["goals"]) == 8 and all(isinstance(g["passed"], bool) for g in report["goals"])
+    assert 0 < report["settings"]["ortho_density"] <= 0.02 + 1e-9
+    loaded, _ = modelio.load(out / "artifact", alpha=0.0)
+    assert loaded.libortho_alpha.ortho_available
+
+
+def test_full_budget_alpha_one_reproduces_fp_canary_ranks(quick_report):
+    import torch
+
+    from libortho.audit import audit
+    from libortho.decompose import OrthoConfig, decompose
+    from libortho.scenario import ScenarioConfig, build_scenario
+
+    scenario = build_scenario(ScenarioConfig.quick(), progress=False)  # cached by the demo
+    members, nonmembers = scenario.load_members(), scenario.load_nonmembers()
+    model, tok = modelio.load_model(scenario.finetuned)
+    fp, _ = modelio.load_model(scenario.finetuned)
+    torch.manual_seed(0)
+    decompose(model, tok, scenario.read_split("calibration"),
+              OrthoConfig(ortho_ratio=1.0, calib_tokens=512, seq_len=256), progress=False)
+    report = audit(model, tok, scenario.read_split("heldout"), members, nonmembers, alphas=[1.0],
+                   baselines={"fp": (fp, tok)}, progress=False, exposure_candidates=64, frontier_cap=32,
+                   perplexity_max_windows=2)
+    ranks = {label: {d["id"]: d["rank"] for d in recs if d["member"]} for label, recs in report["records"].items()}
+    assert ranks["alpha=1"] == ranks["fp"]
