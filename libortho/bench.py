@@ -164,9 +164,13 @@ def int4pack(n: int, k: int, count: int, group_size: int = 128) -> Optional[list
 
 # --------------------------------------------------------------------------- bench
 def bench_shape(n: int, k: int, batches: Sequence[int], reps: int, densities: Sequence[float],
-                rows_wanted: Sequence[str], log: Callable[[str], None]) -> List[dict]:
-    """All rows for one layer shape at the given token-row counts."""
+                rows_wanted: Sequence[str], log: Callable[[str], None],
+                baseline: Optional[dict] = None) -> List[dict]:
+    """All rows for one layer shape at the given token-row counts. ``baseline``: a second
+    config table (``configs.read_table``); adds rows ``a0_base`` / ``a1_1_base`` that run
+    the same layers with that table's configs (before/after on one card in one run)."""
     from libortho.kernels import dual_stream_linear, prepare
+    from libortho.kernels.configs import select_config
     results: List[dict] = []
     nb = n * k // 2 + n * (k // 128) * 2
     nl = _copies(nb)
@@ -226,6 +230,15 @@ def bench_shape(n: int, k: int, batches: Sequence[int], reps: int, densities: Se
                 add(name, [(lambda l=l, x=x: dual_stream_linear(x, l, 1.0))
                            for l, x in zip(ls, xs)], layer_bytes(ls[0], m, True),
                     dict(nnz=int(ls[0].ortho_col.numel())))
+        if baseline is not None:
+            bc = select_config(m, n, k, 128, table=baseline)
+            add("a0_base", [(lambda l=l, x=x: dual_stream_linear(x, l, 0.0, config=bc))
+                            for l, x in zip(bases, xs)], layer_bytes(bases[0], m, False),
+                dict(config=bc))
+            ls = dens_layers[d1]
+            add("a1_1_base", [(lambda l=l, x=x: dual_stream_linear(x, l, 1.0, config=bc))
+                              for l, x in zip(ls, xs)], layer_bytes(ls[0], m, True),
+                dict(config=bc))
         if "a1_1_rows" in rows_wanted:
             ls = dens_layers[d1]
             add("a1_1_rows", [(lambda l=l, x=x: dual_stream_linear(x, l, rowa))
@@ -270,10 +283,33 @@ def candidate_configs(m: int) -> List[dict]:
     return c
 
 
+def candidate_configs_v2(m: int) -> List[dict]:
+    """v2 decode-kernel configs (``kernel="gemv2"``) per token-row count, M <= 16 (M > 4 runs
+    cdiv(M, 4) row tiles over the same weights, the later ones from L2). E is fixed at 16
+    while sweeping (so SPLIT does not recompile) and stored as 0 (automatic)."""
+    if m > 16:
+        return []
+    if m == 1:  # (BM, BN, warps, STAGES, GPT, OPF)
+        shapes = ((1, 64, 2, 1, 1, 0), (1, 128, 4, 1, 1, 0), (1, 64, 2, 3, 1, 0),
+                  (1, 128, 4, 4, 1, 0), (1, 64, 4, 3, 2, 0), (1, 64, 2, 1, 1, 1),
+                  (1, 64, 2, 3, 1, 1))
+    elif m == 2:
+        shapes = ((2, 64, 2, 1, 1, 0), (2, 64, 2, 3, 1, 0), (2, 128, 4, 3, 1, 0))
+    else:
+        shapes = ((4, 64, 4, 1, 1, 0), (4, 64, 4, 3, 1, 0), (4, 32, 2, 3, 1, 0))
+    return [dict(kernel="gemv2", BM=bm, BN=bn, GPT=gpt, num_warps=w, num_stages=1, STAGES=st,
+                 OPF=bool(opf), E=16) for bm, bn, w, st, gpt, opf in shapes]
+
+
 def tune(shapes: Sequence[Tuple[int, int]], batches: Sequence[int], log: Callable[[str], None],
-         reps: int = 30) -> List[dict]:
-    """Fastest config (alpha = 1, 1 % ortho, the harder case) per (M, N, K)."""
+         reps: int = 30, v2_only: bool = False) -> List[dict]:
+    """Fastest config (alpha = 1, 1 % ortho, the harder case) per (M, N, K).
+
+    v2_only: candidates are the active table's config for that (M, N, K) (as is, no split
+    sweep) and the v2 decode configs (``candidate_configs_v2``) with SPLIT in 1..16; the
+    winner's E is stored as 0 (automatic)."""
     from libortho.kernels import dual_stream_linear
+    from libortho.kernels.configs import select_config
     entries = []
     for n, k in shapes:
         nb = n * k // 2
@@ -283,21 +319,34 @@ def tune(shapes: Sequence[Tuple[int, int]], batches: Sequence[int], log: Callabl
             xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in layers]
             best = None
             splits = (1, 2, 4, 8, 16) if m <= 2 else (1, 2, 4, 8)
-            for cfg in candidate_configs(m):
-                for sp in splits:
-                    c = dict(cfg, SPLIT=sp)
-                    try:
-                        r = time_calls([(lambda l=l, x=x, c=c: dual_stream_linear(x, l, 1.0,
-                                                                                  config=c))
-                                        for l, x in zip(layers, xs)], reps=reps, warmup=3)
-                    except Exception as exc:
-                        log(f"  config {c} failed: {exc!r}")
-                        continue
-                    if best is None or r["us"] < best[0]:
-                        best = (r["us"], c)
+            if v2_only:
+                cur = select_config(m, n, k, 128)
+                trials = [cur] + [dict(cfg, SPLIT=sp) for cfg in candidate_configs_v2(m)
+                                  for sp in (1, 2, 4, 8, 16)]
+            else:
+                trials = [dict(cfg, SPLIT=sp) for cfg in candidate_configs(m) for sp in splits]
+            cur_us = None
+            for i, c in enumerate(trials):
+                try:
+                    r = time_calls([(lambda l=l, x=x, c=c: dual_stream_linear(x, l, 1.0,
+                                                                              config=c))
+                                    for l, x in zip(layers, xs)], reps=reps, warmup=3)
+                except Exception as exc:
+                    log(f"  config {c} failed: {exc!r}")
+                    continue
+                if v2_only and i == 0:
+                    cur_us = r["us"]
+                if best is None or r["us"] < best[0]:
+                    best = (r["us"], c)
             if best:
-                entries.append(dict(m=m, n=n, k=k, config=best[1], us_alpha1_1pct=best[0]))
-                log(f"  tuned N={n} K={k} M={m}: {best[0]:.2f} us {best[1]}")
+                cfg = dict(best[1])
+                if cfg["kernel"] == "gemv2":
+                    cfg["E"] = 0
+                entries.append(dict(m=m, n=n, k=k, config=cfg, us_alpha1_1pct=best[0]))
+                if cur_us is not None:
+                    entries[-1]["us_previous_entry"] = cur_us
+                log(f"  tuned N={n} K={k} M={m}: {best[0]:.2f} us {best[1]}"
+                    + (f" (previous entry {cur_us:.2f} us)" if cur_us is not None else ""))
         del bases, layers
         torch.cuda.empty_cache()
     return entries
@@ -344,7 +393,8 @@ def goals(results: List[dict], copy_gbps: float) -> List[dict]:
 
 def format_tables(results: List[dict], copy_gbps: float) -> str:
     """Markdown tables: µs per row, and GB/s (% of copy bandwidth) for the libortho rows."""
-    rows_order = ["fp16", "torch_int4", "a0", "a1_0.5", "a1_1", "a1_2", "a1_1_rows", "naive_1"]
+    rows_order = ["fp16", "torch_int4", "a0_base", "a1_1_base", "a0", "a1_0.5", "a1_1", "a1_2",
+                  "a1_1_rows", "naive_1"]
     present = [r for r in rows_order if any(x["row"] == r for x in results)]
     keyed = {(x["row"], x["n"], x["k"], x["m"]): x for x in results}
     combos = sorted({(x["n"], x["k"], x["m"]) for x in results})
@@ -407,6 +457,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-configs", default=None,
                         help="with --tune: write the tuned table (JSON) here")
     parser.add_argument("--configs", default=None, help="load a tuned config table (JSON)")
+    parser.add_argument("--tune-v2", action="store_true",
+                        help="with --tune: only race the v2 decode kernel (M <= 16) against "
+                        "the loaded table's entries; other M keep the table's entries")
+    parser.add_argument("--tune-batches", default=None,
+                        help="with --tune: token-row counts to tune (default: --batches)")
+    parser.add_argument("--tune-only", action="store_true",
+                        help="with --tune: stop after tuning (and --save-configs)")
+    parser.add_argument("--baseline-configs", default=None,
+                        help="a second config table: adds rows a0_base / a1_1_base timed with "
+                        "it (before/after in one run on one card)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -435,18 +495,34 @@ def run(args: argparse.Namespace) -> int:
     if args.tune:
         log("tuning ...")
         extra = _parse_shapes(args.tune_extra_shapes) if args.tune_extra_shapes else []
-        tuned = tune(shapes + [s for s in extra if s not in shapes], batches, log)
+        tb = [int(b) for b in args.tune_batches.split(",")] if args.tune_batches else batches
+        tuned = tune(shapes + [s for s in extra if s not in shapes], tb, log,
+                     v2_only=args.tune_v2)
+        note = ("fastest of libortho.bench.candidate_configs at alpha=1, 1% ortho, fp16, g=128"
+                if not args.tune_v2 else
+                "M in %s: fastest of the previous entry and libortho.bench.candidate_configs_v2 "
+                "(alpha=1, 1%% ortho, fp16, g=128); other M: previous table" % tb)
         info = dict(device=env["device"], torch=env["torch"], triton=env["triton"],
-                    date=env["date"], note="fastest of libortho.bench.candidate_configs at "
-                    "alpha=1, 1% ortho, fp16, g=128")
+                    date=env["date"], note=note)
+        if args.tune_v2:  # keep the previous entries of every (M, N, K) not re-tuned
+            done = {(e["m"], e["n"], e["k"]) for e in tuned}
+            for (n_, k_), rows in configs.TABLE.items():
+                for m_, c_ in rows:
+                    if (m_, n_, k_) not in done:
+                        tuned.append(dict(m=m_, n=n_, k=k_, config=c_))
+            tuned.sort(key=lambda e: (e["n"], e["k"], e["m"]))
         configs.set_table(tuned, info)
         if args.save_configs:
             configs.save_table(args.save_configs, tuned, info)
+        if args.tune_only:
+            return 0
+    baseline = configs.read_table(args.baseline_configs) if args.baseline_configs else None
     bw = copy_bandwidth()
     log(f"copy bandwidth: {bw:.0f} GB/s (read + write)")
     results: List[dict] = []
     for n, k in shapes:
-        results += bench_shape(n, k, batches, max(100, args.reps), DENSITIES, rows_wanted, log)
+        results += bench_shape(n, k, batches, max(100, args.reps), DENSITIES, rows_wanted, log,
+                               baseline)
         if args.json:  # partial results survive a timeout
             with open(args.json, "w") as f:
                 json.dump(dict(env=env, copy_gbps=bw, results=results, tuned=tuned,

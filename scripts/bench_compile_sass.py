@@ -31,7 +31,7 @@ PTR = ["x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "crow_ptr", "col_ptr", "val
 PTR_T = dict(x_ptr="*fp16", qw_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16", b_ptr="*fp16",
              crow_ptr="*i32", col_ptr="*i16", val_ptr="*fp16", a_ptr="*fp32", y_ptr="*fp16",
              ws_ptr="*fp32", cnt_ptr="*i32")
-SCAL = dict(alpha="fp32", zconst="fp32", onebits="i32", KPS="i32", SPLIT="i32", M="i32", N="i32", K="i32", KW="i32", G="i32",
+SCAL = dict(alpha="fp32", zconst="fp32", zb0="i32", zb1="i32", zc="fp32", KPSW="i32", onebits="i32", KPS="i32", SPLIT="i32", M="i32", N="i32", K="i32", KW="i32", G="i32",
             stride_xm="i32", stride_ym="i32")
 
 
@@ -46,7 +46,7 @@ def compile_variant(fn, consts: dict, num_warps: int, num_stages: int):
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = SCAL[name]
-            if name in ("N", "K", "stride_xm", "stride_ym", "KPS") or (
+            if name in ("N", "K", "stride_xm", "stride_ym", "KPS", "KPSW") or (
                     name == "KW" and fn is not tk._gemv_kernel):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
@@ -79,6 +79,9 @@ def _v(kernel, nw, ns, **kw):
                 EVEN=True, USE_SPLIT=True, E=16)
     if kernel is tk._gemm_kernel:
         base.update(JOIN=True, DOT_F32=False, SWAP=True, ORTHO_ROWS=kw.get("BM", 16) <= 16)
+    elif kernel is tk._gemv2_kernel:
+        base = dict(GS=128, HAS_BIAS=False, HAS_ORTHO=False, ALPHA_VEC=False, USE_SPLIT=True,
+                    E=16, H2=True, XBF16=False, GPT=1, XVEC=True, SBC=True, STAGES=1, OPF=False)
     else:
         base.update(XPF=True, XBF16=False)
     base.update(kw)
@@ -86,6 +89,16 @@ def _v(kernel, nw, ns, **kw):
 
 
 VARIANTS = {  # the configs tuned on the H200 (libortho/kernels/tuned_configs.json) and kin
+    # v2 decode kernel, the configs tuned on the H200 (tuned_configs.json, M = 1 and 4)
+    "v2_m1_bn64_w2": _v(tk._gemv2_kernel, 2, 1, BM=1, BN=64),
+    "v2_m1_bn128_w4": _v(tk._gemv2_kernel, 4, 1, BM=1, BN=128),
+    "v2_m1_bn64_w4_cpasync3_gpt2": _v(tk._gemv2_kernel, 4, 1, BM=1, BN=64, STAGES=3, GPT=2),
+    "v2_m1_bn64_w2_ortho": _v(tk._gemv2_kernel, 2, 1, BM=1, BN=64, HAS_ORTHO=True),
+    "v2_m1_bn64_w2_ortho_opf": _v(tk._gemv2_kernel, 2, 1, BM=1, BN=64, HAS_ORTHO=True,
+                                  OPF=True),
+    "v2_m1_fp32math": _v(tk._gemv2_kernel, 2, 1, BM=1, BN=64, H2=False),
+    "v2_m4_bn32_w2_cpasync3": _v(tk._gemv2_kernel, 2, 1, BM=4, BN=32, STAGES=3),
+    "v2_m4_bn64_w4_cpasync3": _v(tk._gemv2_kernel, 4, 1, BM=4, BN=64, STAGES=3),
     "gemv_m1_bn64_bk128": _v(tk._gemv_kernel, 2, 1, BM=1, BN=64, BK=128),
     "gemv_m1_bn64_bk64": _v(tk._gemv_kernel, 2, 1, BM=1, BN=64, BK=64),
     "gemv_m1_ortho": _v(tk._gemv_kernel, 2, 1, BM=1, BN=64, BK=128, HAS_ORTHO=True),

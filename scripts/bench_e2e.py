@@ -238,6 +238,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--json", default=None)
     ap.add_argument("--configs", default=None, help="tuned config table (JSON)")
+    ap.add_argument("--baseline-configs", default=None,
+                    help="also time the libortho model with this config table (variants "
+                    "libortho_a*_base): before/after on one card in one run")
     args = ap.parse_args()
     if args.configs:
         configs.load_table(args.configs)
@@ -248,10 +251,15 @@ def main() -> int:
         for kind in ("fp16", "libortho"):
             model = DecodeModel(kind, args.layers, b, args.max_len, args.density)
             alphas = [None] if kind == "fp16" else [0.0, 1.0]
-            for a in alphas:
+            tables = [("", None)]
+            if kind != "fp16" and args.baseline_configs:
+                tables.append(("_base", args.baseline_configs))
+            for (suffix, table), a in ((t, a) for t in tables for a in alphas):
+                if table:
+                    configs.load_table(table)
                 model.set_alpha(a if a is not None else 0.0)
                 r = time_decode(model, args.steps)
-                name = "fp16" if kind == "fp16" else f"libortho_a{a:g}"
+                name = "fp16" if kind == "fp16" else f"libortho_a{a:g}{suffix}"
                 r.update(variant=name, batch=b, layers=args.layers, layer_class=model.layer_class,
                          weight_gb=model.weight_bytes() / 1e9)
                 r["weight_gbps"] = r["weight_gb"] / (r["step_ms"] * 1e-3)
@@ -260,6 +268,8 @@ def main() -> int:
                       f"{r['tokens_per_s']:8.1f} tok/s  (eager {r['eager_step_ms']:.2f} ms; "
                       f"weights {r['weight_gb']:.2f} GB -> {r['weight_gbps']:.0f} GB/s)",
                       flush=True)
+            if len(tables) > 1:  # back to the table under test
+                configs.load_table(args.configs or configs.TABLE_PATH)
             del model
             torch.cuda.empty_cache()
     print("\n| batch | variant | step ms | tokens/s | vs FP16 |\n|---|---|---|---|---|")

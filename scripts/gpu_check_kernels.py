@@ -6,7 +6,9 @@ Frobenius error ‖y − ref‖/‖ref‖ within fp16/bf16 bounds, and every cas
 results must be bitwise equal (split-K reduces in a fixed order, so a difference means a
 race). Covers decode/prefill kernels, odd K/N, group 32/64/128, symmetric/asymmetric, bias,
 empty ortho, heavy rows, scalar/per-row/0-d alpha, fp16/bf16 activations, bf16 ortho values,
-2/3/8-bit codes, default and forced split-K configs.
+2/3/8-bit codes, default and forced split-K configs, and the v2 decode kernel (forced
+configs: register / cp.async pipelines, BM 1/2/4, rows past N and M, 3-bit, g 32/64,
+|x| ~ 3000 for the fp16 half2 chains, fp32-math variant, fallback for asymmetric zeros).
 
     python scripts/gpu_check_kernels.py [--json FILE] [--seed S]
 """
@@ -70,6 +72,39 @@ def cases():
                torch.bfloat16, "rows", dict(gemm, SPLIT=sp))
     yield ("forced gemm slot-order", dict(k=4096, n=1000, density=0.01), 16, torch.float16,
            "one", dict(gemm, JOIN=False, SWAP=False, SPLIT=2))
+    # v2 decode kernel (fp16x2 dequantisation, inline-PTX loads, register or cp.async
+    # pipelines), forced configs; "xscale" multiplies x (fp16 range of the half2 chains).
+    v2 = dict(kernel="gemv2", BM=1, BN=64, GPT=1, num_warps=2, num_stages=1, E=0, STAGES=1)
+    sym = dict(group_size=128, symmetric=True, density=0.01)
+    yield ("v2 8192x8192 m1 regs split4", dict(k=8192, n=8192, **sym), 1, torch.float16, "one",
+           dict(v2, SPLIT=4))
+    yield ("v2 4096x4096 m1 cp.async a0", dict(k=4096, n=4096, **sym), 1, torch.float16,
+           "zero", dict(v2, BN=128, num_warps=4, STAGES=4, SPLIT=8))
+    yield ("v2 14336x4096 m1 cp.async GPT2", dict(k=4096, n=14336, **sym), 1, torch.float16,
+           "one", dict(v2, num_warps=4, STAGES=3, GPT=2, SPLIT=2))
+    yield ("v2 n1000 m2 rows bias split3", dict(k=4096, n=1000, bias=True, heavy_rows=2, **sym),
+           2, torch.float16, "rows", dict(v2, BM=2, SPLIT=3))
+    yield ("v2 n1000 m3 BM4 bf16", dict(k=4096, n=1000, bias=True, **sym), 3, torch.bfloat16,
+           "rows", dict(v2, BM=4, num_warps=4, STAGES=3, SPLIT=2))
+    yield ("v2 4096x4096 m4 BM4", dict(k=4096, n=4096, **sym), 4, torch.float16, "half",
+           dict(v2, BM=4, num_warps=4, SPLIT=4))
+    yield ("v2 4096x4096 m16 BM4", dict(k=4096, n=4096, **sym), 16, torch.float16, "one",
+           dict(v2, BM=4, BN=32, STAGES=3, SPLIT=2))
+    yield ("v2 3-bit g64 m1", dict(k=2048, n=768, bits=3, group_size=64, symmetric=True,
+                                   density=0.01), 1, torch.float16, "one", dict(v2, GPT=2))
+    yield ("v2 g32 m1 bias", dict(k=2048, n=768, group_size=32, symmetric=True, bias=True,
+                                  density=0.02), 1, torch.float16, "one", dict(v2, GPT=4))
+    yield ("v2 m1 |x| ~ 3000", dict(k=4096, n=4096, xscale=3000.0, **sym), 1, torch.float16,
+           "one", dict(v2, SPLIT=4))
+    yield ("v2 m1 no-H2 (fp32 math)", dict(k=4096, n=4096, **sym), 1, torch.float16, "one",
+           dict(v2, H2=False, SPLIT=4))
+    yield ("v2 m1 ortho prefetch heavy split8", dict(k=4096, n=1000, heavy_rows=3, bias=True,
+                                                     **sym), 1, torch.float16, "rows",
+           dict(v2, OPF=True, SPLIT=8, E=8))
+    yield ("v2 m1 ortho prefetch cp.async", dict(k=8192, n=8192, **sym), 1, torch.float16,
+           "one", dict(v2, OPF=True, STAGES=3, SPLIT=8))
+    yield ("v2 asym falls back to v1", dict(k=4096, n=512, group_size=128, symmetric=False,
+                                            density=0.01), 1, torch.float16, "one", v2)
     yield ("forced gemm tile-ortho", dict(k=4096, n=1000, density=0.02, heavy_rows=2), 40,
            torch.bfloat16, "rows", dict(gemm, BM=64, SWAP=False, ORTHO="tile", E=64, SPLIT=3))
 
@@ -78,16 +113,22 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--part", default="0/1", help="i/P: run every P-th case from the i-th "
+                    "(P processes in parallel compile P times faster)")
     args = ap.parse_args()
-    seed = args.seed if args.seed is not None else int(time.time())
+    part, parts = (int(v) for v in args.part.split("/"))
+    seed = args.seed if args.seed is not None else int(time.time()) + 1000 * part
     gen = torch.Generator(device="cuda").manual_seed(seed)
     print(f"seed {seed}, device {torch.cuda.get_device_name(0)}", flush=True)
     results, failures = [], 0
-    for name, kw, m, dt, akind, cfg in cases():
+    for idx, (name, kw, m, dt, akind, cfg) in enumerate(cases()):
+        if idx % parts != part:
+            continue
         kw = dict(kw)
         k, n = kw.pop("k"), kw.pop("n")
+        xscale = kw.pop("xscale", 1.0)
         layer = random_layer(k, n, device="cuda", generator=gen, **kw)
-        x = torch.randn(m, k, device="cuda", generator=gen).to(dt)
+        x = (torch.randn(m, k, device="cuda", generator=gen) * xscale).to(dt)
         alpha = {"one": 1.0, "half": 0.5, "zero": 0.0,
                  "rows": torch.rand(m, device="cuda", generator=gen),
                  "zero0d": torch.tensor(0.0, device="cuda")}[akind]

@@ -148,3 +148,55 @@ def test_ortholinear_integration():
     assert isinstance(layer, layer_mod.OrthoLinear)
     x = torch.randn(3, 200, generator=_gen(17)).to(DEV, torch.float16)
     _check(layer, x, 1.0, GEMV2)
+
+
+# v2 decode kernel (libortho/kernels/triton_kernels._gemv2_kernel). The interpreter runs its
+# fp32 / tl.load path (inline PTX — fp16x2 dequantisation, vector x loads, scale loads — is
+# GPU only: scripts/gpu_check_kernels.py covers it), so these check the indexing: tiles of
+# GPT groups, split-K over whole tiles, rows past N and past M, BM = 1 / 2 / 4, the ortho
+# slice per split, bias, per-row alpha, bf16 x, and the fallback for layouts it rejects.
+V2 = dict(kernel="gemv2", BM=1, BN=16, GPT=1, num_warps=2, num_stages=1, E=8, SPLIT=1)
+
+
+@pytest.mark.parametrize("case", [
+    # (cfg, k, n, rows, group, bits, bias, density, heavy, alpha kind, x dtype)
+    (V2, 128, 40, 1, 32, 4, True, 0.05, 0, "one", torch.float16),
+    (dict(V2, BM=2, GPT=2, SPLIT=3), 256, 33, 3, 32, 4, False, 0.05, 1, "rows", torch.float16),
+    (dict(V2, BM=4, SPLIT=2), 256, 48, 4, 64, 4, True, 0.03, 0, "half", torch.bfloat16),
+    (dict(V2, BM=4, BN=32, STAGES=2), 128, 20, 3, 32, 3, False, 0.04, 0, "one",
+     torch.float16),
+    (dict(V2, OPF=True, SPLIT=2), 128, 40, 1, 32, 4, False, 0.1, 1, "rows", torch.float16),
+])
+def test_gemv2_matches_reference(case):
+    cfg, k, n, rows, g, bits, bias, dens, heavy, akind, dt = case
+    layer = _layer(k, n, seed=k + n + rows, group_size=g, bits=bits, symmetric=True,
+                   bias=bias, density=dens, heavy_rows=heavy)
+    gen = _gen(rows + 100)
+    x = torch.randn(rows, k, generator=gen).to(DEV, dt)
+    alpha = {"one": 1.0, "half": 0.5,
+             "rows": torch.rand(rows, generator=gen).to(DEV)}[akind]
+    _check(layer, x, alpha, cfg)
+    lay = K.get_layout(layer)
+    assert K._v2_supported(cfg, lay, layer, x.reshape(-1, k))
+
+
+def test_gemv2_falls_back_for_other_layouts():
+    """Asymmetric zeros, K not a whole number of tiles: the v1 kernels take the call."""
+    layer = _layer(96, 24, seed=21, group_size=32, symmetric=False, density=0.05)
+    x = torch.randn(2, 96, generator=_gen(22)).to(DEV, torch.float16)
+    assert not K._v2_supported(V2, K.get_layout(layer), layer, x)
+    _check(layer, x, 1.0, dict(V2, BM=2))
+    layer = _layer(96, 24, seed=23, group_size=64, density=0.05)  # 96 % 64 != 0
+    assert not K._v2_supported(V2, K.get_layout(layer), layer, x)
+    _check(layer, x, 1.0, V2)
+
+
+def test_default_config_takes_gemv2():
+    """config=None, M <= 4, a layout v2 accepts and no table entry: the v2 kernel runs."""
+    layer = _layer(256, 48, seed=24, group_size=64, density=0.03, bias=True)
+    for rows in (1, 3):
+        cfg = K.default_config(rows, 48, 256, 64)
+        assert cfg["kernel"] == "gemv2"
+        x = torch.randn(rows, 256, generator=_gen(25 + rows)).to(DEV, torch.float16)
+        assert K._v2_supported(cfg, K.get_layout(layer), layer, x)
+        _check(layer, x, 1.0)

@@ -8,17 +8,19 @@ Public API (used by ``libortho.layer.OrthoLinear`` on CUDA)::
 
 ``dual_stream_linear`` computes Y = X·W_baseᵀ + alpha·X·W_orthoᵀ + bias in one launch:
 Triton kernels for 3/4-bit (nibble containers), 2-bit and 8-bit codes with power-of-two
-group sizes; anything else falls back to a dequantize + matmul in PyTorch.
+group sizes; anything else falls back to a dequantize + matmul in PyTorch. Decode with up to
+4 token rows on symmetric nibble layers takes the v2 kernel (``_gemv2_kernel``).
 Scalar alpha == 0 takes the base-only kernel (the ortho buffers are not read).
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Optional, Union
 
 import torch
 
-from .configs import Config, select_config
+from .configs import Config, default_config, select_config
 from .layout import KernelLayout, get_layout
 from .reference import container_bits, dequantize, ortho_dense, reference_dual_stream
 
@@ -110,7 +112,10 @@ def dual_stream_linear(x: torch.Tensor, layer: Any, alpha: Alpha = 0.0, *,
     per flattened token row (0-d tensors broadcast); out: optional [rows, out_features]
     contiguous tensor of x.dtype to write into (used by tests to poison outputs);
     config: tile config override (see configs.py). Returns [..., out_features] in x.dtype.
-    Accumulation is fp32.
+    Accumulation is fp32. Exception: the v2 decode kernel (``kernel="gemv2"``, the tuned
+    default for 1–4 fp16 token rows on symmetric 4-bit layers) forms each 32-bit word's 8
+    products as fp16 pairs (4 HFMA2 on (c − z)/16, finite for |x| < 32752) before summing them
+    in fp32 (docs/kernel_notes.md).
     """
     k, n = int(layer.in_features), int(layer.out_features)
     if x.shape[-1] != k:
@@ -133,13 +138,18 @@ def dual_stream_linear(x: torch.Tensor, layer: Any, alpha: Alpha = 0.0, *,
     use_ortho = use_ortho and lay.nnz > 0
     g = int(layer.group_size)
     cfg = dict(config) if config is not None else select_config(m, n, k, g)
+    if cfg["kernel"] == "gemv2" and not _v2_supported(cfg, lay, layer, x2):
+        cfg = default_config(m, n, k, g, v2=False)  # v1 decode kernel or gemm
     join = cfg["kernel"] == "gemm" and bool(cfg.get("JOIN", True)) and lay.cbits in (4, 8)
     if join and int(cfg["BK"]) > g:  # one group per K tile on the joined path (Triton 3.6
         cfg["BK"] = g                # cannot compile per-word scales into a wgmma B operand)
     if cfg["kernel"] == "gemm" and not join:  # slot-order dots need depth BK/EPW >= 16
         cfg["BK"] = max(int(cfg["BK"]), 16 * (32 // lay.cbits))
-    _check_config(cfg, lay.cbits, g)
     bias = getattr(layer, "bias", None)
+    if cfg["kernel"] == "gemv2":
+        return _launch_v2(x2, layer, lay, cfg, y, bias, use_ortho, avec, ascalar).reshape(
+            *x.shape[:-1], n)
+    _check_config(cfg, lay.cbits, g)
     bm, bn, bk = int(cfg["BM"]), int(cfg["BN"]), int(cfg["BK"])
     m_tiles, n_tiles = triton.cdiv(m, bm), triton.cdiv(n, bn)
     split = _choose_split(cfg.get("SPLIT", 0), m_tiles * n_tiles, k, bk, x.device)
@@ -166,7 +176,8 @@ def dual_stream_linear(x: torch.Tensor, layer: Any, alpha: Alpha = 0.0, *,
     grid = (m_tiles, n_tiles, split)
     if cfg["kernel"] == "gemv":
         xpf = (lay.cbits == 4 and x2.dtype in (torch.float16, torch.bfloat16) and k % 2 == 0
-               and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0)
+               and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0
+            and layer.scales.is_contiguous())
         _tk._gemv_kernel[grid](*args, XPF=xpf, XBF16=x2.dtype == torch.bfloat16, **common)
     else:
         dot_f32 = interpret_mode() and x.dtype == torch.bfloat16  # interpreter bf16 dot bug
@@ -176,6 +187,71 @@ def dual_stream_linear(x: torch.Tensor, layer: Any, alpha: Alpha = 0.0, *,
 
 
 _ONEBITS = 0x3F800000  # bit pattern of 1.0f (see triton_kernels._codes)
+
+
+def _v2_supported(cfg: Config, lay: KernelLayout, layer: Any, x2: torch.Tensor) -> bool:
+    """Whether the v2 decode kernel handles this call: nibble containers with a constant
+    (symmetric) zero point, fp16/bf16 x with 4-byte aligned rows, at most 4 rows per program,
+    and K a whole number of the config's K tiles (no K masks in the v2 kernel)."""
+    g = int(layer.group_size)
+    k = int(layer.in_features)
+    bkw = int(cfg.get("GPT", 1)) * g // 8
+    return (lay.cbits == 4 and lay.zconst is not None and float(lay.zconst).is_integer()
+            and 0 <= lay.zconst <= 15 and g >= 32 and _pow2(g)
+            and x2.dtype in (torch.float16, torch.bfloat16) and k % 8 == 0
+            and lay.kw * 8 == k and bkw > 0 and lay.kw % bkw == 0
+            and int(cfg["BM"]) in (1, 2, 4) and _pow2(int(cfg["BN"]))
+            and _pow2(int(cfg.get("GPT", 1)))
+            and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0
+            and layer.scales.is_contiguous())
+
+
+@functools.lru_cache(maxsize=64)
+def _half2_bits(v: float) -> int:
+    """int32 holding the fp16 value v in both halves (signed, as Triton passes i32)."""
+    h = int(torch.tensor(v, dtype=torch.float16).view(torch.int16).item()) & 0xFFFF
+    w = h | (h << 16)
+    return w - (1 << 32) if w >= 1 << 31 else w
+
+
+def _launch_v2(x2, layer, lay, cfg, y, bias, use_ortho, avec, ascalar):
+    """Launch ``_gemv2_kernel`` (see ``_v2_supported`` for what it accepts)."""
+    m, k = x2.shape
+    n = int(layer.out_features)
+    g = int(layer.group_size)
+    bm, bn, gpt = int(cfg["BM"]), int(cfg["BN"]), int(cfg.get("GPT", 1))
+    bkw = gpt * g // 8
+    m_tiles, n_tiles = triton.cdiv(m, bm), triton.cdiv(n, bn)
+    split = _choose_split(cfg.get("SPLIT", 0), m_tiles * n_tiles, k, 8 * bkw, x2.device)
+    kpsw = triton.cdiv(triton.cdiv(lay.kw, split), bkw) * bkw
+    split = triton.cdiv(lay.kw, kpsw)
+    if split > 1:
+        ws = torch.empty(m_tiles * n_tiles * split * bm * bn, dtype=torch.float32,
+                         device=x2.device)
+        cnt = _counters(x2.device, m_tiles * n_tiles)
+    else:
+        ws = cnt = y
+    # automatic E capped at 16 for v2: [BM, BN, E] gathers of 32 slots per row cost +6 µs on
+    # 8192² at 1 % (H200), more than a second E-chunk iteration for long rows
+    e = int(cfg.get("E", 0)) or min(16, _auto_e(lay.nnz, n, split, bn, True))
+    z = float(lay.zconst)
+    gpu = not interpret_mode()  # inline PTX (fp16x2 math, vector/scale loads) on GPUs only
+    h2 = x2.dtype == torch.float16 and bool(cfg.get("H2", True)) and gpu
+    # 16-byte vector loads of x need 16-byte aligned rows; the inline scale load reads fp16
+    xvec = (gpu and bool(cfg.get("XVEC", True)) and x2.data_ptr() % 16 == 0
+            and (x2.stride(0) * x2.element_size()) % 16 == 0)
+    sbc = gpu and layer.scales.dtype == torch.float16 and layer.scales.is_contiguous()
+    _tk._gemv2_kernel[(m_tiles, n_tiles, split)](
+        x2, lay.qw, layer.scales, bias if bias is not None else y, layer.ortho_crow, lay.col,
+        layer.ortho_val, avec if avec is not None else y, y, ws, cnt, ascalar, _ONEBITS,
+        _half2_bits(-(64.0 + z / 16.0)), _half2_bits(-(4.0 + z / 16.0)), z, m, n, lay.kw,
+        int(layer.scales.shape[1]), x2.stride(0), y.stride(0), kpsw, split,
+        BM=bm, BN=bn, GPT=gpt, GS=g, HAS_BIAS=bias is not None, HAS_ORTHO=use_ortho,
+        ALPHA_VEC=avec is not None, E=e, USE_SPLIT=split > 1, H2=h2,
+        XBF16=x2.dtype == torch.bfloat16, XVEC=xvec, SBC=sbc, STAGES=int(cfg.get("STAGES", 1)),
+        OPF=bool(cfg.get("OPF", False)) and bm == 1, num_warps=int(cfg["num_warps"]),
+        num_stages=1)
+    return y
 _MAX_COUNTERS = 1 << 16
 _COUNTERS: dict = {}
 _SMS: dict = {}

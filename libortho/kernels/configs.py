@@ -1,7 +1,8 @@
 """Tile configurations per shape: a table kept in the repo, filled by GPU sweeps.
 
 A config is a dict with keys:
-  kernel: "gemv" | "gemm"; BM, BN, BK; num_warps, num_stages (gemv: unused, it prefetches
+  kernel: "gemv" | "gemv2" | "gemm"; BM, BN, BK (gemv2: GPT groups per K tile instead of
+  BK, STAGES = 1 for register prefetch or > 1 for Triton's cp.async pipeline, XVEC, H2); num_warps, num_stages (gemv: unused, it prefetches
   by hand); E (ortho chunk, 0 = from the layer's density: entries per row per step in
   gemv / rows mode, entries per tile per step in tile mode); SWAP, JOIN, ORTHO ("rows" |
   "tile" | "auto": per-row gathers for few token rows, one-hot tl.dot scatter otherwise;
@@ -35,8 +36,16 @@ def m_bucket(m: int) -> int:
     return b
 
 
-def default_config(m: int, n: int, k: int, group_size: int) -> Config:
-    """Heuristic config when the table has no entry (SPLIT 0 = choose from the SM count)."""
+def default_config(m: int, n: int, k: int, group_size: int, v2: bool = True) -> Config:
+    """Heuristic config when the table has no entry (SPLIT 0 = choose from the SM count).
+    v2: the v2 decode kernel for m <= 4 (the caller falls back with v2=False for layouts it
+    does not take: see libortho.kernels._v2_supported)."""
+    if v2 and m <= 4:
+        if m == 1:
+            return dict(kernel="gemv2", BM=1, BN=64, GPT=1, num_warps=2, num_stages=1,
+                        STAGES=1, E=0, SPLIT=0)
+        return dict(kernel="gemv2", BM=2 if m == 2 else 4, BN=32, GPT=1, num_warps=2,
+                    num_stages=1, STAGES=3, E=0, SPLIT=0)
     if m <= 2:
         return dict(kernel="gemv", BM=m_bucket(m), BN=64, BK=128, num_warps=2, num_stages=1,
                     E=0, SPLIT=0)
@@ -77,9 +86,24 @@ def save_table(path: str, entries: List[dict], info: Dict[str, object]) -> None:
         json.dump(dict(info, entries=entries), f, indent=1)
 
 
-def select_config(m: int, n: int, k: int, group_size: int) -> Config:
+def read_table(path: str) -> Dict[Tuple[int, int], List[Tuple[int, Config]]]:
+    """A table file as a separate lookup dict (for ``select_config(..., table=...)``),
+    leaving the active table alone (benchmarks compare two tables in one run)."""
+    with open(path) as f:
+        data = json.load(f)
+    out: Dict[Tuple[int, int], List[Tuple[int, Config]]] = {}
+    for e in data.get("entries", []):
+        out.setdefault((int(e["n"]), int(e["k"])), []).append((int(e["m"]), dict(e["config"])))
+    for rows in out.values():
+        rows.sort(key=lambda r: r[0])
+    return out
+
+
+def select_config(m: int, n: int, k: int, group_size: int,
+                  table: Optional[Dict[Tuple[int, int], List[Tuple[int, Config]]]] = None
+                  ) -> Config:
     """Config for an [m, k] x [k, n] call: table entry if present, else the heuristic."""
-    rows = TABLE.get((n, k))
+    rows = (TABLE if table is None else table).get((n, k))
     if rows:
         for tm, cfg in rows:
             if tm >= m:
