@@ -114,25 +114,44 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
 
 
 class HessianCollector:
-    """Accumulates H = 2·XᵀX / n (float32, [in, in]) of each named linear's input."""
+    """Accumulates H = 2·XᵀX / n (float32, [in, in]) of each named linear's input.
+
+    Layers fed the very same input tensors (q/k/v, gate/up) share one accumulation and get the
+    same H object back, so callers can reuse work done on it (e.g. GPTQ's Cholesky factor).
+    """
 
     def __init__(self, linears: dict[str, nn.Module]) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {name: 0 for name in linears}
+        self.inputs_seen: dict[str, list[tuple]] = {name: [] for name in linears}
+        self._last: tuple[tuple, torch.Tensor] | None = None
+        self._shared: dict[tuple, torch.Tensor] = {}
         self.handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
 
     def _hook(self, name: str):
         def hook(module, args, output):
-            X = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            x = args[0].detach()
+            key = (x.data_ptr(), tuple(x.shape), x._version)
+            if self._last is not None and self._last[0] == key:
+                XtX = self._last[1]
+            else:
+                X = x.reshape(-1, x.shape[-1]).float()
+                XtX = X.t() @ X
+                self._last = (key, XtX)
             if name not in self.sums:
-                self.sums[name] = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
-            self.sums[name].addmm_(X.t(), X)
-            self.counts[name] += X.shape[0]
+                self.sums[name] = torch.zeros_like(XtX)
+            self.sums[name] += XtX
+            self.counts[name] += x[..., 0].numel()
+            self.inputs_seen[name].append(key)
 
         return hook
 
     def hessian(self, name: str) -> torch.Tensor:
-        return 2.0 * self.sums[name] / max(self.counts[name], 1)
+        """H = 2·XᵀX / n [in, in] (float32) of the named layer's inputs."""
+        key = tuple(self.inputs_seen[name])
+        if key not in self._shared:
+            self._shared[key] = 2.0 * self.sums[name] / max(self.counts[name], 1)
+        return self._shared[key]
 
     def close(self) -> None:
         for h in self.handles:

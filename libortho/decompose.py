@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from . import calibrate
 from .layer import AlphaState, OrthoLinear, attach_alpha_state
-from .quantize import QuantizedWeight, QuantSpec, gptq, rtn
+from .quantize import QuantizedWeight, QuantSpec, gptq, hinv_upper, rtn
 from .sieve import (
     OrthoCSR,
     SieveSpec,
@@ -58,12 +58,19 @@ class OrthoConfig:
     forget_public_weight: float = 1.0  # how much a weight's benefit to public text protects it
     attribution_points: int = 2  # integrated-gradient points along W_P -> W_ft
     attribution_public_windows: int = 8  # public windows (of seq_len // 2 tokens) for the public attribution
+    forget_selection: str = "attribution"  # or "random": the same budget chosen at random (a control)
+    forget_fill: str = "public"  # base value on the forget support: P's weight, or "zero" (pruning baseline)
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not known; choose one of {METHODS}")
         if self.ortho_dtype not in ORTHO_DTYPES:
             raise ValueError(f"ortho_dtype={self.ortho_dtype!r}; choose one of {tuple(ORTHO_DTYPES)}")
+        if self.forget_selection not in ("attribution", "random"):
+            raise ValueError(f"forget_selection={self.forget_selection!r}; choose 'attribution' or 'random'")
+        if self.forget_fill not in ("public", "zero"):
+            raise ValueError(f"forget_fill={self.forget_fill!r}; choose 'public' or 'zero'")
         if not 0.0 <= self.forget_ratio <= self.ortho_ratio:
             raise ValueError(
                 f"forget_ratio={self.forget_ratio} must lie in [0, ortho_ratio={self.ortho_ratio}]: "
@@ -95,11 +102,13 @@ class DecompositionStats:
     layer_output_error: dict[str, float] = field(default_factory=dict)  # ||WX - W_base X||_F^2 / ||WX||_F^2 on calibration data
 
 
-def quantize_base(W: torch.Tensor, H: torch.Tensor | None, config: OrthoConfig) -> QuantizedWeight:
+def quantize_base(
+    W: torch.Tensor, H: torch.Tensor | None, config: OrthoConfig, Hinv_upper: torch.Tensor | None = None
+) -> QuantizedWeight:
     """Base stream of one layer: GPTQ under H, or plain round-to-nearest."""
     if config.method == "rtn" or H is None:
         return rtn(W, config.quant_spec)
-    return gptq(W, H, config.quant_spec, config.damp, config.gptq_block_size, config.act_order)
+    return gptq(W, H, config.quant_spec, config.damp, config.gptq_block_size, config.act_order, Hinv_upper)
 
 
 def relative_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
@@ -148,10 +157,14 @@ def quantize_model(
         if collector is not None:
             calibrate.run_block(block, inputs)
             collector.close()
+        factors: dict[int, torch.Tensor] = {}  # one Cholesky factor per distinct H (q/k/v share theirs)
         for name, module in targets.items():
             W = calibrate.linear_weight(module).float().cpu()
             H = collector.hessian(name).cpu() if collector is not None else None
-            base = quantize_base(W, H, config)
+            factor = None
+            if H is not None and config.method == "gptq" and not config.act_order:
+                factor = factors.setdefault(id(H), hinv_upper(H, config.damp))
+            base = quantize_base(W, H, config, factor)
             W_base = base.dequantize()
             bias = getattr(module, "bias", None)
             bias = None if bias is None else bias.detach().float().cpu()
@@ -280,12 +293,18 @@ def revert_private_updates(
                 raise ValueError(f"public_model's {b}.{name} has another shape than the fine-tuned model's")
             keys.append((b, name))
             W_P[f"{blocks_name}.{b}.{name}"] = W_public
-    windows = calibrate.calibration_windows(tokenizer, public_text, config.attribution_public_windows * (config.seq_len // 2), config.seq_len // 2)
-    public_batches = [(w, torch.ones_like(w)) for w in windows.split(4)]
-    private_batches = calibrate.text_batches(tokenizer, list(forget_texts))
-    A_private = calibrate.update_attribution(model, W_P, private_batches, config.attribution_points)
-    A_public = calibrate.update_attribution(model, W_P, public_batches, config.attribution_points)
-    scores = forget_scores(A_private, A_public, config.forget_public_weight)
+    if config.forget_selection == "random":
+        generator = torch.Generator().manual_seed(config.seed)
+        scores = {name: torch.rand(W.shape, generator=generator) for name, W in W_P.items()}
+    else:
+        windows = calibrate.calibration_windows(
+            tokenizer, public_text, config.attribution_public_windows * (config.seq_len // 2), config.seq_len // 2
+        )
+        public_batches = [(w, torch.ones_like(w)) for w in windows.split(4)]
+        private_batches = calibrate.text_batches(tokenizer, list(forget_texts))
+        A_private = calibrate.update_attribution(model, W_P, private_batches, config.attribution_points)
+        A_public = calibrate.update_attribution(model, W_P, public_batches, config.attribution_points)
+        scores = forget_scores(A_private, A_public, config.forget_public_weight)
     threshold = global_threshold(list(scores.values()), config.forget_ratio)
     modules = dict(model.named_modules())
     reverted = {}
@@ -294,7 +313,7 @@ def revert_private_updates(
         module = modules[qualified]
         W_ft = calibrate.linear_weight(module).float().clone()
         W_target = W_ft.clone()
-        W_target.view(-1)[idx] = W_P[qualified].reshape(-1)[idx]
+        W_target.view(-1)[idx] = W_P[qualified].reshape(-1)[idx] if config.forget_fill == "public" else 0.0
         calibrate.set_linear_weight(module, W_target.to(module.weight.dtype))
         reverted[(b, name)] = (W_ft, idx)
     return reverted

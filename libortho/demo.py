@@ -36,11 +36,12 @@ class DemoPlan:
     perplexity_windows: int
     exposure_candidates: int
     frontier_cap: int
+    attribution: tuple[int, int] = (2, 8)  # integrated-gradient points, public windows
 
     @staticmethod
     def of(quick: bool) -> "DemoPlan":
         if quick:
-            return DemoPlan("quick", 1024, (0.0, 1.0), 4, 64, 32)
+            return DemoPlan("quick", 512, (0.0, 1.0), 4, 32, 16, (1, 2))
         return DemoPlan("default", 8192, (0.0, 0.5, 1.0), 32, 256, 128)
 
 
@@ -59,7 +60,10 @@ def run_demo(quick: bool, out_dir: Path, progress: bool = True) -> dict:
     fp_model, _ = modelio.load_model(scenario.finetuned)
     reference, _ = modelio.load_model(scenario.reference)
     public_model, _ = modelio.load_model(scenario.public_model)
-    config = OrthoConfig(**DEMO_CONFIG, calib_tokens=plan.calib_tokens)
+    config = OrthoConfig(
+        **DEMO_CONFIG, calib_tokens=plan.calib_tokens,
+        attribution_points=plan.attribution[0], attribution_public_windows=plan.attribution[1],
+    )
     stats = decompose(
         model, tok, scenario.read_split("calibration"), config, progress=progress,
         public_model=public_model, forget_texts=[r.text or r.prefix + r.secret for r in members],

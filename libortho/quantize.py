@@ -151,13 +151,15 @@ def gptq(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    Hinv_upper: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """Hessian-aware rounding (GPTQ, Frantar et al. 2022) of W [out, in] under H [in, in].
 
     Minimises ||W X - W_base X||^2 = tr((W - W_base) H (W - W_base)^T) column by column, feeding
     each column's rounding error forward through the upper Cholesky factor of H^-1, in lazy
     blocks of `block_size` columns. Scales are computed from the original W per group (static
-    groups), so act-order needs no permutation at inference.
+    groups), so act-order needs no permutation at inference. Hinv_upper: the factor from
+    `hinv_upper(H, damp)`, to share it between layers that read the same input.
     """
     W = W.detach().float().clone()
     H = H.detach().float().clone()
@@ -173,7 +175,7 @@ def gptq(
     H = H[perm][:, perm]
     group_of_col = torch.div(perm, spec.group_size, rounding_mode="floor")
 
-    Hinv = _upper_cholesky_of_inverse(H, damp)
+    Hinv = Hinv_upper if Hinv_upper is not None and not act_order else _upper_cholesky_of_inverse(H, damp)
     codes = torch.zeros(out_features, in_features, dtype=torch.uint8)
     for b0 in range(0, in_features, block_size):
         b1 = min(b0 + block_size, in_features)
@@ -187,12 +189,20 @@ def gptq(
             q = quantize_columns(w[:, None], scales[:, g], zeros[:, g], spec.max_code)
             codes[:, b0 + j] = q[:, 0].to(torch.uint8)
             err = (w - dequantize_columns(q, scales[:, g], zeros[:, g])[:, 0]) / d
-            W1[:, j:] -= err[:, None] * Hinv1[j, j:][None, :]
+            W1[:, j:].addr_(err, Hinv1[j, j:], alpha=-1)
             Err1[:, j] = err
         W[:, b1:] -= Err1 @ Hinv[b0:b1, b1:]
 
     inverse_perm = torch.argsort(perm)
     return QuantizedWeight(codes[:, inverse_perm].contiguous(), scales, zeros, spec)
+
+
+def hinv_upper(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """The upper Cholesky factor of the dampened H^-1 that `gptq` uses (dead inputs handled)."""
+    H = H.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    return _upper_cholesky_of_inverse(H, damp)
 
 
 def _upper_cholesky_of_inverse(H: torch.Tensor, damp: float) -> torch.Tensor:

@@ -1,0 +1,102 @@
+"""Write docs/RESULTS.md from the committed report.json files (demo run + variants).
+
+    python scripts/results_md.py [--demo docs/demo/report.json] [--variants docs/variants.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def fmt(x, digits=2) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def demo_section(report: dict, source: str) -> list[str]:
+    s = report["settings"]
+    ks = sorted((k for k in report["rows"][0]["exposure_by_k"] if k != "nonmember"), key=int)
+    lines = [
+        "## The built-in demo (`libortho demo`)",
+        "",
+        f"Source: `{source}` (plots: `docs/demo/alpha_sweep.png`, `docs/demo/roc.png`). Command: `libortho demo --out runs/demo-default`,",
+        f"then `cp runs/demo-default/{{report.json,report.md,*.png}} docs/demo/`. Wall time {s.get('wall_seconds', 0):.0f} s, "
+        f"peak RSS {s.get('peak_rss_gib', 0):.1f} GiB, 2 CPU cores shared with other jobs during the run "
+        "(the scenario's two fine-tunes were cached from an earlier build, see below).",
+        "",
+        f"Scenario: SmolLM2-135M-Instruct fine-tuned (decoder linear layers only; embeddings, norms, lm_head frozen) on Python",
+        f"documentation + {s['n_members']} private records ({s['members_per_k']} per k, formats {s['secret_formats']}),",
+        f"{s['n_nonmembers']} non-members never trained; retrain reference = same fine-tune without the records.",
+        f"Decomposition: `{ {k: v for k, v in s['decomposition'].items() if k in ('bits', 'group_size', 'method', 'score', 'ortho_ratio', 'forget_ratio')} }`,",
+        f"ortho density {100 * s['ortho_density']:.2f} %, of which {100 * s['forget_density']:.2f} % is the forget-aware support; "
+        f"calibration on public text only. Exposure: exact digit-trie rank for PINs (sampled trie above the frontier cap), "
+        f"skew-normal extrapolation over {s['exposure_candidates']} candidates for the hex keys.",
+        "",
+        "| model | PPL | " + " | ".join(f"exposure k={k}" for k in ks) + " | " + " | ".join(f"extraction k={k}" for k in ks)
+        + " | AUC loss | AUC zlib | AUC Min-K | KS p vs reference |",
+        "|---" * (6 + 2 * len(ks)) + "|",
+    ]
+    for row in report["rows"]:
+        name = row["label"] if row["kind"] != "alpha" else f"libortho alpha {row['alpha']:.2f}"
+        ks_p = row["ks_vs_reference"]["pvalue"] if row.get("ks_vs_reference") else None
+        lines.append(
+            f"| {name} | {row['perplexity']:.2f} | "
+            + " | ".join(fmt(row["exposure_by_k"][k]) for k in ks) + " | "
+            + " | ".join(f"{100 * row['extraction_by_k'][k]:.0f} %" for k in ks) + " | "
+            + " | ".join(fmt(row["mia"][m]["auc"]) for m in ("loss", "zlib", "min_k"))
+            + f" | {fmt(ks_p, 3)} |"
+        )
+    lines += ["", "Goals of issue 3 on this run:", ""]
+    lines += [f"- **{'PASS' if g['passed'] else 'FAIL'}** {g['goal']}: {g['measured']}" for g in report.get("goals", [])]
+    lines.append("")
+    return lines
+
+
+def variants_section(data: dict) -> list[str]:
+    lines = [
+        "## Variants on the same scenario (`python scripts/variants.py`)",
+        "",
+        f"Audit settings (lighter than the demo): {data['audit_settings']}. Raw numbers: `docs/variants.json`.",
+        "Exposure is the mean over all member records (both formats, all k); AUC is the loss attack (zlib / Min-K% in the json).",
+        "",
+        "| construction | ortho % | forget % | alpha 0 PPL | alpha 0 exposure | alpha 0 extraction | alpha 0 AUC | alpha 0 KS p "
+        "| alpha 1 PPL | alpha 1 exposure | alpha 1 extraction |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in data.get("baselines", {}).items():
+        lines.append(
+            f"| {name} (FP) | – | – | {row['perplexity']:.2f} | {row['exposure_mean']:.2f} | {100 * row['extraction_rate']:.0f} % "
+            f"| {row['auc']['loss']:.2f} | {fmt(row['ks_p'], 3)} | | | |"
+        )
+    for name, v in data.get("variants", {}).items():
+        a0, a1 = v["rows"]
+        lines.append(
+            f"| {name} | {100 * v['ortho_density']:.2f} | {100 * v['forget_density']:.2f} | {a0['perplexity']:.2f} "
+            f"| {a0['exposure_mean']:.2f} | {100 * a0['extraction_rate']:.0f} % | {a0['auc']['loss']:.2f} | {fmt(a0['ks_p'], 3)} "
+            f"| {a1['perplexity']:.2f} | {a1['exposure_mean']:.2f} | {100 * a1['extraction_rate']:.0f} % |"
+        )
+    lines.append("")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--demo", default=str(DOCS / "demo" / "report.json"))
+    ap.add_argument("--variants", default=str(DOCS / "variants.json"))
+    ap.add_argument("--findings", default=str(DOCS / "findings.md"), help="hand-written conclusions appended verbatim")
+    args = ap.parse_args()
+    lines = ["# libortho: the privacy kill switch, measured", "",
+             "Generated by `python scripts/results_md.py` from the committed report files; every number below comes from them.", ""]
+    if Path(args.demo).exists():
+        lines += demo_section(json.loads(Path(args.demo).read_text()), args.demo)
+    if Path(args.variants).exists():
+        lines += variants_section(json.loads(Path(args.variants).read_text()))
+    if Path(args.findings).exists():
+        lines += [Path(args.findings).read_text()]
+    (DOCS / "RESULTS.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
