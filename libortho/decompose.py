@@ -24,6 +24,7 @@ from .sieve import (
     global_threshold,
     impact,
     refit_values,
+    rows_of_crow,
     select_at_or_above,
     select_layer,
 )
@@ -168,7 +169,7 @@ def quantize_model(
             W_base = base.dequantize()
             bias = getattr(module, "bias", None)
             bias = None if bias is None else bias.detach().float().cpu()
-            parts[(b, name)] = LayerParts(base, W - W_base, H, bias)
+            parts[(b, name)] = LayerParts(base, (W - W_base).contiguous(), H, bias)
             if H is not None:
                 stats.layer_output_error[f"{b}.{name}"] = relative_output_error(W, W_base, H)
             stats.n_weights += W.numel()
@@ -202,14 +203,23 @@ def sieve_model(
         chosen = {key: select_at_or_above(s, threshold) for key, s in scores.items()}
     else:
         chosen = {key: select_layer(s, spec) for key, s in scores.items()}
-    for key, idx in forced.items():
-        chosen[key] = torch.cat([chosen[key], idx.long()])
-    orthos = {key: csr_from_flat_indices(idx, parts[key].R, ortho_dtype) for key, idx in chosen.items()}
-    if config.ortho_refit:
-        orthos = {
-            key: refit_values(csr, parts[key].R, parts[key].H, spec.damp) if parts[key].H is not None else csr
-            for key, csr in orthos.items()
-        }
+    orthos = {}
+    for key, idx in chosen.items():
+        p = parts[key]
+        forced_idx = forced.get(key, torch.zeros(0, dtype=torch.long)).long()
+        if not (config.ortho_refit and p.H is not None):
+            orthos[key] = csr_from_flat_indices(torch.cat([idx, forced_idx]), p.R, ortho_dtype)
+            continue
+        # Forced entries carry their exact residual (alpha = 1 restores the fine-tuned weight there);
+        # the sieve's own entries are re-fitted to what is left.
+        R = p.R.contiguous()
+        R_left = R.clone()
+        R_left.view(-1)[forced_idx] = 0
+        free = refit_values(csr_from_flat_indices(idx, R_left, torch.float32), R_left, p.H, spec.damp)
+        values = torch.zeros_like(R)
+        values[rows_of_crow(free.crow).long(), free.col.long()] = free.val
+        values.view(-1)[forced_idx] = R.view(-1)[forced_idx]
+        orthos[key] = csr_from_flat_indices(torch.cat([idx, forced_idx]), values, ortho_dtype)
     return orthos
 
 

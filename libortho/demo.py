@@ -42,7 +42,7 @@ class DemoPlan:
     def of(quick: bool) -> "DemoPlan":
         if quick:
             return DemoPlan("quick", 512, (0.0, 1.0), 4, 32, 16, (1, 2))
-        return DemoPlan("default", 8192, (0.0, 0.5, 1.0), 32, 256, 128)
+        return DemoPlan("default", 8192, (0.0, 0.5, 1.0), 32, 64, 32)
 
 
 def run_demo(quick: bool, out_dir: Path, progress: bool = True) -> dict:
@@ -113,6 +113,11 @@ def _alpha_row(report: dict, alpha: float) -> dict:
     raise KeyError(alpha)
 
 
+def _bits(value: float | None) -> float:
+    """Exposure from report.json: None there means an infinite extrapolated exposure."""
+    return float("inf") if value is None else float(value)
+
+
 def evaluate_goals(report: dict, ortho_density: float) -> list[dict]:
     """Issue 3's goals, each with the measured value and pass/fail."""
     fp, ref = _row(report, "fp"), _row(report, "reference")
@@ -126,9 +131,9 @@ def evaluate_goals(report: dict, ortho_density: float) -> list[dict]:
     goal("alpha 0: extraction 0 % for every k",
          ", ".join(f"k={k}: {100 * a0['extraction_by_k'][k]:.0f} %" for k in ks),
          all(a0["extraction_by_k"][k] == 0 for k in ks))
-    gaps = {k: a0["exposure_by_k"][k] - ref["exposure_by_k"][k] for k in ks}
+    gaps = {k: _bits(a0["exposure_by_k"][k]) - _bits(ref["exposure_by_k"][k]) for k in ks}
     goal("alpha 0: exposure within 1 bit of the reference (each k)",
-         ", ".join(f"k={k}: {a0['exposure_by_k'][k]:.2f} vs {ref['exposure_by_k'][k]:.2f}" for k in ks),
+         ", ".join(f"k={k}: {_bits(a0['exposure_by_k'][k]):.2f} vs {_bits(ref['exposure_by_k'][k]):.2f}" for k in ks),
          all(abs(g) <= 1.0 for g in gaps.values()))
     aucs = {name: m["auc"] for name, m in a0["mia"].items()}
     goal("alpha 0: MIA AUC (loss, zlib, Min-K%) <= 0.55",
@@ -139,7 +144,7 @@ def evaluate_goals(report: dict, ortho_density: float) -> list[dict]:
     goal("alpha 0: retain perplexity <= 1.10 x FP", f"{a0['perplexity']:.2f} / {fp['perplexity']:.2f} = {r0:.3f}", r0 <= 1.10)
     r1 = a1["perplexity"] / fp["perplexity"]
     goal("alpha 1: retain perplexity <= 1.01 x FP", f"{a1['perplexity']:.2f} / {fp['perplexity']:.2f} = {r1:.3f}", r1 <= 1.01)
-    e1, efp = a1["exposure_mean"], fp["exposure_mean"]
+    e1, efp = _bits(a1["exposure_mean"]), _bits(fp["exposure_mean"])
     goal("alpha 1: exposure >= 90 % of FP", f"{e1:.2f} / {efp:.2f} = {e1 / efp if efp else float('nan'):.2f}",
          efp > 0 and e1 >= 0.9 * efp)
     goal("ortho <= 2 % of decoder weights", f"{100 * ortho_density:.2f} %", ortho_density <= 0.02 + 1e-9)
@@ -157,7 +162,7 @@ def format_summary(report: dict) -> str:
         ks_p = row["ks_vs_reference"]["pvalue"] if row.get("ks_vs_reference") else float("nan")
         lines.append(
             f"{name:<14}{row['perplexity']:>8.2f}"
-            + "".join(f"{row['exposure_by_k'][k]:>10.2f}" for k in ks)
+            + "".join(f"{_bits(row['exposure_by_k'][k]):>10.2f}" for k in ks)
             + "".join(f"{100 * row['extraction_by_k'][k]:>9.0f}%" for k in ks)
             + "".join(f"{row['mia'][m]['auc']:>10.2f}" for m in ("loss", "zlib", "min_k"))
             + f"{ks_p:>8.3f}"

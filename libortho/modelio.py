@@ -320,6 +320,11 @@ def load(
     attach_alpha_state(model, state_alpha)
     state_alpha.default = state_alpha.check(alpha)
     model.libortho_manifest = manifest
+    if device.type == "cuda":
+        from . import kernels
+
+        if kernels.available():
+            kernels.prepare(model)  # convert the ortho stream to the kernel layout once, now
     return model, tokenizer
 
 

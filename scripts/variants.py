@@ -24,14 +24,14 @@ from libortho.scenario import ScenarioConfig, build_scenario
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 BASE = dict(bits=4, group_size=64, method="gptq", score="diag", ortho_ratio=0.02, calib_tokens=8192)
 
-VARIANTS: dict[str, dict] = {
+VARIANTS: dict[str, dict] = {  # most informative first: the run is long and saves after each
     "gptq-g64 diag 2%": dict(),
     "gptq-g64 diag 2% + forget 1%": dict(forget_ratio=0.01),
     "gptq-g64 diag 2% + random revert 1% (control)": dict(forget_ratio=0.01, forget_selection="random"),
     "gptq-g64 diag 2% + forget 1%, pruned (zero) instead of P": dict(forget_ratio=0.01, forget_fill="zero"),
+    "gptq-g64 diag 5% + forget 2%": dict(ortho_ratio=0.05, forget_ratio=0.02),
     "gptq-g64 diag 2% + forget 1%, private attribution only": dict(forget_ratio=0.01, forget_public_weight=0.0),
     "gptq-g64 diag 2% + forget 0.5%": dict(forget_ratio=0.005),
-    "gptq-g64 diag 5% + forget 2%": dict(ortho_ratio=0.05, forget_ratio=0.02),
     "gptq-g64 magnitude 2%": dict(score="magnitude"),
     "gptq-g64 obs 2%": dict(score="obs"),
     "rtn-g64 diag 2% + forget 1%": dict(method="rtn", forget_ratio=0.01),
