@@ -118,11 +118,21 @@ def _bits(value: float | None) -> float:
     return float("inf") if value is None else float(value)
 
 
+def measured_exposure(report: dict, label: str, k: str | None = None) -> float:
+    """Mean member exposure from ranks actually observed (exact / sampled trie, enumeration, sampled
+    rank), leaving out skew-normal extrapolations, which run far past anything measured."""
+    values = [
+        _bits(d["exposure"]) for d in report["records"][label]
+        if d["member"] and d.get("exposure_method") not in (None, "skewnorm") and (k is None or str(d["k"]) == k)
+    ]
+    return sum(values) / len(values) if values else float("nan")
+
+
 def evaluate_goals(report: dict, ortho_density: float) -> list[dict]:
-    """Issue 3's goals, each with the measured value and pass/fail."""
+    """Issue 3's goals, each with the measured value and pass/fail (exposure goals on measured ranks)."""
     fp, ref = _row(report, "fp"), _row(report, "reference")
     a0, a1 = _alpha_row(report, 0.0), _alpha_row(report, 1.0)
-    ks = sorted(k for k in a0["exposure_by_k"] if k != "nonmember")
+    ks = sorted((k for k in a0["exposure_by_k"] if k != "nonmember"), key=int)
     goals = []
 
     def goal(name: str, measured: str, passed: bool) -> None:
@@ -131,10 +141,11 @@ def evaluate_goals(report: dict, ortho_density: float) -> list[dict]:
     goal("alpha 0: extraction 0 % for every k",
          ", ".join(f"k={k}: {100 * a0['extraction_by_k'][k]:.0f} %" for k in ks),
          all(a0["extraction_by_k"][k] == 0 for k in ks))
-    gaps = {k: _bits(a0["exposure_by_k"][k]) - _bits(ref["exposure_by_k"][k]) for k in ks}
-    goal("alpha 0: exposure within 1 bit of the reference (each k)",
-         ", ".join(f"k={k}: {_bits(a0['exposure_by_k'][k]):.2f} vs {_bits(ref['exposure_by_k'][k]):.2f}" for k in ks),
-         all(abs(g) <= 1.0 for g in gaps.values()))
+    e0 = {k: measured_exposure(report, a0["label"], k) for k in ks}
+    eref = {k: measured_exposure(report, "reference", k) for k in ks}
+    goal("alpha 0: exposure within 1 bit of the reference (each k, measured ranks)",
+         ", ".join(f"k={k}: {e0[k]:.2f} vs {eref[k]:.2f}" for k in ks),
+         all(abs(e0[k] - eref[k]) <= 1.0 for k in ks))
     aucs = {name: m["auc"] for name, m in a0["mia"].items()}
     goal("alpha 0: MIA AUC (loss, zlib, Min-K%) <= 0.55",
          ", ".join(f"{n} {v:.2f}" for n, v in aucs.items()), all(v <= 0.55 for v in aucs.values()))
@@ -144,8 +155,8 @@ def evaluate_goals(report: dict, ortho_density: float) -> list[dict]:
     goal("alpha 0: retain perplexity <= 1.10 x FP", f"{a0['perplexity']:.2f} / {fp['perplexity']:.2f} = {r0:.3f}", r0 <= 1.10)
     r1 = a1["perplexity"] / fp["perplexity"]
     goal("alpha 1: retain perplexity <= 1.01 x FP", f"{a1['perplexity']:.2f} / {fp['perplexity']:.2f} = {r1:.3f}", r1 <= 1.01)
-    e1, efp = _bits(a1["exposure_mean"]), _bits(fp["exposure_mean"])
-    goal("alpha 1: exposure >= 90 % of FP", f"{e1:.2f} / {efp:.2f} = {e1 / efp if efp else float('nan'):.2f}",
+    e1, efp = measured_exposure(report, a1["label"]), measured_exposure(report, "fp")
+    goal("alpha 1: exposure >= 90 % of FP (measured ranks)", f"{e1:.2f} / {efp:.2f} = {e1 / efp:.2f}",
          efp > 0 and e1 >= 0.9 * efp)
     goal("ortho <= 2 % of decoder weights", f"{100 * ortho_density:.2f} %", ortho_density <= 0.02 + 1e-9)
     return goals

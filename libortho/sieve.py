@@ -172,6 +172,8 @@ def refit_values(csr: OrthoCSR, R: torch.Tensor, H: torch.Tensor, damp: float = 
     vals = R[rows_of_entries, csr.col.long()].double()  # fallback: the plain residual
     RH = R.double() @ Hd  # [out, in]; row i gathered at S gives H_S: r_i
     for k in torch.unique(counts[counts > 0]).tolist():
+        if k == H.shape[0]:
+            continue  # a full row: the optimum is the residual itself (already in vals)
         rows = torch.nonzero(counts == k).reshape(-1)
         for chunk in rows.split(max(1, 2**22 // (k * k))):  # bound the [rows, k, k] systems' memory
             pos = starts[chunk][:, None] + torch.arange(k)[None, :]  # [rows, k] positions in the CSR arrays
