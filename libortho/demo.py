@@ -130,7 +130,7 @@ def measured_exposure(report: dict, label: str, k: str | None = None) -> float:
 
 def evaluate_goals(report: dict, ortho_density: float) -> list[dict]:
     """Issue 3's goals, each with the measured value and pass/fail (exposure goals on measured ranks)."""
-    fp, ref = _row(report, "fp"), _row(report, "reference")
+    fp = _row(report, "fp")
     a0, a1 = _alpha_row(report, 0.0), _alpha_row(report, 1.0)
     ks = sorted((k for k in a0["exposure_by_k"] if k != "nonmember"), key=int)
     goals = []
@@ -158,7 +158,7 @@ def evaluate_goals(report: dict, ortho_density: float) -> list[dict]:
     e1, efp = measured_exposure(report, a1["label"]), measured_exposure(report, "fp")
     goal("alpha 1: exposure >= 90 % of FP (measured ranks)", f"{e1:.2f} / {efp:.2f} = {e1 / efp:.2f}",
          efp > 0 and e1 >= 0.9 * efp)
-    goal("ortho <= 2 % of decoder weights", f"{100 * ortho_density:.2f} %", ortho_density <= 0.02 + 1e-9)
+    goal("ortho <= 2 % of decoder weights", f"{100 * ortho_density:.4f} %", ortho_density <= 0.02 * (1 + 1e-6))
     return goals
 
 

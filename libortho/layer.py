@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .quantize import QuantizedWeight, QuantSpec, dequantize, n_groups, pack, unpack
-from .sieve import OrthoCSR, rows_of_crow
+from .sieve import OrthoCSR
 
 AlphaValue = float | torch.Tensor
 _state_ids = itertools.count()

@@ -1,10 +1,16 @@
 """Shared fixtures: tiny offline tokenizer and tiny causal LMs of several architectures."""
 from __future__ import annotations
 
+import os
 import string
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton reads this when its kernels are decorated, i.e. the first time any test (or the
+    # CLI's `bench` import) imports libortho.kernels: set it before every test module.
+    os.environ["TRITON_INTERPRET"] = "1"
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Python is a programming language. "

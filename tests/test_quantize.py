@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from libortho.quantize import QuantSpec, dequantize, gptq, pack, rtn, unpack
+from libortho.quantize import QuantSpec, gptq, pack, rtn, unpack
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
