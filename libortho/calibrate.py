@@ -65,6 +65,12 @@ def target_linears(block: nn.Module, include: str | None = None) -> dict[str, nn
     }
 
 
+def replace_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    """Put `new` where the submodule named `dotted` (relative to root) is."""
+    parent_name, _, child = dotted.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
 class StopForward(Exception):
     """Raised by the input catcher once block 0's inputs are captured."""
 

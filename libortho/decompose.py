@@ -173,7 +173,7 @@ def quantize_model(
             if H is not None:
                 stats.layer_output_error[f"{b}.{name}"] = relative_output_error(W, W_base, H)
             stats.n_weights += W.numel()
-            _replace(block, name, _base_only_layer(base, bias, module))
+            calibrate.replace_submodule(block, name, _base_only_layer(base, bias, module))
         inputs.hidden = calibrate.run_block(block, inputs)  # what block b+1 sees: the base stream's output
     stats.n_layers = len(parts)
     stats.seconds = time.perf_counter() - start
@@ -235,7 +235,7 @@ def install(
     n_ortho = 0
     for (b, name), p in parts.items():
         layer = OrthoLinear.from_parts(p.base, orthos[(b, name)], p.bias).to(_module_device(blocks[b]))
-        _replace(blocks[b], name, layer)
+        calibrate.replace_submodule(blocks[b], name, layer)
         n_ortho += orthos[(b, name)].nnz
     attach_alpha_state(model, AlphaState(default=alpha))
     model.libortho_config = config
@@ -342,8 +342,3 @@ def _module_device(module: nn.Module) -> torch.device:
         return b.device
     return torch.device("cpu")
 
-
-def _replace(root: nn.Module, dotted: str, new: nn.Module) -> None:
-    parent_name, _, child = dotted.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)

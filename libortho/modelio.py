@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .calibrate import replace_submodule
 from .layer import AlphaState, OrthoLinear, attach_alpha_state, ortho_layers
 
 FORMAT_VERSION = 1
@@ -306,7 +307,7 @@ def load(
             bias=spec["bias"], ortho_nnz=nnz, ortho_dtype=getattr(torch, spec["ortho_dtype"]),
             bias_dtype=getattr(torch, spec.get("bias_dtype") or "float32"),
         )
-        _set_submodule(model, name, layer)
+        replace_submodule(model, name, layer)
     state = {**base, **ortho}
     missing, unexpected = _load_state(model, state, with_ortho)
     if unexpected or missing:
@@ -326,11 +327,6 @@ def load(
         if kernels.available():
             kernels.prepare(model)  # convert the ortho stream to the kernel layout once, now
     return model, tokenizer
-
-
-def _set_submodule(model: nn.Module, dotted: str, new: nn.Module) -> None:
-    parent_name, _, child = dotted.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], with_ortho: bool) -> tuple[set, set]:
