@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from libortho import audit as A
 from libortho import privacy as P
+from conftest import train_on
 
 CHARS = " abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:'-"
 PUBLIC_TEXT = (
@@ -40,24 +41,6 @@ def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
         pad_token_id=1, bos_token_id=None, eos_token_id=None,
     )
     return LlamaForCausalLM(config).eval()
-
-
-def train_on(model: torch.nn.Module, tokenizer, texts: list[str], steps: int = 100, lr: float = 1e-2) -> None:
-    enc = [tokenizer(t)["input_ids"] for t in texts]
-    width = max(map(len, enc))
-    ids = torch.full((len(enc), width), 1)
-    labels = torch.full((len(enc), width), -100)
-    for i, seq in enumerate(enc):
-        ids[i, : len(seq)] = torch.tensor(seq)
-        labels[i, : len(seq)] = torch.tensor(seq)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
 
 
 NAMES = ["Ann", "Bob", "Cy", "Dee", "Eve", "Fay", "Gus", "Hal"]

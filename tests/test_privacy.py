@@ -13,6 +13,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from libortho import privacy as P
+from conftest import train_on
 
 CHARS = " abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:'-"
 
@@ -52,26 +53,6 @@ def tiny_gpt2(vocab_size: int, seed: int = 0) -> GPT2LMHeadModel:
     config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128,
                         initializer_range=0.5, bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(config).eval()
-
-
-def train_on(model: torch.nn.Module, tokenizer, texts: list[str], steps: int = 150, lr: float = 1e-2) -> float:
-    """Full-batch Adam on ``texts`` until memorised; returns the final mean token loss."""
-    enc = [tokenizer(t)["input_ids"] for t in texts]
-    width = max(map(len, enc))
-    ids = torch.full((len(enc), width), 1)
-    labels = torch.full((len(enc), width), -100)
-    for i, seq in enumerate(enc):
-        ids[i, : len(seq)] = torch.tensor(seq)
-        labels[i, : len(seq)] = torch.tensor(seq)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    return loss.item()
 
 
 def full_sequence_logprob(model, tokenizer, prefix: str, candidate: str, start: int | None = None) -> float:
