@@ -175,6 +175,9 @@ def quantize_model(
             stats.n_weights += W.numel()
             calibrate.replace_submodule(block, name, _base_only_layer(base, bias, module))
         inputs.hidden = calibrate.run_block(block, inputs)  # what block b+1 sees: the base stream's output
+        for module in block.modules():
+            if isinstance(module, OrthoLinear):
+                module.clear_cache()  # a dense copy of every base would double the memory
     stats.n_layers = len(parts)
     stats.seconds = time.perf_counter() - start
     return parts, stats
@@ -195,17 +198,13 @@ def sieve_model(
     n_forced = sum(int(f.numel()) for f in forced.values())
     total = sum(p.R.numel() for p in parts.values())
     spec = replace(config.sieve_spec, ortho_ratio=max(0.0, config.ortho_ratio - n_forced / total))
-    scores = {key: impact(p.R, p.H, spec.score, spec.damp) for key, p in parts.items()}
-    for key, idx in forced.items():
-        scores[key].view(-1)[idx] = -float("inf")
-    if spec.budget == "global":
-        threshold = global_threshold(list(scores.values()), spec.ortho_ratio)
-        chosen = {key: select_at_or_above(s, threshold) for key, s in scores.items()}
-    else:
-        chosen = {key: select_layer(s, spec) for key, s in scores.items()}
+    scores = _LayerScores(parts, spec, forced)
+    threshold = global_threshold(scores, spec.ortho_ratio) if spec.budget == "global" else None
     orthos = {}
-    for key, idx in chosen.items():
-        p = parts[key]
+    for key, p in parts.items():
+        s = scores[key]
+        idx = select_at_or_above(s, threshold) if threshold is not None else select_layer(s, spec)
+        del s
         forced_idx = forced.get(key, torch.zeros(0, dtype=torch.long)).long()
         if not (config.ortho_refit and p.H is not None):
             orthos[key] = csr_from_flat_indices(torch.cat([idx, forced_idx]), p.R, ortho_dtype)
@@ -221,6 +220,24 @@ def sieve_model(
         values.view(-1)[forced_idx] = R.view(-1)[forced_idx]
         orthos[key] = csr_from_flat_indices(torch.cat([idx, forced_idx]), values, ortho_dtype)
     return orthos
+
+
+class _LayerScores:
+    """Every layer's impact scores, recomputed on each pass rather than held all at once
+    (they are as large as the model's weights); forced entries score -inf."""
+
+    def __init__(self, parts: dict[tuple[int, str], LayerParts], spec: SieveSpec, forced: dict) -> None:
+        self.parts, self.spec, self.forced = parts, spec, forced
+
+    def __getitem__(self, key: tuple[int, str]) -> torch.Tensor:
+        p = self.parts[key]
+        s = impact(p.R, p.H, self.spec.score, self.spec.damp)
+        if key in self.forced:
+            s.view(-1)[self.forced[key]] = -float("inf")
+        return s
+
+    def __iter__(self):
+        return (self[key] for key in self.parts)
 
 
 def install(

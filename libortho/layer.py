@@ -150,14 +150,17 @@ class OrthoLinear(nn.Module):
             self._dense_cache[key] = w.to(dtype)
         return self._dense_cache[key]
 
-    def _apply(self, fn, recurse=True):  # buffers moved or cast: derived caches are stale
+    def clear_cache(self) -> None:
+        """Drop the dense weights derived from the buffers (rebuilt on the next forward)."""
         self._dense_cache = {}
         self._kernel_cache = None
+
+    def _apply(self, fn, recurse=True):  # buffers moved or cast: derived caches are stale
+        self.clear_cache()
         return super()._apply(fn, recurse)
 
     def load_state_dict(self, *args, **kwargs):
-        self._dense_cache = {}
-        self._kernel_cache = None
+        self.clear_cache()
         return super().load_state_dict(*args, **kwargs)
 
     # ---- forward --------------------------------------------------------------------------

@@ -11,6 +11,7 @@ per-layer budget (same fraction of each layer), or an absolute score threshold.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
@@ -114,17 +115,46 @@ def top_fraction(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     return torch.topk(scores.reshape(-1), k, sorted=False).indices
 
 
-def global_threshold(scores: list[torch.Tensor], ratio: float) -> float:
+def global_threshold(scores: Iterable[torch.Tensor], ratio: float) -> float:
     """The score of the K-th best weight over all layers, K = round(ratio * total weights).
 
     Scores are compared across layers: the budget goes where the impact is largest.
-    Returns +inf when K = 0 (nothing selected).
+    `scores` is iterated twice (a list, or a lazy collection that recomputes each layer's
+    scores), never concatenated: an exact two-pass radix select on the float bits keeps the
+    memory at one layer's scores. Returns +inf when K = 0 (nothing selected).
     """
-    flat = torch.cat([s.reshape(-1).float() for s in scores])
-    k = int(round(ratio * flat.numel()))
+    high_counts, total = torch.zeros(1 << 16, dtype=torch.long), 0
+    for s in scores:
+        high_counts += torch.bincount(_ordered_bits(s) >> 16, minlength=1 << 16)
+        total += s.numel()
+    k = int(round(ratio * total))
     if k == 0:
         return float("inf")
-    return float(torch.kthvalue(flat, flat.numel() - k + 1).values)
+    high, k_left = _bin_of_kth_largest(high_counts, k)
+    low_counts = sum(
+        torch.bincount((keys[(keys >> 16) == high]) & 0xFFFF, minlength=1 << 16)
+        for keys in (_ordered_bits(s) for s in scores)
+    )
+    low, _ = _bin_of_kth_largest(low_counts, k_left)
+    return _float_of_ordered_bits((high << 16) | low)
+
+
+def _ordered_bits(scores: torch.Tensor) -> torch.Tensor:
+    """float32 scores -> int64 keys in [0, 2^32) with the same order (NaN-free input)."""
+    bits = scores.reshape(-1).float().contiguous().view(torch.int32).long()
+    return torch.where(bits < 0, -1 - bits, bits + 2**31)  # negatives: flip so larger magnitude sorts lower
+
+
+def _float_of_ordered_bits(key: int) -> float:
+    bits = key - 2**31 if key >= 2**31 else -1 - key
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
+
+
+def _bin_of_kth_largest(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """Bin holding the k-th largest element of a histogram, and k's rank inside that bin."""
+    above = torch.flip(torch.cumsum(torch.flip(counts, (0,)), 0), (0,))  # elements in bins >= b
+    b = int(torch.nonzero(above >= k).max())
+    return b, k - int(above[b] - counts[b])
 
 
 def select_at_or_above(scores: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -43,6 +43,25 @@ def test_global_budget_is_the_exact_global_top_k():
     assert all(select_at_or_above(s, global_threshold(layers, 0.0)).numel() == 0 for s in layers)
 
 
+def test_global_threshold_is_the_exact_kth_value_without_concatenating():
+    g = torch.Generator().manual_seed(2)
+    layers = [torch.randn(n, generator=g) * scale for n, scale in ((3000, 1e-4), (500, 3.0), (7, 1e3))]
+    layers[0][:20] = -float("inf")  # forced entries are scored -inf
+    layers[1][:50] = 0.25  # ties
+    flat = torch.cat(layers)
+    passes = []
+
+    class Lazy:  # recomputes on every pass, as the sieve's score collection does
+        def __iter__(self):
+            passes.append(1)
+            return (x.clone() for x in layers)
+
+    for ratio in (1e-3, 0.05, 0.5, 1.0):
+        k = int(round(ratio * flat.numel()))
+        assert global_threshold(Lazy(), ratio) == float(torch.kthvalue(flat, flat.numel() - k + 1).values)
+    assert len(passes) == 8  # two passes over the layers per threshold
+
+
 def test_top_fraction_budget():
     s = torch.rand(10, 10)
     assert top_fraction(s, 0.05).numel() == 5
