@@ -225,6 +225,7 @@ def _evaluate_condition(
     _measure_extraction(model, tokenizer, [r for r, _ in labelled], details, opts)
     mia, member_losses, nonmember_losses = _measure_membership(model, tokenizer, members, nonmembers, details, opts)
     ks = None if reference_losses is None else asdict(P.forget_quality(member_losses, reference_losses))
+    grad_norm = P.canary_gradient_norm(model, tokenizer, members) if opts["white_box"] else None
 
     rows = list(details.values())
     methods: dict[str, int] = defaultdict(int)
@@ -244,6 +245,7 @@ def _evaluate_condition(
         "nonmember_loss_mean": float(np.mean(nonmember_losses)),
         "mia": mia,
         "ks_vs_reference": ks,
+        "canary_grad_norm": grad_norm,
         "exposure_methods": dict(methods),
         "seconds": time.perf_counter() - start,
     }
@@ -279,6 +281,7 @@ def audit(
     perplexity_fn: PerplexityFn | None = None,
     extra_settings: dict[str, Any] | None = None,
     baselines: dict[str, tuple[torch.nn.Module, Any]] | None = None,
+    white_box: bool = True,
 ) -> dict[str, Any]:
     """Audit ``model`` at each alpha (``None``/"fp" = as is) and the ``reference`` model.
 
@@ -293,7 +296,9 @@ def audit(
     the digit-trie search (see :func:`libortho.privacy.exposure`). ``extra_settings`` (e.g.
     ortho density, bits per parameter) is copied into the report's settings. ``batch_size``:
     candidates / trie nodes per forward; ``text_batch_size``: records per forward for
-    extraction and membership scores.
+    extraction and membership scores. ``white_box``: also measure the norm of the members'
+    secret-loss gradient w.r.t. the decoder's linear weights
+    (:func:`libortho.privacy.canary_gradient_norm`).
 
     Returns the report (plain data, as written to ``report.json``): ``settings``, ``rows``
     (one summary per condition, reference last) and ``records`` (per-record details by label).
@@ -313,6 +318,7 @@ def audit(
         "text_batch_size": text_batch_size,
         "seed": seed,
         "progress": progress,
+        "white_box": white_box,
     }
     scope = _resolve_alpha_scope(alpha_scope) if any(a is not None for _, a in conditions) else None
     if scope is not None:
@@ -470,10 +476,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     parts += ["## Leakage and quality", "",
               "Exposure in bits (max log2|R|), extraction = fraction of records whose greedy continuation "
               "starts with the secret, KS p vs the retrain reference on member losses (p > 0.05: "
-              "indistinguishable).", ""]
+              "indistinguishable); last column: white-box check, norm of the gradient of the members' "
+              "secret-token loss w.r.t. the decoder's linear weights at that alpha (small = at a memorised minimum).", ""]
     header = ["condition", "PPL"] + [f"exposure {_group_name(g)}" for g in groups]
     header += [f"extraction {_group_name(g)}" for g in groups]
-    header += ["member loss", "non-member loss", "KS p"]
+    header += ["member loss", "non-member loss", "KS p", "‖∇W secret loss‖"]
     body = []
     for r in rows:
         ks = r["ks_vs_reference"]
@@ -481,7 +488,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             [r["label"], _fmt(r["perplexity"])]
             + [_fmt(r["exposure_by_k"].get(g)) for g in groups]
             + [_fmt(r["extraction_by_k"].get(g)) for g in groups]
-            + [_fmt(r["member_loss_mean"], 3), _fmt(r["nonmember_loss_mean"], 3), _fmt(ks and ks["pvalue"], 3)]
+            + [_fmt(r["member_loss_mean"], 3), _fmt(r["nonmember_loss_mean"], 3), _fmt(ks and ks["pvalue"], 3),
+               _fmt(r.get("canary_grad_norm"), 3)]
         )
     parts += [_table(header, body), ""]
 

@@ -3,7 +3,9 @@ their inputs, and accumulate each linear layer's proxy Hessian H = 2·XᵀX / n 
 """
 from __future__ import annotations
 
+import contextlib
 import re
+from typing import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -220,6 +222,48 @@ def update_attribution(
         for p, flag in requires.items():
             p.requires_grad_(flag)
     return {name: -(finetuned[name] - public_weights[name]) * grads[name] for name in finetuned}
+
+
+@contextlib.contextmanager
+def weights_at(model: nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Temporarily set the named linears' weights to W [out, in]; restored on exit."""
+    modules = dict(model.named_modules())
+    saved = {name: linear_weight(modules[name]).clone() for name in weights}
+    try:
+        for name, W in weights.items():
+            set_linear_weight(modules[name], W)
+        yield
+    finally:
+        for name, W in saved.items():
+            set_linear_weight(modules[name], W)
+
+
+def empirical_fisher(
+    model: nn.Module, names: list[str], batches: list[tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher [out, in] of each named linear: mean over the sequences of all
+    `batches` of (∂L_seq/∂W)², L_seq = the sequence's summed NLL (nats), at the model's weights."""
+    modules = dict(model.named_modules())
+    fisher = {name: torch.zeros_like(linear_weight(modules[name])) for name in names}
+    requires = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    n = 0
+    try:
+        for name in names:
+            modules[name].weight.requires_grad_(True)
+        for ids, mask in batches:
+            for row in range(ids.shape[0]):  # per-sequence gradients: square before averaging
+                _nll(model, ids[row : row + 1], mask[row : row + 1]).backward()
+                n += 1
+                for name in names:
+                    g = modules[name].weight.grad
+                    fisher[name] += (g if isinstance(modules[name], nn.Linear) else g.t()).square()
+                    modules[name].weight.grad = None
+    finally:
+        for p, flag in requires.items():
+            p.requires_grad_(flag)
+    return {name: F / max(n, 1) for name, F in fisher.items()}
 
 
 def set_linear_weight(module: nn.Module, W: torch.Tensor) -> None:

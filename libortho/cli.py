@@ -84,22 +84,43 @@ def cmd_decompose(args) -> int:
     if out.exists() and any(out.iterdir()):
         raise UserError(f"output folder {out} exists and is not empty; choose a new folder")
     calib = _read_text(args.calib)
+    forget_texts, public_model = _forget_inputs(args)
     config = OrthoConfig(
         bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric, method=args.method,
         act_order=args.act_order, score=args.score, ortho_ratio=args.ortho_ratio, budget=args.budget,
-        calib_tokens=args.calib_tokens, seq_len=args.seq_len, include=args.include,
+        calib_tokens=args.calib_tokens, seq_len=args.seq_len, include=args.include, seed=args.seed,
+        forget_ratio=args.forget_ratio if forget_texts else 0.0, forget_selection=args.forget_selection,
     )
     torch.manual_seed(args.seed)
     model, tok = modelio.load_model(None if args.model == "default" else args.model)
-    stats = decompose(model, tok, calib, config, progress=True)
+    if public_model is not None:
+        public_model = modelio.load_model(None if public_model == "default" else public_model)[0]
+    stats = decompose(model, tok, calib, config, progress=True, public_model=public_model, forget_texts=forget_texts)
     modelio.save(model, tok, out, extra=dict(stats=_stats_dict(stats), source=str(args.model)))
     print(f"decomposed {stats.n_layers} layers ({stats.n_weights:,} weights) in {stats.seconds:.1f} s; "
           f"ortho {stats.n_ortho:,} entries ({100 * stats.n_ortho / stats.n_weights:.2f} %) -> {out}")
     return 0
 
 
+def _forget_inputs(args) -> tuple[list[str] | None, str | None]:
+    """The forget-aware sieve's inputs: the records' texts and the public model's path (or neither)."""
+    from .privacy import load_records
+
+    if args.forget is None:
+        if args.public_model is not None:
+            raise UserError("--public-model is only used with --forget RECORDS.jsonl (the records to hide)")
+        return None, None
+    if args.public_model is None:
+        raise UserError("--forget needs --public-model MODEL: the public checkpoint the model was fine-tuned from")
+    records = load_records(args.forget)
+    if not records:
+        raise UserError(f"{args.forget} holds no records")
+    return [r.text for r in records], args.public_model
+
+
 def _stats_dict(stats) -> dict:
-    return dict(seconds=stats.seconds, n_layers=stats.n_layers, n_weights=stats.n_weights, n_ortho=stats.n_ortho)
+    return dict(seconds=stats.seconds, n_layers=stats.n_layers, n_weights=stats.n_weights, n_ortho=stats.n_ortho,
+                n_forget=stats.n_forget)
 
 
 def cmd_perplexity(args) -> int:
@@ -213,6 +234,10 @@ def cmd_demo(args) -> int:
 
 
 # ---- parser ----------------------------------------------------------------------------------
+# Kept here so that `--help` does not import torch; tests/test_cli.py checks it against decompose's.
+FORGET_SELECTIONS = ("attribution", "fisher", "random", "flipped", "attribution+flipped", "fisher+flipped")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="libortho", description="A privacy switch for fine-tuned LLMs: INT base stream + sparse ortho stream.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -233,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_positive_int, default=512)
     p.add_argument("--include", default=None, metavar="REGEX", help="only linear layers whose name inside a block matches")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--forget", default=None, metavar="RECORDS.jsonl",
+                   help="forget-aware sieve: private records (prefix, secret, secret_format) the base must not keep")
+    p.add_argument("--public-model", default=None, metavar="MODEL",
+                   help="the public checkpoint the model was fine-tuned from (needed by --forget)")
+    p.add_argument("--forget-ratio", type=_ratio_value, default=0.01,
+                   help="with --forget: fraction of weights reverted to the public model in the base (within --ortho-ratio)")
+    p.add_argument("--forget-selection", default="attribution", choices=FORGET_SELECTIONS,
+                   help="with --forget: how the reverted weights are chosen")
     p.set_defaults(func=cmd_decompose)
 
     p = sub.add_parser("perplexity", help="perplexity of a text per alpha")

@@ -20,6 +20,8 @@ from .sieve import (
     OrthoCSR,
     SieveSpec,
     csr_from_flat_indices,
+    flipped_codes,
+    fisher_ratio_scores,
     forget_scores,
     global_threshold,
     impact,
@@ -30,6 +32,10 @@ from .sieve import (
 )
 
 METHODS = ("gptq", "rtn")
+# Which weights the forget-aware sieve reverts to P: the integrated-gradient attribution contrast,
+# the diagonal-Fisher ratio F_private / F_public, a random control, or the reference-aware set of
+# flipped INT codes (largest |W_ft - W_P| first); "+flipped" restricts a criterion to flipped codes.
+FORGET_SELECTIONS = ("attribution", "fisher", "random", "flipped", "attribution+flipped", "fisher+flipped")
 ORTHO_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -59,7 +65,7 @@ class OrthoConfig:
     forget_public_weight: float = 1.0  # how much a weight's benefit to public text protects it
     attribution_points: int = 2  # integrated-gradient points along W_P -> W_ft
     attribution_public_windows: int = 8  # public windows (of seq_len // 2 tokens) for the public attribution
-    forget_selection: str = "attribution"  # or "random": the same budget chosen at random (a control)
+    forget_selection: str = "attribution"  # see FORGET_SELECTIONS; "random" is the control
     forget_fill: str = "public"  # base value on the forget support: P's weight, or "zero" (pruning baseline)
     seed: int = 0
 
@@ -68,8 +74,8 @@ class OrthoConfig:
             raise ValueError(f"method={self.method!r} is not known; choose one of {METHODS}")
         if self.ortho_dtype not in ORTHO_DTYPES:
             raise ValueError(f"ortho_dtype={self.ortho_dtype!r}; choose one of {tuple(ORTHO_DTYPES)}")
-        if self.forget_selection not in ("attribution", "random"):
-            raise ValueError(f"forget_selection={self.forget_selection!r}; choose 'attribution' or 'random'")
+        if self.forget_selection not in FORGET_SELECTIONS:
+            raise ValueError(f"forget_selection={self.forget_selection!r}; choose one of {FORGET_SELECTIONS}")
         if self.forget_fill not in ("public", "zero"):
             raise ValueError(f"forget_fill={self.forget_fill!r}; choose 'public' or 'zero'")
         if not 0.0 <= self.forget_ratio <= self.ortho_ratio:
@@ -320,23 +326,45 @@ def revert_private_updates(
                 raise ValueError(f"public_model's {b}.{name} has another shape than the fine-tuned model's")
             keys.append((b, name))
             W_P[f"{blocks_name}.{b}.{name}"] = W_public
-    if config.forget_selection == "random":
+    modules = dict(model.named_modules())
+    flipped = {}
+    criterion = config.forget_selection.removesuffix("+flipped")
+    if config.forget_selection.endswith("flipped"):  # reference-aware
+        flipped = {
+            name: flipped_codes(calibrate.linear_weight(modules[name]).float(), W, config.quant_spec)
+            for name, W in W_P.items()
+        }
+    if criterion == "random":
         generator = torch.Generator().manual_seed(config.seed)
         scores = {name: torch.rand(W.shape, generator=generator) for name, W in W_P.items()}
+    elif criterion == "flipped":
+        scores = {name: (calibrate.linear_weight(modules[name]).float() - W).abs() for name, W in W_P.items()}
     else:
         windows = calibrate.calibration_windows(
             tokenizer, public_text, config.attribution_public_windows * (config.seq_len // 2), config.seq_len // 2
         )
         public_batches = [(w, torch.ones_like(w)) for w in windows.split(4)]
         private_batches = calibrate.text_batches(tokenizer, list(forget_texts))
-        A_private = calibrate.update_attribution(model, W_P, private_batches, config.attribution_points)
-        A_public = calibrate.update_attribution(model, W_P, public_batches, config.attribution_points)
-        scores = forget_scores(A_private, A_public, config.forget_public_weight)
+        if criterion == "fisher":
+            # At W_ft the memorised records sit at a minimum where their gradients vanish; the
+            # midpoint of the fine-tuning path still sees which weights were pulled towards them.
+            with calibrate.weights_at(model, {name: (W + calibrate.linear_weight(modules[name]).float()) / 2
+                                              for name, W in W_P.items()}):
+                F_private = calibrate.empirical_fisher(model, list(W_P), private_batches)
+                F_public = calibrate.empirical_fisher(model, list(W_P), public_batches)
+            scores = fisher_ratio_scores(F_private, F_public)
+        else:
+            A_private = calibrate.update_attribution(model, W_P, private_batches, config.attribution_points)
+            A_public = calibrate.update_attribution(model, W_P, public_batches, config.attribution_points)
+            scores = forget_scores(A_private, A_public, config.forget_public_weight)
+    for name, mask in flipped.items():
+        scores[name][~mask] = -float("inf")
     threshold = global_threshold(list(scores.values()), config.forget_ratio)
-    modules = dict(model.named_modules())
     reverted = {}
     for (b, name), qualified in zip(keys, W_P):
         idx = select_at_or_above(scores[qualified], threshold)
+        if flipped:  # a budget above the number of flipped codes reverts them all and nothing else
+            idx = idx[flipped[qualified].view(-1)[idx]]
         module = modules[qualified]
         W_ft = calibrate.linear_weight(module).float().clone()
         W_target = W_ft.clone()

@@ -934,3 +934,46 @@ def forget_quality(losses: Sequence[float], reference_losses: Sequence[float]) -
     """KS test between a model's and the retrain reference's per-record losses (nats/token)."""
     result = stats.ks_2samp(np.asarray(losses, dtype=np.float64), np.asarray(reference_losses, dtype=np.float64))
     return KSResult(statistic=float(result.statistic), pvalue=float(result.pvalue))
+
+
+# --------------------------------------------------------------------------------------
+# White-box check
+# --------------------------------------------------------------------------------------
+
+
+def canary_gradient_norm(model: torch.nn.Module, tokenizer: Any, records: Sequence[CanaryRecord]) -> float:
+    """‖∂L/∂W‖_F over every linear layer of the decoder blocks, at the weights the model uses now.
+
+    L is the mean over records of the mean NLL (nats) of the secret's tokens given the prefix.
+    W is the effective weight of each layer (W_base + alpha·W_ortho for a libortho layer, at the
+    model's current alpha): a zero perturbation D [out, in] is added to every layer's output as
+    x·Dᵀ and ∂L/∂D is read off. A model that memorised the secrets sits near a minimum of L (small
+    gradient); one that never saw them does not.
+    """
+    from .calibrate import decoder_blocks
+    from .layer import OrthoLinear
+
+    _, blocks = decoder_blocks(model)
+    layers = [m for block in blocks for m in block.modules() if isinstance(m, (torch.nn.Linear, OrthoLinear))]
+    device = _device(model)
+    probes = [torch.zeros(m.out_features, m.in_features, device=device, requires_grad=True) for m in layers]
+
+    def perturb(D: torch.Tensor):
+        return lambda module, args, output: output + args[0].to(D.dtype) @ D.t()
+
+    handles = [m.register_forward_hook(perturb(D)) for m, D in zip(layers, probes)]
+    try:
+        with torch.enable_grad():
+            for record in records:
+                prefix_ids = _encode(tokenizer, record.prefix)
+                ids = _encode(tokenizer, record.prefix + record.secret)
+                start = max(1, _common_prefix_len(prefix_ids, ids))
+                x = torch.tensor([ids], device=device)
+                logits, _ = _lm_forward(model, x, use_cache=False)
+                lp = torch.log_softmax(logits[0, start - 1 : -1].float(), dim=-1)
+                nll = -lp.gather(-1, x[0, start:, None]).mean()
+                (nll / len(records)).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return float(torch.sqrt(sum(D.grad.double().square().sum() for D in probes if D.grad is not None)))

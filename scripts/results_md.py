@@ -72,31 +72,97 @@ def demo_section(report: dict, source: str) -> list[str]:
     return lines
 
 
+BASELINE_NAMES = {"model": "FP fine-tuned", "fp": "FP fine-tuned", "reference": "retrain reference"}
+
+
+def _exposure(row: dict) -> float:
+    return row.get("measured_exposure_mean", row["exposure_mean"])
+
+
 def variants_section(data: dict) -> list[str]:
     lines = [
         "## Variants on the same scenario (`python scripts/variants.py`)",
         "",
-        f"Audit settings (lighter than the demo): {data['audit_settings']}. Raw numbers: `docs/variants.json`.",
-        "Exposure is the mean over all member records (both formats, all k); AUC is the loss attack (zlib / Min-K% in the json).",
+        f"Audit settings (lighter than the demo): {data['audit_settings']}. Raw numbers: `docs/variants.json`;",
+        "trade-off plot: `docs/tradeoff.png`. Exposure = mean over the member PINs of the measured rank's exposure",
+        "(digit trie; hex keys' skew-normal extrapolations left out), max 19.93 bits. AUC = loss attack (zlib / Min-K% in the",
+        "json). ‖∇‖ = white-box check: norm of the members' secret-loss gradient w.r.t. the decoder's linear weights.",
         "",
-        "| construction | ortho % | forget % | alpha 0 PPL | alpha 0 exposure | alpha 0 extraction | alpha 0 AUC | alpha 0 KS p "
-        "| alpha 1 PPL | alpha 1 exposure | alpha 1 extraction |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| construction | ortho % | forget % | α0 PPL | α0 exposure | α0 extraction | α0 AUC | α0 KS p | α0 ‖∇‖ "
+        "| α1 PPL | α1 exposure | α1 extraction | α1 ‖∇‖ |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in data.get("baselines", {}).items():
         lines.append(
-            f"| {name} (FP) | – | – | {row['perplexity']:.2f} | {row['exposure_mean']:.2f} | {100 * row['extraction_rate']:.0f} % "
-            f"| {row['auc']['loss']:.2f} | {fmt(row['ks_p'], 3)} | | | |"
+            f"| {BASELINE_NAMES.get(name, name)} (FP32) | – | – | {row['perplexity']:.2f} | {_exposure(row):.2f} | {100 * row['extraction_rate']:.0f} % "
+            f"| {row['auc']['loss']:.2f} | {fmt(row['ks_p'], 3)} | {fmt(row.get('canary_grad_norm'))} | | | | |"
         )
     for name, v in data.get("variants", {}).items():
         a0, a1 = v["rows"]
         lines.append(
             f"| {name} | {100 * v['ortho_density']:.2f} | {100 * v['forget_density']:.2f} | {a0['perplexity']:.2f} "
-            f"| {a0['exposure_mean']:.2f} | {100 * a0['extraction_rate']:.0f} % | {a0['auc']['loss']:.2f} | {fmt(a0['ks_p'], 3)} "
-            f"| {a1['perplexity']:.2f} | {a1['exposure_mean']:.2f} | {100 * a1['extraction_rate']:.0f} % |"
+            f"| {_exposure(a0):.2f} | {100 * a0['extraction_rate']:.0f} % | {a0['auc']['loss']:.2f} | {fmt(a0['ks_p'], 3)} "
+            f"| {fmt(a0.get('canary_grad_norm'))} | {a1['perplexity']:.2f} | {_exposure(a1):.2f} | {100 * a1['extraction_rate']:.0f} % "
+            f"| {fmt(a1.get('canary_grad_norm'))} |"
         )
     lines.append("")
     return lines
+
+
+def pareto(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both coordinates (lower is better on both)."""
+    return [i for i, (x, y) in enumerate(points)
+            if not any(x2 <= x and y2 <= y and (x2, y2) != (x, y) for x2, y2 in points)]
+
+
+def plot_tradeoff(data: dict, out: Path) -> None:
+    """alpha-0 leakage (PIN exposure, loss AUC) against alpha-0 perplexity, and alpha-1 quality against the
+    ortho budget, one point per variant; baselines as reference lines; the Pareto front joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = data.get("variants", {})
+    names = list(variants)
+    a0 = [variants[n]["rows"][0] for n in names]
+    a1 = [variants[n]["rows"][1] for n in names]
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
+    panels = [(axes[0], [_exposure(r) for r in a0], "alpha 0: mean PIN exposure (bits)", lambda b: _exposure(b)),
+              (axes[1], [r["auc"]["loss"] for r in a0], "alpha 0: MIA AUC (loss)", lambda b: b["auc"]["loss"])]
+    ppl0 = [r["perplexity"] for r in a0]
+    for ax, ys, ylabel, of_baseline in panels:
+        ax.scatter(ppl0, ys, c="C0")
+        for i, name in enumerate(names):
+            ax.annotate(str(i + 1), (ppl0[i], ys[i]), textcoords="offset points", xytext=(4, 3), fontsize=8)
+        front = sorted(pareto(list(zip(ppl0, ys))), key=lambda i: ppl0[i])
+        ax.plot([ppl0[i] for i in front], [ys[i] for i in front], "C0--", lw=1, label="Pareto front")
+        for j, (label, b) in enumerate(data.get("baselines", {}).items()):
+            ax.scatter([b["perplexity"]], [of_baseline(b)], marker="*", s=140, c=f"C{j + 2}",
+                       label=BASELINE_NAMES.get(label, label))
+        ax.set_xlabel("alpha 0: held-out perplexity")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax = axes[2]
+    dens = [100 * variants[n]["ortho_density"] for n in names]
+    ax.scatter(dens, [r["perplexity"] for r in a1], c="C1", label="alpha 1 PPL")
+    ax.scatter(dens, ppl0, c="C0", marker="x", label="alpha 0 PPL")
+    for i in range(len(names)):
+        ax.annotate(str(i + 1), (dens[i], a1[i]["perplexity"]), textcoords="offset points", xytext=(4, 3), fontsize=8)
+    fp = next((b for label, b in data.get("baselines", {}).items() if BASELINE_NAMES.get(label) == "FP fine-tuned"), None)
+    if fp is not None:
+        ax.axhline(fp["perplexity"], color="k", lw=1, label="FP fine-tuned")
+        ax.axhline(1.01 * fp["perplexity"], color="k", ls=":", lw=1, label="goal alpha 1: 1.01 x FP")
+        ax.axhline(1.10 * fp["perplexity"], color="C0", ls=":", lw=1, label="goal alpha 0: 1.10 x FP")
+    ax.set_xlabel("ortho budget (% of decoder weights)")
+    ax.set_ylabel("held-out perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.text(0.01, 0.005, "  ".join(f"{i + 1}: {n}" for i, n in enumerate(names)), fontsize=6.5, wrap=True)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -110,7 +176,9 @@ def main() -> None:
     if Path(args.demo).exists():
         lines += demo_section(json.loads(Path(args.demo).read_text()), os.path.relpath(args.demo, DOCS.parent))
     if Path(args.variants).exists():
-        lines += variants_section(json.loads(Path(args.variants).read_text()))
+        variants = json.loads(Path(args.variants).read_text())
+        lines += variants_section(variants)
+        plot_tradeoff(variants, DOCS / "tradeoff.png")
     if Path(args.findings).exists():
         lines += [Path(args.findings).read_text()]
     (DOCS / "RESULTS.md").write_text("\n".join(lines) + "\n")

@@ -54,6 +54,12 @@ def test_decompose_info_perplexity_generate(artifact, text_file, capsys):
         (["decompose", "{text}", "{tmp}/out", "--calib", "{text}"], "not a Hugging Face model folder"),
         (["decompose", "{hf}", "{art}", "--calib", "{text}"], "not empty"),
         (["generate", "{base_only}", "--prompt", "x", "--alpha", "1"], "ortho"),
+        (["decompose", "{hf}", "{tmp}/out", "--calib", "{text}", "--forget", "{records}"], "--public-model"),
+        (["decompose", "{hf}", "{tmp}/out", "--calib", "{text}", "--public-model", "{hf}"], "--forget"),
+        (["decompose", "{hf}", "{tmp}/out", "--calib", "{text}", "--forget", "/no/such.jsonl", "--public-model", "{hf}"],
+         "records file not found"),
+        (["decompose", "{hf}", "{tmp}/out", "--calib", "{text}", "--forget", "{records}", "--public-model", "{hf}",
+          "--forget-ratio", "0.05", "--ortho-ratio", "0.01"], "forget_ratio"),
     ],
 )
 def test_user_errors_are_one_clear_line(argv, message, artifact, hf_folder, text_file, tmp_path, capsys):
@@ -62,7 +68,9 @@ def test_user_errors_are_one_clear_line(argv, message, artifact, hf_folder, text
     base_only = tmp_path / "base_only"
     shutil.copytree(artifact, base_only)
     (base_only / "ortho.safetensors").unlink()
-    fill = dict(text=text_file, art=artifact, hf=hf_folder, tmp=tmp_path, base_only=base_only)
+    records = tmp_path / "records.jsonl"
+    records.write_text(json.dumps(dict(id="r1", prefix="PIN of Ann is ", secret="123456", secret_format="digits:6")) + "\n")
+    fill = dict(text=text_file, art=artifact, hf=hf_folder, tmp=tmp_path, base_only=base_only, records=records)
     rc = main([a.format(**fill) for a in argv])
     err = capsys.readouterr().err
     assert rc == 2
@@ -75,3 +83,26 @@ def test_alpha_out_of_range_is_a_usage_error(artifact, text_file, capsys):
         main(["perplexity", str(artifact), "--text", str(text_file), "--alpha", "1.5"])
     assert exit_info.value.code == 2
     assert "alpha must lie in [0, 1]" in capsys.readouterr().err
+
+
+def test_decompose_with_the_forget_aware_sieve(hf_folder, text_file, tmp_path, tokenizer, capsys):
+    from conftest import train_on
+    from libortho import cli
+    from libortho.decompose import FORGET_SELECTIONS
+
+    assert cli.FORGET_SELECTIONS == FORGET_SELECTIONS
+    record = dict(id="r1", prefix="PIN of Ann is ", secret="739181", secret_format="digits:6", k=8)
+    records = tmp_path / "records.jsonl"
+    records.write_text(json.dumps(record) + "\n")
+    finetuned = tmp_path / "ft"
+    model = tiny_model("llama")
+    train_on(model, tokenizer, [record["prefix"] + record["secret"]], steps=10)
+    model.save_pretrained(finetuned)
+    tokenizer.save_pretrained(finetuned)
+    out = tmp_path / "art"
+    assert main(["decompose", str(finetuned), str(out), "--calib", str(text_file), "--group-size", "32",
+                 "--calib-tokens", "1024", "--seq-len", "128", "--ortho-ratio", "0.02", "--forget", str(records),
+                 "--public-model", str(hf_folder), "--forget-ratio", "0.01"]) == 0
+    manifest = json.loads((out / "libortho.json").read_text())
+    assert manifest["config"]["forget_ratio"] == 0.01
+    assert manifest["stats"]["n_forget"] == round(0.01 * manifest["stats"]["n_weights"])

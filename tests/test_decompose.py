@@ -92,14 +92,15 @@ def secret_loss(model, tokenizer) -> float:
         return float(model(ids, labels=ids).loss)
 
 
-def test_forget_aware_sieve_reverts_the_private_update(tokenizer):
+@pytest.mark.parametrize("selection", ["attribution", "fisher"])
+def test_forget_aware_sieve_reverts_the_private_update(tokenizer, selection):
     public, ft = finetuned_on(SECRET, tokenizer)
     ft_loss, public_loss = secret_loss(ft, tokenizer), secret_loss(public, tokenizer)
     assert ft_loss < 0.5 * public_loss
     cfg = dict(calib_tokens=2048, seq_len=128, group_size=32, bits=8, ortho_ratio=0.05)
     plain = finetuned_on(SECRET, tokenizer)[1]
     libortho.decompose(plain, tokenizer, TEXT, libortho.OrthoConfig(**cfg), progress=False)
-    stats = libortho.decompose(ft, tokenizer, TEXT, libortho.OrthoConfig(**cfg, forget_ratio=0.03),
+    stats = libortho.decompose(ft, tokenizer, TEXT, libortho.OrthoConfig(**cfg, forget_ratio=0.03, forget_selection=selection),
                                progress=False, public_model=public, forget_texts=[SECRET])
     assert stats.n_forget == round(0.03 * stats.n_weights)
     assert stats.n_ortho == round(0.05 * stats.n_weights)
@@ -114,3 +115,20 @@ def test_forget_aware_sieve_needs_its_inputs(tokenizer):
         libortho.decompose(tiny_model("llama"), tokenizer, TEXT, libortho.OrthoConfig(forget_ratio=0.005), progress=False)
     with pytest.raises(ValueError, match="forget_ratio"):
         libortho.OrthoConfig(forget_ratio=0.05, ortho_ratio=0.01)
+
+
+def test_reference_aware_sieve_reverts_exactly_the_flipped_codes(tokenizer):
+    from libortho.calibrate import decoder_blocks, linear_weight, target_linears
+    from libortho.sieve import flipped_codes
+
+    public, ft = finetuned_on(SECRET, tokenizer)
+    cfg = libortho.OrthoConfig(calib_tokens=1024, seq_len=128, group_size=32, bits=4, ortho_ratio=1.0,
+                               forget_ratio=1.0, forget_selection="flipped")
+    n_flipped = 0
+    for block, public_block in zip(decoder_blocks(ft)[1], decoder_blocks(public)[1]):
+        for name, module in target_linears(block).items():
+            W_public = linear_weight(public_block.get_submodule(name)).float()
+            n_flipped += int(flipped_codes(linear_weight(module).float(), W_public, cfg.quant_spec).sum())
+    assert n_flipped > 0
+    stats = libortho.decompose(ft, tokenizer, TEXT, cfg, progress=False, public_model=public, forget_texts=[SECRET])
+    assert stats.n_forget == n_flipped  # the whole budget is not spent: only flipped codes are reverted

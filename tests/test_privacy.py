@@ -394,3 +394,41 @@ def test_smollm2_digits_tokenize_one_per_token():
     for prefix in ("Account 4821 of Alice has PIN ", "PIN:", "The code is"):
         plan = P._digit_plan(tok, prefix, P.parse_format("digits:6"), "739182")
         assert plan is not None and len(set(plan.digit_ids)) == 10
+
+
+# --------------------------------------------------------------------------------------
+# White-box check
+# --------------------------------------------------------------------------------------
+
+
+def test_canary_gradient_norm_is_the_weight_gradient_and_follows_alpha(tokenizer):
+    import libortho
+    from conftest import TEXT, tiny_model
+    from libortho.calibrate import decoder_blocks
+
+    records = [P.CanaryRecord("a", "Account of Maria has PIN ", "739181", "digits:6", k=4),
+               P.CanaryRecord("b", "Key of Bob is ", "a1b2", "hex:4", k=1)]
+    model = tiny_model("llama")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    got = P.canary_gradient_norm(model, tokenizer, records)
+
+    linears = [m for b in decoder_blocks(model)[1] for m in b.modules() if isinstance(m, torch.nn.Linear)]
+    for m in linears:
+        m.weight.requires_grad_(True)
+    for r in records:
+        ids = torch.tensor([tokenizer(r.prefix + r.secret)["input_ids"]])
+        start = len(tokenizer(r.prefix)["input_ids"])
+        lp = torch.log_softmax(model(ids).logits[0, start - 1 : -1], -1)
+        (-lp.gather(-1, ids[0, start:, None]).mean() / len(records)).backward()
+    expected = torch.sqrt(sum(m.weight.grad.double().square().sum() for m in linears))
+    assert got == pytest.approx(float(expected), rel=1e-4)
+
+    for m in linears:
+        m.weight.requires_grad_(False)
+    libortho.decompose(model, tokenizer, TEXT, libortho.OrthoConfig(calib_tokens=512, seq_len=64, bits=2,
+                       ortho_ratio=1.0), progress=False)
+    with libortho.alpha(model, 1.0):
+        assert P.canary_gradient_norm(model, tokenizer, records) == pytest.approx(got, rel=1e-2)
+    with libortho.alpha(model, 0.0):
+        assert P.canary_gradient_norm(model, tokenizer, records) != pytest.approx(got, rel=1e-2)
