@@ -220,8 +220,10 @@ def _evaluate_condition(
     labelled = [(r, True) for r in members] + [(r, False) for r in nonmembers]
     details = {r.id: {"id": r.id, "member": m, "k": r.k, "group": _group(r, m)} for r, m in labelled}
 
-    _measure_exposure(model, tokenizer, list(members) + (list(nonmembers) if opts["exposure_nonmembers"] else []),
-                      label, details, opts)
+    exposure_records = list(members) + (list(nonmembers) if opts["exposure_nonmembers"] else [])
+    if opts["exposure_formats"] is not None:
+        exposure_records = [r for r in exposure_records if P.parse_format(r.secret_format).kind in opts["exposure_formats"]]
+    _measure_exposure(model, tokenizer, exposure_records, label, details, opts)
     _measure_extraction(model, tokenizer, [r for r, _ in labelled], details, opts)
     mia, member_losses, nonmember_losses = _measure_membership(model, tokenizer, members, nonmembers, details, opts)
     ks = None if reference_losses is None else asdict(P.forget_quality(member_losses, reference_losses))
@@ -282,6 +284,7 @@ def audit(
     extra_settings: dict[str, Any] | None = None,
     baselines: dict[str, tuple[torch.nn.Module, Any]] | None = None,
     white_box: bool = True,
+    exposure_formats: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Audit ``model`` at each alpha (``None``/"fp" = as is) and the ``reference`` model.
 
@@ -298,7 +301,8 @@ def audit(
     candidates / trie nodes per forward; ``text_batch_size``: records per forward for
     extraction and membership scores. ``white_box``: also measure the norm of the members'
     secret-loss gradient w.r.t. the decoder's linear weights
-    (:func:`libortho.privacy.canary_gradient_norm`).
+    (:func:`libortho.privacy.canary_gradient_norm`). ``exposure_formats``: measure exposure only for
+    records whose secret format is of these kinds (e.g. ``("digits",)``); None = every record.
 
     Returns the report (plain data, as written to ``report.json``): ``settings``, ``rows``
     (one summary per condition, reference last) and ``records`` (per-record details by label).
@@ -319,6 +323,7 @@ def audit(
         "seed": seed,
         "progress": progress,
         "white_box": white_box,
+        "exposure_formats": None if exposure_formats is None else tuple(exposure_formats),
     }
     scope = _resolve_alpha_scope(alpha_scope) if any(a is not None for _, a in conditions) else None
     if scope is not None:

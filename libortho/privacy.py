@@ -941,7 +941,9 @@ def forget_quality(losses: Sequence[float], reference_losses: Sequence[float]) -
 # --------------------------------------------------------------------------------------
 
 
-def canary_gradient_norm(model: torch.nn.Module, tokenizer: Any, records: Sequence[CanaryRecord]) -> float:
+def canary_gradient_norm(
+    model: torch.nn.Module, tokenizer: Any, records: Sequence[CanaryRecord], batch_size: int = 16
+) -> float:
     """‖∂L/∂W‖_F over every linear layer of the decoder blocks, at the weights the model uses now.
 
     L is the mean over records of the mean NLL (nats) of the secret's tokens given the prefix.
@@ -964,15 +966,21 @@ def canary_gradient_norm(model: torch.nn.Module, tokenizer: Any, records: Sequen
     handles = [m.register_forward_hook(perturb(D)) for m, D in zip(layers, probes)]
     try:
         with torch.enable_grad():
-            for record in records:
-                prefix_ids = _encode(tokenizer, record.prefix)
-                ids = _encode(tokenizer, record.prefix + record.secret)
-                start = max(1, _common_prefix_len(prefix_ids, ids))
-                x = torch.tensor([ids], device=device)
+            for start in range(0, len(records), batch_size):
+                chunk = records[start : start + batch_size]
+                encoded = [_encode(tokenizer, r.prefix + r.secret) for r in chunk]
+                width = max(len(ids) for ids in encoded)
+                # Right padding: causal attention keeps real tokens from seeing the pads.
+                x = torch.zeros(len(chunk), width, dtype=torch.long)
+                secret = torch.zeros(len(chunk), width - 1)  # 1 where position t predicts a secret token
+                for row, (r, ids) in enumerate(zip(chunk, encoded)):
+                    x[row, : len(ids)] = torch.tensor(ids)
+                    begin = max(1, _common_prefix_len(_encode(tokenizer, r.prefix), ids))
+                    secret[row, begin - 1 : len(ids) - 1] = 1.0 / max(len(ids) - begin, 1)
+                x, secret = x.to(device), secret.to(device)
                 logits, _ = _lm_forward(model, x, use_cache=False)
-                lp = torch.log_softmax(logits[0, start - 1 : -1].float(), dim=-1)
-                nll = -lp.gather(-1, x[0, start:, None]).mean()
-                (nll / len(records)).backward()
+                lp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, x[:, 1:, None])[..., 0]
+                (-(lp * secret).sum() / len(records)).backward()
     finally:
         for h in handles:
             h.remove()

@@ -155,6 +155,15 @@ def test_plain_model_as_is(scenario, tmp_path):
     assert (tmp_path / "roc.png").is_file() and (tmp_path / "alpha_sweep.png").is_file()
 
 
+def test_exposure_only_for_the_chosen_formats(scenario):
+    tok, _, finetuned, members, nonmembers = scenario
+    keys = [P.CanaryRecord("key", "Key of Bob is ", "a1b2", "hex:4", k=4)]
+    report = A.audit(finetuned, tok, PUBLIC_TEXT, list(members) + keys, nonmembers, white_box=False,
+                     exposure_formats=("digits",), **FAST)
+    measured = {d["id"] for d in report["records"]["model"] if "exposure" in d}
+    assert measured == {r.id for r in members} and report["rows"][0]["canary_grad_norm"] is None
+
+
 def test_numeric_alpha_on_plain_model_fails_before_running(scenario):
     tok, _, finetuned, members, nonmembers = scenario
     with pytest.raises(ValueError, match="cannot evaluate alpha=0.*alphas=None"):
