@@ -131,26 +131,30 @@ class HessianCollector:
     def __init__(self, linears: dict[str, nn.Module]) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {name: 0 for name in linears}
-        self.inputs_seen: dict[str, list[tuple]] = {name: [] for name in linears}
-        self._last: tuple[tuple, torch.Tensor] | None = None
+        self.inputs_seen: dict[str, list[int]] = {name: [] for name in linears}
+        # The last input tensor itself (kept alive, compared by identity) and its XᵀX. A key made of
+        # data_ptr/shape/version is not enough: a freed activation's memory is reused by the next
+        # one of the same shape, which would then be mistaken for it.
+        self._last: tuple[torch.Tensor, int, torch.Tensor] | None = None
+        self._n_inputs = 0
         self._shared: dict[tuple, torch.Tensor] = {}
         self.handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
 
     def _hook(self, name: str):
         def hook(module, args, output):
-            x = args[0].detach()
-            key = (x.data_ptr(), tuple(x.shape), x._version)
-            if self._last is not None and self._last[0] == key:
-                XtX = self._last[1]
+            x = args[0]
+            if self._last is not None and self._last[0] is x:
+                _, input_id, XtX = self._last
             else:
-                X = x.reshape(-1, x.shape[-1]).float()
+                X = x.detach().reshape(-1, x.shape[-1]).float()
                 XtX = X.t() @ X
-                self._last = (key, XtX)
+                input_id, self._n_inputs = self._n_inputs, self._n_inputs + 1
+                self._last = (x, input_id, XtX)
             if name not in self.sums:
                 self.sums[name] = torch.zeros_like(XtX)
             self.sums[name] += XtX
             self.counts[name] += x[..., 0].numel()
-            self.inputs_seen[name].append(key)
+            self.inputs_seen[name].append(input_id)
 
         return hook
 
@@ -164,6 +168,7 @@ class HessianCollector:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
+        self._last = None
 
 
 # ---- forget-aware statistics: what each weight's fine-tuning update did to which text --------

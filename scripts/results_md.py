@@ -79,6 +79,10 @@ def _exposure(row: dict) -> float:
     return row.get("measured_exposure_mean", row["exposure_mean"])
 
 
+def _aucs(row: dict) -> str:
+    return " / ".join(f"{row['auc'][m]:.2f}" for m in ("loss", "zlib", "min_k"))
+
+
 def variants_section(data: dict) -> list[str]:
     lines = [
         "## Variants on the same scenario (`python scripts/variants.py`)",
@@ -88,20 +92,24 @@ def variants_section(data: dict) -> list[str]:
         "(digit trie; hex keys' skew-normal extrapolations left out), max 19.93 bits. AUC = loss attack (zlib / Min-K% in the",
         "json). ‖∇‖ = white-box check: norm of the members' secret-loss gradient w.r.t. the decoder's linear weights.",
         "",
-        "| construction | ortho % | forget % | α0 PPL | α0 exposure | α0 extraction | α0 AUC | α0 KS p | α0 ‖∇‖ "
-        "| α1 PPL | α1 exposure | α1 extraction | α1 ‖∇‖ |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "KS p: member-record losses against the FP retrain reference (the goal), and against the reference put through",
+        "the same decomposition at alpha 0 (`KS p q-ref`), which takes out what INT4 does to every loss.",
+        "",
+        "| construction | ortho % | forget % | α0 PPL | α0 exposure | α0 extraction | α0 AUC loss / zlib / Min-K | α0 KS p "
+        "| α0 KS p q-ref | α0 ‖∇‖ | α1 PPL | α1 exposure | α1 extraction | α1 ‖∇‖ |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in data.get("baselines", {}).items():
         lines.append(
-            f"| {BASELINE_NAMES.get(name, name)} (FP32) | – | – | {row['perplexity']:.2f} | {_exposure(row):.2f} | {100 * row['extraction_rate']:.0f} % "
-            f"| {row['auc']['loss']:.2f} | {fmt(row['ks_p'], 3)} | {fmt(row.get('canary_grad_norm'))} | | | | |"
+            f"| {BASELINE_NAMES.get(name, name)} | – | – | {row['perplexity']:.2f} | {_exposure(row):.2f} | {100 * row['extraction_rate']:.0f} % "
+            f"| {_aucs(row)} | {fmt(row['ks_p'], 3)} | | {fmt(row.get('canary_grad_norm'))} | | | | |"
         )
     for name, v in data.get("variants", {}).items():
         a0, a1 = v["rows"]
         lines.append(
             f"| {name} | {100 * v['ortho_density']:.2f} | {100 * v['forget_density']:.2f} | {a0['perplexity']:.2f} "
-            f"| {_exposure(a0):.2f} | {100 * a0['extraction_rate']:.0f} % | {a0['auc']['loss']:.2f} | {fmt(a0['ks_p'], 3)} "
+            f"| {_exposure(a0):.2f} | {100 * a0['extraction_rate']:.0f} % | {_aucs(a0)} | {fmt(a0['ks_p'], 3)} "
+            f"| {fmt(a0.get('ks_p_vs_quantized_reference'), 3)} "
             f"| {fmt(a0.get('canary_grad_norm'))} | {a1['perplexity']:.2f} | {_exposure(a1):.2f} | {100 * a1['extraction_rate']:.0f} % "
             f"| {fmt(a1.get('canary_grad_norm'))} |"
         )
@@ -137,7 +145,16 @@ def plot_tradeoff(data: dict, out: Path) -> None:
             ax.annotate(str(i + 1), (ppl0[i], ys[i]), textcoords="offset points", xytext=(4, 3), fontsize=8)
         front = sorted(pareto(list(zip(ppl0, ys))), key=lambda i: ppl0[i])
         ax.plot([ppl0[i] for i in front], [ys[i] for i in front], "C0--", lw=1, label="Pareto front")
-        for j, (label, b) in enumerate(data.get("baselines", {}).items()):
+        baselines = data.get("baselines", {})
+        fp_b = next((b for label, b in baselines.items() if BASELINE_NAMES.get(label) == "FP fine-tuned"), None)
+        ref_b = baselines.get("reference")
+        if fp_b is not None:
+            ax.axvline(1.10 * fp_b["perplexity"], color="grey", ls=":", lw=1, label="goal: PPL <= 1.10 x FP")
+        if ref_b is not None and ax is axes[0]:
+            ax.axhspan(_exposure(ref_b) - 1, _exposure(ref_b) + 1, color="C4", alpha=0.12, label="goal: reference ± 1 bit")
+        if ax is axes[1]:
+            ax.axhline(0.55, color="grey", ls="--", lw=1, label="goal: AUC <= 0.55")
+        for j, (label, b) in enumerate(baselines.items()):
             ax.scatter([b["perplexity"]], [of_baseline(b)], marker="*", s=140, c=f"C{j + 2}",
                        label=BASELINE_NAMES.get(label, label))
         ax.set_xlabel("alpha 0: held-out perplexity")
