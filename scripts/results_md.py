@@ -23,6 +23,10 @@ def demo_section(report: dict, source: str) -> list[str]:
     lines = [
         "## The built-in demo (`libortho demo`)",
         "",
+        "**Stale:** this run predates the Hessian-collector fix described under *What the measurements say*; its",
+        "settings are the current default, but some layers' H were built from the wrong inputs. Rerun",
+        "`libortho demo --out runs/demo-default` and copy the report files to `docs/demo/` to refresh it.",
+        "",
         f"Source: `{source}` (plots: `docs/demo/alpha_sweep.png`, `docs/demo/roc.png`). Command: `libortho demo --out runs/demo-default`,",
         f"then the report files copied to `docs/demo/` (goals re-evaluated on measured ranks, see `settings.goals_note`). Wall time {s.get('wall_seconds', 0):.0f} s, "
         f"peak RSS {s.get('peak_rss_gib', 0):.1f} GiB (decomposition {s.get('decompose_seconds', 0):.0f} s of it) on 2 CPU cores. "
