@@ -206,27 +206,38 @@ def update_attribution(
     modules = dict(model.named_modules())
     finetuned = {name: linear_weight(modules[name]).clone() for name in public_weights}
     grads = {name: torch.zeros_like(w) for name, w in finetuned.items()}
-    requires = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
+    with weights_at(model, finetuned), _grads_only_for(model, [modules[name] for name in finetuned]):
         for point in range(n_points):
             t = (point + 0.5) / n_points
             for name, W_ft in finetuned.items():
                 set_linear_weight(modules[name], public_weights[name] + t * (W_ft - public_weights[name]))
-                modules[name].weight.requires_grad_(True)
             for ids, mask in batches:
                 _nll(model, ids, mask).backward()
             for name in finetuned:
-                g = modules[name].weight.grad
-                grads[name] += (g if isinstance(modules[name], nn.Linear) else g.t()) / n_points
-                modules[name].weight.grad = None
+                grads[name] += _take_grad(modules[name]) / n_points
+    return {name: -(finetuned[name] - public_weights[name]) * grads[name] for name in finetuned}
+
+
+@contextlib.contextmanager
+def _grads_only_for(model: nn.Module, linears: list[nn.Module]) -> Iterator[None]:
+    """Only the given linears' weights require grad inside; every flag is restored on exit."""
+    requires = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for m in linears:
+            m.weight.requires_grad_(True)
+        yield
     finally:
-        for name, W_ft in finetuned.items():
-            set_linear_weight(modules[name], W_ft)
         for p, flag in requires.items():
             p.requires_grad_(flag)
-    return {name: -(finetuned[name] - public_weights[name]) * grads[name] for name in finetuned}
+
+
+def _take_grad(module: nn.Module) -> torch.Tensor:
+    """The weight's accumulated gradient as [out, in], cleared for the next backward."""
+    g = module.weight.grad
+    module.weight.grad = None
+    return g if isinstance(module, nn.Linear) else g.t()
 
 
 @contextlib.contextmanager
@@ -250,24 +261,14 @@ def empirical_fisher(
     `batches` of (∂L_seq/∂W)², L_seq = the sequence's summed NLL (nats), at the model's weights."""
     modules = dict(model.named_modules())
     fisher = {name: torch.zeros_like(linear_weight(modules[name])) for name in names}
-    requires = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
     n = 0
-    try:
-        for name in names:
-            modules[name].weight.requires_grad_(True)
+    with _grads_only_for(model, [modules[name] for name in names]):
         for ids, mask in batches:
             for row in range(ids.shape[0]):  # per-sequence gradients: square before averaging
                 _nll(model, ids[row : row + 1], mask[row : row + 1]).backward()
                 n += 1
                 for name in names:
-                    g = modules[name].weight.grad
-                    fisher[name] += (g if isinstance(modules[name], nn.Linear) else g.t()).square()
-                    modules[name].weight.grad = None
-    finally:
-        for p, flag in requires.items():
-            p.requires_grad_(flag)
+                    fisher[name] += _take_grad(modules[name]).square()
     return {name: F / max(n, 1) for name, F in fisher.items()}
 
 

@@ -327,18 +327,19 @@ def revert_private_updates(
             keys.append((b, name))
             W_P[f"{blocks_name}.{b}.{name}"] = W_public
     modules = dict(model.named_modules())
+    W_ft = {name: calibrate.linear_weight(modules[name]).float().clone() for name in W_P}
     flipped = {}
     criterion = config.forget_selection.removesuffix("+flipped")
     if config.forget_selection.endswith("flipped"):  # reference-aware
         flipped = {
-            name: flipped_codes(calibrate.linear_weight(modules[name]).float(), W, config.quant_spec)
+            name: flipped_codes(W_ft[name], W, config.quant_spec)
             for name, W in W_P.items()
         }
     if criterion == "random":
         generator = torch.Generator().manual_seed(config.seed)
         scores = {name: torch.rand(W.shape, generator=generator) for name, W in W_P.items()}
     elif criterion == "flipped":
-        scores = {name: (calibrate.linear_weight(modules[name]).float() - W).abs() for name, W in W_P.items()}
+        scores = {name: (W_ft[name] - W).abs() for name, W in W_P.items()}
     else:
         windows = calibrate.calibration_windows(
             tokenizer, public_text, config.attribution_public_windows * (config.seq_len // 2), config.seq_len // 2
@@ -348,8 +349,7 @@ def revert_private_updates(
         if criterion == "fisher":
             # At W_ft the memorised records sit at a minimum where their gradients vanish; the
             # midpoint of the fine-tuning path still sees which weights were pulled towards them.
-            with calibrate.weights_at(model, {name: (W + calibrate.linear_weight(modules[name]).float()) / 2
-                                              for name, W in W_P.items()}):
+            with calibrate.weights_at(model, {name: (W + W_ft[name]) / 2 for name, W in W_P.items()}):
                 F_private = calibrate.empirical_fisher(model, list(W_P), private_batches)
                 F_public = calibrate.empirical_fisher(model, list(W_P), public_batches)
             scores = fisher_ratio_scores(F_private, F_public)
@@ -366,11 +366,10 @@ def revert_private_updates(
         if flipped:  # a budget above the number of flipped codes reverts them all and nothing else
             idx = idx[flipped[qualified].view(-1)[idx]]
         module = modules[qualified]
-        W_ft = calibrate.linear_weight(module).float().clone()
-        W_target = W_ft.clone()
+        W_target = W_ft[qualified].clone()
         W_target.view(-1)[idx] = W_P[qualified].reshape(-1)[idx] if config.forget_fill == "public" else 0.0
         calibrate.set_linear_weight(module, W_target.to(module.weight.dtype))
-        reverted[(b, name)] = (W_ft, idx)
+        reverted[(b, name)] = (W_ft[qualified], idx)
     return reverted
 
 
