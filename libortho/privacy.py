@@ -58,6 +58,7 @@ __all__ = [
     "MIAMetrics",
     "mia_metrics",
     "tpr_at_fpr",
+    "auc_confidence_interval",
     "KSResult",
     "forget_quality",
     "atomic_write_text",
@@ -915,6 +916,20 @@ def mia_metrics(
         fpr=fpr.tolist(),
         tpr=tpr.tolist(),
     )
+
+
+def auc_confidence_interval(auc: float, n_members: int, n_nonmembers: int, level: float = 0.95) -> tuple[float, float]:
+    """Hanley-McNeil (1982) normal-approximation interval for an ROC AUC, clipped to [0, 1].
+
+    Needs only the AUC and the two sample sizes, so it can be put on any reported AUC; at
+    AUC = 0.5 its variance is the Mann-Whitney null variance (n1 + n2 + 1) / (12 n1 n2).
+    """
+    if n_members < 1 or n_nonmembers < 1:
+        raise ValueError(f"an AUC interval needs at least one member and one non-member, got {n_members} and {n_nonmembers}")
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    var = (auc * (1 - auc) + (n_members - 1) * (q1 - auc**2) + (n_nonmembers - 1) * (q2 - auc**2)) / (n_members * n_nonmembers)
+    half = float(stats.norm.ppf(0.5 + level / 2)) * math.sqrt(max(var, 0.0))
+    return max(0.0, auc - half), min(1.0, auc + half)
 
 
 # --------------------------------------------------------------------------------------

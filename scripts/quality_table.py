@@ -82,8 +82,20 @@ def main() -> None:
         rows=rows,
     )
     (DOCS / "quality.json").write_text(json.dumps(out, indent=2) + "\n")
-    (DOCS / "QUALITY.md").write_text(render(out))
+    target = DOCS / "QUALITY.md"
+    target.write_text(render(out) + hand_written_notes(target))
     print(json.dumps({k: v for k, v in out.items() if k != "rows"}, indent=2))
+
+
+NOTES_MARKER = "<!-- hand-written below: scripts/quality_table.py keeps everything after this line -->"
+
+
+def hand_written_notes(path: Path) -> str:
+    """The notes and benchmark sections under NOTES_MARKER in an existing QUALITY.md, so a re-run
+    replaces the table without losing them."""
+    if not path.exists() or NOTES_MARKER not in path.read_text():
+        return "\n" + NOTES_MARKER + "\n"
+    return "\n" + NOTES_MARKER + path.read_text().split(NOTES_MARKER, 1)[1]
 
 
 def render(out: dict) -> str:

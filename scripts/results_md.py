@@ -10,11 +10,21 @@ import os
 import statistics
 from pathlib import Path
 
+from libortho.privacy import auc_confidence_interval
+from libortho.scenario import ScenarioConfig
+
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 def fmt(x, digits=2) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _scenario_time(s: dict) -> str:
+    seconds = s.get("scenario_seconds", 0)
+    if seconds < 60:
+        return "the scenario's two fine-tunes came from the cache (not in this wall time)"
+    return f"building the scenario from scratch (dequantize the GGUF, two fine-tunes) {seconds:.0f} s"
 
 
 def demo_section(report: dict, source: str) -> list[str]:
@@ -23,15 +33,10 @@ def demo_section(report: dict, source: str) -> list[str]:
     lines = [
         "## The built-in demo (`libortho demo`)",
         "",
-        "**Stale:** this run predates the Hessian-collector fix described under *What the measurements say*; its",
-        "settings are the current default, but some layers' H were built from the wrong inputs. Rerun",
-        "`libortho demo --out runs/demo-default` and copy the report files to `docs/demo/` to refresh it.",
-        "",
         f"Source: `{source}` (plots: `docs/demo/alpha_sweep.png`, `docs/demo/roc.png`). Command: `libortho demo --out runs/demo-default`,",
-        f"then the report files copied to `docs/demo/` (goals re-evaluated on measured ranks, see `settings.goals_note`). Wall time {s.get('wall_seconds', 0):.0f} s, "
-        f"peak RSS {s.get('peak_rss_gib', 0):.1f} GiB (decomposition {s.get('decompose_seconds', 0):.0f} s of it) on 2 CPU cores. "
-        "The scenario's two fine-tunes were cached from an earlier build and are not in this wall time "
-        "(measured by the scenario build under heavy load: 330 s + 235 s; estimated ≈ 5 min together on an idle machine).",
+        f"then the report files copied to `docs/demo/`. Wall time {s.get('wall_seconds', 0):.0f} s, "
+        f"peak RSS {s.get('peak_rss_gib', 0):.1f} GiB on 2 CPU cores, of which: {_scenario_time(s)}, "
+        f"decomposition {s.get('decompose_seconds', 0):.0f} s, the rest the audit of five conditions.",
         "",
         f"Scenario: SmolLM2-135M-Instruct fine-tuned (decoder linear layers only; embeddings, norms, lm_head frozen) on Python",
         f"documentation + {s['n_members']} private records ({s['members_per_k']} per k, formats {s['secret_formats']}),",
@@ -83,11 +88,16 @@ def _exposure(row: dict) -> float:
     return row.get("measured_exposure_mean", row["exposure_mean"])
 
 
-def _aucs(row: dict) -> str:
-    return " / ".join(f"{row['auc'][m]:.2f}" for m in ("loss", "zlib", "min_k"))
+def _aucs(row: dict, n_members: int, n_nonmembers: int) -> str:
+    """Loss-attack AUC with its 95 % interval, then zlib and Min-K%."""
+    lo, hi = auc_confidence_interval(row["auc"]["loss"], n_members, n_nonmembers)
+    return f"{row['auc']['loss']:.2f} [{lo:.2f}, {hi:.2f}] / " + " / ".join(f"{row['auc'][m]:.2f}" for m in ("zlib", "min_k"))
 
 
 def variants_section(data: dict) -> list[str]:
+    scenario = ScenarioConfig.from_dict(data["scenario"])
+    n_members = scenario.members_per_format() * len(scenario.formats)
+    n_nonmembers = scenario.nonmembers_per_format() * len(scenario.formats)
     lines = [
         "## Variants on the same scenario (`python scripts/variants.py`)",
         "",
@@ -98,6 +108,8 @@ def variants_section(data: dict) -> list[str]:
         "",
         "KS p: member-record losses against the FP retrain reference (the goal), and against the reference put through",
         "the same decomposition at alpha 0 (`KS p q-ref`), which takes out what INT4 does to every loss.",
+        f"Loss AUC in brackets: Hanley-McNeil 95 % interval ({n_members} members, {n_nonmembers} non-members), the noise of",
+        "one scenario seed: rows whose intervals overlap widely are not shown to differ.",
         "",
         "| construction | ortho % | forget % | α0 PPL | α0 exposure | α0 extraction | α0 AUC loss / zlib / Min-K | α0 KS p "
         "| α0 KS p q-ref | α0 ‖∇‖ | α1 PPL | α1 exposure | α1 extraction | α1 ‖∇‖ |",
@@ -106,13 +118,13 @@ def variants_section(data: dict) -> list[str]:
     for name, row in data.get("baselines", {}).items():
         lines.append(
             f"| {BASELINE_NAMES.get(name, name)} | – | – | {row['perplexity']:.2f} | {_exposure(row):.2f} | {100 * row['extraction_rate']:.0f} % "
-            f"| {_aucs(row)} | {fmt(row['ks_p'], 3)} | | {fmt(row.get('canary_grad_norm'))} | | | | |"
+            f"| {_aucs(row, n_members, n_nonmembers)} | {fmt(row['ks_p'], 3)} | | {fmt(row.get('canary_grad_norm'))} | | | | |"
         )
     for name, v in data.get("variants", {}).items():
         a0, a1 = v["rows"]
         lines.append(
             f"| {name} | {100 * v['ortho_density']:.2f} | {100 * v['forget_density']:.2f} | {a0['perplexity']:.2f} "
-            f"| {_exposure(a0):.2f} | {100 * a0['extraction_rate']:.0f} % | {_aucs(a0)} | {fmt(a0['ks_p'], 3)} "
+            f"| {_exposure(a0):.2f} | {100 * a0['extraction_rate']:.0f} % | {_aucs(a0, n_members, n_nonmembers)} | {fmt(a0['ks_p'], 3)} "
             f"| {fmt(a0.get('ks_p_vs_quantized_reference'), 3)} "
             f"| {fmt(a0.get('canary_grad_norm'))} | {a1['perplexity']:.2f} | {_exposure(a1):.2f} | {100 * a1['extraction_rate']:.0f} % "
             f"| {fmt(a1.get('canary_grad_norm'))} |"

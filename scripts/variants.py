@@ -36,10 +36,13 @@ VARIANTS: dict[str, dict] = {  # most informative first: the run is long and sav
     "gptq-g64 diag 2% + reference-aware (flipped codes, <= 2%)": dict(forget_ratio=0.02, forget_selection="flipped"),
     "gptq-g64 diag 2% + Fisher-ratio forget 1% among flipped codes": dict(forget_ratio=0.01, forget_selection="fisher+flipped"),
     "gptq-g64 diag 2% + forget 1%, pruned (zero) instead of P": dict(forget_ratio=0.01, forget_fill="zero"),
+    "gptq-g32 diag 2% + forget 1%": dict(group_size=32, forget_ratio=0.01),
+    # Past the 2 % ortho goal, to see where the forget curve goes: does reverting more reach the reference?
+    "gptq-g64 diag 5% + forget 5%": dict(ortho_ratio=0.05, forget_ratio=0.05),
+    "gptq-g64 diag 10% + forget 10%": dict(ortho_ratio=0.10, forget_ratio=0.10),
     "gptq-g64 magnitude 2%": dict(score="magnitude"),
     "gptq-g64 obs 2%": dict(score="obs"),
     "gptq-g128 diag 2% + forget 1%": dict(group_size=128, forget_ratio=0.01),
-    "gptq-g32 diag 2% + forget 1%": dict(group_size=32, forget_ratio=0.01),
     "rtn-g64 diag 2% + forget 1%": dict(method="rtn", forget_ratio=0.01),
     "gptq-int3-g64 diag 2% + forget 1%": dict(bits=3, forget_ratio=0.01),
     "gptq-g64 diag 2% + forget 0.5%": dict(forget_ratio=0.005),
@@ -66,6 +69,9 @@ def summarise(row: dict, report: dict) -> dict:
                                      if k != "nonmember"}
     out["measured_exposure_mean"] = measured_exposure(report, row["label"])
     out["member_losses"] = [d["loss"] for d in report["records"][row["label"]] if d["member"]]
+    # Per-record scores, so paired comparisons and confidence intervals can be computed later.
+    per_record = ("id", "member", "k", "exposure", "exposure_method", "loss", "zlib_ratio", "min_k", "extracted")
+    out["records"] = [{f: d.get(f) for f in per_record} for d in report["records"][row["label"]]]
     out["auc"] = {m: v["auc"] for m, v in row["mia"].items()}
     out["ks_p"] = row["ks_vs_reference"]["pvalue"] if row.get("ks_vs_reference") else None
     out["canary_grad_norm"] = row.get("canary_grad_norm")

@@ -330,6 +330,23 @@ def test_separable_scores_give_auc_one_and_identical_half():
     assert same.tpr_at_1pct_fpr == pytest.approx(0.01)  # the chance diagonal
 
 
+def test_auc_interval_matches_null_variance_and_simulated_spread():
+    from scipy import stats
+
+    n1, n2 = 48, 40
+    lo, hi = P.auc_confidence_interval(0.5, n1, n2)
+    null_sd = math.sqrt((n1 + n2 + 1) / (12 * n1 * n2))  # Mann-Whitney U / (n1 n2) under H0
+    assert (hi - lo) / 2 == pytest.approx(stats.norm.ppf(0.975) * null_sd, rel=1e-9)
+    # Binormal members shifted by 1 sd: the interval's half-width matches the AUC's spread over draws.
+    rng = np.random.default_rng(0)
+    aucs = [P.mia_metrics(rng.normal(1.0, 1.0, n1), rng.normal(0.0, 1.0, n2)).auc for _ in range(1000)]
+    lo, hi = P.auc_confidence_interval(float(np.mean(aucs)), n1, n2)
+    assert (hi - lo) / 2 == pytest.approx(stats.norm.ppf(0.975) * np.std(aucs), rel=0.15)
+    assert P.auc_confidence_interval(1.0, n1, n2) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="at least one member"):
+        P.auc_confidence_interval(0.7, 0, 3)
+
+
 def test_tpr_at_fpr_interpolates_linearly():
     fpr = np.array([0.0, 0.0, 0.02, 0.02, 1.0])
     tpr = np.array([0.0, 0.2, 0.4, 0.6, 1.0])
