@@ -27,13 +27,19 @@ def _scenario_time(s: dict) -> str:
     return f"building the scenario from scratch (dequantize the GGUF, two fine-tunes) {seconds:.0f} s"
 
 
+def _demo_command(s: dict) -> str:
+    if s.get("scenario_seconds", 0) < 60:
+        return "`libortho demo --out runs/demo-default`"
+    return "`LIBORTHO_CACHE=$(mktemp -d) libortho demo --out runs/demo-cold` (an empty cache: a first run on a fresh machine)"
+
+
 def demo_section(report: dict, source: str) -> list[str]:
     s = report["settings"]
     ks = sorted((k for k in report["rows"][0]["exposure_by_k"] if k != "nonmember"), key=int)
     lines = [
         "## The built-in demo (`libortho demo`)",
         "",
-        f"Source: `{source}` (plots: `docs/demo/alpha_sweep.png`, `docs/demo/roc.png`). Command: `libortho demo --out runs/demo-default`,",
+        f"Source: `{source}` (plots: `docs/demo/alpha_sweep.png`, `docs/demo/roc.png`). Command: {_demo_command(s)},",
         f"then the report files copied to `docs/demo/`. Wall time {s.get('wall_seconds', 0):.0f} s, "
         f"peak RSS {s.get('peak_rss_gib', 0):.1f} GiB on 2 CPU cores, of which: {_scenario_time(s)}, "
         f"decomposition {s.get('decompose_seconds', 0):.0f} s, the rest the audit of five conditions.",
