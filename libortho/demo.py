@@ -57,8 +57,6 @@ def run_demo(quick: bool, out_dir: Path, progress: bool = True) -> dict:
     members, nonmembers = scenario.load_members(), scenario.load_nonmembers()
 
     model, tok = modelio.load_model(scenario.finetuned)
-    fp_model, _ = modelio.load_model(scenario.finetuned)
-    reference, _ = modelio.load_model(scenario.reference)
     public_model, _ = modelio.load_model(scenario.public_model)
     config = OrthoConfig(
         **DEMO_CONFIG, calib_tokens=plan.calib_tokens,
@@ -70,6 +68,9 @@ def run_demo(quick: bool, out_dir: Path, progress: bool = True) -> dict:
     )
     del public_model
     modelio.save(model, tok, out_dir / "artifact", overwrite=True)
+    # Loaded only now: the decomposition is the memory peak, and it needs neither.
+    fp_model, _ = modelio.load_model(scenario.finetuned)
+    reference, _ = modelio.load_model(scenario.reference)
 
     density = stats.n_ortho / stats.n_weights
     report = audit(

@@ -59,6 +59,7 @@ __all__ = [
     "mia_metrics",
     "tpr_at_fpr",
     "auc_confidence_interval",
+    "paired_auc_difference",
     "KSResult",
     "forget_quality",
     "atomic_write_text",
@@ -930,6 +931,35 @@ def auc_confidence_interval(auc: float, n_members: int, n_nonmembers: int, level
     var = (auc * (1 - auc) + (n_members - 1) * (q1 - auc**2) + (n_nonmembers - 1) * (q2 - auc**2)) / (n_members * n_nonmembers)
     half = float(stats.norm.ppf(0.5 + level / 2)) * math.sqrt(max(var, 0.0))
     return max(0.0, auc - half), min(1.0, auc + half)
+
+
+def paired_auc_difference(
+    members_a: Sequence[float], nonmembers_a: Sequence[float],
+    members_b: Sequence[float], nonmembers_b: Sequence[float],
+    n_boot: int = 2000, level: float = 0.95, seed: int = 0,
+) -> tuple[float, float, float]:
+    """AUC(a) - AUC(b) for two models scored on the SAME records, with a stratified paired
+    bootstrap interval (members and non-members resampled separately, the same draw for both
+    models): (difference, low, high). Index i of a and b must be the same record."""
+    m_a, m_b = np.asarray(members_a, dtype=np.float64), np.asarray(members_b, dtype=np.float64)
+    n_a, n_b = np.asarray(nonmembers_a, dtype=np.float64), np.asarray(nonmembers_b, dtype=np.float64)
+    if m_a.shape != m_b.shape or n_a.shape != n_b.shape:
+        raise ValueError(f"paired AUCs need the same records for both models: members {m_a.shape} vs {m_b.shape}, "
+                         f"non-members {n_a.shape} vs {n_b.shape}")
+    if m_a.size == 0 or n_a.size == 0:
+        raise ValueError("membership inference needs at least one member and one non-member")
+
+    def auc(members: np.ndarray, nonmembers: np.ndarray) -> np.ndarray:
+        # Mann-Whitney over the last axis, ties half: [B, M] x [B, N] -> [B]
+        diff = members[..., :, None] - nonmembers[..., None, :]
+        return ((diff > 0) + 0.5 * (diff == 0)).mean(axis=(-2, -1))
+
+    rng = np.random.default_rng(seed)
+    im = rng.integers(0, m_a.size, size=(n_boot, m_a.size))
+    inn = rng.integers(0, n_a.size, size=(n_boot, n_a.size))
+    boot = auc(m_a[im], n_a[inn]) - auc(m_b[im], n_b[inn])
+    lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+    return float(auc(m_a, n_a) - auc(m_b, n_b)), float(lo), float(hi)
 
 
 # --------------------------------------------------------------------------------------

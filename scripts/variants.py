@@ -82,6 +82,9 @@ def summarise(row: dict, report: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--rerun", nargs="*", default=[],
+                    help="variants to measure again even if present ('baselines' for the baselines), e.g. to add "
+                         "per-record scores to rows stored before they were kept")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(DOCS / "variants.json"))
     args = ap.parse_args()
@@ -95,7 +98,7 @@ def main() -> None:
     results["audit_settings"] = AUDIT
 
     reference, tok = modelio.load_model(scenario.reference)
-    if "baselines" not in results:
+    if "baselines" not in results or "baselines" in args.rerun:
         fp, _ = modelio.load_model(scenario.finetuned)
         public, _ = modelio.load_model(scenario.public_model)
         rep = audit(fp, tok, heldout, members, nonmembers, alphas=None, reference=reference,
@@ -105,7 +108,7 @@ def main() -> None:
         del fp, public
 
     reference_losses = mia_scores(reference, tok, [r.text for r in members]).loss
-    if QUANTIZED_REFERENCE not in results["baselines"]:
+    if QUANTIZED_REFERENCE not in results["baselines"] or "baselines" in args.rerun:
         # The reference through the same decomposition: separates what quantization does to every
         # loss (which alone fails a KS test against the FP reference) from what is left of the records.
         torch.manual_seed(0)
@@ -119,7 +122,7 @@ def main() -> None:
         del ref_q
     quantized_reference_losses = results["baselines"][QUANTIZED_REFERENCE]["member_losses"]
     for name, overrides in VARIANTS.items():
-        if (args.only and name not in args.only) or name in results["variants"]:
+        if (args.only and name not in args.only) or (name in results["variants"] and name not in args.rerun):
             continue
         torch.manual_seed(0)
         t0 = time.perf_counter()

@@ -347,6 +347,18 @@ def test_auc_interval_matches_null_variance_and_simulated_spread():
         P.auc_confidence_interval(0.7, 0, 3)
 
 
+def test_paired_auc_difference_known_answers():
+    rng = np.random.default_rng(1)
+    members, nonmembers = rng.normal(1.0, 1.0, 40), rng.normal(0.0, 1.0, 40)
+    d, lo, hi = P.paired_auc_difference(members, nonmembers, members, nonmembers)
+    assert (d, lo, hi) == (0.0, 0.0, 0.0)  # a model against itself
+    d, lo, hi = P.paired_auc_difference(members + 5.0, nonmembers, members, nonmembers)
+    expected = 1.0 - P.mia_metrics(members, nonmembers).auc
+    assert d == pytest.approx(expected) and lo <= d <= hi and lo > 0  # separable vs overlapping
+    with pytest.raises(ValueError, match="same records"):
+        P.paired_auc_difference(members, nonmembers, members[:-1], nonmembers)
+
+
 def test_tpr_at_fpr_interpolates_linearly():
     fpr = np.array([0.0, 0.0, 0.02, 0.02, 1.0])
     tpr = np.array([0.0, 0.2, 0.4, 0.6, 1.0])
