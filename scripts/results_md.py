@@ -141,7 +141,7 @@ def variants_section(data: dict) -> list[str]:
     return lines
 
 
-CONTROLS = ("gptq-g64 diag 2% + random revert 1% (control)", "gptq-g64 diag 2%")
+CONTROLS = ("gptq-g64 diag 2% + random revert 1% (control)",)
 
 
 def _pin_exposures(row: dict) -> dict[str, float]:
@@ -150,11 +150,13 @@ def _pin_exposures(row: dict) -> dict[str, float]:
 
 
 def _loss_scores(row: dict) -> tuple[list[float], list[float]]:
-    """Loss-attack scores (higher = member) of members and non-members, in record order."""
-    return ([-r["loss"] for r in row["records"] if r["member"]], [-r["loss"] for r in row["records"] if not r["member"]])
+    """Loss-attack scores (higher = member) of members and non-members, ordered by record id so
+    that two rows pair up record by record."""
+    records = sorted(row["records"], key=lambda r: r["id"])
+    return [-r["loss"] for r in records if r["member"]], [-r["loss"] for r in records if not r["member"]]
 
 
-def paired_row(name: str, row: dict, control: str, control_row: dict) -> str:
+def paired_row(name: str, row: dict, control_row: dict) -> str:
     """alpha-0 difference to a control on the same records: mean PIN exposure (Wilcoxon
     signed-rank p over the PINs) and loss AUC (stratified paired bootstrap interval)."""
     mine, theirs = _pin_exposures(row), _pin_exposures(control_row)
@@ -162,26 +164,40 @@ def paired_row(name: str, row: dict, control: str, control_row: dict) -> str:
     delta = [mine[i] - theirs[i] for i in ids]
     p = stats.wilcoxon(delta).pvalue if any(delta) else 1.0
     d_auc, lo, hi = paired_auc_difference(*_loss_scores(row), *_loss_scores(control_row))
-    return (f"| {name} | {control} | {sum(delta) / len(delta):+.2f} (p = {p:.3f}, {len(ids)} PINs) "
+    return (f"| {name} | {sum(delta) / len(delta):+.2f} (p = {p:.3f}, {len(ids)} PINs) "
             f"| {d_auc:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
 
 
 def paired_section(data: dict) -> list[str]:
-    variants = {n: v["rows"][0] for n, v in data.get("variants", {}).items() if "records" in v["rows"][0]}
-    rows = [paired_row(n, r, c, variants[c]) for c in CONTROLS if c in variants for n, r in variants.items() if n != c]
-    if not rows:
+    control = CONTROLS[0]
+    variants, seen, same_as = {}, {}, []
+    for n, v in data.get("variants", {}).items():
+        row = v["rows"][0]
+        if "records" not in row:
+            continue
+        # Variants that change only the ortho stream (score, budget) share one alpha-0 model: list it once.
+        key = tuple(r["loss"] for r in row["records"])
+        if key in seen:
+            same_as.append(f"`{n}` = `{seen[key]}`")
+            continue
+        seen[key] = n
+        variants[n] = row
+    if control not in variants:
         return []
+    rows = [paired_row(n, r, variants[control]) for n, r in variants.items() if n != control]
     return [
         "### Paired comparisons at alpha 0 (same records, same scenario)",
         "",
-        "Each variant against a control, record by record: the difference of mean PIN exposure with the Wilcoxon",
+        "Each variant against the random-revert control, record by record: the difference of mean PIN exposure with the Wilcoxon",
         "signed-rank p over the member PINs, and the difference of loss-attack AUC with a stratified paired bootstrap",
         "95 % interval (2000 draws). Negative = leaks less than the control. Pairing removes the records' own",
         "variation, so these resolve smaller differences than the intervals in the table above.",
         "",
-        "| variant | control | Δ PIN exposure, bits | Δ loss AUC [95 %] |",
-        "|---|---|---|---|",
+        f"| variant − `{control}` | Δ PIN exposure, bits | Δ loss AUC [95 %] |",
+        "|---|---|---|",
         *rows,
+        "",
+        "Same alpha-0 model (identical per-record losses), not repeated: " + "; ".join(same_as) + "." if same_as else "",
         "",
     ]
 
@@ -201,7 +217,11 @@ def plot_tradeoff(data: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     variants = data.get("variants", {})
-    names = list(variants)
+    fp_ppl = next((b["perplexity"] for label, b in data.get("baselines", {}).items()
+                   if BASELINE_NAMES.get(label) == "FP fine-tuned"), None)
+    # A destroyed model (e.g. pruning the selected weights) would squash every other point into a corner.
+    off_scale = [n for n in variants if fp_ppl and variants[n]["rows"][0]["perplexity"] > 3 * fp_ppl]
+    names = [n for n in variants if n not in off_scale]
     a0 = [variants[n]["rows"][0] for n in names]
     a1 = [variants[n]["rows"][1] for n in names]
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
@@ -245,7 +265,11 @@ def plot_tradeoff(data: dict, out: Path) -> None:
     ax.set_ylabel("held-out perplexity")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.text(0.01, 0.005, "  ".join(f"{i + 1}: {n}" for i, n in enumerate(names)), fontsize=6.5, wrap=True)
+    legend = "  ".join(f"{i + 1}: {n}" for i, n in enumerate(names))
+    if off_scale:
+        legend += "   Not drawn (alpha-0 PPL > 3 x FP): " + ", ".join(
+            f"{n} ({variants[n]['rows'][0]['perplexity']:.0f})" for n in off_scale)
+    fig.text(0.01, 0.005, legend, fontsize=6.5, wrap=True)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(out, dpi=120)
     plt.close(fig)
