@@ -85,11 +85,16 @@ def cmd_decompose(args) -> int:
         raise UserError(f"output folder {out} exists and is not empty; choose a new folder")
     calib = _read_text(args.calib)
     forget_texts, public_model = _forget_inputs(args)
+    privacy = forget_texts is not None
+    if args.forget_public_weight < 0:
+        raise UserError(f"--forget-public-weight {args.forget_public_weight}: must be >= 0")
     config = OrthoConfig(
-        bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric, method=args.method,
-        act_order=args.act_order, score=args.score, ortho_ratio=args.ortho_ratio, budget=args.budget,
-        calib_tokens=args.calib_tokens, seq_len=args.seq_len, include=args.include, seed=args.seed,
-        forget_ratio=args.forget_ratio if forget_texts else 0.0, forget_selection=args.forget_selection,
+        bits=args.bits, group_size=args.group_size or (64 if privacy else 128), symmetric=not args.asymmetric,
+        method=args.method, act_order=args.act_order, score=args.score,
+        ortho_ratio=args.ortho_ratio if args.ortho_ratio is not None else (0.02 if privacy else 0.01),
+        budget=args.budget, calib_tokens=args.calib_tokens, seq_len=args.seq_len, include=args.include, seed=args.seed,
+        forget_ratio=args.forget_ratio if privacy else 0.0, forget_selection=args.forget_selection,
+        forget_public_weight=args.forget_public_weight,
     )
     torch.manual_seed(args.seed)
     model, tok = modelio.load_model(None if args.model == "default" else args.model)
@@ -247,12 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", metavar="OUT_DIR", help="new folder for the artifact")
     p.add_argument("--calib", required=True, metavar="TEXT_FILE", help="public calibration text (never the secrets)")
     p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
-    p.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128])
+    p.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128],
+                   help="default 128, or 64 with --forget (the privacy default, docs/RESULTS.md)")
     p.add_argument("--asymmetric", action="store_true", help="asymmetric (min/max) groups instead of symmetric")
     p.add_argument("--method", default="gptq", choices=["gptq", "rtn"], help="base rounding")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups: no runtime permutation)")
     p.add_argument("--score", default="diag", choices=["diag", "obs", "magnitude"], help="sieve score")
-    p.add_argument("--ortho-ratio", type=_ratio_value, default=0.01, help="ortho budget as a fraction of decomposed weights")
+    p.add_argument("--ortho-ratio", type=_ratio_value, default=None,
+                   help="ortho budget as a fraction of decomposed weights: default 0.01, or 0.02 with --forget "
+                        "(the forget support plus as much again for the Hessian sieve, so alpha 1 stays useful)")
     p.add_argument("--budget", default="global", choices=["global", "layer"], help="budget across all layers or per layer")
     p.add_argument("--calib-tokens", type=_positive_int, default=16384, metavar="N")
     p.add_argument("--seq-len", type=_positive_int, default=512)
@@ -266,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --forget: fraction of weights reverted to the public model in the base (within --ortho-ratio)")
     p.add_argument("--forget-selection", default="attribution", choices=FORGET_SELECTIONS,
                    help="with --forget: how the reverted weights are chosen")
+    p.add_argument("--forget-public-weight", type=float, default=0.0, metavar="W",
+                   help="with --forget and attribution: how much a weight's benefit to public text protects it "
+                        "from the revert (0 measured best)")
     p.set_defaults(func=cmd_decompose)
 
     p = sub.add_parser("perplexity", help="perplexity of a text per alpha")

@@ -163,15 +163,21 @@ def select_at_or_above(scores: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def forget_scores(
-    A_private: dict, A_public: dict, public_weight: float = 1.0
+    A_private: dict, A_public: dict | None = None, public_weight: float = 0.0
 ) -> dict:
     """Forget-aware score per weight: its share of the private records' loss drop minus
     `public_weight` times its share of the public text's loss drop (attributions from
-    calibrate.update_attribution, same keys). High = the update served the private records and
-    little else: revert it in the base, keep it in the ortho stream."""
+    calibrate.update_attribution, same keys). High = the update served the private records: revert
+    it in the base, keep it in the ortho stream. With public_weight = 0 (the measured best, see
+    docs/RESULTS.md) the public attribution is not needed."""
     total_private = sum(a.clamp_min(0).sum() for a in A_private.values()).clamp_min(1e-30)
+    scores = {k: A_private[k] / total_private for k in A_private}
+    if public_weight == 0:
+        return scores
+    if A_public is None:
+        raise ValueError(f"public_weight={public_weight} needs the public text's attribution A_public")
     total_public = sum(a.clamp_min(0).sum() for a in A_public.values()).clamp_min(1e-30)
-    return {k: A_private[k] / total_private - public_weight * A_public[k] / total_public for k in A_private}
+    return {k: scores[k] - public_weight * A_public[k] / total_public for k in A_private}
 
 
 def flipped_codes(W_ft: torch.Tensor, W_public: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

@@ -101,8 +101,10 @@ def test_decompose_with_the_forget_aware_sieve(hf_folder, text_file, tmp_path, t
     tokenizer.save_pretrained(finetuned)
     out = tmp_path / "art"
     assert main(["decompose", str(finetuned), str(out), "--calib", str(text_file), "--group-size", "32",
-                 "--calib-tokens", "1024", "--seq-len", "128", "--ortho-ratio", "0.02", "--forget", str(records),
+                 "--calib-tokens", "1024", "--seq-len", "128", "--forget", str(records),
                  "--public-model", str(hf_folder), "--forget-ratio", "0.01"]) == 0
     manifest = json.loads((out / "libortho.json").read_text())
+    # --forget switches the budget default to the privacy default: forget support + as much for the sieve
+    assert manifest["config"]["ortho_ratio"] == 0.02 and manifest["config"]["forget_public_weight"] == 0.0
     assert manifest["config"]["forget_ratio"] == 0.01
     assert manifest["stats"]["n_forget"] == round(0.01 * manifest["stats"]["n_weights"])
