@@ -225,7 +225,7 @@ def cmd_audit(args) -> int:
     report = audit_from_paths(
         args.path, args.private, args.nonmembers, args.public, args.out,
         alphas=alphas, reference_path=args.reference, exposure_candidates=args.candidates,
-        perplexity_max_windows=args.max_windows, extra_settings=extra,
+        perplexity_max_windows=args.max_windows, frontier_cap=args.frontier_cap, extra_settings=extra,
     )
     print((Path(args.out) / "report.md").read_text())
     print(f"report: {Path(args.out) / 'report.json'}")
@@ -309,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=_alpha_value, nargs="+", metavar="A", help="alphas to audit (artifacts only)")
     p.add_argument("--candidates", type=_positive_int, default=1000, help="sampled candidates for exposure estimates")
     p.add_argument("--max-windows", type=_positive_int, default=None, help="cap on perplexity windows")
+    p.add_argument("--frontier-cap", type=_positive_int, default=256, metavar="N",
+                   help="digit secrets: trie nodes kept per depth before sub-sampling (exact rank while fewer candidates "
+                        "beat the secret; larger = more exact and slower)")
     p.add_argument("--out", default="libortho-audit", metavar="DIR")
     p.set_defaults(func=cmd_audit)
 

@@ -29,6 +29,16 @@ def _scenario_time(s: dict) -> str:
     return f"building the scenario from scratch (dequantize the GGUF, two fine-tunes) {seconds:.0f} s"
 
 
+def _first_run_line() -> list[str]:
+    path = DOCS / "demo" / "first-run" / "report.json"
+    if not path.exists():
+        return []
+    s = json.loads(path.read_text())["settings"]
+    return [f"A first run on an empty cache (`LIBORTHO_CACHE=$(mktemp -d) libortho demo`, report in `docs/demo/first-run/`, "
+            f"forget_public_weight {s['decomposition']['forget_public_weight']}): {s['wall_seconds']:.0f} s wall, "
+            f"{s['scenario_seconds']:.0f} s of it building the scenario, peak RSS {s['peak_rss_gib']:.1f} GiB."]
+
+
 def _demo_command(s: dict) -> str:
     if s.get("scenario_seconds", 0) < 60:
         return "`libortho demo --out runs/demo-default`"
@@ -45,11 +55,12 @@ def demo_section(report: dict, source: str) -> list[str]:
         f"then the report files copied to `docs/demo/`. Wall time {s.get('wall_seconds', 0):.0f} s, "
         f"peak RSS {s.get('peak_rss_gib', 0):.1f} GiB on 2 CPU cores, of which: {_scenario_time(s)}, "
         f"decomposition {s.get('decompose_seconds', 0):.0f} s, the rest the audit of five conditions.",
+        *_first_run_line(),
         "",
         f"Scenario: SmolLM2-135M-Instruct fine-tuned (decoder linear layers only; embeddings, norms, lm_head frozen) on Python",
         f"documentation + {s['n_members']} private records ({s['members_per_k']} per k, formats {s['secret_formats']}),",
         f"{s['n_nonmembers']} non-members never trained; retrain reference = same fine-tune without the records.",
-        f"Decomposition: `{ {k: v for k, v in s['decomposition'].items() if k in ('bits', 'group_size', 'method', 'score', 'ortho_ratio', 'forget_ratio')} }`,",
+        f"Decomposition: `{ {k: v for k, v in s['decomposition'].items() if k in ('bits', 'group_size', 'method', 'score', 'ortho_ratio', 'forget_ratio', 'forget_public_weight')} }`,",
         f"ortho density {100 * s['ortho_density']:.2f} %, of which {100 * s['forget_density']:.2f} % is the forget-aware support; "
         f"calibration on public text only. Exposure: exact digit-trie rank for PINs (sampled trie above the frontier cap), "
         f"skew-normal extrapolation over {s['exposure_candidates']} candidates for the hex keys.",
@@ -151,9 +162,9 @@ def alpha_sweep_section(report: dict, source: str) -> list[str]:
     lines = [
         "## Alpha sweep of the demo's artifact (`libortho audit`)",
         "",
-        f"Source: `{source}` (plots beside it). Command: `libortho audit runs/demo-cold/artifact --public <scenario>/public_heldout.txt "
+        f"Source: `{source}` (plots beside it). Command: `libortho audit runs/demo-default/artifact --public <scenario>/public_heldout.txt "
         "--private <scenario>/members.jsonl --nonmembers <scenario>/nonmembers.jsonl --reference <scenario>/reference "
-        "--alpha 0 0.25 0.5 0.75 1 --candidates 64 --max-windows 32 --out runs/alpha-sweep`, `<scenario>` being the demo's "
+        "--alpha 0 0.25 0.5 0.75 1 --candidates 64 --max-windows 32 --frontier-cap 32 --out runs/alpha-sweep` (the demo's settings), `<scenario>` being the demo's "
         "cached scenario folder. PIN exposure: measured ranks only (bits, max 19.93).",
         "",
         "| condition | PPL | " + " | ".join(f"PIN exposure k={k}" for k in ks) + " | " + " | ".join(f"extraction k={k}" for k in ks)
