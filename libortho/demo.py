@@ -68,7 +68,7 @@ def run_demo(quick: bool, out_dir: Path, progress: bool = True) -> dict:
     )
     del public_model
     modelio.save(model, tok, out_dir / "artifact", overwrite=True)
-    # Loaded only now: the decomposition is the memory peak, and it needs neither.
+    # Loaded only now: the decomposition needs neither, so they need not sit in memory through it.
     fp_model, _ = modelio.load_model(scenario.finetuned)
     reference, _ = modelio.load_model(scenario.reference)
 

@@ -183,7 +183,7 @@ def alpha_sweep_section(report: dict, source: str) -> list[str]:
     return lines
 
 
-CONTROLS = ("gptq-g64 diag 2% + random revert 1% (control)",)
+CONTROL = "gptq-g64 diag 2% + random revert 1% (control)"
 
 
 def _pin_exposures(row: dict) -> dict[str, float]:
@@ -211,7 +211,7 @@ def paired_row(name: str, row: dict, control_row: dict) -> str:
 
 
 def paired_section(data: dict) -> list[str]:
-    control = CONTROLS[0]
+    control = CONTROL
     variants, seen, same_as = {}, {}, []
     for n, v in data.get("variants", {}).items():
         row = v["rows"][0]
