@@ -86,8 +86,6 @@ def cmd_decompose(args) -> int:
     calib = _read_text(args.calib)
     forget_texts, public_model = _forget_inputs(args)
     privacy = forget_texts is not None
-    if args.forget_public_weight < 0:
-        raise UserError(f"--forget-public-weight {args.forget_public_weight}: must be >= 0")
     config = OrthoConfig(
         bits=args.bits, group_size=args.group_size or (64 if privacy else 128), symmetric=not args.asymmetric,
         method=args.method, act_order=args.act_order, score=args.score,

@@ -93,9 +93,8 @@ NOTES_MARKER = "<!-- hand-written below: scripts/quality_table.py keeps everythi
 def hand_written_notes(path: Path) -> str:
     """The notes and benchmark sections under NOTES_MARKER in an existing QUALITY.md, so a re-run
     replaces the table without losing them."""
-    if not path.exists() or NOTES_MARKER not in path.read_text():
-        return "\n" + NOTES_MARKER + "\n"
-    return "\n" + NOTES_MARKER + path.read_text().split(NOTES_MARKER, 1)[1]
+    text = path.read_text() if path.exists() else ""
+    return "\n" + NOTES_MARKER + (text.split(NOTES_MARKER, 1)[1] if NOTES_MARKER in text else "\n")
 
 
 def render(out: dict) -> str:
