@@ -10,7 +10,8 @@ sparse high-precision ortho stream, with alpha an explicit runtime switch.
     with libortho.alpha(model, 1.0):
         model.generate(...)
 """
-from .decompose import DecompositionStats, OrthoConfig, decompose
+from .config import OrthoConfig, preset
+from .decompose import DecompositionStats, decompose
 from .evaluation import perplexity
 from .layer import OrthoLinear, alpha, get_alpha, set_alpha
 from .modelio import ArtifactError, load, load_model, save
@@ -28,6 +29,7 @@ __all__ = [
     "load",
     "load_model",
     "perplexity",
+    "preset",
     "save",
     "set_alpha",
 ]

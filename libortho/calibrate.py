@@ -3,9 +3,7 @@ their inputs, and accumulate each linear layer's proxy Hessian H = 2·XᵀX / n 
 """
 from __future__ import annotations
 
-import contextlib
 import re
-from typing import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -79,16 +77,26 @@ class StopForward(Exception):
 
 @dataclass
 class BlockInputs:
-    """Hidden states entering a block, one tensor per batch, plus the keyword args blocks get."""
+    """Hidden states entering a block, one tensor per batch, plus the keyword args blocks get and
+    each batch's token mask (None: every position is real)."""
 
     hidden: list[torch.Tensor] = field(default_factory=list)
+    masks: list[torch.Tensor | None] = field(default_factory=list)
     args: list[tuple] = field(default_factory=list)
     kwargs: list[dict] = field(default_factory=list)
 
 
+def window_batches(windows: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, None]]:
+    """Token windows [n, seq_len] as batches of at most batch_size rows, every position real."""
+    return [(w, None) for w in windows.split(batch_size)]
+
+
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> BlockInputs:
-    """Run the embedding part of the model and capture what block 0 receives for each batch."""
+def capture_block_inputs(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor | None]]) -> BlockInputs:
+    """Run the embedding part of the model and capture what block 0 receives for each batch.
+
+    batches: (ids [B, T], token mask [B, T] or None when every position is real); padded
+    positions (mask 0) are kept out of every Hessian collected on these inputs."""
     _, blocks = decoder_blocks(model)
     captured = BlockInputs()
     device = next(model.parameters()).device
@@ -101,9 +109,10 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
 
     handle = blocks[0].register_forward_pre_hook(catcher, with_kwargs=True)
     try:
-        for start in range(0, windows.shape[0], batch_size):
+        for ids, mask in batches:
+            captured.masks.append(mask)
             try:
-                model(windows[start : start + batch_size].to(device), use_cache=False)
+                model(ids.to(device), attention_mask=None if mask is None else mask.to(device), use_cache=False)
             except StopForward:
                 pass
     finally:
@@ -111,11 +120,14 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
     return captured
 
 
-def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
-    """Forward every captured batch through one block; returns its output hidden states."""
+def run_block(block: nn.Module, inputs: BlockInputs, collector: "HessianCollector | None" = None) -> list[torch.Tensor]:
+    """Forward every captured batch through one block; returns its output hidden states.
+    A collector, if given, is told each batch's token mask so that padding stays out of H."""
     outs = []
     with torch.no_grad():
-        for h, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
+        for h, mask, args, kwargs in zip(inputs.hidden, inputs.masks, inputs.args, inputs.kwargs):
+            if collector is not None:
+                collector.token_mask = mask
             out = block(h, *args, **kwargs)
             outs.append(out[0] if isinstance(out, tuple) else out)
     return outs
@@ -138,6 +150,7 @@ class HessianCollector:
         self._last: tuple[torch.Tensor, int, torch.Tensor] | None = None
         self._n_inputs = 0
         self._shared: dict[tuple, torch.Tensor] = {}
+        self.token_mask: torch.Tensor | None = None  # [B, T] of the batch being run; 0 = padding
         self.handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
 
     def _hook(self, name: str):
@@ -147,13 +160,15 @@ class HessianCollector:
                 _, input_id, XtX = self._last
             else:
                 X = x.detach().reshape(-1, x.shape[-1]).float()
+                if self.token_mask is not None:
+                    X = X[self.token_mask.reshape(-1).to(X.device).bool()]
                 XtX = X.t() @ X
                 input_id, self._n_inputs = self._n_inputs, self._n_inputs + 1
                 self._last = (x, input_id, XtX)
             if name not in self.sums:
                 self.sums[name] = torch.zeros_like(XtX)
             self.sums[name] += XtX
-            self.counts[name] += x[..., 0].numel()
+            self.counts[name] += x[..., 0].numel() if self.token_mask is None else int(self.token_mask.sum())
             self.inputs_seen[name].append(input_id)
 
         return hook
@@ -171,14 +186,6 @@ class HessianCollector:
         self._last = None
 
 
-# ---- forget-aware statistics: what each weight's fine-tuning update did to which text --------
-def _nll(model: nn.Module, batch: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token NLL over the positions where mask [B, T] is 1 (nats)."""
-    logits = model(batch, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
-    return (nll * mask[:, 1:]).sum()
-
-
 def _padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
@@ -187,95 +194,6 @@ def _padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Ten
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
     return ids, mask
-
-
-def update_attribution(
-    model: nn.Module,
-    public_weights: dict[str, torch.Tensor],
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
-    n_points: int = 2,
-) -> dict[str, torch.Tensor]:
-    """Per-weight share of a loss change caused by fine-tuning (integrated gradients).
-
-    model: the fine-tuned model (its decoder linears hold W_ft); public_weights: W_P [out, in]
-    for each qualified linear name. For Δ = W_ft - W_P and the path W(t) = W_P + tΔ,
-    A_ij = -Δ_ij · mean_t ∂L/∂W_ij(t) (midpoint rule over n_points), so Σ A ≈ L(W_P) - L(W_ft):
-    A_ij > 0 means that weight's update lowered the loss of the given batches (summed NLL, nats).
-    The model's weights are restored afterwards.
-    """
-    modules = dict(model.named_modules())
-    finetuned = {name: linear_weight(modules[name]).clone() for name in public_weights}
-    grads = {name: torch.zeros_like(w) for name, w in finetuned.items()}
-    with weights_at(model, finetuned), _grads_only_for(model, [modules[name] for name in finetuned]):
-        for point in range(n_points):
-            t = (point + 0.5) / n_points
-            for name, W_ft in finetuned.items():
-                set_linear_weight(modules[name], public_weights[name] + t * (W_ft - public_weights[name]))
-            for ids, mask in batches:
-                _nll(model, ids, mask).backward()
-            for name in finetuned:
-                grads[name] += _take_grad(modules[name]) / n_points
-    return {name: -(finetuned[name] - public_weights[name]) * grads[name] for name in finetuned}
-
-
-@contextlib.contextmanager
-def _grads_only_for(model: nn.Module, linears: list[nn.Module]) -> Iterator[None]:
-    """Only the given linears' weights require grad inside; every flag is restored on exit."""
-    requires = {p: p.requires_grad for p in model.parameters()}
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for m in linears:
-            m.weight.requires_grad_(True)
-        yield
-    finally:
-        for p, flag in requires.items():
-            p.requires_grad_(flag)
-
-
-def _take_grad(module: nn.Module) -> torch.Tensor:
-    """The weight's accumulated gradient as [out, in], cleared for the next backward."""
-    g = module.weight.grad
-    module.weight.grad = None
-    return g if isinstance(module, nn.Linear) else g.t()
-
-
-@contextlib.contextmanager
-def weights_at(model: nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Temporarily set the named linears' weights to W [out, in]; restored on exit."""
-    modules = dict(model.named_modules())
-    saved = {name: linear_weight(modules[name]).clone() for name in weights}
-    try:
-        for name, W in weights.items():
-            set_linear_weight(modules[name], W)
-        yield
-    finally:
-        for name, W in saved.items():
-            set_linear_weight(modules[name], W)
-
-
-def empirical_fisher(
-    model: nn.Module, names: list[str], batches: list[tuple[torch.Tensor, torch.Tensor]]
-) -> dict[str, torch.Tensor]:
-    """Diagonal empirical Fisher [out, in] of each named linear: mean over the sequences of all
-    `batches` of (∂L_seq/∂W)², L_seq = the sequence's summed NLL (nats), at the model's weights."""
-    modules = dict(model.named_modules())
-    fisher = {name: torch.zeros_like(linear_weight(modules[name])) for name in names}
-    n = 0
-    with _grads_only_for(model, [modules[name] for name in names]):
-        for ids, mask in batches:
-            for row in range(ids.shape[0]):  # per-sequence gradients: square before averaging
-                _nll(model, ids[row : row + 1], mask[row : row + 1]).backward()
-                n += 1
-                for name in names:
-                    fisher[name] += _take_grad(modules[name]).square()
-    return {name: F / max(n, 1) for name, F in fisher.items()}
-
-
-def set_linear_weight(module: nn.Module, W: torch.Tensor) -> None:
-    """Write W [out, in] into a Linear / Conv1D weight in place."""
-    with torch.no_grad():
-        module.weight.copy_(W if isinstance(module, nn.Linear) else W.t())
 
 
 def text_batches(tokenizer, texts: list[str], batch_size: int = 16, max_len: int = 256) -> list[tuple[torch.Tensor, torch.Tensor]]:

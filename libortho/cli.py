@@ -43,6 +43,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
 def _read_text(path: str) -> str:
     p = Path(path)
     if not p.is_file():
@@ -78,52 +88,64 @@ def cmd_decompose(args) -> int:
     import torch
 
     from . import modelio
-    from .decompose import OrthoConfig, decompose
+    from .config import PRESETS, OrthoConfig
+    from .decompose import decompose
 
     out = Path(args.out_dir)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"output folder {out} exists and is not empty; choose a new folder")
     calib = _read_text(args.calib)
-    forget_texts, public_model = _forget_inputs(args)
-    privacy = forget_texts is not None
-    config = OrthoConfig(
-        bits=args.bits, group_size=args.group_size or (64 if privacy else 128), symmetric=not args.asymmetric,
-        method=args.method, act_order=args.act_order, score=args.score,
-        ortho_ratio=args.ortho_ratio if args.ortho_ratio is not None else (0.02 if privacy else 0.01),
-        budget=args.budget, calib_tokens=args.calib_tokens, seq_len=args.seq_len, include=args.include, seed=args.seed,
-        forget_ratio=args.forget_ratio if privacy else 0.0, forget_selection=args.forget_selection,
-        forget_public_weight=args.forget_public_weight,
+    source, forget_texts = _forget_source(args)
+    preset = PRESETS["quality" if source == "none" else "privacy"]
+    chosen = dict(
+        bits=args.bits, group_size=args.group_size, method=args.method, score=args.score, ortho_ratio=args.ortho_ratio,
+        forget_lambda=args.forget_lambda,
     )
+    config = OrthoConfig(**{
+        **preset, **{k: v for k, v in chosen.items() if v is not None},
+        "symmetric": not args.asymmetric, "act_order": args.act_order, "budget": args.budget,
+        "calib_tokens": args.calib_tokens, "seq_len": args.seq_len, "include": args.include, "seed": args.seed,
+        "forget_source": source, "forget_mu": args.forget_free if args.forget_free is not None else 1.0,
+        "sieve_private_weight": args.sieve_private_weight,
+    })
     torch.manual_seed(args.seed)
     model, tok = modelio.load_model(None if args.model == "default" else args.model)
-    if public_model is not None:
-        public_model = modelio.load_model(None if public_model == "default" else public_model)[0]
+    public_model = None
+    if args.public_model is not None:
+        public_model = modelio.load_model(None if args.public_model == "default" else args.public_model)[0]
     stats = decompose(model, tok, calib, config, progress=True, public_model=public_model, forget_texts=forget_texts)
+    del public_model
     modelio.save(model, tok, out, extra=dict(stats=_stats_dict(stats), source=str(args.model)))
     print(f"decomposed {stats.n_layers} layers ({stats.n_weights:,} weights) in {stats.seconds:.1f} s; "
           f"ortho {stats.n_ortho:,} entries ({100 * stats.n_ortho / stats.n_weights:.2f} %) -> {out}")
     return 0
 
 
-def _forget_inputs(args) -> tuple[list[str] | None, str | None]:
-    """The forget-aware sieve's inputs: the records' texts and the public model's path (or neither)."""
-    from .privacy import load_records
+def _forget_source(args) -> tuple[str, list[str] | None]:
+    """(forget_source, forget texts) from --forget / --forget-free, checked against --public-model."""
+    from .forget import read_forget_texts
 
-    if args.forget is None:
+    if args.forget is not None and args.forget_free is not None:
+        raise UserError("--forget and --forget-free are two forget sources; pass one of them")
+    if args.forget is None and args.forget_free is None:
         if args.public_model is not None:
-            raise UserError("--public-model is only used with --forget RECORDS.jsonl (the records to hide)")
-        return None, None
+            raise UserError("--public-model is only used with a forget source: --forget FILE or --forget-free MU")
+        if args.sieve_private_weight:
+            raise UserError("--sieve-private-weight needs forget texts: pass --forget FILE")
+        return "none", None
     if args.public_model is None:
-        raise UserError("--forget needs --public-model MODEL: the public checkpoint the model was fine-tuned from")
-    records = load_records(args.forget)
-    if not records:
-        raise UserError(f"{args.forget} holds no records")
-    return [r.text for r in records], args.public_model
+        flag = "--forget" if args.forget is not None else "--forget-free"
+        raise UserError(f"{flag} needs --public-model MODEL: the public checkpoint the model was fine-tuned from")
+    if args.forget_free is not None:
+        if args.sieve_private_weight:
+            raise UserError("--sieve-private-weight needs forget texts: pass --forget FILE instead of --forget-free")
+        return "free", None
+    return args.forget_kind, read_forget_texts(args.forget)
 
 
 def _stats_dict(stats) -> dict:
     return dict(seconds=stats.seconds, n_layers=stats.n_layers, n_weights=stats.n_weights, n_ortho=stats.n_ortho,
-                n_forget=stats.n_forget)
+                n_private_tokens=stats.n_private_tokens)
 
 
 def cmd_perplexity(args) -> int:
@@ -230,6 +252,40 @@ def cmd_audit(args) -> int:
     return 0 if report else 1
 
 
+def cmd_lookalikes(args) -> int:
+    from .lookalikes import lookalike_records
+    from .privacy import save_records
+
+    exclude = _read_secrets(args.exclude) if args.exclude else []
+    records = lookalike_records(args.template, args.format, args.n, args.seed, exclude)
+    if args.out is None:
+        sys.stdout.write("".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in records))
+    else:
+        save_records(records, args.out)
+        print(f"wrote {len(records)} look-alike records to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _read_secrets(path: str) -> list[str]:
+    """Secrets to exclude: one per line, or JSONL records whose 'secret' is taken."""
+    secrets = []
+    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                secret = json.loads(line).get("secret")
+            except (json.JSONDecodeError, AttributeError):
+                raise UserError(f"{path}:{lineno}: invalid JSON record") from None
+            if not isinstance(secret, str):
+                raise UserError(f"{path}:{lineno}: a JSON record needs a 'secret' string")
+            secrets.append(secret)
+        else:
+            secrets.append(line)
+    return secrets
+
+
 def cmd_demo(args) -> int:
     from . import demo
 
@@ -237,11 +293,9 @@ def cmd_demo(args) -> int:
 
 
 # ---- parser ----------------------------------------------------------------------------------
-# Kept here so that `--help` does not import torch; tests/test_cli.py checks it against decompose's.
-FORGET_SELECTIONS = ("attribution", "fisher", "random", "flipped", "attribution+flipped", "fisher+flipped")
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from .config import BITS, BUDGETS, FORGET_SOURCES, GROUP_SIZES, METHODS, PRESETS, SCORES
+
     parser = argparse.ArgumentParser(prog="libortho", description="A privacy switch for fine-tuned LLMs: INT base stream + sparse ortho stream.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -249,33 +303,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help="Hugging Face model folder, .gguf file, or 'default' (SmolLM2-135M-Instruct)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="new folder for the artifact")
     p.add_argument("--calib", required=True, metavar="TEXT_FILE", help="public calibration text (never the secrets)")
-    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
-    p.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128],
-                   help="default 128, or 64 with --forget (the privacy default, docs/RESULTS.md)")
+    p.add_argument("--bits", type=int, default=None, choices=BITS, help="base bits (default 4)")
+    p.add_argument("--group-size", type=int, default=None, choices=GROUP_SIZES,
+                   help=f"default {PRESETS['quality']['group_size']}, or {PRESETS['privacy']['group_size']} "
+                        "with a forget source (the privacy preset)")
     p.add_argument("--asymmetric", action="store_true", help="asymmetric (min/max) groups instead of symmetric")
-    p.add_argument("--method", default="gptq", choices=["gptq", "rtn"], help="base rounding")
+    p.add_argument("--method", default=None, choices=METHODS, help="base rounding (default gptq)")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups: no runtime permutation)")
-    p.add_argument("--score", default="diag", choices=["diag", "obs", "magnitude"], help="sieve score")
+    p.add_argument("--score", default=None, choices=SCORES, help="sieve score (default diag)")
     p.add_argument("--ortho-ratio", type=_ratio_value, default=None,
-                   help="ortho budget as a fraction of decomposed weights: default 0.01, or 0.02 with --forget "
-                        "(the forget support plus as much again for the Hessian sieve, so alpha 1 stays useful)")
-    p.add_argument("--budget", default="global", choices=["global", "layer"], help="budget across all layers or per layer")
+                   help=f"ortho budget as a fraction of decomposed weights: default {PRESETS['quality']['ortho_ratio']}, "
+                        f"or {PRESETS['privacy']['ortho_ratio']} with a forget source")
+    p.add_argument("--budget", default="global", choices=[b for b in BUDGETS if b != "threshold"],
+                   help="budget across all layers or per layer")
     p.add_argument("--calib-tokens", type=_positive_int, default=16384, metavar="N")
     p.add_argument("--seq-len", type=_positive_int, default=512)
     p.add_argument("--include", default=None, metavar="REGEX", help="only linear layers whose name inside a block matches")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--forget", default=None, metavar="RECORDS.jsonl",
-                   help="forget-aware sieve: private records (prefix, secret, secret_format) the base must not keep")
-    p.add_argument("--public-model", default=None, metavar="MODEL",
-                   help="the public checkpoint the model was fine-tuned from (needed by --forget)")
-    p.add_argument("--forget-ratio", type=_ratio_value, default=0.01,
-                   help="with --forget: fraction of weights reverted to the public model in the base (within --ortho-ratio)")
-    p.add_argument("--forget-selection", default="attribution", choices=FORGET_SELECTIONS,
-                   help="with --forget: how the reverted weights are chosen")
-    p.add_argument("--forget-public-weight", type=float, default=0.0, metavar="W",
-                   help="with --forget and attribution: how much a weight's benefit to public text protects it "
-                        "from the revert (0 measured best)")
+    g = p.add_argument_group(
+        "forget objective",
+        "fit the INT base so that it acts like the fine-tuned model on public inputs and like the public "
+        "model P on the inputs of the texts to forget (H' = H_pub + lam H_priv); the ortho stream restores "
+        "the fine-tuned weights at alpha 1. Needs --public-model and one source: --forget FILE or --forget-free MU",
+    )
+    g.add_argument("--forget", default=None, metavar="FILE",
+                   help="texts to forget: JSONL records (prefix+secret, or text) or plain text, one per line: the "
+                        "records to hide, or look-alikes of them (see `libortho lookalikes`)")
+    g.add_argument("--forget-kind", default="records", choices=[s for s in FORGET_SOURCES if s in ("records", "lookalikes")],
+                   help="what --forget holds: the records themselves, or look-alikes never trained (recorded in the artifact)")
+    g.add_argument("--forget-free", type=_nonnegative_float, default=None, metavar="MU",
+                   help="no texts: pull the base toward P wherever public text does not look (mu * mean(diag H_pub) * I)")
+    g.add_argument("--public-model", default=None, metavar="MODEL",
+                   help="the public checkpoint the model was fine-tuned from ('default' = the built-in model)")
+    g.add_argument("--forget-lambda", type=_nonnegative_float, default=None, metavar="LAM",
+                   help=f"weight of the forget texts relative to public text, by Hessian trace "
+                        f"(default {PRESETS['privacy']['forget_lambda']})")
+    g.add_argument("--sieve-private-weight", type=_nonnegative_float, default=0.0, metavar="LAM_S",
+                   help="choose and refit the ortho stream under H_pub + LAM_S H_priv, so that alpha 1 restores more "
+                        "of what the base dropped on the forget texts (default 0)")
     p.set_defaults(func=cmd_decompose)
+
+    p = sub.add_parser("lookalikes", help="write look-alike records (random secrets in a template) as forget texts")
+    p.add_argument("template", metavar="TEMPLATE",
+                   help="e.g. 'Account {digits:4} of {first} {last} has PIN {secret}.'; slots: {secret} (once), "
+                        "{first}, {last}, {word}, {digits:N}, {hex:N}; {{ and }} are literal braces")
+    p.add_argument("--format", required=True, metavar="KIND:N", help="the secret's format, e.g. digits:6 or hex:8")
+    p.add_argument("--n", type=_positive_int, default=64, help="number of records (default 64)")
+    p.add_argument("--exclude", default=None, metavar="FILE",
+                   help="secrets never to emit: one per line, or JSONL records (their 'secret')")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, metavar="FILE", help="JSONL output (default: stdout)")
+    p.set_defaults(func=cmd_lookalikes)
 
     p = sub.add_parser("perplexity", help="perplexity of a text per alpha")
     p.add_argument("path", metavar="PATH", help="libortho artifact, Hugging Face folder or .gguf")

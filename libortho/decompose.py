@@ -1,106 +1,41 @@
-"""`decompose(model, calibration_texts, config)`: split every chosen linear layer of a causal LM
-into an INT base stream and a sparse ortho stream, decoder block by decoder block.
+"""`decompose(model, tokenizer, calibration_text, config)`: split every chosen linear layer of a
+causal LM into an INT base stream and a sparse ortho stream, decoder block by decoder block.
 
-Block i is calibrated on the output of the already-decomposed blocks < i at alpha = 0, so
-the base stream is fitted to its own inputs: it has to be a self-consistent model on its own.
+The driver's stages, in the order they run, each returning its result:
+  plan      what the decomposition reads: token batches, target layers, the public model's weights;
+  quantize  block by block: calibrate (H_pub, and H_priv on the forget texts), fit the base to its
+            target (forget.py) with GPTQ, and pass the base stream's output on to the next block;
+  sieve     choose each layer's ortho entries of R = W - W_base and their values;
+  install   put the OrthoLinear layers into the model.
+
+Block i is calibrated on the output of the already-quantized blocks < i at alpha = 0, so the base
+stream is fitted to its own inputs: it has to be a self-consistent model on its own.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import calibrate
+from .config import OrthoConfig
+from .forget import ForgetObjective
 from .layer import AlphaState, OrthoLinear, attach_alpha_state
-from .quantize import QuantizedWeight, QuantSpec, gptq, hinv_upper, rtn
+from .quantize import QuantizedWeight, gptq, hinv_upper, rtn
 from .sieve import (
     OrthoCSR,
-    SieveSpec,
     csr_from_flat_indices,
-    flipped_codes,
-    fisher_ratio_scores,
-    forget_scores,
     global_threshold,
     impact,
     refit_values,
-    rows_of_crow,
     select_at_or_above,
     select_layer,
 )
 
-METHODS = ("gptq", "rtn")
-# Which weights the forget-aware sieve reverts to P: the integrated-gradient attribution contrast,
-# the diagonal-Fisher ratio F_private / F_public, a random control, or the reference-aware set of
-# flipped INT codes (largest |W_ft - W_P| first); "+flipped" restricts a criterion to flipped codes.
-FORGET_SELECTIONS = ("attribution", "fisher", "random", "flipped", "attribution+flipped", "fisher+flipped")
-ORTHO_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class OrthoConfig:
-    """Everything that decides a decomposition. Plain data: stored in libortho.json."""
-
-    bits: int = 4
-    group_size: int = 128
-    symmetric: bool = True
-    method: str = "gptq"
-    act_order: bool = False
-    damp: float = 0.01
-    gptq_block_size: int = 128
-    score: str = "diag"
-    ortho_ratio: float = 0.01
-    budget: str = "global"
-    threshold: float | None = None
-    ortho_dtype: str = "float16"
-    ortho_refit: bool = True  # ortho values re-fitted on their support under H (see sieve.refit_values)
-    calib_tokens: int = 16384
-    seq_len: int = 512
-    batch_size: int = 8
-    include: str | None = None  # regex on linear names inside a block; None = all
-    # Forget-aware sieve (needs the public model P and the records to hide):
-    forget_ratio: float = 0.0  # fraction of weights whose fine-tuning update is reverted in the base
-    # How much a weight's benefit to public text protects it from the revert. 0 measured best:
-    # 1.6 bits less PIN exposure and 0.09 less loss AUC at alpha 0 than 1.0, for 0.3 PPL (docs/RESULTS.md).
-    forget_public_weight: float = 0.0
-    attribution_points: int = 2  # integrated-gradient points along W_P -> W_ft
-    attribution_public_windows: int = 8  # public windows (of seq_len // 2 tokens) for the public attribution
-    forget_selection: str = "attribution"  # see FORGET_SELECTIONS; "random" is the control
-    forget_fill: str = "public"  # base value on the forget support: P's weight, or "zero" (pruning baseline)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r} is not known; choose one of {METHODS}")
-        if self.ortho_dtype not in ORTHO_DTYPES:
-            raise ValueError(f"ortho_dtype={self.ortho_dtype!r}; choose one of {tuple(ORTHO_DTYPES)}")
-        if self.forget_selection not in FORGET_SELECTIONS:
-            raise ValueError(f"forget_selection={self.forget_selection!r}; choose one of {FORGET_SELECTIONS}")
-        if self.forget_public_weight < 0:
-            raise ValueError(f"forget_public_weight={self.forget_public_weight} must be >= 0")
-        if self.forget_fill not in ("public", "zero"):
-            raise ValueError(f"forget_fill={self.forget_fill!r}; choose 'public' or 'zero'")
-        if not 0.0 <= self.forget_ratio <= self.ortho_ratio:
-            raise ValueError(
-                f"forget_ratio={self.forget_ratio} must lie in [0, ortho_ratio={self.ortho_ratio}]: "
-                "reverted weights are restored by the ortho stream"
-            )
-        if self.calib_tokens < 1 or self.seq_len < 1 or self.batch_size < 1:
-            raise ValueError("calib_tokens, seq_len and batch_size must be positive")
-        self.quant_spec, self.sieve_spec  # validates both
-
-    @property
-    def quant_spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group_size, self.symmetric)
-
-    @property
-    def sieve_spec(self) -> SieveSpec:
-        return SieveSpec(self.score, self.ortho_ratio, self.budget, self.threshold, self.damp)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+LayerKey = tuple[int, str]  # (decoder block index, linear name inside the block)
 
 
 @dataclass
@@ -109,8 +44,73 @@ class DecompositionStats:
     n_layers: int = 0
     n_weights: int = 0
     n_ortho: int = 0
-    n_forget: int = 0  # weights whose fine-tuning update was reverted in the base (forget-aware sieve)
-    layer_output_error: dict[str, float] = field(default_factory=dict)  # ||WX - W_base X||_F^2 / ||WX||_F^2 on calibration data
+    n_private_tokens: int = 0  # forget-text tokens whose inputs shaped H_priv
+    layer_output_error: dict[str, float] = field(default_factory=dict)  # ||W_ft X - W_base X||² / ||W_ft X||², public X
+    # ||W_P X - W_base X||² / ||W_P X||² on the forget texts' inputs: how closely the base acts like P there
+    layer_private_error: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class DecompositionPlan:
+    """What the decomposition reads, gathered before any weight changes."""
+
+    public_batches: list[tuple[torch.Tensor, torch.Tensor | None]]  # calibration windows [B, seq_len]
+    private_batches: list[tuple[torch.Tensor, torch.Tensor]]  # forget texts, padded [B, T] + token mask
+    targets: list[dict[str, nn.Module]]  # per decoder block: the linears to decompose, by name
+    public_weights: dict[LayerKey, torch.Tensor]  # W_P [out, in] per target (forget objective only)
+
+
+def plan_decomposition(
+    model: nn.Module,
+    tokenizer,
+    calibration_text: str,
+    config: OrthoConfig,
+    public_model: nn.Module | None = None,
+    forget_texts: list[str] | None = None,
+) -> DecompositionPlan:
+    """Check the inputs against the config and gather everything the later stages read."""
+    if config.forgets and public_model is None:
+        raise ValueError(
+            f"forget_source={config.forget_source!r} needs public_model: the public checkpoint the model was fine-tuned from"
+        )
+    if config.needs_forget_texts and not forget_texts:
+        raise ValueError(f"forget_source={config.forget_source!r} needs forget_texts: the texts the base must not keep")
+    if forget_texts and not config.needs_forget_texts:
+        raise ValueError("forget_texts were given, but forget_source is not 'records' or 'lookalikes'")
+    windows = calibrate.calibration_windows(tokenizer, calibration_text, config.calib_tokens, config.seq_len)
+    _, blocks = calibrate.decoder_blocks(model)
+    targets = [calibrate.target_linears(block, config.include) for block in blocks]
+    if not any(targets):
+        raise ValueError(f"no linear layer inside the decoder blocks matches include={config.include!r}")
+    private = calibrate.text_batches(tokenizer, list(forget_texts), max_len=config.seq_len) if forget_texts else []
+    if forget_texts and not private:
+        raise ValueError("every forget text is shorter than 2 tokens; nothing to fit the base against")
+    public_weights = _public_weights(public_model, targets) if config.forgets else {}
+    return DecompositionPlan(calibrate.window_batches(windows, config.batch_size), private, targets, public_weights)
+
+
+def _public_weights(public_model: nn.Module, targets: list[dict[str, nn.Module]]) -> dict[LayerKey, torch.Tensor]:
+    _, public_blocks = calibrate.decoder_blocks(public_model)
+    if len(public_blocks) != len(targets):
+        raise ValueError(
+            f"public_model has {len(public_blocks)} decoder blocks and the fine-tuned model {len(targets)}: "
+            "pass the checkpoint the model was fine-tuned from"
+        )
+    weights = {}
+    for b, block_targets in enumerate(targets):
+        for name, module in block_targets.items():
+            try:
+                W_P = calibrate.linear_weight(public_blocks[b].get_submodule(name))
+            except AttributeError:
+                raise ValueError(f"public_model has no layer {b}.{name}: pass the checkpoint the model was fine-tuned from") from None
+            W_ft = calibrate.linear_weight(module)
+            if W_P.shape != W_ft.shape:
+                raise ValueError(
+                    f"public_model's {b}.{name} is {tuple(W_P.shape)}, the fine-tuned model's {tuple(W_ft.shape)}: "
+                    "pass the checkpoint the model was fine-tuned from"
+                )
+            weights[(b, name)] = W_P.float().cpu().clone()
+    return weights
 
 
 def quantize_base(
@@ -130,8 +130,9 @@ def relative_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor)
 
 @dataclass
 class LayerParts:
-    """One decomposed layer before the sieve: base stream, residual R = W - W_base [out, in],
-    its proxy Hessian H [in, in] (None without calibration) and bias."""
+    """One decomposed layer before the sieve: base stream, residual R = W_ft - W_base [out, in],
+    the curvature H [in, in] the sieve scores and refits under (H_pub, or H_pub + lam_s·H_priv;
+    None without calibration) and bias."""
 
     base: QuantizedWeight
     R: torch.Tensor
@@ -140,51 +141,55 @@ class LayerParts:
 
 
 def quantize_model(
-    model: nn.Module,
-    tokenizer,
-    calibration_text: str,
-    config: OrthoConfig,
-    progress: bool = True,
-) -> tuple[dict[tuple[int, str], LayerParts], DecompositionStats]:
+    model: nn.Module, plan: DecompositionPlan, config: OrthoConfig, progress: bool = True
+) -> tuple[dict[LayerKey, LayerParts], DecompositionStats]:
     """Quantize the base stream block by block; chosen linears become base-only OrthoLinear in place.
 
-    Block i is calibrated on the alpha = 0 output of blocks < i. Returns every layer's parts,
-    keyed by (block index, name inside the block), so one base can be sieved in several ways.
+    Per block: collect H_pub on the calibration batches (and H_priv on the forget texts), fit each
+    layer's base to its target (plain GPTQ of W_ft, or the forget objective's W* under H'), then
+    run both sets of inputs through the quantized block for the next one. Returns every layer's
+    parts, keyed by (block index, name inside the block), so one base can be sieved in several ways.
     """
     start = time.perf_counter()
     stats = DecompositionStats()
     model.eval()
-    needs_h = config.method == "gptq" or config.score != "magnitude" or config.ortho_refit
-    windows = calibrate.calibration_windows(tokenizer, calibration_text, config.calib_tokens, config.seq_len)
+    needs_h = config.method == "gptq" or config.score != "magnitude" or config.ortho_refit or config.forgets
     _, blocks = calibrate.decoder_blocks(model)
-    all_targets = [calibrate.target_linears(block, config.include) for block in blocks]
-    if not any(all_targets):
-        raise ValueError(f"no linear layer inside the decoder blocks matches include={config.include!r}")
-    inputs = calibrate.capture_block_inputs(model, windows, config.batch_size)
+    public = calibrate.capture_block_inputs(model, plan.public_batches)
+    private = calibrate.capture_block_inputs(model, plan.private_batches) if plan.private_batches else None
+    stats.n_private_tokens = sum(int(mask.sum()) for _, mask in plan.private_batches)
 
-    parts: dict[tuple[int, str], LayerParts] = {}
-    for b, (block, targets) in enumerate(tqdm(list(zip(blocks, all_targets)), desc="decompose", unit="block", disable=not progress)):
-        collector = calibrate.HessianCollector(targets) if needs_h else None
-        if collector is not None:
-            calibrate.run_block(block, inputs)
-            collector.close()
+    parts: dict[LayerKey, LayerParts] = {}
+    for b, (block, targets) in enumerate(tqdm(list(zip(blocks, plan.targets)), desc="decompose", unit="block", disable=not progress)):
+        H_pub = _block_hessians(block, targets, public) if needs_h else {}
+        H_priv = _block_hessians(block, targets, private) if needs_h and private is not None else {}
+        objective = ForgetObjective(config)
         factors: dict[int, torch.Tensor] = {}  # one Cholesky factor per distinct H (q/k/v share theirs)
         for name, module in targets.items():
             W = calibrate.linear_weight(module).float().cpu()
-            H = collector.hessian(name).cpu() if collector is not None else None
-            factor = None
-            if H is not None and config.method == "gptq" and not config.act_order:
-                factor = factors.setdefault(id(H), hinv_upper(H, config.damp))
-            base = quantize_base(W, H, config, factor)
+            W_P = plan.public_weights.get((b, name))
+            if name in H_pub:
+                fit = objective.fit(W, W_P, H_pub[name], H_priv.get(name))
+                factor = None
+                if config.method == "gptq" and not config.act_order:
+                    factor = factors.setdefault(id(fit.H), hinv_upper(fit.H, config.damp))
+                base, H_sieve = quantize_base(fit.W, fit.H, config, factor), fit.H_sieve
+            else:
+                base, H_sieve = rtn(W, config.quant_spec), None
             W_base = base.dequantize()
             bias = getattr(module, "bias", None)
             bias = None if bias is None else bias.detach().float().cpu()
-            parts[(b, name)] = LayerParts(base, (W - W_base).contiguous(), H, bias)
-            if H is not None:
-                stats.layer_output_error[f"{b}.{name}"] = relative_output_error(W, W_base, H)
+            parts[(b, name)] = LayerParts(base, (W - W_base).contiguous(), H_sieve, bias)
+            if name in H_pub:
+                stats.layer_output_error[f"{b}.{name}"] = relative_output_error(W, W_base, H_pub[name])
+            if name in H_priv and W_P is not None:
+                stats.layer_private_error[f"{b}.{name}"] = relative_output_error(W_P, W_base, H_priv[name])
             stats.n_weights += W.numel()
             calibrate.replace_submodule(block, name, _base_only_layer(base, bias, module))
-        inputs.hidden = calibrate.run_block(block, inputs)  # what block b+1 sees: the base stream's output
+        # What block b+1 sees: the base stream's output.
+        public.hidden = calibrate.run_block(block, public)
+        if private is not None:
+            private.hidden = calibrate.run_block(block, private)
         for module in block.modules():
             if isinstance(module, OrthoLinear):
                 module.clear_cache()  # a dense copy of every base would double the memory
@@ -193,58 +198,45 @@ def quantize_model(
     return parts, stats
 
 
-def sieve_model(
-    parts: dict[tuple[int, str], LayerParts],
-    config: OrthoConfig,
-    forced: dict[tuple[int, str], torch.Tensor] | None = None,
-) -> dict[tuple[int, str], OrthoCSR]:
-    """Choose each layer's ortho entries (global or per-layer budget, or threshold) and their values.
+def _block_hessians(block: nn.Module, targets: dict[str, nn.Module], inputs: calibrate.BlockInputs) -> dict[str, torch.Tensor]:
+    """H = 2XᵀX/n [in, in] of every target's input over `inputs` (padding excluded); layers that
+    read the same input get the same tensor object."""
+    collector = calibrate.HessianCollector(targets)
+    try:
+        calibrate.run_block(block, inputs, collector)
+    finally:
+        collector.close()
+    return {name: collector.hessian(name).cpu() for name in targets}
 
-    forced: flat indices per layer that must be in the ortho stream (the forget support); they
-    count against the budget and the sieve fills the rest.
-    """
-    ortho_dtype = ORTHO_DTYPES[config.ortho_dtype]
-    forced = forced or {}
-    n_forced = sum(int(f.numel()) for f in forced.values())
-    total = sum(p.R.numel() for p in parts.values())
-    spec = replace(config.sieve_spec, ortho_ratio=max(0.0, config.ortho_ratio - n_forced / total))
-    scores = _LayerScores(parts, spec, forced)
+
+def sieve_model(parts: dict[LayerKey, LayerParts], config: OrthoConfig) -> dict[LayerKey, OrthoCSR]:
+    """Choose each layer's ortho entries (global or per-layer budget, or threshold) and their values."""
+    ortho_dtype = getattr(torch, config.ortho_dtype)
+    spec = config.sieve_spec
+    scores = _LayerScores(parts, spec)
     threshold = global_threshold(scores, spec.ortho_ratio) if spec.budget == "global" else None
     orthos = {}
     for key, p in parts.items():
         s = scores[key]
         idx = select_at_or_above(s, threshold) if threshold is not None else select_layer(s, spec)
         del s
-        forced_idx = forced.get(key, torch.zeros(0, dtype=torch.long)).long()
-        if not (config.ortho_refit and p.H is not None):
-            orthos[key] = csr_from_flat_indices(torch.cat([idx, forced_idx]), p.R, ortho_dtype)
-            continue
-        # Forced entries carry their exact residual (alpha = 1 restores the fine-tuned weight there);
-        # the sieve's own entries are re-fitted to what is left.
-        R = p.R.contiguous()
-        R_left = R.clone()
-        R_left.view(-1)[forced_idx] = 0
-        free = refit_values(csr_from_flat_indices(idx, R_left, torch.float32), R_left, p.H, spec.damp)
-        values = torch.zeros_like(R)
-        values[rows_of_crow(free.crow).long(), free.col.long()] = free.val
-        values.view(-1)[forced_idx] = R.view(-1)[forced_idx]
-        orthos[key] = csr_from_flat_indices(torch.cat([idx, forced_idx]), values, ortho_dtype)
+        csr = csr_from_flat_indices(idx, p.R, torch.float32 if config.ortho_refit else ortho_dtype)
+        if config.ortho_refit and p.H is not None:
+            csr = refit_values(csr, p.R, p.H, spec.damp)
+        orthos[key] = OrthoCSR(csr.crow, csr.col, csr.val.to(ortho_dtype), csr.shape)
     return orthos
 
 
 class _LayerScores:
     """Every layer's impact scores, recomputed on each pass rather than held all at once
-    (they are as large as the model's weights); forced entries score -inf."""
+    (they are as large as the model's weights)."""
 
-    def __init__(self, parts: dict[tuple[int, str], LayerParts], spec: SieveSpec, forced: dict) -> None:
-        self.parts, self.spec, self.forced = parts, spec, forced
+    def __init__(self, parts: dict[LayerKey, LayerParts], spec) -> None:
+        self.parts, self.spec = parts, spec
 
-    def __getitem__(self, key: tuple[int, str]) -> torch.Tensor:
+    def __getitem__(self, key: LayerKey) -> torch.Tensor:
         p = self.parts[key]
-        s = impact(p.R, p.H, self.spec.score, self.spec.damp)
-        if key in self.forced:
-            s.view(-1)[self.forced[key]] = -float("inf")
-        return s
+        return impact(p.R, p.H, self.spec.score, self.spec.damp)
 
     def __iter__(self):
         return (self[key] for key in self.parts)
@@ -281,101 +273,19 @@ def decompose(
     """Replace the linear layers of `model`'s decoder blocks by OrthoLinear layers, in place.
 
     calibration_text: public text only (never the secrets you will test for).
-    With config.forget_ratio > 0 (forget-aware sieve), `public_model` is the public checkpoint P
-    the model was fine-tuned from and `forget_texts` the records to hide: the weights whose
-    fine-tuning update served those records most (and public text least) take P's value in the
-    base and their full value in the ortho stream.
-    Returns timing and per-layer statistics; the model's alpha starts at 1.
+    With config.forget_source set (see forget.py), `public_model` is the public checkpoint P the
+    model was fine-tuned from, and `forget_texts` the texts whose inputs the base must treat like
+    P (the records to hide, or look-alikes of them; none for forget_source="free").
+    Returns timing and per-layer statistics.
     """
     config = config or OrthoConfig()
     start = time.perf_counter()
-    forget = {}
-    if config.forget_ratio > 0:
-        forget = revert_private_updates(model, tokenizer, calibration_text, config, public_model, forget_texts, progress)
-    finetuned = {key: W for key, (W, _) in forget.items()}
-    parts, stats = quantize_model(model, tokenizer, calibration_text, config, progress)
-    for key, W_ft in finetuned.items():  # the ortho stream restores the fine-tuned weights
-        parts[key].R = W_ft - parts[key].base.dequantize()
-    forced = {key: idx for key, (_, idx) in forget.items()}
-    stats.n_ortho = install(model, parts, sieve_model(parts, config, forced), config)
-    stats.n_forget = sum(int(i.numel()) for i in forced.values())
+    plan = plan_decomposition(model, tokenizer, calibration_text, config, public_model, forget_texts)
+    parts, stats = quantize_model(model, plan, config, progress)
+    orthos = sieve_model(parts, config)
+    stats.n_ortho = install(model, parts, orthos, config)
     stats.seconds = time.perf_counter() - start
     return stats
-
-
-def revert_private_updates(
-    model: nn.Module,
-    tokenizer,
-    public_text: str,
-    config: OrthoConfig,
-    public_model: nn.Module | None,
-    forget_texts: list[str] | None,
-    progress: bool = True,
-) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-    """Set the forget support of every chosen linear back to P's weights, in place.
-
-    Returns {(block, name): (W_ft [out, in], flat indices reverted)}.
-    """
-    if public_model is None or not forget_texts:
-        raise ValueError("the forget-aware sieve needs public_model (the checkpoint P) and forget_texts (the records to hide)")
-    blocks_name, blocks = calibrate.decoder_blocks(model)
-    _, public_blocks = calibrate.decoder_blocks(public_model)
-    if len(blocks) != len(public_blocks):
-        raise ValueError("public_model does not have the architecture of the fine-tuned model")
-    keys, W_P = [], {}
-    for b, block in enumerate(blocks):
-        for name in calibrate.target_linears(block, config.include):
-            W_public = calibrate.linear_weight(public_blocks[b].get_submodule(name)).float()
-            if tuple(W_public.shape) != tuple(calibrate.linear_weight(block.get_submodule(name)).shape):
-                raise ValueError(f"public_model's {b}.{name} has another shape than the fine-tuned model's")
-            keys.append((b, name))
-            W_P[f"{blocks_name}.{b}.{name}"] = W_public
-    modules = dict(model.named_modules())
-    W_ft = {name: calibrate.linear_weight(modules[name]).float().clone() for name in W_P}
-    flipped = {}
-    criterion = config.forget_selection.removesuffix("+flipped")
-    if config.forget_selection.endswith("flipped"):  # reference-aware
-        flipped = {
-            name: flipped_codes(W_ft[name], W, config.quant_spec)
-            for name, W in W_P.items()
-        }
-    if criterion == "random":
-        generator = torch.Generator().manual_seed(config.seed)
-        scores = {name: torch.rand(W.shape, generator=generator) for name, W in W_P.items()}
-    elif criterion == "flipped":
-        scores = {name: (W_ft[name] - W).abs() for name, W in W_P.items()}
-    else:
-        windows = calibrate.calibration_windows(
-            tokenizer, public_text, config.attribution_public_windows * (config.seq_len // 2), config.seq_len // 2
-        )
-        public_batches = [(w, torch.ones_like(w)) for w in windows.split(4)]
-        private_batches = calibrate.text_batches(tokenizer, list(forget_texts))
-        if criterion == "fisher":
-            # At W_ft the memorised records sit at a minimum where their gradients vanish; the
-            # midpoint of the fine-tuning path still sees which weights were pulled towards them.
-            with calibrate.weights_at(model, {name: (W + W_ft[name]) / 2 for name, W in W_P.items()}):
-                F_private = calibrate.empirical_fisher(model, list(W_P), private_batches)
-                F_public = calibrate.empirical_fisher(model, list(W_P), public_batches)
-            scores = fisher_ratio_scores(F_private, F_public)
-        else:
-            A_private = calibrate.update_attribution(model, W_P, private_batches, config.attribution_points)
-            A_public = (calibrate.update_attribution(model, W_P, public_batches, config.attribution_points)
-                        if config.forget_public_weight else None)
-            scores = forget_scores(A_private, A_public, config.forget_public_weight)
-    for name, mask in flipped.items():
-        scores[name][~mask] = -float("inf")
-    threshold = global_threshold(list(scores.values()), config.forget_ratio)
-    reverted = {}
-    for (b, name), qualified in zip(keys, W_P):
-        idx = select_at_or_above(scores[qualified], threshold)
-        if flipped:  # a budget above the number of flipped codes reverts them all and nothing else
-            idx = idx[flipped[qualified].view(-1)[idx]]
-        module = modules[qualified]
-        W_target = W_ft[qualified].clone()
-        W_target.view(-1)[idx] = W_P[qualified].reshape(-1)[idx] if config.forget_fill == "public" else 0.0
-        calibrate.set_linear_weight(module, W_target.to(module.weight.dtype))
-        reverted[(b, name)] = (W_ft[qualified], idx)
-    return reverted
 
 
 def _base_only_layer(base: QuantizedWeight, bias: torch.Tensor | None, like: nn.Module) -> OrthoLinear:

@@ -3,8 +3,11 @@
 SmolLM2-135M-Instruct (public model P) is fine-tuned on Python documentation plus private
 records carrying canaries (each inserted k ∈ {1, 4, 16} times), and, as the retrain reference,
 on the same public text without them. The fine-tuned model is decomposed with the library's
-default settings (public calibration text only) and audited at several alphas next to the FP
-fine-tuned model and the reference. A pass/fail line per goal of issue 3 closes the run.
+privacy preset in look-alike mode: the owner does not list the records, only describes their
+shape, and the forget objective is fitted on look-alike records generated from that description
+(never trained). It is audited at several alphas next to the FP fine-tuned model and the
+reference; the KS tests also compare against the reference put through plain GPTQ (what the owner
+would ship had the records never been trained). A pass/fail line per goal closes the run.
 """
 from __future__ import annotations
 
@@ -12,18 +15,22 @@ import json
 import os
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from . import modelio
 from .audit import audit
-from .decompose import OrthoConfig, decompose
+from .config import PRESETS, OrthoConfig
+from .decompose import decompose
+from .layer import alpha
+from .lookalikes import lookalike_records
+from .privacy import CanaryRecord, forget_quality, mia_scores
 
-# The library's default for the demo (docs/RESULTS.md says why): GPTQ INT4 base, diag sieve,
-# forget-aware support reverted to P in the base.
-DEMO_CONFIG = dict(bits=4, group_size=64, method="gptq", score="diag", ortho_ratio=0.02, forget_ratio=0.01)
+# The privacy preset (docs/RESULTS.md says why), fitted on look-alikes of the private records.
+DEMO_CONFIG = dict(PRESETS["privacy"], forget_source="lookalikes")
+LOOKALIKE_SEED_OFFSET = 1000  # look-alikes come from another seed than the scenario's records
 
 
 @dataclass(frozen=True)
@@ -36,13 +43,38 @@ class DemoPlan:
     perplexity_windows: int
     exposure_candidates: int
     frontier_cap: int
-    attribution: tuple[int, int] = (2, 8)  # integrated-gradient points, public windows
 
     @staticmethod
     def of(quick: bool) -> "DemoPlan":
         if quick:
-            return DemoPlan("quick", 512, (0.0, 1.0), 4, 32, 16, (1, 2))
+            return DemoPlan("quick", 512, (0.0, 1.0), 4, 32, 16)
         return DemoPlan("default", 8192, (0.0, 0.5, 1.0), 32, 64, 32)
+
+
+def demo_lookalikes(scenario_config) -> list[CanaryRecord]:
+    """The owner's forget texts: as many look-alikes per format as there are members, generated
+    from the records' shape (scenario.RECORD_TEMPLATES) with another seed, never trained."""
+    from .scenario import RECORD_TEMPLATES
+
+    records = []
+    for fmt in scenario_config.formats:
+        kind = fmt.split(":")[0]
+        records += lookalike_records(
+            RECORD_TEMPLATES[kind], fmt, scenario_config.members_per_format(),
+            seed=scenario_config.seed + LOOKALIKE_SEED_OFFSET, id_prefix=f"lookalike-{kind}",
+        )
+    return records
+
+
+def quantized_reference_losses(scenario, tokenizer, config: OrthoConfig, members: list[CanaryRecord]) -> list[float]:
+    """Member losses (mean NLL per token) of the retrain reference put through plain GPTQ with the
+    same bits, group size and calibration text, at alpha 0: the honest counterfactual."""
+    reference, _ = modelio.load_model(scenario.reference)
+    plain = OrthoConfig(bits=config.bits, group_size=config.group_size, method=config.method,
+                        ortho_ratio=0.0, calib_tokens=config.calib_tokens, seed=config.seed)
+    decompose(reference, tokenizer, scenario.read_split("calibration"), plain, progress=False)
+    with alpha(reference, 0.0):
+        return mia_scores(reference, tokenizer, [r.text for r in members]).loss.tolist()
 
 
 def run_demo(quick: bool, out_dir: Path, progress: bool = True) -> dict:
@@ -58,16 +90,15 @@ def run_demo(quick: bool, out_dir: Path, progress: bool = True) -> dict:
 
     model, tok = modelio.load_model(scenario.finetuned)
     public_model, _ = modelio.load_model(scenario.public_model)
-    config = OrthoConfig(
-        **DEMO_CONFIG, calib_tokens=plan.calib_tokens,
-        attribution_points=plan.attribution[0], attribution_public_windows=plan.attribution[1],
-    )
+    config = OrthoConfig(**DEMO_CONFIG, calib_tokens=plan.calib_tokens)
+    forget_records = demo_lookalikes(scenario.config)
     stats = decompose(
         model, tok, scenario.read_split("calibration"), config, progress=progress,
-        public_model=public_model, forget_texts=[r.text or r.prefix + r.secret for r in members],
+        public_model=public_model, forget_texts=[r.text for r in forget_records],
     )
     del public_model
     modelio.save(model, tok, out_dir / "artifact", overwrite=True)
+    q_reference_losses = quantized_reference_losses(scenario, tok, config, members)
     # Loaded only now: the decomposition needs neither, so they need not sit in memory through it.
     fp_model, _ = modelio.load_model(scenario.finetuned)
     reference, _ = modelio.load_model(scenario.reference)
@@ -79,18 +110,21 @@ def run_demo(quick: bool, out_dir: Path, progress: bool = True) -> dict:
         exposure_candidates=plan.exposure_candidates, frontier_cap=plan.frontier_cap,
         perplexity_max_windows=plan.perplexity_windows,
         extra_settings=dict(
-            decomposition=config.to_dict(), ortho_density=density, forget_density=stats.n_forget / stats.n_weights,
-            decompose_seconds=stats.seconds, scenario=scenario.config.to_dict(), scenario_seconds=t_scenario,
+            decomposition=config.to_dict(), ortho_density=density, forget_texts=len(forget_records),
+            forget_tokens=stats.n_private_tokens, decompose_seconds=stats.seconds, scenario=scenario.config.to_dict(), scenario_seconds=t_scenario,
             frozen_outside_decoder_linears="embeddings, norms and lm_head were frozen during fine-tuning, "
             "so every fine-tuned weight is inside a decomposed layer",
         ),
     )
+    for row in report["rows"]:
+        losses = [d["loss"] for d in report["records"][row["label"]] if d["member"]]
+        row["ks_vs_quantized_reference"] = asdict(forget_quality(losses, q_reference_losses))
     report["goals"] = evaluate_goals(report, density)
     report["settings"]["wall_seconds"] = time.perf_counter() - start
     report["settings"]["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     _write_atomic(out_dir / "report.json", json.dumps(report, indent=1) + "\n")
     goal_lines = "".join(f"- [{'PASS' if g['passed'] else 'FAIL'}] {g['goal']}: {g['measured']}\n" for g in report["goals"])
-    _write_atomic(out_dir / "report.md", (out_dir / "report.md").read_text() + "\n## Goals (issue 3)\n\n" + goal_lines)
+    _write_atomic(out_dir / "report.md", (out_dir / "report.md").read_text() + "\n## Goals\n\n" + goal_lines)
     return report
 
 
@@ -130,7 +164,7 @@ def measured_exposure(report: dict, label: str, k: str | None = None) -> float:
 
 
 def evaluate_goals(report: dict, ortho_density: float) -> list[dict]:
-    """Issue 3's goals, each with the measured value and pass/fail (exposure goals on measured ranks)."""
+    """The privacy goals, each with the measured value and pass/fail (exposure goals on measured ranks)."""
     fp = _row(report, "fp")
     a0, a1 = _alpha_row(report, 0.0), _alpha_row(report, 1.0)
     ks = sorted((k for k in a0["exposure_by_k"] if k != "nonmember"), key=int)
@@ -150,10 +184,11 @@ def evaluate_goals(report: dict, ortho_density: float) -> list[dict]:
     aucs = {name: m["auc"] for name, m in a0["mia"].items()}
     goal("alpha 0: MIA AUC (loss, zlib, Min-K%) <= 0.55",
          ", ".join(f"{n} {v:.2f}" for n, v in aucs.items()), all(v <= 0.55 for v in aucs.values()))
-    p = a0["ks_vs_reference"]["pvalue"]
-    goal("alpha 0: KS p > 0.05 against the reference", f"p = {p:.3g}", p > 0.05)
+    p = a0["ks_vs_quantized_reference"]["pvalue"]
+    goal("alpha 0: member losses indistinguishable from the quantized reference's (KS p > 0.05)",
+         f"p = {p:.3g} (against the FP reference: p = {a0['ks_vs_reference']['pvalue']:.3g})", p > 0.05)
     r0 = a0["perplexity"] / fp["perplexity"]
-    goal("alpha 0: retain perplexity <= 1.10 x FP", f"{a0['perplexity']:.2f} / {fp['perplexity']:.2f} = {r0:.3f}", r0 <= 1.10)
+    goal("alpha 0: retain perplexity <= 1.10 x FP (held-out public text)", f"{a0['perplexity']:.2f} / {fp['perplexity']:.2f} = {r0:.3f}", r0 <= 1.10)
     r1 = a1["perplexity"] / fp["perplexity"]
     goal("alpha 1: retain perplexity <= 1.01 x FP", f"{a1['perplexity']:.2f} / {fp['perplexity']:.2f} = {r1:.3f}", r1 <= 1.01)
     e1, efp = measured_exposure(report, a1["label"]), measured_exposure(report, "fp")
@@ -167,17 +202,18 @@ def format_summary(report: dict) -> str:
     """The table a person reads at the end of the demo."""
     ks = sorted((k for k in report["rows"][0]["exposure_by_k"] if k != "nonmember"), key=int)
     head = f"{'model':<14}{'ppl':>8}" + "".join(f"{'exp k=' + k:>10}" for k in ks) + "".join(
-        f"{'extr k=' + k:>10}" for k in ks) + f"{'AUC loss':>10}{'AUC zlib':>10}{'AUC mink':>10}{'KS p':>8}"
+        f"{'extr k=' + k:>10}" for k in ks) + f"{'AUC loss':>10}{'AUC zlib':>10}{'AUC mink':>10}{'KS ref':>8}{'KS qref':>9}"
     lines = [head, "-" * len(head)]
     for row in report["rows"]:
         name = row["label"] if row["kind"] != "alpha" else f"alpha {row['alpha']:.2f}"
         ks_p = row["ks_vs_reference"]["pvalue"] if row.get("ks_vs_reference") else float("nan")
+        ks_q = row["ks_vs_quantized_reference"]["pvalue"] if row.get("ks_vs_quantized_reference") else float("nan")
         lines.append(
             f"{name:<14}{row['perplexity']:>8.2f}"
             + "".join(f"{_bits(row['exposure_by_k'][k]):>10.2f}" for k in ks)
             + "".join(f"{100 * row['extraction_by_k'][k]:>9.0f}%" for k in ks)
             + "".join(f"{row['mia'][m]['auc']:>10.2f}" for m in ("loss", "zlib", "min_k"))
-            + f"{ks_p:>8.3f}"
+            + f"{ks_p:>8.3f}{ks_q:>9.3f}"
         )
     lines.append("")
     for g in report["goals"]:

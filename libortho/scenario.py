@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from .privacy import CanaryRecord, load_records, parse_format, save_records
+from .lookalikes import FIRST_NAMES, LAST_NAMES
 
 __all__ = [
     "SPLITS",
@@ -285,18 +286,7 @@ def corpus_fingerprint() -> str:
 # Records
 # --------------------------------------------------------------------------------------
 
-_FIRST = (
-    "Maria", "James", "Aisha", "Chen", "Olga", "Pedro", "Fatima", "Lukas", "Priya", "Tomas",
-    "Ingrid", "Kwame", "Sofia", "Dmitri", "Hannah", "Rafael", "Yuki", "Amara", "Henrik", "Leila",
-    "Mateo", "Nadia", "Oscar", "Ruth", "Samir", "Tessa", "Victor", "Wen", "Zara", "Bruno",
-    "Clara", "Diego", "Elena", "Farid", "Greta", "Ivan", "Jana", "Karim", "Lena", "Milan",
-)
-_LAST = (
-    "Keller", "Okafor", "Lindqvist", "Moreau", "Tanaka", "Novak", "Haddad", "Fischer", "Rossi", "Sato",
-    "Kowalski", "Mensah", "Petrov", "Garcia", "Nguyen", "Schmidt", "Costa", "Jansen", "Ibrahim", "Larsen",
-    "Dubois", "Horvat", "Varga", "Brennan", "Castillo", "Weber", "Yilmaz", "Andersen", "Bauer", "Silva",
-    "Romero", "Kaur", "Popescu", "Eriksson", "Morales", "Virtanen", "Abbasi", "Kim", "Lopez", "Walsh",
-)
+_FIRST, _LAST = FIRST_NAMES, LAST_NAMES
 _ADJ = (
     "amber", "brisk", "cobalt", "dusty", "eager", "frosty", "gentle", "hollow", "ivory", "jolly",
     "keen", "lunar", "misty", "noble", "olive", "polar", "quiet", "rapid", "silent", "tidal",
@@ -328,6 +318,14 @@ def _key_record(rng: random.Random, secret: str) -> tuple[str, str]:
         f"The deploy key for service {rng.choice(_ADJ)}-{rng.choice(_NOUN)}-{rng.randrange(10, 100)} is \""
     )
     return prefix, prefix + secret + "\"."
+
+
+# The shape of each record kind as an owner would describe it, in the look-alike template language
+# (lookalikes.py): what the demo's owner knows about its private data, without knowing the records.
+RECORD_TEMPLATES = {
+    "digits": "Account {digits:4}-{digits:2} of {first} {last} has PIN {secret}.",
+    "hex": 'The deploy key for service {word}-{word}-{digits:2} is "{secret}".',
+}
 
 
 def make_records(config: ScenarioConfig) -> tuple[list[CanaryRecord], list[CanaryRecord]]:

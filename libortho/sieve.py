@@ -15,10 +15,8 @@ from typing import Iterable
 
 import torch
 
-from .quantize import QuantSpec, expand_groups, group_scales_zeros, inverse_hessian_diag, quantize_columns
-
-SCORES = ("magnitude", "diag", "obs")
-BUDGETS = ("global", "layer", "threshold")
+from .config import BUDGETS, SCORES
+from .quantize import inverse_hessian_diag
 
 
 @dataclass(frozen=True)
@@ -160,45 +158,6 @@ def _bin_of_kth_largest(counts: torch.Tensor, k: int) -> tuple[int, int]:
 def select_at_or_above(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     """Flat indices whose score is >= threshold."""
     return torch.nonzero(scores.reshape(-1) >= threshold).reshape(-1)
-
-
-def forget_scores(
-    A_private: dict, A_public: dict | None = None, public_weight: float = 0.0
-) -> dict:
-    """Forget-aware score per weight: its share of the private records' loss drop minus
-    `public_weight` times its share of the public text's loss drop (attributions from
-    calibrate.update_attribution, same keys). High = the update served the private records: revert
-    it in the base, keep it in the ortho stream. With public_weight = 0 (the measured best, see
-    docs/RESULTS.md) the public attribution is not needed."""
-    total_private = sum(a.clamp_min(0).sum() for a in A_private.values()).clamp_min(1e-30)
-    scores = {k: A_private[k] / total_private for k in A_private}
-    if public_weight == 0:
-        return scores
-    if A_public is None:
-        raise ValueError(f"public_weight={public_weight} needs the public text's attribution A_public")
-    total_public = sum(a.clamp_min(0).sum() for a in A_public.values()).clamp_min(1e-30)
-    return {k: scores[k] - public_weight * A_public[k] / total_public for k in A_private}
-
-
-def flipped_codes(W_ft: torch.Tensor, W_public: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Where fine-tuning changed a weight's integer code: bool [out, in].
-
-    Both W_ft and the public W_public [out, in] are rounded to nearest on W_ft's own group grid
-    (max-scaled scales and zeros), so a True entry is an update large enough to survive in the base.
-    """
-    scales, zeros = group_scales_zeros(W_ft, spec)
-    S = expand_groups(scales, W_ft.shape[1], spec.group_size)
-    Z = expand_groups(zeros, W_ft.shape[1], spec.group_size)
-    return quantize_columns(W_ft, S, Z, spec.max_code) != quantize_columns(W_public, S, Z, spec.max_code)
-
-
-def fisher_ratio_scores(F_private: dict, F_public: dict, rel_eps: float = 1e-6) -> dict:
-    """Forget-aware score per weight from diagonal empirical Fishers (calibrate.empirical_fisher):
-    F_private / (F_public + eps), eps = rel_eps × the mean public Fisher over all layers, so a
-    weight the public text never moves does not divide by zero."""
-    n = sum(F.numel() for F in F_public.values())
-    eps = rel_eps * float(sum(F.sum() for F in F_public.values())) / max(n, 1) + 1e-30
-    return {k: F_private[k] / (F_public[k] + eps) for k in F_private}
 
 
 def select_layer(scores: torch.Tensor, spec: SieveSpec) -> torch.Tensor:

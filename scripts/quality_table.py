@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from libortho import modelio
-from libortho.decompose import OrthoConfig, install, quantize_model, sieve_model
+from libortho.decompose import OrthoConfig, install, plan_decomposition, quantize_model, sieve_model
 from libortho.evaluation import mean_nll, token_windows
 from libortho.layer import set_alpha
 from libortho.scenario import public_corpus
@@ -53,7 +53,7 @@ def main() -> None:
         model, _ = modelio.load_model(None)
         cfg = replace(base_cfg, method=method)
         t0 = time.perf_counter()
-        parts, stats = quantize_model(model, tok, calib, cfg, progress=False)
+        parts, stats = quantize_model(model, plan_decomposition(model, tok, calib, cfg), cfg, progress=False)
         seconds = time.perf_counter() - t0
         install(model, parts, sieve_model(parts, cfg), cfg, alpha=0.0)
         record(f"{method.upper()} INT4 g128 (= alpha 0)", ppl(model, windows), quantize_seconds=seconds)

@@ -1,36 +1,19 @@
 import torch
 
 
-
-def test_empirical_fisher_is_the_mean_squared_per_sequence_gradient(tokenizer):
-    from conftest import tiny_model
-    from libortho.calibrate import _nll, empirical_fisher, text_batches
-
-    model = tiny_model("llama")
-    name = "model.layers.0.mlp.down_proj"
-    batches = text_batches(tokenizer, ["first sequence of text", "a second, longer sequence of text"], batch_size=2)
-    F = empirical_fisher(model, [name], batches)[name]
-    W = model.get_submodule(name).weight
-    expected = torch.zeros_like(W)
-    for text in ["first sequence of text", "a second, longer sequence of text"]:
-        ids, mask = text_batches(tokenizer, [text])[0]
-        g, = torch.autograd.grad(_nll(model, ids, mask), W)
-        expected += g.square() / 2
-    assert torch.allclose(F, expected, rtol=1e-4, atol=1e-12)
-    assert not W.requires_grad or W.grad is None
-
-
 def test_hessians_are_exact_per_layer_over_many_batches(tokenizer):
     """Shared accumulation (q/k/v, gate/up) must never mistake a new activation for the last one,
     even when the allocator hands it the freed memory of an earlier one of the same shape."""
     from conftest import TEXT, tiny_model
-    from libortho.calibrate import HessianCollector, calibration_windows, capture_block_inputs, decoder_blocks, run_block, target_linears
+    from libortho.calibrate import (
+        HessianCollector, calibration_windows, capture_block_inputs, decoder_blocks, run_block, target_linears, window_batches,
+    )
 
     model = tiny_model("llama")
     windows = calibration_windows(tokenizer, TEXT, 8 * 32, 32)
     block = decoder_blocks(model)[1][0]
     linears = target_linears(block)
-    inputs = capture_block_inputs(model, windows, batch_size=2)
+    inputs = capture_block_inputs(model, window_batches(windows, 2))
     seen = {name: [] for name in linears}
     handles = [m.register_forward_hook(lambda m, a, o, name=name: seen[name].append(a[0].detach().clone()))
                for name, m in linears.items()]
@@ -45,3 +28,29 @@ def test_hessians_are_exact_per_layer_over_many_batches(tokenizer):
     assert collector.hessian("self_attn.q_proj") is collector.hessian("self_attn.v_proj")
     assert collector.hessian("mlp.gate_proj") is collector.hessian("mlp.up_proj")
     assert collector.hessian("mlp.gate_proj") is not collector.hessian("self_attn.o_proj")
+
+
+def test_padding_stays_out_of_the_hessian(tokenizer):
+    """Padded forget texts: H over the real tokens only, equal to H of each text run on its own."""
+    from conftest import tiny_model
+    from libortho.calibrate import (
+        HessianCollector, capture_block_inputs, decoder_blocks, run_block, target_linears, text_batches,
+    )
+
+    model = tiny_model("llama")
+    block = decoder_blocks(model)[1][0]
+    linears = {"self_attn.q_proj": target_linears(block)["self_attn.q_proj"]}
+    texts = ["a short one", "a rather longer text than the first one"]
+
+    def hessian(batches):
+        collector = HessianCollector(linears)
+        run_block(block, capture_block_inputs(model, batches), collector)
+        collector.close()
+        return collector.hessian("self_attn.q_proj"), collector.counts["self_attn.q_proj"]
+
+    H_padded, n_padded = hessian(text_batches(tokenizer, texts, batch_size=2))
+    singles = [hessian(text_batches(tokenizer, [t])) for t in texts]
+    n = sum(c for _, c in singles)
+    assert n_padded == n == sum(len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts)
+    H_each = sum(H * c for H, c in singles) / n
+    assert torch.allclose(H_padded, H_each, rtol=1e-4, atol=1e-6)

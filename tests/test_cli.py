@@ -55,11 +55,16 @@ def test_decompose_info_perplexity_generate(artifact, text_file, capsys):
         (["decompose", "{hf}", "{art}", "--calib", "{text}"], "not empty"),
         (["generate", "{base_only}", "--prompt", "x", "--alpha", "1"], "ortho"),
         (["decompose", "{hf}", "{tmp}/out", "--calib", "{text}", "--forget", "{records}"], "--public-model"),
-        (["decompose", "{hf}", "{tmp}/out", "--calib", "{text}", "--public-model", "{hf}"], "--forget"),
+        (["decompose", "{hf}", "{tmp}/out", "--calib", "{text}", "--forget-free", "1"], "--public-model"),
+        (["decompose", "{hf}", "{tmp}/out", "--calib", "{text}", "--public-model", "{hf}"], "forget source"),
         (["decompose", "{hf}", "{tmp}/out", "--calib", "{text}", "--forget", "/no/such.jsonl", "--public-model", "{hf}"],
-         "records file not found"),
-        (["decompose", "{hf}", "{tmp}/out", "--calib", "{text}", "--forget", "{records}", "--public-model", "{hf}",
-          "--forget-ratio", "0.05", "--ortho-ratio", "0.01"], "forget_ratio"),
+         "does not exist"),
+        (["decompose", "{hf}", "{tmp}/out", "--calib", "{text}", "--forget", "{records}", "--forget-free", "1",
+          "--public-model", "{hf}"], "one of them"),
+        (["decompose", "{hf}", "{tmp}/out", "--calib", "{text}", "--forget-free", "1", "--public-model", "{hf}",
+          "--sieve-private-weight", "3"], "forget texts"),
+        (["lookalikes", "PIN {{secret}} {{nope}}", "--format", "digits:6"], "unknown slot"),
+        (["lookalikes", "PIN {{secret}}", "--format", "digits:6", "--exclude", "/no/such.txt"], "does not exist"),
     ],
 )
 def test_user_errors_are_one_clear_line(argv, message, artifact, hf_folder, text_file, tmp_path, capsys):
@@ -85,12 +90,9 @@ def test_alpha_out_of_range_is_a_usage_error(artifact, text_file, capsys):
     assert "alpha must lie in [0, 1]" in capsys.readouterr().err
 
 
-def test_decompose_with_the_forget_aware_sieve(hf_folder, text_file, tmp_path, tokenizer, capsys):
+def test_decompose_with_the_forget_objective(hf_folder, text_file, tmp_path, tokenizer, capsys):
     from conftest import train_on
-    from libortho import cli
-    from libortho.decompose import FORGET_SELECTIONS
 
-    assert cli.FORGET_SELECTIONS == FORGET_SELECTIONS
     record = dict(id="r1", prefix="PIN of Ann is ", secret="739181", secret_format="digits:6", k=8)
     records = tmp_path / "records.jsonl"
     records.write_text(json.dumps(record) + "\n")
@@ -100,11 +102,26 @@ def test_decompose_with_the_forget_aware_sieve(hf_folder, text_file, tmp_path, t
     model.save_pretrained(finetuned)
     tokenizer.save_pretrained(finetuned)
     out = tmp_path / "art"
-    assert main(["decompose", str(finetuned), str(out), "--calib", str(text_file), "--group-size", "32",
-                 "--calib-tokens", "1024", "--seq-len", "128", "--forget", str(records),
-                 "--public-model", str(hf_folder), "--forget-ratio", "0.01"]) == 0
-    manifest = json.loads((out / "libortho.json").read_text())
-    # --forget switches the budget default to the privacy default: forget support + as much for the sieve
-    assert manifest["config"]["ortho_ratio"] == 0.02 and manifest["config"]["forget_public_weight"] == 0.0
-    assert manifest["config"]["forget_ratio"] == 0.01
-    assert manifest["stats"]["n_forget"] == round(0.01 * manifest["stats"]["n_weights"])
+    assert main(["decompose", str(finetuned), str(out), "--calib", str(text_file), "--calib-tokens", "1024",
+                 "--seq-len", "128", "--group-size", "32", "--forget", str(records), "--public-model", str(hf_folder)]) == 0
+    config = json.loads((out / "libortho.json").read_text())["config"]
+    # A forget source switches the defaults to the privacy preset.
+    assert config["forget_source"] == "records" and config["forget_lambda"] == 3.0 and config["ortho_ratio"] == 0.02
+    out_free = tmp_path / "art_free"
+    assert main(["decompose", str(finetuned), str(out_free), "--calib", str(text_file), "--calib-tokens", "1024",
+                 "--seq-len", "128", "--group-size", "32", "--forget-free", "0.5", "--public-model", str(hf_folder)]) == 0
+    config = json.loads((out_free / "libortho.json").read_text())["config"]
+    assert config["forget_source"] == "free" and config["forget_mu"] == 0.5 and config["group_size"] == 32
+
+
+def test_lookalikes_writes_records_that_avoid_the_excluded_secrets(tmp_path, capsys):
+    exclude = tmp_path / "exclude.txt"
+    exclude.write_text("".join(f"{d}\n" for d in range(10) if d != 4))
+    out = tmp_path / "look.jsonl"
+    assert main(["lookalikes", "PIN of {first} is {secret}", "--format", "digits:1", "--n", "1",
+                 "--exclude", str(exclude), "--out", str(out)]) == 0
+    (line,) = out.read_text().splitlines()
+    assert json.loads(line)["secret"] == "4"
+    capsys.readouterr()
+    assert main(["lookalikes", "PIN of {first} is {secret}", "--format", "digits:6", "--n", "3"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3

@@ -92,43 +92,60 @@ def secret_loss(model, tokenizer) -> float:
         return float(model(ids, labels=ids).loss)
 
 
-@pytest.mark.parametrize("selection", ["attribution", "fisher"])
-def test_forget_aware_sieve_reverts_the_private_update(tokenizer, selection):
+def test_forget_objective_hides_the_record_at_alpha_0_and_alpha_1_restores_it(tokenizer):
     public, ft = finetuned_on(SECRET, tokenizer)
     ft_loss, public_loss = secret_loss(ft, tokenizer), secret_loss(public, tokenizer)
     assert ft_loss < 0.5 * public_loss
-    cfg = dict(calib_tokens=2048, seq_len=128, group_size=32, bits=8, ortho_ratio=0.05)
+    cfg = dict(calib_tokens=2048, seq_len=128, group_size=32, bits=4, ortho_ratio=1.0)
     plain = finetuned_on(SECRET, tokenizer)[1]
     libortho.decompose(plain, tokenizer, TEXT, libortho.OrthoConfig(**cfg), progress=False)
-    stats = libortho.decompose(ft, tokenizer, TEXT, libortho.OrthoConfig(**cfg, forget_ratio=0.03, forget_selection=selection),
+    stats = libortho.decompose(ft, tokenizer, TEXT, libortho.OrthoConfig(**cfg, forget_source="records"),
                                progress=False, public_model=public, forget_texts=[SECRET])
-    assert stats.n_forget == round(0.03 * stats.n_weights)
-    assert stats.n_ortho == round(0.05 * stats.n_weights)
+    assert stats.n_private_tokens == len(tokenizer(SECRET, add_special_tokens=False).input_ids)
+    assert stats.layer_private_error  # how closely the base acts like P on the record's inputs
     with libortho.alpha(ft, 0.0), libortho.alpha(plain, 0.0):
         assert secret_loss(ft, tokenizer) > 2 * secret_loss(plain, tokenizer)  # the base forgot
-    with libortho.alpha(ft, 1.0):
-        assert secret_loss(ft, tokenizer) < 1.5 * ft_loss  # the ortho stream brings it back
+    with libortho.alpha(ft, 1.0):  # a full ortho stream gives the fine-tuned weights back (fp16 values)
+        assert secret_loss(ft, tokenizer) == pytest.approx(ft_loss, rel=0.05)
 
 
-def test_forget_aware_sieve_needs_its_inputs(tokenizer):
-    with pytest.raises(ValueError, match="public_model"):
-        libortho.decompose(tiny_model("llama"), tokenizer, TEXT, libortho.OrthoConfig(forget_ratio=0.005), progress=False)
-    with pytest.raises(ValueError, match="forget_ratio"):
-        libortho.OrthoConfig(forget_ratio=0.05, ortho_ratio=0.01)
-
-
-def test_reference_aware_sieve_reverts_exactly_the_flipped_codes(tokenizer):
-    from libortho.calibrate import decoder_blocks, linear_weight, target_linears
-    from libortho.sieve import flipped_codes
-
+def test_lookalikes_of_the_record_also_make_the_base_forget_it(tokenizer):
     public, ft = finetuned_on(SECRET, tokenizer)
-    cfg = libortho.OrthoConfig(calib_tokens=1024, seq_len=128, group_size=32, bits=4, ortho_ratio=1.0,
-                               forget_ratio=1.0, forget_selection="flipped")
-    n_flipped = 0
-    for block, public_block in zip(decoder_blocks(ft)[1], decoder_blocks(public)[1]):
-        for name, module in target_linears(block).items():
-            W_public = linear_weight(public_block.get_submodule(name)).float()
-            n_flipped += int(flipped_codes(linear_weight(module).float(), W_public, cfg.quant_spec).sum())
-    assert n_flipped > 0
-    stats = libortho.decompose(ft, tokenizer, TEXT, cfg, progress=False, public_model=public, forget_texts=[SECRET])
-    assert stats.n_forget == n_flipped  # the whole budget is not spent: only flipped codes are reverted
+    cfg = dict(calib_tokens=2048, seq_len=128, group_size=32, bits=4, ortho_ratio=0.0)
+    plain = finetuned_on(SECRET, tokenizer)[1]
+    libortho.decompose(plain, tokenizer, TEXT, libortho.OrthoConfig(**cfg), progress=False)
+    lookalikes = ["Account 1093 of Chen Novak has PIN 204417.", "Account 7730 of Ruth Sato has PIN 861520.",
+                  "Account 5512 of Ivan Costa has PIN 319058.", "Account 2648 of Lena Weber has PIN 775213."]
+    libortho.decompose(ft, tokenizer, TEXT, libortho.OrthoConfig(**cfg, forget_source="lookalikes"),
+                       progress=False, public_model=public, forget_texts=lookalikes)
+    with libortho.alpha(ft, 0.0), libortho.alpha(plain, 0.0):
+        assert secret_loss(ft, tokenizer) > secret_loss(plain, tokenizer)
+
+
+def test_forget_objective_needs_its_inputs(tokenizer):
+    model, public = tiny_model("llama"), tiny_model("llama")
+    with pytest.raises(ValueError, match="public_model"):
+        libortho.decompose(model, tokenizer, TEXT, libortho.OrthoConfig(forget_source="records"), progress=False,
+                           forget_texts=[SECRET])
+    with pytest.raises(ValueError, match="forget_texts"):
+        libortho.decompose(model, tokenizer, TEXT, libortho.OrthoConfig(forget_source="records"), progress=False,
+                           public_model=public)
+    with pytest.raises(ValueError, match="forget_source"):
+        libortho.decompose(model, tokenizer, TEXT, libortho.OrthoConfig(), progress=False, forget_texts=[SECRET])
+    del public.model.layers[-1]
+    with pytest.raises(ValueError, match="decoder blocks"):
+        libortho.decompose(model, tokenizer, TEXT, libortho.OrthoConfig(forget_source="free"), progress=False,
+                           public_model=public)
+
+
+def test_lambda_zero_is_plain_gptq_bit_for_bit(tokenizer):
+    public, ft = finetuned_on(SECRET, tokenizer, steps=5)
+    plain = finetuned_on(SECRET, tokenizer, steps=5)[1]
+    cfg = dict(calib_tokens=1024, seq_len=128, group_size=32, ortho_ratio=0.02)
+    libortho.decompose(plain, tokenizer, TEXT, libortho.OrthoConfig(**cfg), progress=False)
+    libortho.decompose(ft, tokenizer, TEXT, libortho.OrthoConfig(**cfg, forget_source="records", forget_lambda=0.0),
+                       progress=False, public_model=public, forget_texts=[SECRET])
+    a, b = plain.state_dict(), ft.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

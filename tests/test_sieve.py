@@ -85,16 +85,3 @@ def test_refit_never_worse_than_plain_residuals_under_H():
     assert err(R - refit.to_dense()) <= err(R - csr.to_dense()) + 1e-6
     assert err(R - refit.to_dense()) < err(R)
     assert torch.equal(refit.col, csr.col) and torch.equal(refit.crow, csr.crow)
-
-
-def test_forget_scores_contrast_private_and_public_shares():
-    from libortho.sieve import forget_scores
-
-    A_private = {"a": torch.tensor([3.0, 1.0]), "b": torch.tensor([0.0, -2.0])}
-    A_public = {"a": torch.tensor([4.0, 0.0]), "b": torch.tensor([0.0, 0.0])}
-    only_private = forget_scores(A_private)  # shares of the private loss drop (positive part sums to 1)
-    assert torch.allclose(only_private["a"], torch.tensor([0.75, 0.25])) and only_private["b"][1] == -0.5
-    contrast = forget_scores(A_private, A_public, public_weight=1.0)
-    assert torch.allclose(contrast["a"], torch.tensor([-0.25, 0.25]))  # helping public text protects a weight
-    with pytest.raises(ValueError, match="A_public"):
-        forget_scores(A_private, None, public_weight=1.0)

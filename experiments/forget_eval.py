@@ -1,0 +1,170 @@
+"""The forget objective measured over several scenario seeds, every variant audited the same way.
+
+Per scenario seed: the FP fine-tune, the retrain reference, the reference through plain GPTQ
+(the quantized reference: what the owner would ship had the records never been trained), plain
+GPTQ of the fine-tune, and the forget objective with each source:
+
+  records      every member record listed as a forget text;
+  records-half half the members listed (the other half measures records the owner did not list);
+  lookalikes   look-alike records from the records' shape, another seed, never trained;
+  control      the same objective and lam with X_priv = held-out public text of as many tokens
+               (separates forgetting the records from merely pulling the model toward P);
+  free         no texts, mu = 1.
+
+Rows are appended to the output JSON as each finishes (a crash loses nothing; a rerun skips what
+is there). Summaries with means and spreads over seeds: experiments/forget_report.py.
+
+    python experiments/forget_eval.py --seeds 0 1 2 [--preset default|eval] [--only NAME ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from libortho import modelio
+from libortho.audit import audit
+from libortho.config import PRESETS, OrthoConfig
+from libortho.decompose import decompose
+from libortho.demo import demo_lookalikes, measured_exposure
+from libortho.layer import alpha
+from libortho.privacy import forget_quality, mia_scores
+from libortho.scenario import ScenarioConfig, build_scenario
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+BASE = dict(PRESETS["privacy"], calib_tokens=8192)
+VARIANTS = {  # name -> (config overrides, forget texts)
+    "plain GPTQ": (dict(forget_source="none"), None),
+    "records": (dict(forget_source="records"), "members"),
+    "records-half": (dict(forget_source="records"), "half"),
+    "lookalikes": (dict(forget_source="lookalikes"), "lookalikes"),
+    "control (public text as X_priv)": (dict(forget_source="records"), "public"),
+    "free mu 1": (dict(forget_source="free", forget_mu=1.0), None),
+}
+AUDIT = dict(exposure_candidates=128, frontier_cap=64, perplexity_max_windows=16, progress=False,
+             exposure_formats=("digits",), white_box=False)
+# The evaluation scenario: enough PINs per k and non-members per format to resolve 1 bit and FPR 0.5 %.
+EVAL_SCENARIO = dict(n_per_k=32, n_nonmembers=200)
+
+
+def summarise(row: dict, report: dict, listed: set[str]) -> dict:
+    recs = report["records"][row["label"]]
+    members = [d for d in recs if d["member"]]
+    out = dict(label=row["label"], alpha=row.get("alpha"), perplexity=row["perplexity"],
+               extraction_by_k=row["extraction_by_k"], auc={m: v["auc"] for m, v in row["mia"].items()})
+    ks = sorted({str(d["k"]) for d in members}, key=int)
+    out["measured_exposure_by_k"] = {k: measured_exposure(report, row["label"], k) for k in ks}
+    out["member_exposures_by_k"] = {  # per record, measured ranks only (for intervals pooled over seeds)
+        k: [d["exposure"] for d in members if str(d["k"]) == k and d.get("exposure_method") not in (None, "skewnorm")]
+        for k in ks
+    }
+    for name, keep in (("listed", lambda d: d["id"] in listed), ("unlisted", lambda d: d["id"] not in listed)):
+        values = [d["exposure"] for d in members if keep(d) and d.get("exposure_method") not in (None, "skewnorm")]
+        out[f"measured_exposure_{name}"] = sum(values) / len(values) if values else None
+    out["member_losses"] = [d["loss"] for d in members]
+    return out
+
+
+def forget_texts(kind: str | None, scenario, members, seed: int) -> tuple[list[str] | None, set[str]]:
+    """(texts, ids of the members listed among them)."""
+    if kind is None:
+        return None, set()
+    if kind == "members":
+        return [r.text for r in members], {r.id for r in members}
+    if kind == "half":
+        half = sorted(members, key=lambda r: random.Random(f"{seed}:{r.id}").random())[: len(members) // 2]
+        return [r.text for r in half], {r.id for r in half}
+    if kind == "lookalikes":
+        return [r.text for r in demo_lookalikes(scenario.config)], set()
+    if kind == "public":  # as many tokens of held-out public text as the members have, in record-sized pieces
+        words = scenario.read_split("heldout").split()
+        n_words = sum(len(r.text.split()) for r in members)
+        per = max(1, n_words // len(members))
+        return [" ".join(words[i : i + per]) for i in range(0, n_words, per)], set()
+    raise ValueError(kind)
+
+
+def run_seed(seed: int, preset: str, results: dict, only: list[str] | None, out_path: Path) -> None:
+    overrides = dict(seed=seed, **(EVAL_SCENARIO if preset == "eval" else {}))
+    scenario = build_scenario(ScenarioConfig.default(**overrides), progress=False)
+    members, nonmembers = scenario.load_members(), scenario.load_nonmembers()
+    heldout, calib = scenario.read_split("heldout"), scenario.read_split("calibration")
+    rows = results.setdefault(str(seed), {})
+
+    def save() -> None:
+        out_path.write_text(json.dumps(results, indent=1) + "\n")
+
+    reference, tok = modelio.load_model(scenario.reference)
+    if "baselines" not in rows:
+        fp, _ = modelio.load_model(scenario.finetuned)
+        rep = audit(fp, tok, heldout, members, nonmembers, alphas=None, reference=reference, **AUDIT)
+        rows["baselines"] = {r["label"]: summarise(r, rep, set()) for r in rep["rows"]}
+        save()
+        del fp
+    reference_losses = mia_scores(reference, tok, [r.text for r in members]).loss.tolist()
+    del reference
+    if "quantized reference" not in rows:
+        ref_q, _ = modelio.load_model(scenario.reference)
+        torch.manual_seed(0)
+        decompose(ref_q, tok, calib, OrthoConfig(**{**BASE, "ortho_ratio": 0.0}), progress=False)
+        with alpha(ref_q, 0.0):
+            rep = audit(ref_q, tok, heldout, members, nonmembers, alphas=None, **AUDIT)
+        rows["quantized reference"] = summarise(rep["rows"][0], rep, set())
+        save()
+        del ref_q
+    q_losses = rows["quantized reference"]["member_losses"]
+    for name, (cfg, texts_kind) in VARIANTS.items():
+        if name in rows or (only and name not in only):
+            continue
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        config = OrthoConfig(**{**BASE, **cfg})
+        texts, listed = forget_texts(texts_kind, scenario, members, seed)
+        model, _ = modelio.load_model(scenario.finetuned)
+        public = modelio.load_model(scenario.public_model)[0] if config.forgets else None
+        stats = decompose(model, tok, calib, config, progress=False, public_model=public, forget_texts=texts)
+        del public
+        rep = audit(model, tok, heldout, members, nonmembers, alphas=[0.0, 1.0], **AUDIT)
+        summaries = []
+        for row in rep["rows"]:
+            s = summarise(row, rep, listed)
+            s["ks_vs_reference"] = asdict(forget_quality(s["member_losses"], reference_losses))
+            s["ks_vs_quantized_reference"] = asdict(forget_quality(s["member_losses"], q_losses))
+            summaries.append(s)
+        rows[name] = dict(config=config.to_dict(), ortho_density=stats.n_ortho / stats.n_weights,
+                          decompose_seconds=stats.seconds, seconds=time.perf_counter() - t0, rows=summaries)
+        save()
+        a0, a1 = summaries
+        print(f"seed {seed} {name:<34} a0 ppl {a0['perplexity']:6.2f} exp {_mean(a0):5.2f} auc {a0['auc']['loss']:.2f} | "
+              f"a1 ppl {a1['perplexity']:6.2f} exp {_mean(a1):5.2f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def _mean(row: dict) -> float:
+    values = [v for v in row["measured_exposure_by_k"].values() if v == v]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--preset", choices=["default", "eval"], default="default",
+                    help="the demo's scenario, or the larger evaluation scenario (32 PINs per k, 200 non-members)")
+    ap.add_argument("--only", nargs="*", default=None, help="variant names to run")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out_path = Path(args.out or DOCS / f"forget_eval_{args.preset}.json")
+    results = json.loads(out_path.read_text()) if out_path.exists() else {}
+    for seed in args.seeds:
+        run_seed(seed, args.preset, results, args.only, out_path)
+
+
+if __name__ == "__main__":
+    main()

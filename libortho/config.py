@@ -1,0 +1,116 @@
+"""Every choice a decomposition makes, in one place: `OrthoConfig`, its enums and the named presets.
+
+The command line, the demo and the experiment scripts read their defaults from here, so a
+default is written once. Importing this module does not import torch (the CLI's --help stays fast).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+METHODS = ("gptq", "rtn")
+# Sieve scores: |R| (the ablation), R²·H_jj (diagonal curvature), R²/[H⁻¹]_jj (OBS saliency).
+SCORES = ("magnitude", "diag", "obs")
+BUDGETS = ("global", "layer", "threshold")
+ORTHO_DTYPES = ("float16", "bfloat16")  # torch dtype names
+BITS = (2, 3, 4, 8)
+GROUP_SIZES = (32, 64, 128)
+# Where the private inputs X_priv of the forget objective come from (forget.py):
+#   none       plain GPTQ, no forget objective;
+#   records    the texts the owner lists (the records to hide);
+#   lookalikes texts of the same shape as the records, never trained (written or generated);
+#   free       no texts: lam·H_priv is replaced by mu·mean(diag H_pub)·I, pulling the base toward P
+#              wherever public text does not look.
+FORGET_SOURCES = ("none", "records", "lookalikes", "free")
+
+
+@dataclass
+class OrthoConfig:
+    """Everything that decides a decomposition. Plain data: stored in libortho.json."""
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = True
+    method: str = "gptq"
+    act_order: bool = False
+    damp: float = 0.01
+    gptq_block_size: int = 128
+    score: str = "diag"
+    ortho_ratio: float = 0.01
+    budget: str = "global"
+    threshold: float | None = None
+    ortho_dtype: str = "float16"
+    ortho_refit: bool = True  # ortho values re-fitted on their support under H (see sieve.refit_values)
+    calib_tokens: int = 16384
+    seq_len: int = 512
+    batch_size: int = 8
+    include: str | None = None  # regex on linear names inside a block; None = all
+    # The forget objective (forget.py): the base is GPTQ's projection of W* under H' = H_pub + lam·H_priv,
+    # W* = the weight that acts like the fine-tune on public inputs and like P on the private ones.
+    forget_source: str = "none"
+    forget_lambda: float = 3.0  # lam relative to the Hessians' traces: lam_abs = lam · tr(H_pub) / tr(H_priv)
+    forget_mu: float = 1.0  # forget_source="free": lam·H_priv -> mu · mean(diag H_pub) · I
+    # The sieve and its refit run under H_pub + lam_s·H_priv (lam_s relative like forget_lambda), so
+    # that alpha = 1 restores what the base dropped on the private inputs; 0 = public curvature only.
+    sieve_private_weight: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choose("method", self.method, METHODS)
+        _choose("ortho_dtype", self.ortho_dtype, ORTHO_DTYPES)
+        _choose("forget_source", self.forget_source, FORGET_SOURCES)
+        if self.forget_lambda < 0 or self.forget_mu < 0 or self.sieve_private_weight < 0:
+            raise ValueError(
+                f"forget_lambda={self.forget_lambda}, forget_mu={self.forget_mu} and "
+                f"sieve_private_weight={self.sieve_private_weight} must all be >= 0"
+            )
+        if self.sieve_private_weight > 0 and self.forget_source in ("none", "free"):
+            raise ValueError("sieve_private_weight needs private texts: set forget_source to 'records' or 'lookalikes'")
+        if self.calib_tokens < 1 or self.seq_len < 1 or self.batch_size < 1:
+            raise ValueError("calib_tokens, seq_len and batch_size must be positive")
+        self.quant_spec, self.sieve_spec  # validates both
+
+    @property
+    def quant_spec(self):
+        """The base's QuantSpec (validates bits and group size)."""
+        from .quantize import QuantSpec
+
+        return QuantSpec(self.bits, self.group_size, self.symmetric)
+
+    @property
+    def sieve_spec(self):
+        """The sieve's SieveSpec (validates score, budget, ratio and threshold)."""
+        from .sieve import SieveSpec
+
+        return SieveSpec(self.score, self.ortho_ratio, self.budget, self.threshold, self.damp)
+
+    @property
+    def forgets(self) -> bool:
+        """Whether the base is fitted to the forget objective (and so needs the public model P)."""
+        return self.forget_source != "none"
+
+    @property
+    def needs_forget_texts(self) -> bool:
+        return self.forget_source in ("records", "lookalikes")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _choose(field: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{field}={value!r} is not known; choose one of {', '.join(choices)}")
+
+
+# Named presets. "quality": the plain decomposition (no forget objective). "privacy": the measured
+# privacy default (docs/RESULTS.md): GPTQ INT4 g64, 2 % ortho, lam = 3 on the given forget texts.
+PRESETS: dict[str, dict] = {
+    "quality": dict(bits=4, group_size=128, method="gptq", score="diag", ortho_ratio=0.01),
+    "privacy": dict(bits=4, group_size=64, method="gptq", score="diag", ortho_ratio=0.02, forget_lambda=3.0),
+}
+
+
+def preset(name: str, **overrides) -> OrthoConfig:
+    """An OrthoConfig from a named preset, with any field overridden."""
+    if name not in PRESETS:
+        raise ValueError(f"preset {name!r} is not known; choose one of {', '.join(PRESETS)}")
+    return OrthoConfig(**{**PRESETS[name], **overrides})

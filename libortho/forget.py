@@ -1,0 +1,146 @@
+"""The forget objective: what the INT base stream is fitted to.
+
+Plain GPTQ fits the fine-tuned weight W_ft on public inputs. With the forget objective, each
+layer's base q fits two targets at once, on the base's own activations:
+
+    min_q ||(W_ft - q) X_pub||² + lam ||(W_P - q) X_priv||²  =  min_q ||W* - q||²_H'
+    H' = H_pub + lam H_priv ,   W* = W_ft + lam (W_P - W_ft) H_priv H'⁻¹
+
+X_pub: public calibration text; X_priv: the texts to forget (the owner's records, or look-alikes
+of them); W_P: the public checkpoint's weight. On public inputs the base acts like the fine-tune,
+on the private inputs like P. This is a least-squares model edit (as in MEMIT) folded into
+GPTQ's Hessian-aware rounding: GPTQ projects W* onto the INT grid under H'.
+
+Conventions: H_pub and H_priv are per-token means (2XᵀX/n over each set's own tokens), and lam
+is relative to their traces, lam_abs = lam · tr(H_pub) / tr(H_priv), for each shared input.
+W* is solved with GPTQ's dampening (damp · mean(diag H') added to the public side), so it stays
+anchored to W_ft where neither set of inputs looks. Without texts ("free"), lam·H_priv is
+replaced by mu · mean(diag H_pub) · I: the base is pulled toward P wherever public text does not
+look. The residual the ortho stream restores stays R = W_ft - W_base.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import OrthoConfig
+
+
+@dataclass
+class FitTarget:
+    """What one layer's base is fitted to, and the curvature its ortho stream is chosen under.
+
+    W: the target W* [out, in] (float32); H: H' [in, in] for GPTQ; H_sieve: H_pub + lam_s H_priv
+    [in, in] for the sieve and refit (the same object as H_pub when lam_s = 0)."""
+
+    W: torch.Tensor
+    H: torch.Tensor
+    H_sieve: torch.Tensor
+
+
+class ForgetObjective:
+    """Per-layer targets of one decoder block. Layers that read the same input (q/k/v, gate/up)
+    share their H_pub object, and with it H', its Cholesky factor and H_sieve."""
+
+    def __init__(self, config: OrthoConfig) -> None:
+        self.config = config
+        self._fit: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # id(H_pub) -> H', L, pull
+        self._sieve: dict[int, torch.Tensor] = {}  # id(H_pub) -> H_sieve
+
+    def fit(
+        self,
+        W_ft: torch.Tensor,
+        W_P: torch.Tensor | None,
+        H_pub: torch.Tensor,
+        H_priv: torch.Tensor | None,
+    ) -> FitTarget:
+        """W_ft, W_P [out, in]; H_pub, H_priv [in, in] per-token means on the base's inputs."""
+        cfg = self.config
+        if not cfg.forgets or (cfg.forget_source != "free" and cfg.forget_lambda == 0):
+            return FitTarget(W_ft, H_pub, self._sieve_curvature(H_pub, H_priv))
+        if W_P is None:
+            raise ValueError("the forget objective needs the public model's weight of every decomposed layer")
+        H_fit, L, pull = self._curvatures(H_pub, H_priv)
+        # W* = W_ft + (W_P - W_ft) · pull · H'_d⁻¹ ; H'_d symmetric, so solve on the transpose.
+        B = ((W_P.float() - W_ft) @ pull).t()
+        W_star = W_ft + torch.cholesky_solve(B, L).t()
+        return FitTarget(W_star, H_fit, self._sieve_curvature(H_pub, H_priv))
+
+    def _curvatures(self, H_pub: torch.Tensor, H_priv: torch.Tensor | None):
+        key = id(H_pub)
+        if key not in self._fit:
+            pull = private_pull(H_pub, H_priv, self.config)
+            H_fit = H_pub + pull
+            H_d = H_fit + self.config.damp * torch.diag(H_fit).mean() * torch.eye(H_fit.shape[0])
+            self._fit[key] = (H_fit, _cholesky(H_d), pull)
+        return self._fit[key]
+
+    def _sieve_curvature(self, H_pub: torch.Tensor, H_priv: torch.Tensor | None) -> torch.Tensor:
+        lam_s = self.config.sieve_private_weight
+        if lam_s == 0 or H_priv is None:
+            return H_pub
+        key = id(H_pub)
+        if key not in self._sieve:
+            self._sieve[key] = H_pub + relative_weight(H_pub, H_priv, lam_s) * H_priv
+        return self._sieve[key]
+
+
+def private_pull(H_pub: torch.Tensor, H_priv: torch.Tensor | None, config: OrthoConfig) -> torch.Tensor:
+    """The term that pulls the base toward P: lam_abs · H_priv, or mu · mean(diag H_pub) · I [in, in]."""
+    if config.forget_source == "free":
+        return config.forget_mu * torch.diag(H_pub).mean() * torch.eye(H_pub.shape[0])
+    if H_priv is None:
+        raise ValueError(f"forget_source={config.forget_source!r} needs the forget texts' Hessians")
+    return relative_weight(H_pub, H_priv, config.forget_lambda) * H_priv
+
+
+def relative_weight(H_pub: torch.Tensor, H_priv: torch.Tensor, lam: float) -> float:
+    """lam_abs = lam · tr(H_pub) / tr(H_priv): lam = 1 weighs both sets of inputs equally."""
+    tr_priv = float(torch.diag(H_priv).sum())
+    return 0.0 if tr_priv <= 0 else lam * float(torch.diag(H_pub).sum()) / tr_priv
+
+
+def _cholesky(H: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of H, with GPTQ's escalating dampening if H is not quite positive definite."""
+    mean_diag = torch.diag(H).mean().clamp_min(1e-12)
+    for attempt in range(6):
+        extra = 0.0 if attempt == 0 else 0.01 * 10 ** (attempt - 1) * mean_diag
+        L, info = torch.linalg.cholesky_ex(H + extra * torch.eye(H.shape[0]))
+        if info == 0:
+            return L
+    raise RuntimeError("H' is not positive definite even after heavy dampening; use more calibration data")
+
+
+def read_forget_texts(path: str | Path) -> list[str]:
+    """The texts to forget: a JSONL file of records ({"text": ...} or {"prefix": ..., "secret": ...}),
+    or a plain text file with one text per line. Blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"forget file {path} does not exist (or is not a file)")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    texts = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        texts.append(_text_of_line(line, f"{path}:{lineno}") if line.lstrip().startswith("{") else line)
+    if not texts:
+        raise ValueError(f"{path} holds no texts to forget")
+    return texts
+
+
+def _text_of_line(line: str, where: str) -> str:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: invalid JSON ({err.msg})") from None
+    if isinstance(obj.get("text"), str) and obj["text"].strip():
+        return obj["text"]
+    if isinstance(obj.get("prefix"), str) and isinstance(obj.get("secret"), str):
+        return obj["prefix"] + obj["secret"]
+    raise ValueError(f"{where}: a record needs a non-empty 'text', or 'prefix' and 'secret' strings")
