@@ -6,6 +6,7 @@ the base stream is fitted to its own inputs: it has to be a self-consistent mode
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -89,6 +90,11 @@ class OrthoConfig:
             )
         if self.calib_tokens < 1 or self.seq_len < 1 or self.batch_size < 1:
             raise ValueError("calib_tokens, seq_len and batch_size must be positive")
+        if self.include is not None:
+            try:
+                re.compile(self.include)
+            except re.error as err:
+                raise ValueError(f"include={self.include!r} is not a valid regular expression ({err})") from None
         self.quant_spec, self.sieve_spec  # validates both
 
     @property
@@ -255,9 +261,11 @@ def install(
     parts: dict[tuple[int, str], LayerParts],
     orthos: dict[tuple[int, str], OrthoCSR],
     config: OrthoConfig,
-    alpha: float = 1.0,
+    alpha: float = 0.0,
 ) -> int:
-    """Put the final OrthoLinear layers into `model` sharing one alpha switch; returns the ortho nnz."""
+    """Put the final OrthoLinear layers into `model` sharing one alpha switch; returns the ortho nnz.
+
+    The switch starts at `alpha` = 0 (fail closed): the ortho stream only joins when asked for."""
     _, blocks = calibrate.decoder_blocks(model)
     n_ortho = 0
     for (b, name), p in parts.items():
@@ -285,7 +293,8 @@ def decompose(
     the model was fine-tuned from and `forget_texts` the records to hide: the weights whose
     fine-tuning update served those records most (and public text least) take P's value in the
     base and their full value in the ortho stream.
-    Returns timing and per-layer statistics; the model's alpha starts at 1.
+    Returns timing and per-layer statistics; the model's alpha starts at 0 (ask for more with
+    ``libortho.alpha`` or ``libortho.set_alpha``).
     """
     config = config or OrthoConfig()
     start = time.perf_counter()
