@@ -175,8 +175,8 @@ def check_tensors(file: Path, tensors: dict[str, torch.Tensor], expected: dict[s
         dtype_ok = got.dtype == want.dtype if key in fixed_dtype else got.is_floating_point() == want.is_floating_point()
         if tuple(got.shape) != tuple(want.shape) or not dtype_ok:
             raise ArtifactError(
-                f"{file}: tensor {key!r} is {got.dtype} {tuple(got.shape)}, but {manifest_hint} implies "
-                f"{want.dtype} {tuple(want.shape)}"
+                f"{file}: tensor {key!r} is {got.dtype} {tuple(got.shape)}, but {manifest_hint} "
+                f"call for {want.dtype} {tuple(want.shape)}"
             )
         if got.is_floating_point() and not bool(torch.isfinite(got).all()):
             raise ArtifactError(f"{file}: tensor {key!r} holds NaN or infinite values")
