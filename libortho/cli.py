@@ -146,7 +146,7 @@ def _stats_dict(stats) -> dict:
 
 
 def cmd_perplexity(args) -> int:
-    from . import layer
+    from . import switch
     from .evaluation import perplexity
 
     text = _read_text(args.text)
@@ -155,7 +155,7 @@ def cmd_perplexity(args) -> int:
     alphas = args.alpha if args.alpha else ([0.0] if artifact else [None])
     rows = []
     for a in alphas:
-        scope = layer.alpha(model, a) if a is not None else contextlib.nullcontext()
+        scope = switch.alpha(model, a) if a is not None else contextlib.nullcontext()
         with scope:
             ppl = perplexity(model, tok, text, window=args.window, max_windows=args.max_windows, progress=not args.json)
         rows.append({"alpha": a, "perplexity": ppl})

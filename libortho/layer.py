@@ -10,7 +10,7 @@ from torch import nn
 
 from .quantize import QuantizedWeight, QuantSpec, dequantize, n_groups, pack, unpack
 from .sieve import OrthoCSR
-from .switch import AlphaState, AlphaValue, alpha, alpha_state, get_alpha, set_alpha  # noqa: F401 (public here)
+from .switch import AlphaState, AlphaValue, alpha_state, get_alpha, set_alpha  # noqa: F401 (public here)
 from .switch import attach_alpha_state as _attach
 
 
@@ -157,10 +157,10 @@ class OrthoLinear(nn.Module):
         )
 
 
-def _is_nonzero(alpha: AlphaValue) -> bool:
-    if isinstance(alpha, torch.Tensor):
-        return bool((alpha != 0).any())
-    return alpha != 0
+def _is_nonzero(value: AlphaValue) -> bool:
+    if isinstance(value, torch.Tensor):
+        return bool((value != 0).any())
+    return value != 0
 
 
 # ---- the model-level switch ---------------------------------------------------------------
