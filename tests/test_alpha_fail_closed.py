@@ -157,3 +157,23 @@ def test_a_failing_pass_does_not_keep_its_alpha(model, ids, refs):
         model(torch.full((1, 3), 10_000))  # token id out of range
     libortho.set_alpha(model, 1.0)
     assert torch.equal(_generate(model, ids), t1)
+
+
+def test_cli_runs_artifacts_at_alpha_zero_unless_asked(model, tokenizer, tmp_path, capsys):
+    import json
+
+    from libortho.cli import main
+
+    path = libortho.save(model, tokenizer, tmp_path / "a")
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT[:400])
+    outs = {}
+    for flag in ([], ["--alpha", "0"], ["--alpha", "1"]):
+        assert main(["generate", str(path), "--prompt", PROMPT, "--max-new-tokens", str(NEW), *flag]) == 0
+        outs[tuple(flag)] = capsys.readouterr().out
+    assert outs[()] == outs[("--alpha", "0")] != outs[("--alpha", "1")]
+    ppl = {}
+    for flag in ([], ["--alpha", "0"]):
+        assert main(["perplexity", str(path), "--text", str(text), "--window", "64", "--json", *flag]) == 0
+        ppl[tuple(flag)] = json.loads(capsys.readouterr().out)["results"]
+    assert ppl[()] == ppl[("--alpha", "0")] and ppl[()][0]["alpha"] == 0.0
