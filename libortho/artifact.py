@@ -240,7 +240,7 @@ def load(
         for name, spec in manifest["layers"].items():
             check.check_csr(path / ORTHO_FILE, name, spec, ortho)
 
-    with tempfile.TemporaryDirectory(prefix="libortho-meta-") as stage:
+    with tempfile.TemporaryDirectory(prefix=f"libortho-meta-{os.getpid()}-") as stage:  # owner pid in the name
         source = _staged_metadata(path, manifest, Path(stage))
         refuse_custom_code(source, shown_as=path)
         try:
