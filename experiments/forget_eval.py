@@ -32,7 +32,7 @@ from libortho.audit import audit
 from libortho.config import PRESETS, OrthoConfig
 from libortho.decompose import decompose
 from libortho.demo import demo_lookalikes, measured_exposure
-from libortho.layer import alpha
+from libortho.switch import alpha
 from libortho.privacy import forget_quality, mia_scores
 from libortho.scenario import ScenarioConfig, build_scenario
 

@@ -13,7 +13,8 @@ sparse high-precision ortho stream, with alpha an explicit runtime switch.
 from .config import OrthoConfig, preset
 from .decompose import DecompositionStats, decompose
 from .evaluation import perplexity
-from .layer import OrthoLinear, alpha, get_alpha, set_alpha
+from .layer import OrthoLinear
+from .switch import alpha, get_alpha, set_alpha
 from .modelio import ArtifactError, load, load_model, save
 
 __version__ = "0.1.0"

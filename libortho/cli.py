@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -53,8 +55,20 @@ def _nonnegative_float(text: str) -> float:
     return value
 
 
+def _regex_value(text: str) -> str:
+    import re
+
+    try:
+        re.compile(text)
+    except re.error as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid regular expression ({err})") from None
+    return text
+
+
 def _read_text(path: str) -> str:
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{path} is a folder; expected a text file")
     if not p.is_file():
         raise UserError(f"text file {path} does not exist")
     try:
@@ -66,20 +80,23 @@ def _read_text(path: str) -> str:
     return text
 
 
-def _open_any(path: str, alpha: float | None = None, alphas_requested: bool = False):
-    """(model, tokenizer, is_artifact) for an artifact folder, a HF folder or a .gguf file."""
+def _open_any(path: str, alpha: float = 0.0, alphas_requested: bool = False):
+    """(model, tokenizer, is_artifact) for an artifact folder, a HF folder or a .gguf file.
+
+    An artifact opens at `alpha` (0 unless the user asked for more: fail closed)."""
     from . import modelio
 
-    artifact = Path(path).is_dir() and modelio.is_artifact(path)
-    if alphas_requested and not artifact and Path(path).exists():
-        raise UserError(f"{path} is a plain model (no ortho stream): --alpha applies to libortho artifacts only")
-    if artifact:
-        with_ortho = (Path(path) / modelio.ORTHO_FILE).is_file()
-        model, tok = modelio.load(path, alpha=alpha if alpha is not None else (1.0 if with_ortho else 0.0))
-        return model, tok, True
-    if not Path(path).exists():
+    p = Path(path)
+    if not p.exists():
         raise UserError(f"{path} does not exist; pass a libortho artifact, a Hugging Face model folder or a .gguf file")
-    model, tok = modelio.load_model(path)
+    if p.is_dir() and not any(p.iterdir()):
+        raise UserError(f"{path} is an empty folder; pass a libortho artifact, a Hugging Face model folder or a .gguf file")
+    if p.is_dir() and os.path.lexists(p / modelio.MANIFEST):  # meant as an artifact: load() names what is wrong
+        model, tok = modelio.load(p, alpha=alpha)
+        return model, tok, True
+    if alphas_requested:
+        raise UserError(f"{path} is a plain model (no ortho stream): --alpha applies to libortho artifacts only")
+    model, tok = modelio.load_model(p)
     return model, tok, False
 
 
@@ -91,9 +108,10 @@ def cmd_decompose(args) -> int:
     from .config import PRESETS, OrthoConfig
     from .decompose import decompose
 
+    from .fsutil import check_output_dir
+
     out = Path(args.out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"output folder {out} exists and is not empty; choose a new folder")
+    check_output_dir(out)  # before hours of work, not after
     calib = _read_text(args.calib)
     source, forget_texts = _forget_source(args)
     preset = PRESETS["quality" if source == "none" else "privacy"]
@@ -115,7 +133,8 @@ def cmd_decompose(args) -> int:
         public_model = modelio.load_model(None if args.public_model == "default" else args.public_model)[0]
     stats = decompose(model, tok, calib, config, progress=True, public_model=public_model, forget_texts=forget_texts)
     del public_model
-    modelio.save(model, tok, out, extra=dict(stats=_stats_dict(stats), source=str(args.model)))
+    modelio.save(model, tok, out, extra=dict(stats=_stats_dict(stats), source=str(args.model)),
+                 ortho_mode=None if args.ortho_follow_umask else 0o600)
     print(f"decomposed {stats.n_layers} layers ({stats.n_weights:,} weights) in {stats.seconds:.1f} s; "
           f"ortho {stats.n_ortho:,} entries ({100 * stats.n_ortho / stats.n_weights:.2f} %) -> {out}")
     return 0
@@ -149,22 +168,18 @@ def _stats_dict(stats) -> dict:
 
 
 def cmd_perplexity(args) -> int:
-    from . import layer
+    from . import switch
     from .evaluation import perplexity
 
     text = _read_text(args.text)
     model, tok, artifact = _open_any(args.path, alphas_requested=bool(args.alpha))
-    if args.alpha:
-        alphas = args.alpha
-    elif artifact:
-        alphas = [1.0] if layer.alpha_state(model).ortho_available else [0.0]
-    else:
-        alphas = [None]
+    # Fail closed: an artifact is measured at alpha 0 unless --alpha asks for more.
+    alphas = args.alpha if args.alpha else ([0.0] if artifact else [None])
     rows = []
     for a in alphas:
-        if a is not None:
-            layer.set_alpha(model, a)
-        ppl = perplexity(model, tok, text, window=args.window, max_windows=args.max_windows, progress=not args.json)
+        scope = switch.alpha(model, a) if a is not None else contextlib.nullcontext()
+        with scope:
+            ppl = perplexity(model, tok, text, window=args.window, max_windows=args.max_windows, progress=not args.json)
         rows.append({"alpha": a, "perplexity": ppl})
     if args.json:
         print(json.dumps({"path": str(args.path), "text": str(args.text), "window": args.window, "results": rows}))
@@ -178,8 +193,12 @@ def cmd_perplexity(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    model, tok, _ = _open_any(args.path, alpha=args.alpha, alphas_requested=args.alpha is not None)
+    if not args.prompt.strip():
+        raise UserError("--prompt is empty; give the text to continue")
+    model, tok, _ = _open_any(args.path, alpha=args.alpha or 0.0, alphas_requested=args.alpha is not None)
     ids = tok(args.prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise UserError(f"--prompt {args.prompt!r} gives no tokens with this model's tokenizer")
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
     print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
@@ -187,10 +206,12 @@ def cmd_generate(args) -> int:
 
 
 def artifact_info(path: str | Path) -> dict:
-    """Settings, sizes and densities of an artifact, from its manifest and files."""
-    from . import modelio
+    """Settings, sizes and densities of an artifact, from its manifest and files, after checking
+    every file against its SHA-256 and the ortho stream's CSR structure (raises ArtifactError)."""
+    from . import artifact
 
-    manifest = modelio.read_manifest(path)
+    manifest = artifact.read_manifest(path)
+    verified = artifact.verify_artifact(path)
     layers = manifest["layers"]
     n_weights = sum(s["in_features"] * s["out_features"] for s in layers.values())
     n_ortho = sum(s["ortho_nnz"] for s in layers.values())
@@ -202,7 +223,8 @@ def artifact_info(path: str | Path) -> dict:
     ortho_bits = sum(s["ortho_nnz"] * (16 + 32) + (s["out_features"] + 1) * 32 for s in layers.values())
     cfg = manifest.get("config") or {}
     files = {
-        name: dict(sha256=sha, bytes=(Path(path) / name).stat().st_size if (Path(path) / name).exists() else None)
+        name: dict(sha256=sha, bytes=(Path(path) / name).stat().st_size if (Path(path) / name).exists() else None,
+                   status=verified[name])
         for name, sha in manifest["files"].items()
     }
     return dict(
@@ -229,7 +251,8 @@ def cmd_info(args) -> int:
     print(f"bits/param      {info['bits_per_param_base']:.3f} (alpha 0), {info['bits_per_param_alpha1']:.3f} (alpha 1, with ortho)")
     for name, f in info["files"].items():
         size = "missing" if f["bytes"] is None else f"{f['bytes'] / 2**20:.1f} MiB"
-        print(f"{name:<16}{size:>12}  sha256 {f['sha256']}")
+        print(f"{name:<24}{size:>12}  sha256 {f['sha256'][:16]}…  {f['status']}")
+    print("checked         every file against its SHA-256 in libortho.json, the manifest schema, the ortho CSR structure")
     return 0
 
 
@@ -241,7 +264,8 @@ def cmd_audit(args) -> int:
     if Path(args.path).is_dir() and modelio.is_artifact(args.path):
         info = artifact_info(args.path)
         extra = {k: info[k] for k in ("ortho_density", "bits_per_param_base", "bits_per_param_alpha1", "bits", "group_size", "method", "score")}
-    alphas = args.alpha if args.alpha else None
+    # Fail closed: an artifact is audited at alpha 0 unless --alpha asks for more.
+    alphas = args.alpha if args.alpha else ([0.0] if extra else None)
     report = audit_from_paths(
         args.path, args.private, args.nonmembers, args.public, args.out,
         alphas=alphas, reference_path=args.reference, exposure_candidates=args.candidates,
@@ -318,8 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="budget across all layers or per layer")
     p.add_argument("--calib-tokens", type=_positive_int, default=16384, metavar="N")
     p.add_argument("--seq-len", type=_positive_int, default=512)
-    p.add_argument("--include", default=None, metavar="REGEX", help="only linear layers whose name inside a block matches")
+    p.add_argument("--include", type=_regex_value, default=None, metavar="REGEX", help="only linear layers whose name inside a block matches")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ortho-follow-umask", action="store_true",
+                   help="create ortho.safetensors with the umask's mode like the other files, instead of 0600 "
+                        "(owner only: it carries what alpha 0 hides)")
     g = p.add_argument_group(
         "forget objective",
         "fit the INT base so that it acts like the fine-tuned model on public inputs and like the public "
@@ -358,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("perplexity", help="perplexity of a text per alpha")
     p.add_argument("path", metavar="PATH", help="libortho artifact, Hugging Face folder or .gguf")
     p.add_argument("--text", required=True, metavar="FILE")
-    p.add_argument("--alpha", type=_alpha_value, nargs="+", metavar="A")
+    p.add_argument("--alpha", type=_alpha_value, nargs="+", metavar="A", help="alphas to measure (artifacts; default 0)")
     p.add_argument("--window", type=_positive_int, default=256, help="tokens per fixed window")
     p.add_argument("--max-windows", type=_positive_int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -367,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="greedy generation at a given alpha")
     p.add_argument("path", metavar="PATH")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--alpha", type=_alpha_value, default=None)
+    p.add_argument("--alpha", type=_alpha_value, default=None, help="artifacts only; default 0 (the base stream)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=32)
     p.set_defaults(func=cmd_generate)
 
@@ -382,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", required=True, metavar="RECORDS.jsonl", help="trained private records (prefix, secret, secret_format, k)")
     p.add_argument("--nonmembers", required=True, metavar="RECORDS.jsonl", help="records of the same templates never trained")
     p.add_argument("--reference", default=None, metavar="MODEL", help="retrain reference (same fine-tune without the private records)")
-    p.add_argument("--alpha", type=_alpha_value, nargs="+", metavar="A", help="alphas to audit (artifacts only)")
+    p.add_argument("--alpha", type=_alpha_value, nargs="+", metavar="A", help="alphas to audit (artifacts only; default 0)")
     p.add_argument("--candidates", type=_positive_int, default=1000, help="sampled candidates for exposure estimates")
     p.add_argument("--max-windows", type=_positive_int, default=None, help="cap on perplexity windows")
     p.add_argument("--frontier-cap", type=_positive_int, default=256, metavar="N",
@@ -411,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (UserError, ArtifactError, ValueError, FileNotFoundError) as err:
+    except (UserError, ArtifactError, ValueError, OSError) as err:  # OSError: permissions, full disk, ...
         print(f"libortho {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -5,6 +5,7 @@ default is written once. Importing this module does not import torch (the CLI's 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 METHODS = ("gptq", "rtn")
@@ -67,6 +68,11 @@ class OrthoConfig:
             raise ValueError("sieve_private_weight needs private texts: set forget_source to 'records' or 'lookalikes'")
         if self.calib_tokens < 1 or self.seq_len < 1 or self.batch_size < 1:
             raise ValueError("calib_tokens, seq_len and batch_size must be positive")
+        if self.include is not None:
+            try:
+                re.compile(self.include)
+            except re.error as err:
+                raise ValueError(f"include={self.include!r} is not a valid regular expression ({err})") from None
         self.quant_spec, self.sieve_spec  # validates both
 
     @property

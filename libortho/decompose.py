@@ -247,9 +247,11 @@ def install(
     parts: dict[tuple[int, str], LayerParts],
     orthos: dict[tuple[int, str], OrthoCSR],
     config: OrthoConfig,
-    alpha: float = 1.0,
+    alpha: float = 0.0,
 ) -> int:
-    """Put the final OrthoLinear layers into `model` sharing one alpha switch; returns the ortho nnz."""
+    """Put the final OrthoLinear layers into `model` sharing one alpha switch; returns the ortho nnz.
+
+    The switch starts at `alpha` = 0 (fail closed): the ortho stream only joins when asked for."""
     _, blocks = calibrate.decoder_blocks(model)
     n_ortho = 0
     for (b, name), p in parts.items():
@@ -276,7 +278,8 @@ def decompose(
     With config.forget_source set (see forget.py), `public_model` is the public checkpoint P the
     model was fine-tuned from, and `forget_texts` the texts whose inputs the base must treat like
     P (the records to hide, or look-alikes of them; none for forget_source="free").
-    Returns timing and per-layer statistics.
+    Returns timing and per-layer statistics; the model's alpha starts at 0 (ask for more with
+    ``libortho.alpha`` or ``libortho.set_alpha``).
     """
     config = config or OrthoConfig()
     start = time.perf_counter()

@@ -24,7 +24,7 @@ from . import modelio
 from .audit import audit
 from .config import PRESETS, OrthoConfig
 from .decompose import decompose
-from .layer import alpha
+from .switch import alpha
 from .lookalikes import lookalike_records
 from .privacy import CanaryRecord, forget_quality, mia_scores
 

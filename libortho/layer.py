@@ -1,72 +1,17 @@
-"""`OrthoLinear`: a drop-in for nn.Linear computing Y = X·W_baseᵀ + alpha·X·W_orthoᵀ + b,
-and the explicit, thread-safe alpha switch of a model.
+"""`OrthoLinear`: a drop-in for nn.Linear computing Y = X·W_baseᵀ + alpha·X·W_orthoᵀ + b.
 
-Alpha is not a global: every decomposed model owns one `AlphaState`, shared by its layers.
-`set_alpha(model, a)` sets the model's default; `with alpha(model, a):` overrides it for the
-current thread / asyncio task only (a `contextvars.ContextVar`), so concurrent callers with
-different alphas don't see each other's value.
+Alpha is not a global: every decomposed model owns one `AlphaState` (libortho/switch.py),
+shared by its layers, which says how alpha is chosen for each forward pass.
 """
 from __future__ import annotations
-
-import contextlib
-import contextvars
-import itertools
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from .quantize import QuantizedWeight, QuantSpec, dequantize, n_groups, pack, unpack
 from .sieve import OrthoCSR
-
-AlphaValue = float | torch.Tensor
-_state_ids = itertools.count()
-
-
-class AlphaState:
-    """The alpha of one model: a default plus a per-context override."""
-
-    def __init__(self, default: float = 1.0, ortho_available: bool = True) -> None:
-        self.ortho_available = ortho_available
-        self.default = default if ortho_available else 0.0
-        self._override: contextvars.ContextVar[AlphaValue | None] = contextvars.ContextVar(
-            f"libortho_alpha_{next(_state_ids)}", default=None
-        )
-
-    def get(self) -> AlphaValue:
-        value = self._override.get()
-        return self.default if value is None else value
-
-    def check(self, value: AlphaValue) -> AlphaValue:
-        """Validate an alpha (float in [0, 1], or a 1-D tensor of them, one per sequence row)."""
-        if isinstance(value, torch.Tensor):
-            if value.dim() != 1:
-                raise ValueError(f"a per-row alpha must be a 1-D tensor, got shape {tuple(value.shape)}")
-            if value.numel() == 0:
-                raise ValueError("a per-row alpha tensor must not be empty")
-            lo, hi = float(value.min()), float(value.max())
-        else:
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"alpha must be a number in [0, 1], got {value!r}") from None
-            lo = hi = value
-        if not (0.0 <= lo and hi <= 1.0):
-            raise ValueError(f"alpha must lie in [0, 1], got {value if not isinstance(value, torch.Tensor) else (lo, hi)}")
-        if hi > 0 and not self.ortho_available:
-            raise ValueError(
-                "this model was loaded without its ortho stream (ortho.safetensors), so alpha is fixed at 0; "
-                "load the artifact with its ortho file to raise alpha"
-            )
-        return value
-
-    @contextlib.contextmanager
-    def scoped(self, value: AlphaValue) -> Iterator[None]:
-        token = self._override.set(self.check(value))
-        try:
-            yield
-        finally:
-            self._override.reset(token)
+from .switch import AlphaState, AlphaValue, alpha_state, get_alpha, set_alpha  # noqa: F401 (public here)
+from .switch import attach_alpha_state as _attach
 
 
 class OrthoLinear(nn.Module):
@@ -212,10 +157,10 @@ class OrthoLinear(nn.Module):
         )
 
 
-def _is_nonzero(alpha: AlphaValue) -> bool:
-    if isinstance(alpha, torch.Tensor):
-        return bool((alpha != 0).any())
-    return alpha != 0
+def _is_nonzero(value: AlphaValue) -> bool:
+    if isinstance(value, torch.Tensor):
+        return bool((value != 0).any())
+    return value != 0
 
 
 # ---- the model-level switch ---------------------------------------------------------------
@@ -223,36 +168,6 @@ def ortho_layers(model: nn.Module) -> list[OrthoLinear]:
     return [m for m in model.modules() if isinstance(m, OrthoLinear)]
 
 
-def alpha_state(model: nn.Module) -> AlphaState:
-    """The AlphaState shared by the model's OrthoLinear layers."""
-    state = getattr(model, "libortho_alpha", None)
-    if isinstance(state, AlphaState):
-        return state
-    raise ValueError(
-        "this model has no libortho layers; decompose it with libortho.decompose(...) "
-        "or load an artifact with libortho.load(...)"
-    )
-
-
 def attach_alpha_state(model: nn.Module, state: AlphaState) -> None:
-    """Make every OrthoLinear of `model` share `state` (called after decompose/load)."""
-    model.libortho_alpha = state
-    for layer in ortho_layers(model):
-        layer.alpha_state = state
-
-
-def set_alpha(model: nn.Module, value: AlphaValue) -> None:
-    """Set the model's default alpha (float in [0, 1] or a per-row tensor)."""
-    state = alpha_state(model)
-    state.default = state.check(value)
-
-
-def get_alpha(model: nn.Module) -> AlphaValue:
-    return alpha_state(model).get()
-
-
-@contextlib.contextmanager
-def alpha(model: nn.Module, value: AlphaValue) -> Iterator[nn.Module]:
-    """Scoped alpha for the current thread / task: ``with libortho.alpha(model, 0.0): model.generate(...)``."""
-    with alpha_state(model).scoped(value):
-        yield model
+    """Make every OrthoLinear of `model` share `state`, pinned once per pass of `model` (after decompose/load)."""
+    _attach(model, state, ortho_layers(model))

@@ -189,15 +189,21 @@ def record_from_dict(obj: Any, where: str = "record") -> CanaryRecord:
 def load_records(path: str | os.PathLike) -> list[CanaryRecord]:
     """Read a JSONL file of records (blank lines skipped; extra keys ignored)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"records file {path} is a folder; expected a JSONL file")
     if not path.is_file():
         raise ValueError(f"records file not found: {path}")
     records: list[CanaryRecord] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:  # bytes, so that a non-UTF-8 line is reported with its number
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:

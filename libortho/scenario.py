@@ -43,7 +43,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -708,8 +707,10 @@ def build_scenario(
     target = scenario_dir(config, cache_dir)
     if (target / MANIFEST).is_file() and not rebuild:
         return Scenario.load(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
+    from .fsutil import apply_umask, make_temp_dir
+
+    # Named after this process: a later build removes it if this one is killed.
+    tmp = make_temp_dir(target.parent, target.name)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     try:
@@ -758,7 +759,7 @@ def build_scenario(
         (tmp / MANIFEST).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
         if target.exists():  # a stale or concurrent build: ours replaces it
             shutil.rmtree(target, ignore_errors=True)
-        tmp.chmod(0o755)  # mkdtemp made it private to this user
+        apply_umask(tmp)  # mkdtemp made it private to this user
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -51,7 +51,7 @@ def test_decompose_info_perplexity_generate(artifact, text_file, capsys):
         (["perplexity", "/no/such/model", "--text", "{text}"], "does not exist"),
         (["perplexity", "{art}", "--text", "/no/such.txt"], "does not exist"),
         (["generate", "{hf}", "--prompt", "x", "--alpha", "0.5"], "plain model"),
-        (["decompose", "{text}", "{tmp}/out", "--calib", "{text}"], "not a Hugging Face model folder"),
+        (["decompose", "{text}", "{tmp}/out", "--calib", "{text}"], "is a file but not a .gguf model"),
         (["decompose", "{hf}", "{art}", "--calib", "{text}"], "not empty"),
         (["generate", "{base_only}", "--prompt", "x", "--alpha", "1"], "ortho"),
         (["decompose", "{hf}", "{tmp}/out", "--calib", "{text}", "--forget", "{records}"], "--public-model"),

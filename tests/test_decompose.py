@@ -37,7 +37,7 @@ def test_decompose_end_to_end_and_generate(arch, tokenizer):
 def test_full_budget_alpha_one_is_the_original_model(arch, tokenizer):
     model, reference, _ = decomposed(arch, tokenizer, ortho_ratio=1.0)
     ids = tokenizer(TEXT[:100], return_tensors="pt").input_ids
-    with torch.no_grad():
+    with libortho.alpha(model, 1.0), torch.no_grad():
         assert torch.allclose(model(ids).logits, reference(ids).logits, atol=1e-3)
 
 

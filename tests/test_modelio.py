@@ -53,8 +53,27 @@ def test_ortho_from_another_base_is_refused(artifact, tmp_path, tokenizer):
     mixed = tmp_path / "mixed"
     shutil.copytree(path, mixed)
     shutil.copy(other / "ortho.safetensors", mixed / "ortho.safetensors")
-    with pytest.raises(ArtifactError, match="different base"):
+    with pytest.raises(ArtifactError, match="ortho.safetensors does not match its SHA-256"):
         libortho.load(mixed)
+    with pytest.raises(ArtifactError, match="different base"):
+        libortho.load(mixed, verify=False)
+
+
+def test_ortho_from_another_decomposition_of_the_same_base_is_refused(artifact, tmp_path):
+    """Same base, same CSR support, other values (e.g. another sieve or refit): only the hash tells."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _, path = artifact
+    mixed = tmp_path / "mixed"
+    shutil.copytree(path, mixed)
+    with safe_open(str(path / "ortho.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) * (2 if k.endswith("ortho_val") else 1) for k in f.keys()}
+    save_file(tensors, mixed / "ortho.safetensors", metadata=meta)
+    with pytest.raises(ArtifactError, match="ortho.safetensors does not match its SHA-256"):
+        libortho.load(mixed, alpha=1.0)
+    libortho.load(mixed, alpha=1.0, verify=False)  # structurally valid: the hash is what refuses it
 
 
 def test_truncated_file_is_refused_clearly(artifact, tmp_path):
@@ -73,6 +92,9 @@ def test_corrupt_manifest_and_missing_paths(artifact, tmp_path):
     _, path = artifact
     with pytest.raises(ArtifactError, match="does not exist"):
         libortho.load(tmp_path / "nope")
+    with pytest.raises(ArtifactError, match="empty folder"):
+        libortho.load(tmp_path)
+    (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ArtifactError, match="libortho.json is missing"):
         libortho.load(tmp_path)
     bad = tmp_path / "bad"

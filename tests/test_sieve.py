@@ -1,4 +1,3 @@
-import pytest
 import torch
 
 from libortho.sieve import csr_from_flat_indices, global_threshold, impact, select_at_or_above, top_fraction

@@ -1,0 +1,338 @@
+"""libortho artifacts: write (`save`) and read (`load`) a decomposed model; safetensors + JSON, never pickle.
+
+Artifact folder:
+  base.safetensors   quantized base stream of every OrthoLinear + all other weights (embeddings, norms, lm_head)
+  ortho.safetensors  the sparse ortho stream (CSR per layer); optional, can be shipped separately.
+                     Created 0600 by default: it is the part that carries the private records.
+  libortho.json      format version, settings, layer table, SHA-256 of every other file, hash of the base
+                     the ortho was cut from
+  config.json, generation_config.json, tokenizer files
+
+Everything read is first checked against libortho.json (libortho/artifact_check.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import artifact_check as check
+from .artifact_check import BASE_FILE, MANIFEST, ORTHO_FILE, ORTHO_KEYS, ArtifactError, sha256_file
+from .calibrate import replace_submodule
+from .fsutil import apply_umask, check_output_dir, make_temp_dir
+from .layer import AlphaState, OrthoLinear, attach_alpha_state, ortho_layers
+from .remote_code import refuse_custom_code
+
+
+def is_artifact(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def layer_table(model: nn.Module) -> dict[str, dict]:
+    return {
+        name: dict(
+            in_features=m.in_features,
+            out_features=m.out_features,
+            bits=m.bits,
+            group_size=m.group_size,
+            symmetric=m.symmetric,
+            bias=m.bias is not None,
+            bias_dtype=str(m.bias.dtype).removeprefix("torch.") if m.bias is not None else None,
+            ortho_nnz=m.ortho_nnz,
+            ortho_dtype=str(m.ortho_val.dtype).removeprefix("torch."),
+        )
+        for name, m in model.named_modules()
+        if isinstance(m, OrthoLinear)
+    }
+
+
+def _split_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(base tensors, ortho tensors), de-duplicating tied weights (safetensors forbids shared storage)."""
+    base, ortho, seen = {}, {}, set()
+    for key, t in model.state_dict().items():
+        if key.rsplit(".", 1)[-1] in ORTHO_KEYS:
+            ortho[key] = t.detach().cpu().contiguous()
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ident in seen:
+            continue
+        seen.add(ident)
+        base[key] = t.detach().cpu().contiguous()
+    return base, ortho
+
+
+def save(
+    model: nn.Module, tokenizer, out_dir: str | Path, overwrite: bool = False, extra: dict | None = None,
+    ortho_mode: int | None = 0o600,
+) -> Path:
+    """Write a decomposed model as an artifact folder, atomically (a temp folder renamed at the end).
+
+    The folder, base, manifest and tokenizer files get the modes the umask gives; ortho.safetensors
+    gets `ortho_mode` (default 0600, owner only, because it carries what alpha = 0 hides;
+    None = the umask like the rest). A symlinked `out_dir` is written where it points.
+    """
+    from safetensors.torch import save_file
+
+    if not ortho_layers(model):
+        raise ArtifactError("the model has no libortho layers; decompose it before saving")
+    target = check_output_dir(out_dir, overwrite_if=is_artifact if overwrite else None)
+    kept_mode = target.stat().st_mode & 0o7777 if target.is_dir() else None
+    tmp = make_temp_dir(target.parent, target.name)
+    try:
+        base, ortho = _split_state(model)
+        save_file(base, tmp / BASE_FILE, metadata={"format": "pt", "libortho": "base"})
+        base_hash = sha256_file(tmp / BASE_FILE)
+        save_file(ortho, tmp / ORTHO_FILE, metadata={"format": "pt", "libortho": "ortho", "base_sha256": base_hash})
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            with contextlib.suppress(Exception):  # an invalid generation config is not worth losing the artifact
+                model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        config = getattr(model, "libortho_config", None)
+        manifest = dict(
+            format_version=check.FORMAT_VERSION,
+            config=config.to_dict() if config is not None else None,
+            layers=layer_table(model),
+            files=files,
+            ortho_base_sha256=base_hash,
+            **(extra or {}),
+        )
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        apply_umask(tmp, private={ORTHO_FILE} if ortho_mode is not None else None, private_mode=ortho_mode or 0o600)
+        if kept_mode is not None:  # an existing (empty or overwritten) folder keeps its mode
+            tmp.chmod(kept_mode)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The validated manifest of an artifact folder (every schema violation names its field)."""
+    path = Path(path)
+    file = path / MANIFEST
+    if not path.exists():
+        raise ArtifactError(f"{path} does not exist")
+    if not path.is_dir():
+        raise ArtifactError(f"{path} is not a folder; a libortho artifact is a folder with {MANIFEST}")
+    state = check.file_state(file)
+    if state == "missing":
+        if (path / "config.json").exists():
+            raise ArtifactError(f"{path} is a Hugging Face model folder, not a libortho artifact ({MANIFEST} is missing)")
+        if not any(path.iterdir()):
+            raise ArtifactError(f"{path} is an empty folder, not a libortho artifact")
+        raise ArtifactError(f"{path} is not a libortho artifact: {MANIFEST} is missing")
+    if state != "file":
+        raise ArtifactError(f"{file} is {state}, not a readable file")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{file} is not valid JSON ({err}); the artifact is corrupt") from err
+    return check.validate_manifest(manifest, file)
+
+
+def _read_tensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+    except Exception as err:  # safetensors raises its own error types for damaged headers
+        raise ArtifactError(f"{file} cannot be read as safetensors ({err}); the file is corrupt or truncated") from err
+
+
+def verify_files(path: str | Path, with_ortho: bool = True) -> dict[str, str]:
+    """Check every file the manifest lists against its SHA-256 (the ortho file only when
+    `with_ortho`); returns name -> 'verified' / 'missing (optional)' / 'not checked'."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    status = {}
+    for name in manifest["files"]:
+        if name == ORTHO_FILE and (not with_ortho or check.file_state(path / name) == "missing"):
+            status[name] = "not loaded" if with_ortho is False else "missing (optional: alpha stays 0)"
+            continue
+        check.verify_file(path, name, manifest)
+        status[name] = "verified"
+    return status
+
+
+def verify_artifact(path: str | Path) -> dict[str, str]:
+    """`verify_files` plus the ortho stream's CSR structure, without building the model (for `info`)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    status = verify_files(path, with_ortho=True)
+    if status.get(ORTHO_FILE) == "verified":
+        ortho, _ = _read_tensors(path / ORTHO_FILE)
+        for name, spec in manifest["layers"].items():
+            check.check_csr(path / ORTHO_FILE, name, spec, ortho)
+    return status
+
+
+def _staged_metadata(path: Path, manifest: dict, stage: Path) -> Path:
+    """Copy the verified config and tokenizer files into `stage`; transformers reads only those,
+    so a file dropped into the folder later (e.g. custom code) is never seen. Artifacts whose
+    manifest lists only the two tensor files (older libortho) are read from the folder itself."""
+    listed = [n for n in manifest["files"] if n not in (BASE_FILE, ORTHO_FILE)]
+    if not listed:
+        return path
+    for name in listed:
+        shutil.copyfile(path / name, stage / name)
+    return stage
+
+
+def load(
+    path: str | Path,
+    alpha: float = 0.0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    with_ortho: bool | None = None,
+    verify: bool = True,
+):
+    """(model, tokenizer) from an artifact folder: a ready transformers model, `generate` works.
+
+    Alpha starts at `alpha` = 0: ask for more explicitly. with_ortho=None loads the ortho stream
+    when ortho.safetensors is present; without it alpha is fixed at 0. Every file read is checked
+    against libortho.json first (verify=False skips the hashes, never the structure checks).
+    dtype is the activation / non-quantized weight dtype (default float32 on CPU, float16 on CUDA).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    device = torch.device(device)
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    ortho_state = check.file_state(path / ORTHO_FILE)
+    if ortho_state not in ("file", "missing"):
+        raise ArtifactError(f"{path / ORTHO_FILE} is {ortho_state}, not a readable file")
+    ortho_present = ortho_state == "file"
+    if with_ortho and not ortho_present:
+        raise ArtifactError(f"{path / ORTHO_FILE} is missing; load with alpha=0 / without the ortho stream")
+    with_ortho = ortho_present if with_ortho is None else with_ortho
+    if alpha > 0 and not with_ortho:
+        raise ArtifactError(
+            f"alpha={alpha} needs the ortho stream, but {path / ORTHO_FILE} is "
+            + ("missing" if not ortho_present else "not loaded")
+            + "; use alpha=0 or provide the ortho file"
+        )
+    if with_ortho and ORTHO_FILE not in manifest["files"]:
+        raise ArtifactError(f"{path / MANIFEST}: files lists no {ORTHO_FILE}, so the ortho file cannot be verified")
+    check.require_file(path / BASE_FILE, "; the artifact is incomplete")
+    if verify:
+        verify_files(path, with_ortho=with_ortho)
+    base, _ = _read_tensors(path / BASE_FILE)
+    ortho = {}
+    if with_ortho:
+        ortho, meta = _read_tensors(path / ORTHO_FILE)
+        if meta.get("base_sha256") != manifest["ortho_base_sha256"]:
+            raise ArtifactError(
+                f"{path / ORTHO_FILE} was cut from a different base (its base hash {str(meta.get('base_sha256'))[:12]}… "
+                f"!= {manifest['ortho_base_sha256'][:12]}… of {BASE_FILE}); use the ortho file produced together with this base"
+            )
+        for name, spec in manifest["layers"].items():
+            check.check_csr(path / ORTHO_FILE, name, spec, ortho)
+
+    with tempfile.TemporaryDirectory(prefix=f"libortho-meta-{os.getpid()}-") as stage:  # owner pid in the name
+        source = _staged_metadata(path, manifest, Path(stage))
+        refuse_custom_code(source, shown_as=path)
+        try:
+            config = AutoConfig.from_pretrained(source, local_files_only=True, trust_remote_code=False)
+        except Exception as err:  # transformers raises many types for a bad config.json
+            raise ArtifactError(f"{path / 'config.json'} is not a usable model config: {str(err).splitlines()[0]}") from err
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
+        except Exception as err:  # and for bad tokenizer files (tokenizers' own exception types included)
+            raise ArtifactError(f"{path} has broken tokenizer files: {str(err).splitlines()[0]}") from err
+    try:
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except Exception as err:
+        raise ArtifactError(f"{path / 'config.json'} does not describe a causal language model: {str(err).splitlines()[0]}") from err
+    for name, spec in manifest["layers"].items():
+        _install_layer(model, path, name, spec, int(spec["ortho_nnz"]) if with_ortho else 0)
+    _check_against_model(model, path, base, ortho, with_ortho)
+    model.load_state_dict({**base, **ortho}, strict=False, assign=True)
+    model.tie_weights()
+    _cast_float_params(model, dtype)
+    model.to(device).eval()
+    state_alpha = AlphaState(default=0.0, ortho_available=with_ortho)
+    attach_alpha_state(model, state_alpha)
+    state_alpha.default = state_alpha.check(alpha)
+    model.libortho_manifest = manifest
+    if device.type == "cuda":
+        from . import kernels
+
+        if kernels.available():
+            kernels.prepare(model)  # convert the ortho stream to the kernel layout once, now
+    return model, tokenizer
+
+
+def _install_layer(model: nn.Module, path: Path, name: str, spec: dict, nnz: int) -> None:
+    try:
+        current = model.get_submodule(name)
+    except AttributeError:
+        current = None
+    if not isinstance(current, nn.Module) or not hasattr(current, "weight"):
+        raise ArtifactError(
+            f"{path / 'config.json'} describes a model without the linear layer {name!r} that {MANIFEST} lists "
+            "(layer count or architecture differ)"
+        )
+    layer = OrthoLinear(
+        spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"], spec["symmetric"],
+        bias=spec["bias"], ortho_nnz=nnz, ortho_dtype=getattr(torch, spec["ortho_dtype"]),
+        bias_dtype=getattr(torch, spec.get("bias_dtype") or "float32"),
+    )
+    replace_submodule(model, name, layer)
+
+
+def _check_against_model(model: nn.Module, path: Path, base: dict, ortho: dict, with_ortho: bool) -> None:
+    """Every tensor the model built from config.json + the manifest needs, with the right shape and dtype."""
+    expected = model.state_dict()
+    tied = _tied_keys(model)
+    wanted_base = {k: v for k, v in expected.items() if k.rsplit(".", 1)[-1] not in ORTHO_KEYS and k not in tied}
+    unexpected = set(base) - set(expected)
+    if unexpected:
+        raise ArtifactError(
+            f"{path / BASE_FILE} holds tensors {sorted(unexpected)[:3]} that the model of config.json does not have "
+            "(layer count or architecture differ)"
+        )
+    # Base tensors are compared against the shapes the config and manifest imply (e.g. a `bits`
+    # edited from 4 to 8 gives a different packed width than the stored codes).
+    # Only libortho's own buffers have a fixed dtype; other float weights are cast to `dtype` later.
+    fixed = {k for k in wanted_base if k.rsplit(".", 1)[0] in _ortho_names(model)}
+    check.check_tensors(path / BASE_FILE, base, wanted_base, f"config.json and {MANIFEST}", fixed)
+    if with_ortho:
+        extra = set(ortho) - set(expected)
+        if extra:
+            raise ArtifactError(f"{path / ORTHO_FILE} holds tensors {sorted(extra)[:3]} of no layer in {MANIFEST}")
+
+
+def _ortho_names(model: nn.Module) -> set[str]:
+    return {name for name, m in model.named_modules() if isinstance(m, OrthoLinear)}
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    keys = set()
+    if getattr(model.config, "tie_word_embeddings", False):
+        out = model.get_output_embeddings()
+        for name, m in model.named_modules():
+            if m is out:
+                keys.add(f"{name}.weight")
+    return keys
+
+
+def _cast_float_params(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the non-quantized float weights (embeddings, norms, lm_head) to dtype; leave libortho buffers."""
+    for m in model.modules():
+        if isinstance(m, OrthoLinear):
+            continue
+        for name, p in list(m.named_parameters(recurse=False)):
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
