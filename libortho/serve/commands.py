@@ -48,6 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="how long an idle server waits for companions before starting a batch")
     p.add_argument("--max-queue", type=_positive, default=256, metavar="N",
                    help="requests waiting for a batch slot; beyond this: 429")
+    p.add_argument("--threads", type=_positive, default=None, metavar="N",
+                   help="CPU threads for torch (default: torch's choice); 1 is fastest for small models on busy machines")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the artifact folder name)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run_serve)
@@ -69,6 +71,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     serve(args.artifact, host=args.host, port=args.port, keys_path=args.keys, device=args.device,
           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
           model_name=args.model_name, log_level=args.log_level)
