@@ -269,6 +269,43 @@ def test_mixed_alpha_batches_against_solo_runs(running, keys):
             assert batched[(p, 0.0)] != solo[(p, 1.0)], p  # never the alpha-1 continuation at alpha 0
 
 
+def test_a_request_joining_a_running_batch_matches_its_solo_run(artifact):
+    """Continuous batching: B joins while A is decoding (cache padded and concatenated mid-flight)."""
+    from libortho.serve.engine import Engine, Job
+    from libortho.serve.sampling import SamplingParams
+
+    model, tok = libortho.load(artifact, alpha=1.0)
+    engine = Engine(model, tok, max_batch=4, max_wait_ms=0)
+    engine.start()
+    texts: dict[str, list[str]] = {}
+    finished: dict[str, threading.Event] = {}
+
+    def submit(name: str, prompt: str, alpha: float, tokens: int) -> None:
+        texts[name], finished[name] = [], threading.Event()
+
+        def sink(event) -> None:
+            texts[name].append(event.text)
+            if event.kind != "text":
+                finished[name].set()
+
+        engine.submit(Job(tok(prompt)["input_ids"], tokens, SamplingParams(0.0), [], alpha, sink))
+
+    try:
+        for name, prompt, alpha in (("a_solo", PROMPTS[0], 0.0), ("b_solo", PROMPTS[1], 1.0)):
+            submit(name, prompt, alpha, 40 if name == "a_solo" else 20)
+            assert finished[name].wait(30)
+        submit("a", PROMPTS[0], 0.0, 40)
+        deadline = time.monotonic() + 30
+        while len(texts["a"]) < 10 and time.monotonic() < deadline:  # A is 10 tokens in
+            time.sleep(0.001)
+        submit("b", PROMPTS[1], 1.0, 20)
+        assert finished["a"].wait(30) and finished["b"].wait(30)
+    finally:
+        engine.stop()
+    assert engine.metrics.max_batch_seen == 2  # B really decoded alongside A
+    assert "".join(texts["a"]) == "".join(texts["a_solo"]) and "".join(texts["b"]) == "".join(texts["b_solo"])
+
+
 def _slow_steps(engine, seconds: float, gate: threading.Event | None = None) -> None:
     """Slow the engine's decode steps (and optionally hold them until `gate` is set), to simulate a big model."""
     original = engine._decode_step

@@ -73,7 +73,8 @@ class KVBatch:
         """Logits of each row's last position, [B, vocab] float32."""
         kwargs = {_cache_kwarg(self.model): self.cache}
         # the scope is set here, in the worker thread, for this forward only: nothing relies on a default
-        with torch.inference_mode(), alpha_scope(self.model, alphas.to(torch.float32)):
+        alphas = alphas.to(device=ids.device, dtype=torch.float32)  # once here, not once per layer
+        with torch.inference_mode(), alpha_scope(self.model, alphas):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                              logits_to_keep=1, **kwargs)
         return out.logits[:, -1, :].float()
