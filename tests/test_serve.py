@@ -49,10 +49,16 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory) -> Path:
-    """A tiny random Llama with a large ortho stream (5 %), so alpha 0 and 1 visibly disagree."""
+    """A tiny random Llama with a large ortho stream (5 %), so alpha 0 and 1 visibly disagree.
+
+    It has no EOS token: every generation runs to max_tokens (or a stop string), so the tests that
+    need a request in flight (drain, disconnect, 429) do not hang on when a random model happens
+    to emit EOS. The EOS path has its own test (test_eos_ends_a_row)."""
     tok = char_tokenizer()
     tok.chat_template = CHAT_TEMPLATE
+    tok.eos_token = None
     model = tiny_model("llama")
+    model.config.eos_token_id = model.generation_config.eos_token_id = None
     libortho.decompose(model, tok, TEXT, libortho.OrthoConfig(calib_tokens=512, seq_len=128, group_size=32,
                                                               ortho_ratio=0.05, method="rtn"), progress=False)
     path = tmp_path_factory.mktemp("serve") / MODEL
@@ -304,6 +310,33 @@ def test_a_request_joining_a_running_batch_matches_its_solo_run(artifact):
         engine.stop()
     assert engine.metrics.max_batch_seen == 2  # B really decoded alongside A
     assert "".join(texts["a"]) == "".join(texts["a_solo"]) and "".join(texts["b"]) == "".join(texts["b_solo"])
+
+
+def test_eos_ends_a_row(artifact):
+    from libortho.serve.engine import Engine, Job
+    from libortho.serve.sampling import SamplingParams
+
+    model, tok = libortho.load(artifact, alpha=0.0)
+    engine = Engine(model, tok, max_batch=2, max_wait_ms=0)
+    events, done = [], threading.Event()
+
+    def sink(event) -> None:
+        events.append(event)
+        if event.kind != "text":
+            done.set()
+
+    ids = tok("The quick")["input_ids"]
+    with torch.no_grad():
+        first = int(model(torch.tensor([ids])).logits[0, -1].argmax())  # the greedy first token
+    engine.eos_ids = {first}  # declare it EOS: the row must end at once, without its text
+    engine.start()
+    try:
+        engine.submit(Job(ids, 10, SamplingParams(0.0), [], 0.0, sink))
+        assert done.wait(30)
+    finally:
+        engine.stop()
+    assert [e.kind for e in events] == ["done"] and events[0].finish_reason == "stop"
+    assert events[0].completion_tokens == 1
 
 
 def _slow_steps(engine, seconds: float, gate: threading.Event | None = None) -> None:

@@ -11,6 +11,7 @@ Modules (each one concept):
   engine    the single worker thread: dynamic + continuous batching, one alpha per row
   metrics   Prometheus text exposition by alpha
   app       the FastAPI app: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics
+  server    loading an artifact for serving; uvicorn with a graceful drain on SIGTERM
   commands  the `serve` and `keys` subcommands
 
 Importing this package imports nothing heavy; torch and FastAPI load with the submodules.

@@ -173,7 +173,7 @@ def create_app(engine: Engine, gate: AlphaGate, model_name: str, state: ServerSt
         finished = _Finisher(state, metrics, job, rid, endpoint, alpha, t0, len(prompt_ids))
         if req.stream:
             chunks = _stream(events, rid, endpoint, alpha, req.include_usage(), finished)
-            return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
+            return _EventStream(chunks, finished, media_type="text/event-stream", headers=headers)
         done: Event | None = None
         try:
             text, done = await _collect(events)
@@ -250,6 +250,21 @@ def create_app(engine: Engine, gate: AlphaGate, model_name: str, state: ServerSt
         return asked
 
     return app
+
+
+class _EventStream(StreamingResponse):
+    """A StreamingResponse that records the request's end even if its generator never started
+    (a client gone before the first byte): an unstarted generator's `finally` never runs."""
+
+    def __init__(self, content, finisher: "_Finisher", **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self._finisher = finisher
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._finisher(None)  # a no-op when the stream already recorded how it ended
 
 
 class _Finisher:
