@@ -518,7 +518,7 @@ def test_smollm2_end_to_end(tmp_path):
     from libortho import modelio
 
     model, tok = modelio.load_model(None)
-    libortho.decompose(model, tok, TEXT, libortho.OrthoConfig(calib_tokens=1024, seq_len=256), progress=False)
+    libortho.decompose(model, tok, TEXT, libortho.OrthoConfig(calib_tokens=1024, seq_len=256, method="rtn"), progress=False)
     path = tmp_path / "smol"
     libortho.save(model, tok, path)
     keys_path = tmp_path / "KEYS.json"
