@@ -428,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a small, fast run (used by the test suite)")
     p.add_argument("--out", default=None, metavar="DIR", help="where to write the report (default: ./libortho-demo)")
     p.set_defaults(func=cmd_demo)
+
+    from .serve import commands as serve_commands
+
+    serve_commands.register(sub)  # serve, keys
     return parser
 
 

@@ -1,0 +1,184 @@
+"""Bounded load test of `libortho serve` on localhost: a fixed number of requests from 64
+concurrent clients with mixed alphas, against the same requests sent one at a time.
+
+    python benchmarks/serve_load.py ARTIFACT [--requests 256] [--concurrency 64] [--max-tokens 32]
+                                    [--alphas 0 1] [--serial 16] [--max-batch 64] [--json out.json]
+
+Starts the server itself (a subprocess on a free 127.0.0.1 port, with a temporary KEYS.json whose
+key may use alpha 1), or drives a running one with --url and --key. Reports requests/s, generated
+tokens/s, p50/p99 latency for both phases, the decode batch sizes reached (from /metrics), and the
+error count. Every request has a timeout, so the run always ends.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+PROMPTS = [
+    "The quick brown fox", "Python is a programming language that", "Lists, tuples and dictionaries",
+    "Once upon a time", "The capital of France is", "def fibonacci(n):", "In 1905, Albert Einstein",
+    "The weather today is", "To make a cup of tea,", "Machine learning models",
+]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """q in [0, 100], nearest-rank on the sorted values (seconds)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))] if ordered else float("nan")
+
+
+async def one(client: httpx.AsyncClient, model: str, i: int, alpha: float, max_tokens: int) -> tuple[float, int, str | None]:
+    """(latency s, completion tokens, error or None) of request i."""
+    body = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0,
+            "alpha": alpha}
+    t0 = time.perf_counter()
+    try:
+        r = await client.post("/v1/completions", json=body)
+        latency = time.perf_counter() - t0
+        if r.status_code != 200:
+            return latency, 0, f"HTTP {r.status_code}: {r.text[:200]}"
+        return latency, int(r.json()["usage"]["completion_tokens"]), None
+    except httpx.HTTPError as err:
+        return time.perf_counter() - t0, 0, f"{type(err).__name__}: {err}"
+
+
+async def phase(url: str, key: str, model: str, n: int, concurrency: int, alphas: list[float], max_tokens: int) -> dict:
+    """n requests, at most `concurrency` in flight; alphas cycle over the requests."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600,
+                                 limits=limits) as client:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def run(i: int):
+            async with gate:
+                return await one(client, model, i, alphas[i % len(alphas)], max_tokens)
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(run(i) for i in range(n)))
+        wall = time.perf_counter() - t0
+    latencies = [r[0] for r in results if r[2] is None]
+    tokens = sum(r[1] for r in results)
+    errors = [r[2] for r in results if r[2] is not None]
+    return dict(requests=n, concurrency=concurrency, wall_s=wall, requests_per_s=n / wall, tokens=tokens,
+                tokens_per_s=tokens / wall, p50_s=percentile(latencies, 50), p99_s=percentile(latencies, 99),
+                mean_s=statistics.fmean(latencies) if latencies else float("nan"), errors=len(errors),
+                first_errors=errors[:3])
+
+
+def batch_stats(url: str) -> dict:
+    """Decode batch counters from /metrics: largest batch, steps, row-steps, and row-steps by alpha."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+
+    def value(pattern: str) -> float:
+        m = re.search(pattern, text, re.M)
+        return float(m.group(1)) if m else float("nan")
+
+    steps = value(r"^libortho_batch_size_count (\S+)")
+    rows = value(r"^libortho_batch_size_sum (\S+)")
+    by_alpha = {a: float(v) for a, v in re.findall(r'^libortho_batch_rows_total\{alpha="([^"]+)"\} (\S+)', text, re.M)}
+    return dict(max_batch=value(r"^libortho_batch_size_max (\S+)"), decode_steps=steps, row_steps=rows,
+                row_steps_by_alpha=by_alpha)
+
+
+def start_server(artifact: str, args) -> tuple[subprocess.Popen, str, str, str]:
+    """(process, url, key, model name) of a fresh server on a free localhost port."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from libortho.serve.keys import add_key
+    from libortho.serve.server import free_port
+
+    tmp = Path(tempfile.mkdtemp(prefix="libortho-load-"))
+    key = add_key(tmp / "KEYS.json", "load", 1.0)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "libortho.cli", "serve", artifact, "--port", str(port),
+                             "--keys", str(tmp / "KEYS.json"), "--device", args.device,
+                             "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
+                             "--max-queue", str(max(args.requests, 256)), "--model-name", "bench",
+                             "--log-level", "warning", *(["--threads", str(args.threads)] if args.threads else [])],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url, key, "bench"
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit(f"the server did not start; see {tmp / 'server.log'}")
+        time.sleep(0.2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("artifact", nargs="?", help="libortho artifact (omit with --url)")
+    p.add_argument("--url", help="a running server instead of starting one")
+    p.add_argument("--key", help="API key for --url (must allow the highest of --alphas)")
+    p.add_argument("--model", default=None, help="model name for --url")
+    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--serial", type=int, default=16, help="requests of the one-at-a-time baseline")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 1.0], help="cycled over the requests")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--max-wait-ms", type=float, default=10.0)
+    p.add_argument("--threads", type=int, default=None, help="the server's torch CPU threads (serve --threads)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results here")
+    args = p.parse_args(argv)
+    if not args.url and not args.artifact:
+        p.error("give an ARTIFACT or --url")
+
+    proc = None
+    if args.url:
+        url, key, model = args.url.rstrip("/"), args.key or "none", args.model or "bench"
+    else:
+        proc, url, key, model = start_server(args.artifact, args)
+    try:
+        asyncio.run(phase(url, key, model, 2, 1, args.alphas, 4))  # warm-up: dense weight caches, first allocations
+        serial = asyncio.run(phase(url, key, model, args.serial, 1, args.alphas, args.max_tokens))
+        before = batch_stats(url)
+        loaded = asyncio.run(phase(url, key, model, args.requests, args.concurrency, args.alphas, args.max_tokens))
+        after = batch_stats(url)
+        # the concurrent phase alone: counters minus what the warm-up and serial phases left
+        steps = after["decode_steps"] - before["decode_steps"]
+        rows = after["row_steps"] - before["row_steps"]
+        batches = dict(max_batch=after["max_batch"], decode_steps=steps, mean_batch=rows / steps if steps else float("nan"),
+                       row_steps_by_alpha={a: v - before["row_steps_by_alpha"].get(a, 0.0)
+                                           for a, v in after["row_steps_by_alpha"].items()})
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(60)
+    result = dict(url=url, alphas=args.alphas, max_tokens=args.max_tokens, max_batch=args.max_batch, threads=args.threads,
+                  device=args.device, serial=serial, concurrent=loaded, batches=batches,
+                  speedup_tokens_per_s=loaded["tokens_per_s"] / serial["tokens_per_s"])
+    print(f"{'':>12} {'requests':>8} {'req/s':>8} {'tok/s':>8} {'p50 s':>8} {'p99 s':>8} {'errors':>6}")
+    for name, r in (("serial", serial), (f"{args.concurrency} clients", loaded)):
+        print(f"{name:>12} {r['requests']:>8} {r['requests_per_s']:>8.2f} {r['tokens_per_s']:>8.1f} "
+              f"{r['p50_s']:>8.3f} {r['p99_s']:>8.3f} {r['errors']:>6}")
+    print(f"decode batch: max {batches['max_batch']:.0f}, mean {batches['mean_batch']:.1f} rows; "
+          f"row-steps by alpha {batches['row_steps_by_alpha']}; tokens/s x{result['speedup_tokens_per_s']:.2f} vs serial")
+    for err in loaded["first_errors"] + serial["first_errors"]:
+        print("error:", err)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if loaded["errors"] == 0 and serial["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
