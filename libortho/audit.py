@@ -290,7 +290,8 @@ def _evaluate_condition(
     _measure_exposure(model, tokenizer, exposure_records, label, details, opts)
     _measure_extraction(model, tokenizer, [r for r, _ in labelled], details, opts)
     if opts["sample_extraction"]:
-        _measure_sampled_extraction(model, tokenizer, [r for r, _ in labelled], details, opts)
+        sampled = [r for r, m in labelled if m or opts["sample_nonmembers"]]
+        _measure_sampled_extraction(model, tokenizer, sampled, details, opts)
     mia, member_losses, nonmember_losses = _measure_membership(model, tokenizer, members, nonmembers, details, opts)
     ks = None if reference_losses is None else asdict(P.forget_quality(member_losses, reference_losses))
     grad_norm = P.canary_gradient_norm(model, tokenizer, members) if opts["white_box"] else None
@@ -360,9 +361,10 @@ def audit(
     public_model: torch.nn.Module | None = None,
     public_tokenizer: Any = None,
     public_losses: dict[str, float] | None = None,
-    sample_extraction: int = 64,
+    sample_extraction: int = 0,
     sample_top_k: int = 40,
     sample_temperature: float = 1.0,
+    sample_nonmembers: bool = True,
     goals: bool = True,
 ) -> dict[str, Any]:
     """Audit ``model`` at each alpha (``None``/"fp" = as is) and the ``reference`` model.
@@ -389,7 +391,11 @@ def audit(
     ``report["public_losses"]``), or ``public_model`` (and ``public_tokenizer`` when P's
     tokenizer differs): its losses are computed once, before any condition, so the caller may
     free P afterwards. ``sample_extraction``: samples per record prefix for extraction by
-    sampling (temperature ``sample_temperature``, top-k ``sample_top_k``; 0 = greedy only).
+    sampling (temperature ``sample_temperature``, top-k ``sample_top_k``; 0 = greedy only), of the
+    members and, with ``sample_nonmembers``, the non-members too (a false-positive control).
+    Sampling costs about ``sample_extraction`` / 5 times greedy extraction (SmolLM2-135M on a
+    loaded 2-core CPU: ~40 s per record at 64 samples; on CPU consider fewer samples or members
+    only). Off (0) by default here for that cost; ``libortho audit`` samples 64 by default.
     ``goals``: add the pass/fail goal lines of :func:`libortho.goals.evaluate_goals`.
 
     Returns the report (plain data, as written to ``report.json``): ``settings``, ``rows``
@@ -422,6 +428,7 @@ def audit(
         "sample_extraction": int(sample_extraction),
         "sample_top_k": int(sample_top_k),
         "sample_temperature": float(sample_temperature),
+        "sample_nonmembers": bool(sample_nonmembers),
     }
     if public_losses is not None:  # fail before the long run, naming the records P's losses lack
         ATK.public_losses_for(public_losses, list(members) + list(nonmembers))
@@ -520,7 +527,8 @@ def _settings(
         "public_model_calibration": opts["public_losses"] is not None,
         "sample_extraction": (
             {"samples": opts["sample_extraction"], "temperature": opts["sample_temperature"],
-             "top_k": opts["sample_top_k"], "tokens": "secret tokens + 4", "rule": "any sample contains the secret"}
+             "top_k": opts["sample_top_k"], "tokens": "secret tokens + 4", "rule": "any sample contains the secret",
+             "nonmembers": opts["sample_nonmembers"]}
             if opts["sample_extraction"] else None),
         "tie_rule": "candidates within the tie tolerance of the secret count half a rank",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},

@@ -170,7 +170,7 @@ FAST = {"frontier_cap": 32, "perplexity_window": 64, "progress": False, "exposur
 def test_audit_reports_calibrated_attack_sampling_and_goals(setting, tmp_path):
     tok, public, on_members, _, members, nonmembers = setting
     report = A.audit(on_members, tok, PUBLIC_TEXT, members, nonmembers, reference=public, public_model=public,
-                     sample_extraction=8, out_dir=tmp_path, **FAST)
+                     sample_extraction=8, out_dir=tmp_path, exposure_formats=(), **FAST)
     model, ref = report["rows"]
     assert set(model["mia"]) == {"loss", "zlib", "min_k", "ref"}
     assert model["mia"]["ref"]["auc"] == 1.0 and ref["mia"]["ref"]["auc"] == 0.5  # P is the reference here
@@ -198,10 +198,12 @@ def test_audit_reports_calibrated_attack_sampling_and_goals(setting, tmp_path):
 def test_audit_separates_measured_and_extrapolated_exposure(setting, tmp_path):
     tok, _, on_members, _, members, nonmembers = setting
     key = P.CanaryRecord("key", "Key of Bob is ", "a1b2c3d4e5f6", "hex:12", k=1)
-    report = A.audit(on_members, tok, PUBLIC_TEXT, members[:4] + [key], nonmembers[:4], sample_extraction=0,
-                     out_dir=tmp_path, **FAST)
+    report = A.audit(on_members, tok, PUBLIC_TEXT, members[:4] + [key], nonmembers[:4], sample_extraction=2,
+                     sample_nonmembers=False, out_dir=tmp_path, **FAST)
     row = report["rows"][0]
     by_id = {d["id"]: d for d in report["records"]["model"]}
+    assert all(("sampled_extracted" in by_id[r.id]) == (r.k > 0) for r in members[:4] + nonmembers[:4])
+    assert set(row["sampled_extraction_by_k"]) == {"1"}
     assert by_id["key"]["exposure_method"] == "skewnorm"
     measured = [by_id[r.id]["exposure"] for r in members[:4]]
     assert row["measured_exposure_by_k"]["1"] == pytest.approx(np.mean(measured))
