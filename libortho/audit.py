@@ -31,7 +31,10 @@ from libortho import goals as G
 from libortho import privacy as P
 from libortho.privacy import CanaryRecord
 
-__all__ = ["audit", "audit_from_paths", "public_record_losses", "mia_summary", "parse_alphas", "load_any_model", "write_report", "render_markdown"]
+__all__ = [
+    "audit", "audit_from_paths", "public_record_losses", "mia_summary", "parse_alphas", "load_any_model",
+    "write_report", "render_markdown",
+]
 
 AlphaSpec = float | str | None
 ModelLoader = Callable[[str], tuple[torch.nn.Module, Any]]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from . import privacy as P
+from .audit import MEASURED_METHODS
 from .privacy import CanaryRecord
 from .scenario import ScenarioConfig, _nll_sum, _record_batch, public_windows, text_ids, trainable_weights
 
@@ -177,8 +179,6 @@ def unlearn(
 # Stopping rule
 # --------------------------------------------------------------------------------------
 
-MEASURED_METHODS = ("exact", "trie-sampled", "enumeration", "sampled-rank")  # ranks observed, not fitted
-
 
 def forget_exposure(
     model: nn.Module,
@@ -191,15 +191,13 @@ def forget_exposure(
 ) -> float:
     """Mean exposure (bits) over ``records`` from measured ranks only (skew-normal extrapolations
     are left out); NaN when no record's rank was measured. Candidates are seeded per record, so
-    every checkpoint is scored against the same ones."""
-    import zlib
-
+    every checkpoint is scored against the same ones (those the audit uses for the same seed)."""
     values = []
     for r in records:
         rng = np.random.default_rng([seed, zlib.crc32(r.id.encode("utf-8"))])
         res = P.exposure(model, tokenizer, r, n_samples=n_candidates, frontier_cap=frontier_cap,
                          batch_size=batch_size, rng=rng)
-        if res.method in MEASURED_METHODS:
+        if res.method in MEASURED_METHODS:  # ranks observed, not fitted
             values.append(res.exposure)
     return float(np.mean(values)) if values else float("nan")
 
