@@ -1,9 +1,11 @@
 """``libortho audit``: privacy and quality of a model over an alpha sweep, plus a report.
 
 For each condition (each alpha of a LibOrtho model, or the model as is, and the retrain
-reference) it measures retain perplexity, canary exposure and extraction per insertion
-count k, membership inference (loss / zlib / Min-K%) and the KS forget-quality test against
-the reference, then writes ``report.json``, ``report.md``, ``alpha_sweep.png`` and ``roc.png``.
+reference) it measures retain perplexity, canary exposure, greedy and sampled extraction per
+insertion count k, membership inference (loss / zlib / Min-K%, and loss calibrated by the public
+model P when P or its per-record losses are given; AUC with its interval and the TPR at the
+lowest FPR the non-members resolve) and the KS forget-quality test against the reference, then
+writes ``report.json``, ``report.md``, ``alpha_sweep.png``, ``roc.png`` and ``auc_alpha.png``.
 """
 
 from __future__ import annotations
@@ -24,10 +26,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from libortho import attacks as ATK
+from libortho import goals as G
 from libortho import privacy as P
 from libortho.privacy import CanaryRecord
 
-__all__ = ["audit", "audit_from_paths", "parse_alphas", "load_any_model", "write_report", "render_markdown"]
+__all__ = [
+    "audit", "audit_from_paths", "public_record_losses", "mia_summary", "parse_alphas", "load_any_model",
+    "write_report", "render_markdown",
+]
 
 AlphaSpec = float | str | None
 ModelLoader = Callable[[str], tuple[torch.nn.Module, Any]]
@@ -35,7 +42,10 @@ PerplexityFn = Callable[..., float]
 AlphaScope = Callable[[torch.nn.Module, float], ContextManager[Any]]
 
 MIA_SCORES = ("loss", "zlib", "min_k")
+REFERENCE_SCORE = ATK.REFERENCE_SCORE  # loss minus the public model's loss, when P is given
 NONMEMBER_GROUP = "nonmember"
+MEASURED_METHODS = ("exact", "trie-sampled", "enumeration", "sampled-rank")  # ranks observed
+EXTRAPOLATED_METHODS = ("skewnorm",)  # ranks fitted beyond what the candidates resolve
 
 
 # --------------------------------------------------------------------------------------
@@ -165,12 +175,41 @@ def _measure_extraction(
         details[res.id].update(extracted=res.extracted, continuation=res.continuation)
 
 
+def _measure_sampled_extraction(
+    model: torch.nn.Module, tokenizer: Any, records: Sequence[CanaryRecord],
+    details: dict[str, dict[str, Any]], opts: dict[str, Any],
+) -> None:
+    results = ATK.sample_extract_secrets(
+        model, tokenizer, records, n_samples=opts["sample_extraction"], temperature=opts["sample_temperature"],
+        top_k=opts["sample_top_k"], seed=opts["seed"],
+    )
+    for res in results:
+        details[res.id].update(sampled_extracted=res.extracted, sampled_hits=res.hits, sampled_example=res.example)
+
+
+def mia_summary(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> dict[str, Any]:
+    """ROC summary of one membership score (higher = member): AUC, its 95 % Hanley-McNeil
+    interval, TPR at 1 % FPR (interpolated), TPR at the lowest FPR the non-members resolve
+    (1 / n, stated as ``lowest_fpr``), and the ROC points."""
+    m = P.mia_metrics(member_scores, nonmember_scores)
+    tpr_low, fpr_low = ATK.tpr_at_lowest_fpr(member_scores, nonmember_scores)
+    return {
+        "auc": m.auc,
+        "auc_ci": list(P.auc_confidence_interval(m.auc, len(member_scores), len(nonmember_scores))),
+        "tpr_at_1pct_fpr": m.tpr_at_1pct_fpr,
+        "tpr_at_lowest_fpr": tpr_low,
+        "lowest_fpr": fpr_low,
+        "fpr": m.fpr,
+        "tpr": m.tpr,
+    }
+
+
 def _measure_membership(
     model: torch.nn.Module, tokenizer: Any, members: Sequence[CanaryRecord], nonmembers: Sequence[CanaryRecord],
     details: dict[str, dict[str, Any]], opts: dict[str, Any],
 ) -> tuple[dict[str, dict[str, Any]], np.ndarray, np.ndarray]:
     """Per-record MIA statistics into ``details``; returns (metrics per score, member losses,
-    non-member losses)."""
+    non-member losses). With the public model's losses in ``opts`` also the calibrated score."""
     stats = {
         group: P.mia_scores(model, tokenizer, [r.text for r in records], batch_size=opts["text_batch_size"])
         for group, records in (("members", members), ("nonmembers", nonmembers))
@@ -180,11 +219,33 @@ def _measure_membership(
         for i, r in enumerate(records):
             details[r.id].update(loss=float(s.loss[i]), zlib_ratio=float(s.zlib_ratio[i]), min_k=float(s.min_k[i]))
     member_scores, nonmember_scores = stats["members"].member_scores(), stats["nonmembers"].member_scores()
-    metrics = {}
-    for name in MIA_SCORES:
-        m = P.mia_metrics(member_scores[name], nonmember_scores[name])
-        metrics[name] = {"auc": m.auc, "tpr_at_1pct_fpr": m.tpr_at_1pct_fpr, "fpr": m.fpr, "tpr": m.tpr}
+    names = list(MIA_SCORES)
+    public = opts.get("public_losses")
+    if public is not None:
+        names.append(REFERENCE_SCORE)
+        for group, records, scores in (("members", members, member_scores), ("nonmembers", nonmembers, nonmember_scores)):
+            scores[REFERENCE_SCORE] = ATK.reference_calibrated_scores(
+                stats[group].loss, ATK.public_losses_for(public, records))
+            for i, r in enumerate(records):
+                details[r.id]["ref_score"] = float(scores[REFERENCE_SCORE][i])
+    metrics = {name: mia_summary(member_scores[name], nonmember_scores[name]) for name in names}
     return metrics, stats["members"].loss, stats["nonmembers"].loss
+
+
+def public_record_losses(
+    public_model: torch.nn.Module, tokenizer: Any, members: Sequence[CanaryRecord],
+    nonmembers: Sequence[CanaryRecord], text_batch_size: int = 16,
+) -> dict[str, float]:
+    """The public model's mean token NLL (nats/token) per record id, for the P-calibrated attack.
+
+    Members and non-members are scored in the same batches as the audit scores them, so a
+    condition identical to P gets calibrated scores of exactly 0. Compute once, pass to
+    :func:`audit` as ``public_losses`` for every model audited against the same P.
+    """
+    public_model.eval()
+    out = ATK.record_losses(public_model, tokenizer, members, text_batch_size)
+    out.update(ATK.record_losses(public_model, tokenizer, nonmembers, text_batch_size))
+    return out
 
 
 def _group_means(details: Sequence[dict[str, Any]], key: str) -> dict[str, float]:
@@ -196,8 +257,14 @@ def _group_means(details: Sequence[dict[str, Any]], key: str) -> dict[str, float
     return {g: float(np.mean(v)) for g, v in values.items()}
 
 
-def _member_mean(details: Sequence[dict[str, Any]], key: str) -> float:
-    return float(np.mean([float(d[key]) for d in details if d["member"] and key in d]))
+def _member_mean(details: Sequence[dict[str, Any]], key: str) -> float | None:
+    values = [float(d[key]) for d in details if d["member"] and key in d]
+    return float(np.mean(values)) if values else None
+
+
+def _exposure_means(details: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[str, float]:
+    """Mean exposure per group over records whose exposure method is one of ``methods``."""
+    return _group_means([d for d in details if d.get("exposure_method") in methods], "exposure")
 
 
 def _evaluate_condition(
@@ -225,6 +292,9 @@ def _evaluate_condition(
         exposure_records = [r for r in exposure_records if P.parse_format(r.secret_format).kind in opts["exposure_formats"]]
     _measure_exposure(model, tokenizer, exposure_records, label, details, opts)
     _measure_extraction(model, tokenizer, [r for r, _ in labelled], details, opts)
+    if opts["sample_extraction"]:
+        sampled = [r for r, m in labelled if m or opts["sample_nonmembers"]]
+        _measure_sampled_extraction(model, tokenizer, sampled, details, opts)
     mia, member_losses, nonmember_losses = _measure_membership(model, tokenizer, members, nonmembers, details, opts)
     ks = None if reference_losses is None else asdict(P.forget_quality(member_losses, reference_losses))
     grad_norm = P.canary_gradient_norm(model, tokenizer, members) if opts["white_box"] else None
@@ -241,8 +311,14 @@ def _evaluate_condition(
         "perplexity": ppl,
         "exposure_by_k": _group_means(rows, "exposure"),
         "extraction_by_k": _group_means(rows, "extracted"),
+        "measured_exposure_by_k": _exposure_means(rows, MEASURED_METHODS),
+        "extrapolated_exposure_by_k": _exposure_means(rows, EXTRAPOLATED_METHODS),
+        "sampled_extraction_by_k": _group_means(rows, "sampled_extracted"),
         "exposure_mean": _member_mean(rows, "exposure"),
+        "measured_exposure_mean": _member_mean(
+            [d for d in rows if d.get("exposure_method") in MEASURED_METHODS], "exposure"),
         "extraction_rate": _member_mean(rows, "extracted"),
+        "sampled_extraction_rate": _member_mean(rows, "sampled_extracted"),
         "member_loss_mean": float(np.mean(member_losses)),
         "nonmember_loss_mean": float(np.mean(nonmember_losses)),
         "mia": mia,
@@ -285,6 +361,14 @@ def audit(
     baselines: dict[str, tuple[torch.nn.Module, Any]] | None = None,
     white_box: bool = True,
     exposure_formats: Sequence[str] | None = None,
+    public_model: torch.nn.Module | None = None,
+    public_tokenizer: Any = None,
+    public_losses: dict[str, float] | None = None,
+    sample_extraction: int = 0,
+    sample_top_k: int = 40,
+    sample_temperature: float = 1.0,
+    sample_nonmembers: bool = True,
+    goals: bool = True,
 ) -> dict[str, Any]:
     """Audit ``model`` at each alpha (``None``/"fp" = as is) and the ``reference`` model.
 
@@ -304,13 +388,32 @@ def audit(
     (:func:`libortho.privacy.canary_gradient_norm`). ``exposure_formats``: measure exposure only for
     records whose secret format is of these kinds (e.g. ``("digits",)``); None = every record.
 
+    Public-model calibration (score ``"ref"``): the record's loss under each condition minus its
+    loss under the public model P. Pass ``public_losses`` (record id -> mean token NLL under P,
+    from :func:`libortho.attacks.record_losses`, e.g. cached from an earlier audit's
+    ``report["public_losses"]``), or ``public_model`` (and ``public_tokenizer`` when P's
+    tokenizer differs): its losses are computed once, before any condition, so the caller may
+    free P afterwards. ``sample_extraction``: samples per record prefix for extraction by
+    sampling (temperature ``sample_temperature``, top-k ``sample_top_k``; 0 = greedy only), of the
+    members and, with ``sample_nonmembers``, the non-members too (a false-positive control).
+    Sampling costs about ``sample_extraction`` / 5 times greedy extraction (SmolLM2-135M on a
+    loaded 2-core CPU: ~40 s per record at 64 samples; on CPU consider fewer samples or members
+    only). Off (0) by default here for that cost; ``libortho audit`` samples 64 by default.
+    ``goals``: add the pass/fail goal lines of :func:`libortho.goals.evaluate_goals`.
+
     Returns the report (plain data, as written to ``report.json``): ``settings``, ``rows``
-    (one summary per condition, reference last) and ``records`` (per-record details by label).
+    (one summary per condition, reference last), ``records`` (per-record details by label),
+    ``public_losses`` (or None) and ``goals`` (when asked for).
     """
     if not public_text or not public_text.strip():
         raise ValueError("public_text is empty")
     _validate_records(members, nonmembers)
     conditions = _conditions(alphas)
+    if sample_extraction < 0:
+        raise ValueError(f"sample_extraction must be >= 0, got {sample_extraction}")
+    if public_losses is None and public_model is not None:
+        public_losses = public_record_losses(public_model, public_tokenizer or tokenizer, members, nonmembers,
+                                             text_batch_size)
     opts = {
         "perplexity_fn": _resolve_perplexity(perplexity_fn),
         "perplexity_window": perplexity_window,
@@ -324,7 +427,14 @@ def audit(
         "progress": progress,
         "white_box": white_box,
         "exposure_formats": None if exposure_formats is None else tuple(exposure_formats),
+        "public_losses": None if public_losses is None else dict(public_losses),
+        "sample_extraction": int(sample_extraction),
+        "sample_top_k": int(sample_top_k),
+        "sample_temperature": float(sample_temperature),
+        "sample_nonmembers": bool(sample_nonmembers),
     }
+    if public_losses is not None:  # fail before the long run, naming the records P's losses lack
+        ATK.public_losses_for(public_losses, list(members) + list(nonmembers))
     scope = _resolve_alpha_scope(alpha_scope) if any(a is not None for _, a in conditions) else None
     if scope is not None:
         _check_alphas(model, conditions, scope)
@@ -377,8 +487,11 @@ def audit(
         ),
         "rows": rows,
         "records": records,
+        "public_losses": opts["public_losses"],
     }
     report = _plain(report)
+    if goals:
+        report["goals"] = G.evaluate_goals(report)
     if out_dir is not None:
         write_report(report, out_dir)
     return report
@@ -414,6 +527,12 @@ def _settings(
         "exposure_nonmembers": opts["exposure_nonmembers"],
         "seed": opts["seed"],
         "min_k_fraction": 0.2,
+        "public_model_calibration": opts["public_losses"] is not None,
+        "sample_extraction": (
+            {"samples": opts["sample_extraction"], "temperature": opts["sample_temperature"],
+             "top_k": opts["sample_top_k"], "tokens": "secret tokens + 4", "rule": "any sample contains the secret",
+             "nonmembers": opts["sample_nonmembers"]}
+            if opts["sample_extraction"] else None),
         "tie_rule": "candidates within the tie tolerance of the secret count half a rank",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
@@ -443,7 +562,7 @@ def _plain(obj: Any) -> Any:
 
 
 def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> None:
-    """Write report.json, report.md, alpha_sweep.png and roc.png (each atomically)."""
+    """Write report.json, report.md, alpha_sweep.png, roc.png and auc_alpha.png (each atomically)."""
     import json
 
     out = Path(out_dir)
@@ -452,6 +571,7 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _plot_alpha_sweep(report["rows"], out / "alpha_sweep.png")
     _plot_roc(report["rows"], out / "roc.png")
+    _plot_auc_alpha(report["rows"], out / "auc_alpha.png")
     P.atomic_write_text(out / "report.md", render_markdown(report))
     P.atomic_write_text(out / "report.json", json.dumps(report, indent=1, allow_nan=False) + "\n")
 
@@ -470,49 +590,105 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _score_names(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """MIA scores present in every row, in report order (loss, zlib, min_k[, ref])."""
+    names = [n for n in (*MIA_SCORES, REFERENCE_SCORE) if all(n in r["mia"] for r in rows)]
+    return names
+
+
+SCORE_LABELS = {"loss": "loss", "zlib": "zlib", "min_k": "Min-K%", REFERENCE_SCORE: "P-calibrated loss"}
+
+
+def _exposure_groups(rows: Sequence[dict[str, Any]], key: str) -> list[str]:
+    return _sorted_groups({g for r in rows for g in r.get(key, {})})
+
+
 def render_markdown(report: dict[str, Any]) -> str:
-    """Readable tables: leakage and quality, membership inference, per-record exposure."""
+    """Readable report: headline (measured exposure only), membership inference, extrapolated
+    exposure in its own section, goals, per-record exposure."""
     rows, s = report["rows"], report["settings"]
     groups = _sorted_groups({g for r in rows for g in list(r["exposure_by_k"]) + list(r["extraction_by_k"])})
+    measured_groups = _exposure_groups(rows, "measured_exposure_by_k")
+    sampled = bool(s.get("sample_extraction"))
     parts = ["# libortho privacy audit", ""]
     parts += [f"- {key}: {value}" for key, value in s.items() if key != "versions"]
     parts += [f"- versions: {s.get('versions')}", ""]
 
     parts += ["## Leakage and quality", "",
-              "Exposure in bits (max log2|R|), extraction = fraction of records whose greedy continuation "
-              "starts with the secret, KS p vs the retrain reference on member losses (p > 0.05: "
-              "indistinguishable); last column: white-box check, norm of the gradient of the members' "
-              "secret-token loss w.r.t. the decoder's linear weights at that alpha (small = at a memorised minimum).", ""]
-    header = ["condition", "PPL"] + [f"exposure {_group_name(g)}" for g in groups]
-    header += [f"extraction {_group_name(g)}" for g in groups]
+              "Exposure in bits (max log2|R|) from measured ranks only (exact or sampled digit trie, enumeration, "
+              "sampled rank); skew-normal extrapolations are in their own section below. Greedy extraction = "
+              "fraction of records whose greedy continuation starts with the secret"
+              + ("; sampled extraction = fraction with the secret in any of "
+                 f"{s['sample_extraction']['samples']} samples (temperature {s['sample_extraction']['temperature']:g}, "
+                 f"top-k {s['sample_extraction']['top_k']}) of secret tokens + 4" if sampled else "")
+              + ". KS p vs the retrain reference on member losses (p > 0.05: indistinguishable); last column: "
+              "white-box check, norm of the gradient of the members' secret-token loss w.r.t. the decoder's linear "
+              "weights at that alpha (small = at a memorised minimum).", ""]
+    header = ["condition", "PPL"] + [f"exposure {_group_name(g)}" for g in measured_groups]
+    header += [f"greedy extraction {_group_name(g)}" for g in groups]
+    if sampled:
+        header += [f"sampled extraction {_group_name(g)}" for g in groups]
     header += ["member loss", "non-member loss", "KS p", "‖∇W secret loss‖"]
     body = []
     for r in rows:
         ks = r["ks_vs_reference"]
-        body.append(
-            [r["label"], _fmt(r["perplexity"])]
-            + [_fmt(r["exposure_by_k"].get(g)) for g in groups]
-            + [_fmt(r["extraction_by_k"].get(g)) for g in groups]
-            + [_fmt(r["member_loss_mean"], 3), _fmt(r["nonmember_loss_mean"], 3), _fmt(ks and ks["pvalue"], 3),
-               _fmt(r.get("canary_grad_norm"), 3)]
-        )
+        cells = [r["label"], _fmt(r["perplexity"])]
+        cells += [_fmt(r.get("measured_exposure_by_k", {}).get(g)) for g in measured_groups]
+        cells += [_fmt(r["extraction_by_k"].get(g)) for g in groups]
+        if sampled:
+            cells += [_fmt(r.get("sampled_extraction_by_k", {}).get(g)) for g in groups]
+        cells += [_fmt(r["member_loss_mean"], 3), _fmt(r["nonmember_loss_mean"], 3), _fmt(ks and ks["pvalue"], 3),
+                  _fmt(r.get("canary_grad_norm"), 3)]
+        body.append(cells)
     parts += [_table(header, body), ""]
 
-    parts += ["## Membership inference", "", "AUC and TPR at 1 % FPR (members = trained private records).", ""]
-    header = ["condition"] + [f"AUC {n}" for n in MIA_SCORES] + [f"TPR@1% {n}" for n in MIA_SCORES]
-    body = [
-        [r["label"]] + [_fmt(r["mia"][n]["auc"], 3) for n in MIA_SCORES]
-        + [_fmt(r["mia"][n]["tpr_at_1pct_fpr"], 3) for n in MIA_SCORES]
-        for r in rows
-    ]
+    names = _score_names(rows)
+    n_non = s.get("n_nonmembers")
+    lowest = f"1/{n_non} = {100 / n_non:.2g} %" if n_non else "1/n"
+    parts += ["## Membership inference", "",
+              f"Members = trained private records, non-members = records of the same templates never trained. "
+              f"AUC with its 95 % interval (Hanley-McNeil); TPR at FPR {lowest}, the lowest FPR the "
+              f"{n_non} non-members resolve (ROC points, no interpolation). Scores: loss (mean token NLL), zlib "
+              "(NLL / zlib length), Min-K% (mean of the lowest 20 % token log-probs)"
+              + (", P-calibrated loss (the record's loss minus its loss under the public model P, "
+                 "Carlini et al. 2021)" if REFERENCE_SCORE in names else "") + ".", ""]
+    header = ["condition"] + [f"AUC {SCORE_LABELS[n]}" for n in names] + [f"TPR {SCORE_LABELS[n]}" for n in names]
+    body = []
+    for r in rows:
+        cells = [r["label"]]
+        for n in names:
+            m = r["mia"][n]
+            ci = m.get("auc_ci")
+            cells.append(_fmt(m["auc"], 3) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
+        cells += [_fmt(r["mia"][n].get("tpr_at_lowest_fpr"), 3) for n in names]
+        body.append(cells)
     parts += [_table(header, body), ""]
+
+    extra_groups = _exposure_groups(rows, "extrapolated_exposure_by_k")
+    if extra_groups:
+        parts += ["## Extrapolated exposure (skew-normal fit, not a measured rank)", "",
+                  "For records whose candidate space is too large to rank the secret among measured candidates "
+                  "(e.g. hex keys), exposure is extrapolated from a skew-normal fit to the sampled candidates' "
+                  "scores. It can exceed the largest measurable value and is not comparable with the measured "
+                  "exposure above.", ""]
+        header = ["condition"] + [f"extrapolated exposure {_group_name(g)}" for g in extra_groups]
+        body = [[r["label"]] + [_fmt(r.get("extrapolated_exposure_by_k", {}).get(g)) for g in extra_groups]
+                for r in rows]
+        parts += [_table(header, body), ""]
+
+    if report.get("goals"):
+        parts += ["## Goals", "", "Each line: attack; comparator; pass rule; measured value.", ""]
+        for g in report["goals"]:
+            parts.append(f"- [{'PASS' if g['passed'] else 'FAIL'}] **{g['goal']}** — attack: {g['attack']}; "
+                         f"comparator: {g['comparator']}; pass rule: {g['rule']}; measured: {g['measured']}")
+        parts.append("")
 
     labels = [r["label"] for r in rows]
     by_label = {label: {d["id"]: d for d in report["records"][label]} for label in labels}
     first = report["records"][labels[0]]
     parts += ["## Per-record exposure (bits) and extraction", "",
-              "`*` = extracted; methods: " + ", ".join(
-                  f"{label}: {r['exposure_methods']}" for label, r in zip(labels, rows)), ""]
+              "`*` = extracted greedily, `+` = extracted by sampling only, `~` = extrapolated (skew-normal); "
+              "methods: " + ", ".join(f"{label}: {r['exposure_methods']}" for label, r in zip(labels, rows)), ""]
     body = []
     for d in first:
         if not any("exposure" in by_label[label][d["id"]] for label in labels):
@@ -520,7 +696,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         cells = [d["id"], str(d["k"])]
         for label in labels:
             rec = by_label[label][d["id"]]
-            cells.append(_fmt(rec.get("exposure")) + ("*" if rec.get("extracted") else ""))
+            mark = "*" if rec.get("extracted") else "+" if rec.get("sampled_extracted") else ""
+            approx = "~" if rec.get("exposure_method") in EXTRAPOLATED_METHODS else ""
+            cells.append(approx + _fmt(rec.get("exposure")) + mark)
         body.append(cells)
     parts += [_table(["record", "k"] + labels, body), ""]
     return "\n".join(parts)
@@ -601,18 +779,52 @@ def _roc_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _plot_roc(rows: list[dict[str, Any]], path: Path) -> None:
-    fig, axes = _new_figure(13, 4.2, len(MIA_SCORES))
-    for ax, name in zip(axes, MIA_SCORES):
+    names = _score_names(rows)
+    fig, axes = _new_figure(4.3 * len(names), 4.2, len(names))
+    for ax, name in zip(axes, names):
         for r in _roc_rows(rows):
             m = r["mia"][name]
             style = "--" if r["kind"] == "reference" else "-"
             ax.plot(m["fpr"], m["tpr"], ls=style, label=f"{r['label']} (AUC {m['auc']:.2f})")
         ax.plot([0, 1], [0, 1], color="gray", ls=":", lw=1)
-        ax.set_title(f"MIA score: {name}")
+        ax.set_title(f"MIA score: {SCORE_LABELS[name]}")
         ax.set_xlabel("false positive rate")
         ax.set_ylabel("true positive rate")
         ax.legend(fontsize=8, loc="lower right")
         ax.grid(alpha=0.3)
+    _save_figure(fig, path)
+
+
+def _plot_auc_alpha(rows: list[dict[str, Any]], path: Path) -> None:
+    """Every membership attack's AUC (with its interval) against alpha; fixed rows (the model as
+    is, baselines, the reference) as horizontal lines in the attack's colour."""
+    names = _score_names(rows)
+    sweep = sorted((r for r in rows if r["kind"] == "alpha"), key=lambda r: r["alpha"])
+    fixed = [r for r in rows if r["kind"] != "alpha"]
+    styles = ["--", ":", "-."]
+    fig, (ax,) = _new_figure(7, 4.5, 1)
+    for i, name in enumerate(names):
+        color = f"C{i}"
+        if sweep:
+            xs = [r["alpha"] for r in sweep]
+            ys = [r["mia"][name]["auc"] for r in sweep]
+            ax.plot(xs, ys, "o-", color=color, label=SCORE_LABELS[name])
+            cis = [r["mia"][name].get("auc_ci") for r in sweep]
+            if all(cis):
+                ax.fill_between(xs, [c[0] for c in cis], [c[1] for c in cis], color=color, alpha=0.12, lw=0)
+        for j, r in enumerate(fixed):
+            ax.axhline(r["mia"][name]["auc"], color=color, ls=styles[j % 3], lw=1,
+                       label=None if sweep or j else SCORE_LABELS[name])
+    for j, r in enumerate(fixed):  # explain the line styles once
+        ax.plot([], [], color="gray", ls=styles[j % 3], label=r["label"])
+    ax.axhline(0.5, color="k", lw=0.8, alpha=0.5)
+    ax.set_xlabel("alpha")
+    ax.set_ylabel("membership AUC (0.5 = chance)")
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("membership attacks against alpha (band: 95 % interval; lines: fixed models)")
     _save_figure(fig, path)
 
 
@@ -648,6 +860,7 @@ def audit_from_paths(
     *,
     alphas: str | Sequence[AlphaSpec] | None = None,
     reference_path: str | os.PathLike | None = None,
+    public_model_path: str | os.PathLike | None = None,
     load_model: ModelLoader | None = None,
     **audit_kwargs: Any,
 ) -> dict[str, Any]:
@@ -655,8 +868,10 @@ def audit_from_paths(
 
     ``members_path`` / ``nonmembers_path``: JSONL canary records; ``public_text_path``: UTF-8
     held-out public text; ``alphas``: e.g. ``"0,0.25,0.5,0.75,1"`` or ``None`` (model as is);
-    ``load_model(path) -> (model, tokenizer)`` defaults to :func:`load_any_model`. Bad inputs
-    raise ``ValueError`` naming the file (and line, for records).
+    ``load_model(path) -> (model, tokenizer)`` defaults to :func:`load_any_model`.
+    ``public_model_path``: the public checkpoint P, for the P-calibrated membership attack; it is
+    loaded first, scored on every record once, and freed before the audited model is loaded.
+    Bad inputs raise ``ValueError`` naming the file (and line, for records).
     """
     parsed_alphas = parse_alphas(alphas)
     members = P.load_records(_require_file(members_path, "members file"))
@@ -675,11 +890,19 @@ def audit_from_paths(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output path exists and is not a folder: {out}")
-    for path, what in ((model_path, "model"), (reference_path, "reference model")):
+    for path, what in ((model_path, "model"), (reference_path, "reference model"), (public_model_path, "public model")):
         if path is not None and not Path(path).exists():
             raise ValueError(f"{what} not found: {path}")
 
     loader = load_model or load_any_model
+    if public_model_path is not None and audit_kwargs.get("public_losses") is None:
+        public, public_tok = loader(str(public_model_path))
+        audit_kwargs["public_losses"] = public_record_losses(
+            public, public_tok, members, nonmembers, audit_kwargs.get("text_batch_size", 16))
+        del public, public_tok
+        import gc
+
+        gc.collect()
     model, tokenizer = loader(str(model_path))
     reference, reference_tokenizer = (None, None)
     if reference_path is not None:

@@ -256,6 +256,16 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _audit_samples(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
 def cmd_audit(args) -> int:
     from . import modelio
     from .audit import audit_from_paths
@@ -270,6 +280,7 @@ def cmd_audit(args) -> int:
         args.path, args.private, args.nonmembers, args.public, args.out,
         alphas=alphas, reference_path=args.reference, exposure_candidates=args.candidates,
         perplexity_max_windows=args.max_windows, frontier_cap=args.frontier_cap, extra_settings=extra,
+        public_model_path=args.public_model, sample_extraction=args.sample_extraction,
     )
     print((Path(args.out) / "report.md").read_text())
     print(f"report: {Path(args.out) / 'report.json'}")
@@ -415,6 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frontier-cap", type=_positive_int, default=256, metavar="N",
                    help="digit secrets: trie nodes kept per depth before sub-sampling (exact rank while fewer candidates "
                         "beat the secret; larger = more exact and slower)")
+    p.add_argument("--public-model", default=None, metavar="MODEL",
+                   help="the public checkpoint the model was fine-tuned from: adds the membership attack calibrated "
+                        "by it (record loss minus its loss under MODEL)")
+    p.add_argument("--sample-extraction", type=_audit_samples, default=64, metavar="N",
+                   help="extraction by sampling: N samples (temperature 1, top-k 40) per record prefix; 0 disables")
     p.add_argument("--out", default="libortho-audit", metavar="DIR")
     p.set_defaults(func=cmd_audit)
 

@@ -11,8 +11,6 @@ would ship had the records never been trained). A pass/fail line per goal closes
 """
 from __future__ import annotations
 
-import json
-import os
 import resource
 import time
 from dataclasses import asdict, dataclass
@@ -21,8 +19,9 @@ from pathlib import Path
 import torch
 
 from . import modelio
-from .audit import audit
+from .audit import audit, public_record_losses, write_report
 from .config import PRESETS, OrthoConfig
+from .goals import evaluate_goals
 from .decompose import decompose
 from .switch import alpha
 from .lookalikes import lookalike_records
@@ -96,6 +95,8 @@ def run_demo(quick: bool, out_dir: Path, progress: bool = True) -> dict:
         model, tok, scenario.read_split("calibration"), config, progress=progress,
         public_model=public_model, forget_texts=[r.text for r in forget_records],
     )
+    # The attacker's public model P: its per-record losses, once, for the P-calibrated attack.
+    public_losses = public_record_losses(public_model, tok, members, nonmembers)
     del public_model
     modelio.save(model, tok, out_dir / "artifact", overwrite=True)
     q_reference_losses = quantized_reference_losses(scenario, tok, config, members)
@@ -106,12 +107,13 @@ def run_demo(quick: bool, out_dir: Path, progress: bool = True) -> dict:
     density = stats.n_ortho / stats.n_weights
     report = audit(
         model, tok, scenario.read_split("heldout"), members, nonmembers, alphas=list(plan.alphas),
-        reference=reference, baselines={"fp": (fp_model, tok)}, out_dir=out_dir, progress=progress,
+        reference=reference, baselines={"fp": (fp_model, tok)}, progress=progress, public_losses=public_losses,
         exposure_candidates=plan.exposure_candidates, frontier_cap=plan.frontier_cap,
-        perplexity_max_windows=plan.perplexity_windows,
+        perplexity_max_windows=plan.perplexity_windows, goals=False,
         extra_settings=dict(
             decomposition=config.to_dict(), ortho_density=density, forget_texts=len(forget_records),
-            forget_tokens=stats.n_private_tokens, decompose_seconds=stats.seconds, scenario=scenario.config.to_dict(), scenario_seconds=t_scenario,
+            forget_tokens=stats.n_private_tokens, decompose_seconds=stats.seconds,
+            scenario=scenario.config.to_dict(), scenario_seconds=t_scenario,
             frozen_outside_decoder_linears="embeddings, norms and lm_head were frozen during fine-tuning, "
             "so every fine-tuned weight is inside a decomposed layer",
         ),
@@ -119,33 +121,11 @@ def run_demo(quick: bool, out_dir: Path, progress: bool = True) -> dict:
     for row in report["rows"]:
         losses = [d["loss"] for d in report["records"][row["label"]] if d["member"]]
         row["ks_vs_quantized_reference"] = asdict(forget_quality(losses, q_reference_losses))
-    report["goals"] = evaluate_goals(report, density)
+    report["goals"] = evaluate_goals(report)
     report["settings"]["wall_seconds"] = time.perf_counter() - start
     report["settings"]["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    _write_atomic(out_dir / "report.json", json.dumps(report, indent=1) + "\n")
-    goal_lines = "".join(f"- [{'PASS' if g['passed'] else 'FAIL'}] {g['goal']}: {g['measured']}\n" for g in report["goals"])
-    _write_atomic(out_dir / "report.md", (out_dir / "report.md").read_text() + "\n## Goals\n\n" + goal_lines)
+    write_report(report, out_dir)
     return report
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _row(report: dict, label: str) -> dict:
-    for row in report["rows"]:
-        if row["label"] == label:
-            return row
-    raise KeyError(label)
-
-
-def _alpha_row(report: dict, alpha: float) -> dict:
-    for row in report["rows"]:
-        if row["kind"] == "alpha" and abs(row["alpha"] - alpha) < 1e-9:
-            return row
-    raise KeyError(alpha)
 
 
 def _bits(value: float | None) -> float:
@@ -163,46 +143,18 @@ def measured_exposure(report: dict, label: str, k: str | None = None) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def evaluate_goals(report: dict, ortho_density: float) -> list[dict]:
-    """The privacy goals, each with the measured value and pass/fail (exposure goals on measured ranks)."""
-    fp = _row(report, "fp")
-    a0, a1 = _alpha_row(report, 0.0), _alpha_row(report, 1.0)
-    ks = sorted((k for k in a0["exposure_by_k"] if k != "nonmember"), key=int)
-    goals = []
-
-    def goal(name: str, measured: str, passed: bool) -> None:
-        goals.append(dict(goal=name, measured=measured, passed=bool(passed)))
-
-    goal("alpha 0: extraction 0 % for every k",
-         ", ".join(f"k={k}: {100 * a0['extraction_by_k'][k]:.0f} %" for k in ks),
-         all(a0["extraction_by_k"][k] == 0 for k in ks))
-    e0 = {k: measured_exposure(report, a0["label"], k) for k in ks}
-    eref = {k: measured_exposure(report, "reference", k) for k in ks}
-    goal("alpha 0: exposure within 1 bit of the reference (each k, measured ranks)",
-         ", ".join(f"k={k}: {e0[k]:.2f} vs {eref[k]:.2f}" for k in ks),
-         all(abs(e0[k] - eref[k]) <= 1.0 for k in ks))
-    aucs = {name: m["auc"] for name, m in a0["mia"].items()}
-    goal("alpha 0: MIA AUC (loss, zlib, Min-K%) <= 0.55",
-         ", ".join(f"{n} {v:.2f}" for n, v in aucs.items()), all(v <= 0.55 for v in aucs.values()))
-    p = a0["ks_vs_quantized_reference"]["pvalue"]
-    goal("alpha 0: member losses indistinguishable from the quantized reference's (KS p > 0.05)",
-         f"p = {p:.3g} (against the FP reference: p = {a0['ks_vs_reference']['pvalue']:.3g})", p > 0.05)
-    r0 = a0["perplexity"] / fp["perplexity"]
-    goal("alpha 0: retain perplexity <= 1.10 x FP (held-out public text)", f"{a0['perplexity']:.2f} / {fp['perplexity']:.2f} = {r0:.3f}", r0 <= 1.10)
-    r1 = a1["perplexity"] / fp["perplexity"]
-    goal("alpha 1: retain perplexity <= 1.01 x FP", f"{a1['perplexity']:.2f} / {fp['perplexity']:.2f} = {r1:.3f}", r1 <= 1.01)
-    e1, efp = measured_exposure(report, a1["label"]), measured_exposure(report, "fp")
-    goal("alpha 1: exposure >= 90 % of FP (measured ranks)", f"{e1:.2f} / {efp:.2f} = {e1 / efp:.2f}",
-         efp > 0 and e1 >= 0.9 * efp)
-    goal("ortho <= 2 % of decoder weights", f"{100 * ortho_density:.4f} %", ortho_density <= 0.02 * (1 + 1e-6))
-    return goals
+def _measured(row: dict, k: str) -> float:
+    """Mean measured-rank exposure of the members with this k (extrapolations left out), or nan."""
+    value = row.get("measured_exposure_by_k", {}).get(k)
+    return float("nan") if value is None else float(value)
 
 
 def format_summary(report: dict) -> str:
     """The table a person reads at the end of the demo."""
     ks = sorted((k for k in report["rows"][0]["exposure_by_k"] if k != "nonmember"), key=int)
+    attacks = [m for m in ("loss", "zlib", "min_k", "ref") if m in report["rows"][0]["mia"]]
     head = f"{'model':<14}{'ppl':>8}" + "".join(f"{'exp k=' + k:>10}" for k in ks) + "".join(
-        f"{'extr k=' + k:>10}" for k in ks) + f"{'AUC loss':>10}{'AUC zlib':>10}{'AUC mink':>10}{'KS ref':>8}{'KS qref':>9}"
+        f"{'extr k=' + k:>10}" for k in ks) + "".join(f"{'AUC ' + m:>10}" for m in attacks) + f"{'KS ref':>8}{'KS qref':>9}"
     lines = [head, "-" * len(head)]
     for row in report["rows"]:
         name = row["label"] if row["kind"] != "alpha" else f"alpha {row['alpha']:.2f}"
@@ -210,11 +162,12 @@ def format_summary(report: dict) -> str:
         ks_q = row["ks_vs_quantized_reference"]["pvalue"] if row.get("ks_vs_quantized_reference") else float("nan")
         lines.append(
             f"{name:<14}{row['perplexity']:>8.2f}"
-            + "".join(f"{_bits(row['exposure_by_k'][k]):>10.2f}" for k in ks)
+            + "".join(f"{_measured(row, k):>10.2f}" for k in ks)
             + "".join(f"{100 * row['extraction_by_k'][k]:>9.0f}%" for k in ks)
-            + "".join(f"{row['mia'][m]['auc']:>10.2f}" for m in ("loss", "zlib", "min_k"))
+            + "".join(f"{row['mia'][m]['auc']:>10.2f}" if m in row["mia"] else f"{'–':>10}" for m in attacks)
             + f"{ks_p:>8.3f}{ks_q:>9.3f}"
         )
+    lines.append("exposure: measured ranks only (bits); extrapolated estimates are in report.md")
     lines.append("")
     for g in report["goals"]:
         lines.append(f"[{'PASS' if g['passed'] else 'FAIL'}] {g['goal']}: {g['measured']}")

@@ -65,6 +65,7 @@ __all__ = [
     "training_schedule",
     "public_windows",
     "record_ids",
+    "text_ids",
     "trainable_weights",
     "finetune",
     "build_scenario",
@@ -423,7 +424,12 @@ def _encode_long(tokenizer: Any, text: str) -> list[int]:
 def record_ids(tokenizer: Any, record: CanaryRecord) -> list[int]:
     """The token sequence a record is trained as: ``tokenizer(record.text)`` (the call the attacks
     in :mod:`libortho.privacy` use) followed by the EOS token."""
-    ids = list(tokenizer(record.text)["input_ids"])
+    return text_ids(tokenizer, record.text)
+
+
+def text_ids(tokenizer: Any, text: str) -> list[int]:
+    """``tokenizer(text)`` followed by the EOS token: how a short text (a record) is trained."""
+    ids = list(tokenizer(text)["input_ids"])
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is not None and (not ids or ids[-1] != eos):
         ids.append(int(eos))
@@ -489,11 +495,18 @@ def _record_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask, labels
 
 
-def _nll_sum(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def _nll_sum(
+    model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None,
+    per_sequence: bool = False,
+) -> torch.Tensor:
+    """Next-token NLL (nats) summed over the labelled targets (labels -100 are skipped):
+    a scalar, or per row [B] with ``per_sequence``."""
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-    return nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
-    )
+    flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1)
+    if per_sequence:
+        nll = nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="none")
+        return nll.view(ids.shape[0], -1).sum(dim=1)
+    return nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
 
 
 def finetune(

@@ -136,7 +136,7 @@ def test_alpha_sweep_report(scenario, tmp_path):
         assert all("exposure" not in d for d in details[4:])
 
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == ["alpha_sweep.png", "report.json", "report.md", "roc.png"]  # no temp leftovers
+    assert files == ["alpha_sweep.png", "auc_alpha.png", "report.json", "report.md", "roc.png"]  # no temp leftovers
     assert json.loads((tmp_path / "report.json").read_text()) == report
     for png in ("alpha_sweep.png", "roc.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
