@@ -9,7 +9,11 @@ GPTQ of the fine-tune, and the forget objective with each source:
   lookalikes   look-alike records from the records' shape, another seed, never trained;
   control      the same objective and lam with X_priv = held-out public text of as many tokens
                (separates forgetting the records from merely pulling the model toward P);
-  free         no texts, mu = 1.
+  free         no texts, mu = 1;
+  NPO          standard unlearning for comparison: NPO (beta 0.1) + retain loss on the fine-tune,
+               forget set = the member records, retain set = the public training text, learning
+               rate and steps by the stopping rule (unlearn.select_unlearning); audited in FP and
+               after plain GPTQ INT4 (does quantization bring the records back?).
 
 Rows are appended to the output JSON as each finishes (a crash loses nothing; a rerun skips what
 is there). Summaries with means and spreads over seeds: experiments/forget_report.py.
@@ -28,13 +32,15 @@ from pathlib import Path
 import torch
 
 from libortho import modelio
-from libortho.audit import audit
+from libortho.audit import audit, public_record_losses
 from libortho.config import PRESETS, OrthoConfig
 from libortho.decompose import decompose
+from libortho.evaluation import perplexity
 from libortho.demo import demo_lookalikes, measured_exposure
 from libortho.switch import alpha
 from libortho.privacy import forget_quality, mia_scores
 from libortho.scenario import ScenarioConfig, build_scenario
+from libortho.unlearn import forget_exposure, select_unlearning
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 BASE = dict(PRESETS["privacy"], calib_tokens=8192)
@@ -47,7 +53,7 @@ VARIANTS = {  # name -> (config overrides, forget texts)
     "free mu 1": (dict(forget_source="free", forget_mu=1.0), None),
 }
 AUDIT = dict(exposure_candidates=128, frontier_cap=64, perplexity_max_windows=16, progress=False,
-             exposure_formats=("digits",), white_box=False)
+             exposure_formats=("digits",), white_box=False, goals=False)
 # The evaluation scenario: enough PINs per k and non-members per format to resolve 1 bit and FPR 0.5 %.
 EVAL_SCENARIO = dict(n_per_k=32, n_nonmembers=200)
 
@@ -99,10 +105,13 @@ def run_seed(seed: int, preset: str, results: dict, only: list[str] | None, out_
     def save() -> None:
         out_path.write_text(json.dumps(results, indent=1) + "\n")
 
-    reference, tok = modelio.load_model(scenario.reference)
+    public, tok = modelio.load_model(scenario.public_model)
+    audit_settings = dict(AUDIT, public_losses=public_record_losses(public, tok, members, nonmembers))  # P-calibrated attack
+    del public
+    reference, _ = modelio.load_model(scenario.reference)
     if "baselines" not in rows:
         fp, _ = modelio.load_model(scenario.finetuned)
-        rep = audit(fp, tok, heldout, members, nonmembers, alphas=None, reference=reference, **AUDIT)
+        rep = audit(fp, tok, heldout, members, nonmembers, alphas=None, reference=reference, **audit_settings)
         rows["baselines"] = {r["label"]: summarise(r, rep, set()) for r in rep["rows"]}
         save()
         del fp
@@ -113,11 +122,14 @@ def run_seed(seed: int, preset: str, results: dict, only: list[str] | None, out_
         torch.manual_seed(0)
         decompose(ref_q, tok, calib, OrthoConfig(**{**BASE, "ortho_ratio": 0.0}), progress=False)
         with alpha(ref_q, 0.0):
-            rep = audit(ref_q, tok, heldout, members, nonmembers, alphas=None, **AUDIT)
+            rep = audit(ref_q, tok, heldout, members, nonmembers, alphas=None, **audit_settings)
         rows["quantized reference"] = summarise(rep["rows"][0], rep, set())
         save()
         del ref_q
     q_losses = rows["quantized reference"]["member_losses"]
+    if "NPO" not in rows and (not only or "NPO" in only):
+        rows["NPO"] = npo_rows(scenario, tok, members, nonmembers, rows, audit_settings, reference_losses, q_losses)
+        save()
     for name, (cfg, texts_kind) in VARIANTS.items():
         if name in rows or (only and name not in only):
             continue
@@ -129,7 +141,7 @@ def run_seed(seed: int, preset: str, results: dict, only: list[str] | None, out_
         public = modelio.load_model(scenario.public_model)[0] if config.forgets else None
         stats = decompose(model, tok, calib, config, progress=False, public_model=public, forget_texts=texts)
         del public
-        rep = audit(model, tok, heldout, members, nonmembers, alphas=[0.0, 1.0], **AUDIT)
+        rep = audit(model, tok, heldout, members, nonmembers, alphas=[0.0, 1.0], **audit_settings)
         summaries = []
         for row in rep["rows"]:
             s = summarise(row, rep, listed)
@@ -142,6 +154,39 @@ def run_seed(seed: int, preset: str, results: dict, only: list[str] | None, out_
         a0, a1 = summaries
         print(f"seed {seed} {name:<34} a0 ppl {a0['perplexity']:6.2f} exp {_mean(a0):5.2f} auc {a0['auc']['loss']:.2f} | "
               f"a1 ppl {a1['perplexity']:6.2f} exp {_mean(a1):5.2f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def npo_rows(scenario, tok, members, nonmembers, rows, audit_settings, reference_losses, q_losses) -> dict:
+    """NPO unlearning of the fine-tune (stopping rule over a short lr sweep), audited in FP and
+    after plain GPTQ INT4 of the privacy preset's bits and group size."""
+    t0 = time.perf_counter()
+    heldout, calib = scenario.read_split("heldout"), scenario.read_split("calibration")
+    pins = [r for r in members if r.secret_format.startswith("digits")]
+
+    def measure(model) -> tuple[float, float]:
+        return (forget_exposure(model, tok, pins, n_candidates=AUDIT["exposure_candidates"], frontier_cap=AUDIT["frontier_cap"]),
+                perplexity(model, tok, heldout, max_windows=AUDIT["perplexity_max_windows"]))
+
+    chosen = select_unlearning(
+        lambda: modelio.load_model(scenario.finetuned)[0], tok, [r.text for r in members], scenario.read_split("train"),
+        measure, reference_exposure=_mean(rows["baselines"]["reference"]),
+        fp_perplexity=rows["baselines"]["fp"]["perplexity"], method="npo", beta=0.1,
+    )
+    model = chosen.model
+    summaries = []
+    rep = audit(model, tok, heldout, members, nonmembers, alphas=None, **audit_settings)
+    summaries.append(dict(summarise(rep["rows"][0], rep, set()), label="NPO, FP"))
+    decompose(model, tok, calib, OrthoConfig(**{**BASE, "ortho_ratio": 0.0}), progress=False)
+    with alpha(model, 0.0):
+        rep = audit(model, tok, heldout, members, nonmembers, alphas=None, **audit_settings)
+    summaries.append(dict(summarise(rep["rows"][0], rep, set()), label="NPO, GPTQ INT4"))
+    for s in summaries:
+        s["ks_vs_reference"] = asdict(forget_quality(s["member_losses"], reference_losses))
+        s["ks_vs_quantized_reference"] = asdict(forget_quality(s["member_losses"], q_losses))
+    print(f"NPO: lr {chosen.point.lr:g}, {chosen.point.steps} steps ({chosen.reason}); FP exposure {_mean(summaries[0]):.2f}, "
+          f"INT4 {_mean(summaries[1]):.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return dict(lr=chosen.point.lr, steps=chosen.point.steps, reason=chosen.reason,
+                sweep=[asdict(p) for p in chosen.points], seconds=time.perf_counter() - t0, rows=summaries)
 
 
 def _mean(row: dict) -> float:

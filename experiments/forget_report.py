@@ -17,7 +17,7 @@ from pathlib import Path
 from scipy import stats
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-MIA = ("loss", "zlib", "min_k")
+MIA = ("loss", "zlib", "min_k", "ref")  # ref: the P-calibrated attack
 
 
 def fmt(x: float | None, digits: int = 2) -> str:
@@ -53,6 +53,8 @@ def rows_of(results: dict, name: str, alpha: float | None) -> list[dict]:
             out.append(seed_rows[name])
         elif name in seed_rows:
             out.append(next(r for r in seed_rows[name]["rows"] if r["alpha"] == alpha))
+        elif name.startswith("NPO") and "NPO" in seed_rows:  # "NPO, FP" / "NPO, GPTQ INT4"
+            out.append(next(r for r in seed_rows["NPO"]["rows"] if r["label"] == name))
     return out
 
 
@@ -64,11 +66,12 @@ def table(results: dict) -> tuple[list[str], list[str]]:
     """(markdown table lines, the ks)."""
     any_seed = next(iter(results.values()))
     ks = sorted(any_seed["baselines"]["fp"]["measured_exposure_by_k"], key=int)
-    variants = [n for n in any_seed if n not in ("baselines", "quantized reference")]
+    variants = [n for n in any_seed if n not in ("baselines", "quantized reference", "NPO")]
     entries = [("FP fine-tuned", "fp", None), ("retrain reference", "reference", None),
                ("reference through plain GPTQ", "quantized reference", None)]
     for name in variants:
         entries += [(f"{name}, alpha 0", name, 0.0), (f"{name}, alpha 1", name, 1.0)]
+    entries += [("NPO unlearning, FP", "NPO, FP", None), ("NPO unlearning, then GPTQ INT4", "NPO, GPTQ INT4", None)]
     head = (["model", "PPL"] + [f"exposure k={k}" for k in ks] + ["unlisted exp."]
             + [f"AUC {m}" for m in MIA] + ["greedy extr. k=16", "KS p vs quant. ref"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -79,7 +82,7 @@ def table(results: dict) -> tuple[list[str], list[str]]:
         cells = [label, mean_spread([r["perplexity"] for r in rows])]
         cells += [mean_spread([r["measured_exposure_by_k"].get(k) for r in rows]) for k in ks]
         cells.append(mean_spread([r.get("measured_exposure_unlisted") for r in rows]) if alpha is not None else "–")
-        cells += [mean_spread([r["auc"][m] for r in rows]) for m in MIA]
+        cells += [mean_spread([r["auc"].get(m) for r in rows]) for m in MIA]
         cells.append(mean_spread([100 * r["extraction_by_k"].get("16", float("nan")) for r in rows], 0) + " %")
         ks_p = [r["ks_vs_quantized_reference"]["pvalue"] for r in rows if r.get("ks_vs_quantized_reference")]
         cells.append(mean_spread(ks_p, 3) if ks_p else "–")
@@ -105,7 +108,9 @@ def goals(results: dict, name: str, ks: list[str]) -> list[str]:
         goal(f"alpha 0, PIN exposure k={k} within 1 bit of the quantized reference (Welch 95 % interval of the difference)",
              f"{d:+.2f} bits [{lo:+.2f}, {hi:+.2f}]", -1 <= lo and hi <= 1)
     for m in MIA:
-        values = [r["auc"][m] for r in a0]
+        values = [r["auc"][m] for r in a0 if m in r["auc"]]
+        if not values:
+            continue
         goal(f"alpha 0, {m} AUC <= 0.55 (members vs non-members)", mean_spread(values), max(values) <= 0.55)
     ks_p = [r["ks_vs_quantized_reference"]["pvalue"] for r in a0]
     goal("alpha 0, KS p > 0.05 against the quantized reference (member losses)", mean_spread(ks_p, 3), min(ks_p) > 0.05)
@@ -140,7 +145,7 @@ def render(results: dict, source: str) -> str:
         "",
     ]
     for name in any_seed:
-        if name not in ("baselines", "quantized reference", "plain GPTQ"):
+        if name not in ("baselines", "quantized reference", "plain GPTQ", "NPO"):
             out += goals(results, name, ks)
     return "\n".join(out) + "\n"
 

@@ -28,7 +28,7 @@ def test_quick_demo_writes_a_complete_report(quick_report):
     assert {r["alpha"] for r in report["rows"] if r["kind"] == "alpha"} == {0.0, 1.0}
     for row in report["rows"]:
         assert row["perplexity"] > 1
-        assert set(row["mia"]) == {"loss", "zlib", "min_k"}
+        assert set(row["mia"]) == {"loss", "zlib", "min_k", "ref"}  # ref: calibrated by the public model
         assert all(0 <= m["auc"] <= 1 for m in row["mia"].values())
         assert {"1", "4", "16"} <= set(row["exposure_by_k"])
     assert all(isinstance(g["passed"], bool) and g["rule"] for g in report["goals"])
