@@ -47,8 +47,8 @@ BASE = dict(PRESETS["privacy"], calib_tokens=8192)
 VARIANTS = {  # name -> (config overrides, forget texts)
     "plain GPTQ": (dict(forget_source="none"), None),
     "records": (dict(forget_source="records"), "members"),
-    "records-half": (dict(forget_source="records"), "half"),
     "lookalikes": (dict(forget_source="lookalikes"), "lookalikes"),
+    "records-half": (dict(forget_source="records"), "half"),
     "control (public text as X_priv)": (dict(forget_source="records"), "public"),
     "free mu 1": (dict(forget_source="free", forget_mu=1.0), None),
 }
@@ -97,7 +97,8 @@ def forget_texts(kind: str | None, scenario, members, seed: int) -> tuple[list[s
 
 def run_seed(seed: int, preset: str, results: dict, only: list[str] | None, out_path: Path) -> None:
     overrides = dict(seed=seed, **(EVAL_SCENARIO if preset == "eval" else {}))
-    scenario = build_scenario(ScenarioConfig.default(**overrides), progress=False)
+    make = ScenarioConfig.quick if preset == "quick" else ScenarioConfig.default
+    scenario = build_scenario(make(**overrides), progress=False)
     members, nonmembers = scenario.load_members(), scenario.load_nonmembers()
     heldout, calib = scenario.read_split("heldout"), scenario.read_split("calibration")
     rows = results.setdefault(str(seed), {})
@@ -112,7 +113,7 @@ def run_seed(seed: int, preset: str, results: dict, only: list[str] | None, out_
     if "baselines" not in rows:
         fp, _ = modelio.load_model(scenario.finetuned)
         rep = audit(fp, tok, heldout, members, nonmembers, alphas=None, reference=reference, **audit_settings)
-        rows["baselines"] = {r["label"]: summarise(r, rep, set()) for r in rep["rows"]}
+        rows["baselines"] = {("fp" if r["label"] == "model" else r["label"]): summarise(r, rep, set()) for r in rep["rows"]}
         save()
         del fp
     reference_losses = mia_scores(reference, tok, [r.text for r in members]).loss.tolist()
@@ -127,9 +128,6 @@ def run_seed(seed: int, preset: str, results: dict, only: list[str] | None, out_
         save()
         del ref_q
     q_losses = rows["quantized reference"]["member_losses"]
-    if "NPO" not in rows and (not only or "NPO" in only):
-        rows["NPO"] = npo_rows(scenario, tok, members, nonmembers, rows, audit_settings, reference_losses, q_losses)
-        save()
     for name, (cfg, texts_kind) in VARIANTS.items():
         if name in rows or (only and name not in only):
             continue
@@ -154,6 +152,9 @@ def run_seed(seed: int, preset: str, results: dict, only: list[str] | None, out_
         a0, a1 = summaries
         print(f"seed {seed} {name:<34} a0 ppl {a0['perplexity']:6.2f} exp {_mean(a0):5.2f} auc {a0['auc']['loss']:.2f} | "
               f"a1 ppl {a1['perplexity']:6.2f} exp {_mean(a1):5.2f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if "NPO" not in rows and (not only or "NPO" in only):
+        rows["NPO"] = npo_rows(scenario, tok, members, nonmembers, rows, audit_settings, reference_losses, q_losses)
+        save()
 
 
 def npo_rows(scenario, tok, members, nonmembers, rows, audit_settings, reference_losses, q_losses) -> dict:
@@ -197,8 +198,9 @@ def _mean(row: dict) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--preset", choices=["default", "eval"], default="default",
-                    help="the demo's scenario, or the larger evaluation scenario (32 PINs per k, 200 non-members)")
+    ap.add_argument("--preset", choices=["default", "eval", "quick"], default="default",
+                    help="the demo's scenario, the larger evaluation scenario (32 PINs per k, 200 non-members), "
+                         "or the quick smoke-test scenario")
     ap.add_argument("--only", nargs="*", default=None, help="variant names to run")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)

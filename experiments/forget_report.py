@@ -152,11 +152,15 @@ def render(results: dict, source: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--in", dest="src", default=str(DOCS / "forget_eval_default.json"))
+    ap.add_argument("--in", dest="src", nargs="+", default=[str(DOCS / "forget_eval_default.json")],
+                    help="one or more forget_eval JSON files (seeds are merged)")
     ap.add_argument("--out", default=str(DOCS / "forget_eval.md"))
     args = ap.parse_args()
-    results = json.loads(Path(args.src).read_text())
-    Path(args.out).write_text(render(results, Path(args.src).relative_to(DOCS.parent).as_posix()))
+    results = {}
+    for src in args.src:
+        results.update(json.loads(Path(src).read_text()))
+    sources = ", ".join(Path(src).name for src in args.src)
+    Path(args.out).write_text(render(results, sources))
     print(f"wrote {args.out}")
 
 
