@@ -10,6 +10,8 @@ GPTQ of the fine-tune, and the forget objective with each source:
   control      the same objective and lam with X_priv = held-out public text of as many tokens
                (separates forgetting the records from merely pulling the model toward P);
   free         no texts, mu = 1;
+  records, sieve lam_s 30 / records, 5 % ortho: the restoring half (alpha 1) with the sieve and
+               refit under H_pub + 30·H_priv, or with a larger ortho budget;
   NPO          standard unlearning for comparison: NPO (beta 0.1) + retain loss on the fine-tune,
                forget set = the member records, retain set = the public training text, learning
                rate and steps by the stopping rule (unlearn.select_unlearning); audited in FP and
@@ -51,6 +53,9 @@ VARIANTS = {  # name -> (config overrides, forget texts)
     "records-half": (dict(forget_source="records"), "half"),
     "control (public text as X_priv)": (dict(forget_source="records"), "public"),
     "free mu 1": (dict(forget_source="free", forget_mu=1.0), None),
+    # The restoring half: the sieve and refit under H_pub + lam_s·H_priv, and a larger budget.
+    "records, sieve lam_s 30": (dict(forget_source="records", sieve_private_weight=30.0), "members"),
+    "records, 5 % ortho": (dict(forget_source="records", ortho_ratio=0.05), "members"),
 }
 AUDIT = dict(exposure_candidates=128, frontier_cap=64, perplexity_max_windows=16, progress=False,
              exposure_formats=("digits",), white_box=False, goals=False)
