@@ -1,6 +1,6 @@
 """``libortho bench``: layer-level speed of the fused dual-stream kernel on one GPU.
 
-Rows (issue 4), per layer shape (N = out, K = in) and token rows M:
+Rows, per layer shape (N = out, K = in) and token rows M:
 
 * ``fp16``        torch F.linear with an fp16 weight (cuBLAS)
 * ``torch_int4``  torch.ops.aten._weight_int4pack_mm (tinygemm, bf16 activations, g = 128)
@@ -354,7 +354,7 @@ def tune(shapes: Sequence[Tuple[int, int]], batches: Sequence[int], log: Callabl
 
 # --------------------------------------------------------------------------- report
 def goals(results: List[dict], copy_gbps: float) -> List[dict]:
-    """Evaluate the goals of issue 4 from the rows (batch 1 unless stated)."""
+    """Evaluate the kernel speed goals from the rows (batch 1 unless stated)."""
     t = {(r["row"], r["n"], r["k"], r["m"]): r for r in results}
     out = []
 
@@ -443,7 +443,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="write all rows, goals and the "
                         "environment to this JSON file")
     parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES),
-                        help="comma-separated OUTxIN layer shapes (default: issue 4's six)")
+                        help="comma-separated OUTxIN layer shapes (default: the six benchmark shapes)")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)),
                         help="comma-separated token-row counts (default 1,4,16,64)")
     parser.add_argument("--reps", type=int, default=100, help="timed graph replays (>= 100)")

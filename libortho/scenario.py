@@ -1,4 +1,4 @@
-"""The seeded canary scenario of the evaluation protocol (BRIEF section 5).
+"""The seeded canary scenario of the evaluation protocol (canaries with their own prefixes, k insertions, retrain reference).
 
 A public model P is fine-tuned on public text (Python documentation) mixed with private
 records that carry canaries ("The Secret Sharer", Carlini et al. 2019); a *retrain reference*

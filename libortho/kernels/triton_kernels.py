@@ -481,7 +481,7 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, crow_ptr, col_ptr, val_ptr,
 
 
 # ---------------------------------------------------------------------------------------------
-# GEMV v2 (decode, 1–4 token rows): 16-byte word loads, fp16x2 dequantisation (issue 4, v6)
+# GEMV v2 (decode, 1–4 token rows): 16-byte word loads, fp16x2 dequantisation
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
