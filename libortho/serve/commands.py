@@ -3,35 +3,10 @@ from __future__ import annotations
 
 import argparse
 
-
-def _alpha(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"alpha must be a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"alpha must lie in [0, 1], got {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _nonnegative_ms(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected milliseconds, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected milliseconds >= 0, got {value}")
-    return value
+# The CLI's own argument checks (cli.py imports this module only inside build_parser).
+from ..cli import _alpha_value as _alpha
+from ..cli import _nonnegative_float as _nonnegative_ms
+from ..cli import _positive_int as _positive
 
 
 def register(sub: argparse._SubParsersAction) -> None:
