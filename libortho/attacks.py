@@ -161,15 +161,7 @@ def _sample_batch(
 
     Each prompt is run once; its KV cache is then repeated for its samples.
     """
-    device = P._device(model)
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        mask[row, width - len(prompt) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask, positions = P.left_padded(prompts, pad_id, P._device(model))
     logits, cache = P._lm_forward(model, ids, None, mask, positions)
     kv = [(k.repeat_interleave(n_samples, dim=0), v.repeat_interleave(n_samples, dim=0)) for k, v in P._cache_to_kv(cache)]
     cache = P._kv_to_cache(kv)

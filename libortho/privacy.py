@@ -759,10 +759,10 @@ def _is_extracted(continuation: str, secret: str) -> bool:
     return continuation.lstrip().startswith(secret.strip())
 
 
-@torch.inference_mode()
-def _greedy_batch(model: torch.nn.Module, prompts: list[list[int]], n_new: int, pad_id: int) -> list[list[int]]:
-    """Greedy decoding of ``n_new`` tokens for left-padded prompts; returns new ids per prompt."""
-    device = _device(model)
+def left_padded(
+    prompts: list[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded ids [B, T], attention mask [B, T] and position ids [B, T] (0 at each first real token)."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -770,7 +770,13 @@ def _greedy_batch(model: torch.nn.Module, prompts: list[list[int]], n_new: int, 
         ids[row, width - len(prompt) :] = torch.tensor(prompt)
         mask[row, width - len(prompt) :] = 1
     ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.inference_mode()
+def _greedy_batch(model: torch.nn.Module, prompts: list[list[int]], n_new: int, pad_id: int) -> list[list[int]]:
+    """Greedy decoding of ``n_new`` tokens for left-padded prompts; returns new ids per prompt."""
+    ids, mask, positions = left_padded(prompts, pad_id, _device(model))
     logits, cache = _lm_forward(model, ids, None, mask, positions)
     generated = []
     for step in range(n_new):
