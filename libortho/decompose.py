@@ -206,7 +206,8 @@ def _block_hessians(block: nn.Module, targets: dict[str, nn.Module], inputs: cal
         calibrate.run_block(block, inputs, collector)
     finally:
         collector.close()
-    return {name: collector.hessian(name).cpu() for name in targets}
+    on_cpu: dict[int, torch.Tensor] = {}  # moved once per shared H, so sharing survives the move
+    return {name: on_cpu.setdefault(id(H), H.cpu()) for name, H in ((n, collector.hessian(n)) for n in targets)}
 
 
 def sieve_model(parts: dict[LayerKey, LayerParts], config: OrthoConfig) -> dict[LayerKey, OrthoCSR]:
