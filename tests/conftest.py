@@ -74,3 +74,12 @@ def train_on(model: torch.nn.Module, tokenizer, texts: list[str], steps: int, lr
 @pytest.fixture(scope="session")
 def tokenizer():
     return char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: tiny models gain nothing from more, and on shared cores they thrash."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -26,13 +26,7 @@ from libortho.scenario import (
 from conftest import char_tokenizer, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread avoids OpenMP oversubscription on a shared 2-core machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_config(**kw) -> ScenarioConfig:

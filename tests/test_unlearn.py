@@ -16,12 +16,7 @@ from conftest import train_on
 from test_audit import PUBLIC_TEXT, char_tokenizer, make_records, tiny_llama
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
