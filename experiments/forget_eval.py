@@ -10,7 +10,7 @@ GPTQ of the fine-tune, and the forget objective with each source:
   control      the same objective and lam with X_priv = held-out public text of as many tokens
                (separates forgetting the records from merely pulling the model toward P);
   free         no texts, mu = 1;
-  records, sieve lam_s 30 / records, 5 % ortho: the restoring half (alpha 1) with the sieve and
+  records, sieve lam_s 30 / records, 5 % and 10 % ortho: the restoring half (alpha 1) with the sieve and
                refit under H_pub + 30·H_priv, or with a larger ortho budget;
   NPO          standard unlearning for comparison: NPO (beta 0.1) + retain loss on the fine-tune,
                forget set = the member records, retain set = the public training text, learning
@@ -21,11 +21,17 @@ Rows are appended to the output JSON as each finishes (a crash loses nothing; a 
 is there). Summaries with means and spreads over seeds: experiments/forget_report.py.
 
     python experiments/forget_eval.py --seeds 0 1 2 [--preset default|eval] [--only NAME ...]
+        [--device cuda] [--sample-extraction 64]
+
+On a GPU the forward passes (fine-tuning, calibration, audits) run there in fp32 through the
+layers' exact dense path; the GPTQ fits stay on the CPU. A scenario built on a GPU is not
+bit-identical to one built on a CPU, so compare rows from the same device.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 from dataclasses import asdict
@@ -56,6 +62,7 @@ VARIANTS = {  # name -> (config overrides, forget texts)
     # The restoring half: the sieve and refit under H_pub + lam_s·H_priv, and a larger budget.
     "records, sieve lam_s 30": (dict(forget_source="records", sieve_private_weight=30.0), "members"),
     "records, 5 % ortho": (dict(forget_source="records", ortho_ratio=0.05), "members"),
+    "records, 10 % ortho": (dict(forget_source="records", ortho_ratio=0.10), "members"),
 }
 AUDIT = dict(exposure_candidates=128, frontier_cap=64, perplexity_max_windows=16, progress=False,
              exposure_formats=("digits",), white_box=False, goals=False)
@@ -67,7 +74,9 @@ def summarise(row: dict, report: dict, listed: set[str]) -> dict:
     recs = report["records"][row["label"]]
     members = [d for d in recs if d["member"]]
     out = dict(label=row["label"], alpha=row.get("alpha"), perplexity=row["perplexity"],
-               extraction_by_k=row["extraction_by_k"], auc={m: v["auc"] for m, v in row["mia"].items()})
+               extraction_by_k=row["extraction_by_k"], sampled_extraction_by_k=row["sampled_extraction_by_k"],
+               auc={m: v["auc"] for m, v in row["mia"].items()},
+               tpr_at_lowest_fpr={m: [v["tpr_at_lowest_fpr"], v["lowest_fpr"]] for m, v in row["mia"].items()})
     ks = sorted({str(d["k"]) for d in members}, key=int)
     out["measured_exposure_by_k"] = {k: measured_exposure(report, row["label"], k) for k in ks}
     out["member_exposures_by_k"] = {  # per record, measured ranks only (for intervals pooled over seeds)
@@ -100,16 +109,19 @@ def forget_texts(kind: str | None, scenario, members, seed: int) -> tuple[list[s
     raise ValueError(kind)
 
 
-def run_seed(seed: int, preset: str, results: dict, only: list[str] | None, out_path: Path) -> None:
-    overrides = dict(seed=seed, **(EVAL_SCENARIO if preset == "eval" else {}))
+def run_seed(seed: int, preset: str, results: dict, only: list[str] | None, out_path: Path,
+             model: str | None = None) -> None:
+    overrides = dict(seed=seed, **(EVAL_SCENARIO if preset == "eval" else {}), **({"model": model} if model else {}))
     make = ScenarioConfig.quick if preset == "quick" else ScenarioConfig.default
     scenario = build_scenario(make(**overrides), progress=False)
     members, nonmembers = scenario.load_members(), scenario.load_nonmembers()
     heldout, calib = scenario.read_split("heldout"), scenario.read_split("calibration")
     rows = results.setdefault(str(seed), {})
 
-    def save() -> None:
-        out_path.write_text(json.dumps(results, indent=1) + "\n")
+    def save() -> None:  # atomic: a run stopped mid-write keeps the previous file
+        tmp = out_path.with_name(out_path.name + ".tmp")
+        tmp.write_text(json.dumps(results, indent=1) + "\n")
+        tmp.replace(out_path)
 
     public, tok = modelio.load_model(scenario.public_model)
     audit_settings = dict(AUDIT, public_losses=public_record_losses(public, tok, members, nonmembers))  # P-calibrated attack
@@ -209,13 +221,21 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="variant names to run")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--device", default=None, help="where models run (sets LIBORTHO_DEVICE): cpu, cuda, cuda:N")
+    ap.add_argument("--model", default=None, help="the public model P (default: the built-in SmolLM2-135M)")
+    ap.add_argument("--sample-extraction", type=int, default=0, metavar="N",
+                    help="extraction by sampling: N samples per record prefix (0 = off)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device:
+        os.environ["LIBORTHO_DEVICE"] = args.device
+        modelio.default_device()  # a clear error now rather than after the first stage
+    AUDIT["sample_extraction"] = args.sample_extraction
     out_path = Path(args.out or DOCS / f"forget_eval_{args.preset}.json")
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
     for seed in args.seeds:
-        run_seed(seed, args.preset, results, args.only, out_path)
+        run_seed(seed, args.preset, results, args.only, out_path, args.model)
 
 
 if __name__ == "__main__":

@@ -192,7 +192,7 @@ def sample_extract_secrets(
     top_k: int = 40,
     extra_tokens: int = 4,
     seed: int = 0,
-    max_rows: int = 256,
+    max_rows: int | None = None,
 ) -> list[SampledExtractionResult]:
     """Extraction by sampling: ``n_samples`` continuations of (secret tokens + ``extra_tokens``)
     tokens from each record's prefix, at ``temperature`` over the ``top_k`` most likely tokens
@@ -201,7 +201,8 @@ def sample_extract_secrets(
 
     Seeded per (``seed``, record id): the draws do not depend on batching or record order, and a
     record gets the same uniforms under every model (common random numbers across conditions).
-    ``max_rows``: sequences per forward pass (records per batch = max(1, max_rows // n_samples)).
+    ``max_rows``: sequences per forward pass (records per batch = max(1, max_rows // n_samples));
+    None = 256 on a CPU, 4096 on a GPU, which has the memory for wide batches and is idle on narrow ones.
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
@@ -209,6 +210,8 @@ def sample_extract_secrets(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos_id = getattr(tokenizer, "eos_token_id", None)
+    if max_rows is None:
+        max_rows = 4096 if next(model.parameters()).is_cuda else 256
     per_batch = max(1, max_rows // n_samples)
     results: list[SampledExtractionResult] = []
     for start in range(0, len(records), per_batch):

@@ -111,7 +111,9 @@ class OrthoLinear(nn.Module):
     # ---- forward --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.alpha_state.get()
-        if x.is_cuda and self.bits == 4:
+        # fp32 activations take the exact dense path below, so that measurements on a GPU
+        # match the CPU's; the kernels serve half-precision inference.
+        if x.is_cuda and self.bits == 4 and x.dtype != torch.float32:
             from . import kernels
 
             if kernels.available():

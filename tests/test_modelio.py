@@ -113,3 +113,17 @@ def test_save_never_overwrites_foreign_data(artifact, tmp_path, tokenizer):
         libortho.save(model, tokenizer, target, overwrite=True)
     assert (target / "notes.txt").read_text() == "keep me"
     assert not any(p.name.startswith(".precious.tmp") for p in tmp_path.iterdir())
+
+
+def test_default_device_reads_the_environment(monkeypatch):
+    from libortho.modelio import ArtifactError, default_device
+
+    monkeypatch.delenv("LIBORTHO_DEVICE", raising=False)
+    assert default_device() == torch.device("cpu")
+    monkeypatch.setenv("LIBORTHO_DEVICE", "not-a-device")
+    with pytest.raises(ArtifactError, match="LIBORTHO_DEVICE='not-a-device' is not a device name"):
+        default_device()
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("LIBORTHO_DEVICE", "cuda")
+        with pytest.raises(ArtifactError, match="sees no CUDA device"):
+            default_device()
