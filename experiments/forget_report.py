@@ -2,6 +2,9 @@
 
     python experiments/forget_report.py [--in docs/forget_eval_default.json] [--out docs/forget_eval.md]
 
+An input file holds {seed: rows} (forget_eval.py --out) or a bundle {file name: {seed: rows}}
+(experiments/gpu_eval.sh); rows of the same seed from several files are merged.
+
 Spread: the range of the per-seed values. Exposure intervals pool the member records of every
 seed (each record is one observation) and use Welch's t interval on the difference of means
 against the quantized reference; a goal is met only when its whole interval lies inside the bound.
@@ -43,19 +46,42 @@ def welch_interval(a: list[float], b: list[float], level: float = 0.95) -> tuple
     return ma - mb, ma - mb - t * se, ma - mb + t * se
 
 
+def seed_row(seed_rows: dict, name: str, alpha: float | None) -> dict | None:
+    """The summary row of one seed for a variant (alpha 0 or 1) or a baseline (alpha None); None if not run."""
+    if name in ("fp", "reference"):
+        return seed_rows["baselines"][name]
+    if name == "quantized reference":
+        return seed_rows.get(name)
+    if name in seed_rows:
+        return next(r for r in seed_rows[name]["rows"] if r["alpha"] == alpha)
+    if name.startswith("NPO") and "NPO" in seed_rows:  # "NPO, FP" / "NPO, GPTQ INT4"
+        return next(r for r in seed_rows["NPO"]["rows"] if r["label"] == name)
+    return None
+
+
 def rows_of(results: dict, name: str, alpha: float | None) -> list[dict]:
-    """One summary row per seed for a variant (alpha 0 or 1) or a baseline (alpha None)."""
-    out = []
-    for seed_rows in results.values():
-        if name in ("fp", "reference"):
-            out.append(seed_rows["baselines"][name])
-        elif name == "quantized reference":
-            out.append(seed_rows[name])
-        elif name in seed_rows:
-            out.append(next(r for r in seed_rows[name]["rows"] if r["alpha"] == alpha))
-        elif name.startswith("NPO") and "NPO" in seed_rows:  # "NPO, FP" / "NPO, GPTQ INT4"
-            out.append(next(r for r in seed_rows["NPO"]["rows"] if r["label"] == name))
-    return out
+    """One summary row per seed that ran it."""
+    return [r for r in (seed_row(rows, name, alpha) for rows in results.values()) if r is not None]
+
+
+def paired(results: dict, name: str, alpha: float | None, other: str) -> list[tuple[dict, dict]]:
+    """(row, the same seed's row of `other`) for every seed that ran `name`."""
+    pairs = [(seed_row(rows, name, alpha), seed_row(rows, other, None)) for rows in results.values()]
+    return [(a, b) for a, b in pairs if a is not None and b is not None]
+
+
+def variant_names(results: dict) -> list[str]:
+    """Every variant run on any seed, in the order the runner runs them."""
+    names: list[str] = []
+    for rows in results.values():
+        names += [n for n in rows if n not in names and n not in ("baselines", "quantized reference", "NPO")]
+    return names
+
+
+def merge(results: dict, more: dict) -> None:
+    """Add the rows of `more` ({seed: {row name: ...}}), seed by seed."""
+    for seed, rows in more.items():
+        results.setdefault(seed, {}).update(rows)
 
 
 def pooled(rows: list[dict], k: str) -> list[float]:
@@ -66,24 +92,29 @@ def table(results: dict) -> tuple[list[str], list[str]]:
     """(markdown table lines, the ks)."""
     any_seed = next(iter(results.values()))
     ks = sorted(any_seed["baselines"]["fp"]["measured_exposure_by_k"], key=int)
-    variants = [n for n in any_seed if n not in ("baselines", "quantized reference", "NPO")]
+    variants = variant_names(results)
     entries = [("FP fine-tuned", "fp", None), ("retrain reference", "reference", None),
                ("reference through plain GPTQ", "quantized reference", None)]
     for name in variants:
         entries += [(f"{name}, alpha 0", name, 0.0), (f"{name}, alpha 1", name, 1.0)]
     entries += [("NPO unlearning, FP", "NPO, FP", None), ("NPO unlearning, then GPTQ INT4", "NPO, GPTQ INT4", None)]
-    head = (["model", "PPL"] + [f"exposure k={k}" for k in ks] + ["unlisted exp."]
-            + [f"AUC {m}" for m in MIA] + ["greedy extr. k=16", "KS p vs quant. ref"])
+    head = (["model", "seeds", "PPL"] + [f"exposure k={k}" for k in ks] + ["unlisted exp."]
+            + [f"AUC {m}" for m in MIA] + ["TPR ref @ lowest FPR", "greedy extr. k=16", "sampled extr. k=16",
+                                           "KS p vs quant. ref"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, name, alpha in entries:
         rows = rows_of(results, name, alpha)
         if not rows:
             continue
-        cells = [label, mean_spread([r["perplexity"] for r in rows])]
+        cells = [label, str(len(rows)), mean_spread([r["perplexity"] for r in rows])]
         cells += [mean_spread([r["measured_exposure_by_k"].get(k) for r in rows]) for k in ks]
         cells.append(mean_spread([r.get("measured_exposure_unlisted") for r in rows]) if alpha is not None else "–")
         cells += [mean_spread([r["auc"].get(m) for r in rows]) for m in MIA]
+        tpr = [r["tpr_at_lowest_fpr"]["ref"] for r in rows if "ref" in r.get("tpr_at_lowest_fpr", {})]
+        cells.append(f"{mean_spread([t for t, _ in tpr])} (FPR {fmt(tpr[0][1], 3)})" if tpr else "–")
         cells.append(mean_spread([100 * r["extraction_by_k"].get("16", float("nan")) for r in rows], 0) + " %")
+        sampled = [100 * (r.get("sampled_extraction_by_k") or {}).get("16", float("nan")) for r in rows]
+        cells.append(mean_spread(sampled, 0) + " %" if any(v == v for v in sampled) else "–")
         ks_p = [r["ks_vs_quantized_reference"]["pvalue"] for r in rows if r.get("ks_vs_quantized_reference")]
         cells.append(mean_spread(ks_p, 3) if ks_p else "–")
         lines.append("| " + " | ".join(cells) + " |")
@@ -93,7 +124,7 @@ def table(results: dict) -> tuple[list[str], list[str]]:
 def goals(results: dict, name: str, ks: list[str]) -> list[str]:
     """The alpha-0 and alpha-1 goals for one variant, each with its measured value and interval."""
     a0, a1 = rows_of(results, name, 0.0), rows_of(results, name, 1.0)
-    fp, qref = rows_of(results, "fp", None), rows_of(results, "quantized reference", None)
+    qref = [q for _, q in paired(results, name, 0.0, "quantized reference")]
     if not a0:
         return []
     out = [f"**{name}** ({len(a0)} seed(s))", ""]
@@ -114,13 +145,13 @@ def goals(results: dict, name: str, ks: list[str]) -> list[str]:
         goal(f"alpha 0, {m} AUC <= 0.55 (members vs non-members)", mean_spread(values), max(values) <= 0.55)
     ks_p = [r["ks_vs_quantized_reference"]["pvalue"] for r in a0]
     goal("alpha 0, KS p > 0.05 against the quantized reference (member losses)", mean_spread(ks_p, 3), min(ks_p) > 0.05)
-    r0 = [a["perplexity"] / f["perplexity"] for a, f in zip(a0, fp)]
-    rq = [a["perplexity"] / q["perplexity"] for a, q in zip(a0, qref)]
+    r0 = [a["perplexity"] / f["perplexity"] for a, f in paired(results, name, 0.0, "fp")]
+    rq = [a["perplexity"] / q["perplexity"] for a, q in paired(results, name, 0.0, "quantized reference")]
     goal("alpha 0, PPL <= 1.10x FP, or no worse than the quantized reference",
          f"{mean_spread(r0, 3)}x FP, {mean_spread(rq, 3)}x quantized reference", max(r0) <= 1.10 or max(rq) <= 1.0)
-    r1 = [a["perplexity"] / f["perplexity"] for a, f in zip(a1, fp)]
+    r1 = [a["perplexity"] / f["perplexity"] for a, f in paired(results, name, 1.0, "fp")]
     goal("alpha 1, PPL <= 1.01x FP", f"{mean_spread(r1, 3)}x", max(r1) <= 1.01)
-    e1 = [_mean_exposure(a) / _mean_exposure(f) for a, f in zip(a1, fp)]
+    e1 = [_mean_exposure(a) / _mean_exposure(f) for a, f in paired(results, name, 1.0, "fp")]
     goal("alpha 1, PIN exposure >= 90 % of FP", mean_spread([100 * e for e in e1], 0) + " %", min(e1) >= 0.9)
     return out + [""]
 
@@ -144,8 +175,8 @@ def render(results: dict, source: str) -> str:
         "### Goals",
         "",
     ]
-    for name in any_seed:
-        if name not in ("baselines", "quantized reference", "plain GPTQ", "NPO"):
+    for name in variant_names(results):
+        if name != "plain GPTQ":
             out += goals(results, name, ks)
     return "\n".join(out) + "\n"
 
@@ -156,9 +187,12 @@ def main() -> None:
                     help="one or more forget_eval JSON files (seeds are merged)")
     ap.add_argument("--out", default=str(DOCS / "forget_eval.md"))
     args = ap.parse_args()
-    results = {}
+    results: dict = {}
     for src in args.src:
-        results.update(json.loads(Path(src).read_text()))
+        data = json.loads(Path(src).read_text())
+        # A bundle of several runs' files ({file name: {seed: rows}}), as experiments/gpu_eval.sh returns.
+        for part in (data.values() if all(k.endswith(".json") for k in data) else [data]):
+            merge(results, part)
     sources = ", ".join(Path(src).name for src in args.src)
     Path(args.out).write_text(render(results, sources))
     print(f"wrote {args.out}")
