@@ -76,6 +76,8 @@ def frozen_trainable_weights(model: nn.Module, blocks: int | Sequence[int] | Non
 
 
 def _lr_lambda(config: ScenarioConfig) -> Callable[[int], float]:
+    """The learning-rate schedule as a multiplier of ``config.lr``: linear warm-up, then cosine
+    decay to ``config.min_lr_ratio`` at the last step."""
     def f(step: int) -> float:  # multiplier of lr for optimizer step `step` (0-based)
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
@@ -84,7 +86,6 @@ def _lr_lambda(config: ScenarioConfig) -> Callable[[int], float]:
         return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
-
 
 
 def finetune(
