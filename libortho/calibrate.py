@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .lm import cut_windows, encode_long, pad_sequences
+
 try:  # GPT-2 style models store linear weights transposed in Conv1D
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover
@@ -19,14 +21,14 @@ BLOCK_CONTAINERS = ("model.layers", "model.decoder.layers", "transformer.h", "gp
 
 def calibration_windows(tokenizer, text: str, n_tokens: int, seq_len: int) -> torch.Tensor:
     """Non-overlapping token windows [n_windows, seq_len] covering the first ~n_tokens of `text`."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    n_windows = min(max(1, n_tokens // seq_len), ids.numel() // seq_len)
-    if n_windows == 0:
+    ids = encode_long(tokenizer, text)
+    windows = cut_windows(ids, seq_len, max_windows=max(1, n_tokens // seq_len))
+    if windows.shape[0] == 0:
         raise ValueError(
             f"calibration text has only {ids.numel()} tokens; at least seq_len={seq_len} are needed "
             "(pass a longer --calib file or a smaller --seq-len)"
         )
-    return ids[: n_windows * seq_len].reshape(n_windows, seq_len)
+    return windows
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -186,19 +188,9 @@ class HessianCollector:
         self._last = None
 
 
-def _padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
 def text_batches(tokenizer, texts: list[str], batch_size: int = 16, max_len: int = 256) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Padded (ids, mask) batches of each text's tokens (BOS-free, truncated to max_len)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     seqs = [tokenizer(t, add_special_tokens=False).input_ids[:max_len] for t in texts]
     seqs = [s for s in seqs if len(s) >= 2]
-    return [_padded(seqs[i : i + batch_size], pad) for i in range(0, len(seqs), batch_size)]
+    return [pad_sequences(seqs[i : i + batch_size], pad)[:2] for i in range(0, len(seqs), batch_size)]

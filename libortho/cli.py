@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -84,20 +83,12 @@ def _open_any(path: str, alpha: float = 0.0, alphas_requested: bool = False):
     """(model, tokenizer, is_artifact) for an artifact folder, a HF folder or a .gguf file.
 
     An artifact opens at `alpha` (0 unless the user asked for more: fail closed)."""
-    from . import modelio
+    from . import sources
 
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{path} does not exist; pass a libortho artifact, a Hugging Face model folder or a .gguf file")
-    if p.is_dir() and not any(p.iterdir()):
-        raise UserError(f"{path} is an empty folder; pass a libortho artifact, a Hugging Face model folder or a .gguf file")
-    if p.is_dir() and os.path.lexists(p / modelio.MANIFEST):  # meant as an artifact: load() names what is wrong
-        model, tok = modelio.load(p, alpha=alpha)
-        return model, tok, True
-    if alphas_requested:
+    p = sources.existing_model_path(path)
+    if alphas_requested and not sources.names_artifact(p):
         raise UserError(f"{path} is a plain model (no ortho stream): --alpha applies to libortho artifacts only")
-    model, tok = modelio.load_model(p)
-    return model, tok, False
+    return sources.open_any(p, alpha=alpha)
 
 
 # ---- subcommands -----------------------------------------------------------------------------

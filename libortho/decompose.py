@@ -25,9 +25,8 @@ from .config import OrthoConfig
 from .forget import ForgetObjective
 from .layer import AlphaState, OrthoLinear, attach_alpha_state
 from .quantize import QuantizedWeight, gptq, hinv_upper, rtn
+from .csr import OrthoCSR, csr_from_flat_indices
 from .sieve import (
-    OrthoCSR,
-    csr_from_flat_indices,
     global_threshold,
     impact,
     refit_values,

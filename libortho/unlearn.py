@@ -31,7 +31,8 @@ from torch import nn
 from . import privacy as P
 from .audit import MEASURED_METHODS
 from .privacy import CanaryRecord
-from .scenario import ScenarioConfig, _nll_sum, _record_batch, public_windows, text_ids, trainable_weights
+from .lm import next_token_nll, pad_token_id, sequences_nll
+from .scenario import ScenarioConfig, frozen_trainable_weights, public_windows, text_ids
 
 __all__ = [
     "METHODS",
@@ -60,13 +61,6 @@ class UnlearnLog:
     retain_loss: list[float] = field(default_factory=list)
     seconds: float = 0.0
     trained_parameters: int = 0
-
-
-def _sequence_nll(model: nn.Module, seqs: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, int]:
-    """Summed NLL of each sequence [B] (nats) and the number of target tokens."""
-    ids, mask, labels = _record_batch(list(seqs), pad_id)
-    nll = _nll_sum(model, ids.to(device), labels.to(device), mask.to(device), per_sequence=True)
-    return nll, int((labels[:, 1:] != -100).sum())
 
 
 def unlearn(
@@ -111,22 +105,17 @@ def unlearn(
     config = ScenarioConfig(seed=seed, steps=steps, seq_len=seq_len, batch=retain_batch, warmup_steps=0)
     windows = public_windows(tokenizer, config, text=retain_text)  # [steps, retain_batch, seq_len]
     seqs = [text_ids(tokenizer, t) for t in forget_texts]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     per_step = len(seqs) if forget_batch is None else max(1, min(forget_batch, len(seqs)))
     rng = random.Random(f"libortho.unlearn.forget:{seed}")
     order: list[int] = []
 
-    weights = trainable_weights(model, train_blocks)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = list(weights.values())
-    if not params:
-        raise ValueError("no trainable weights: the chosen decoder blocks have no linear layers")
+    params = frozen_trainable_weights(model, train_blocks)
     model.eval()
     device = params[0].device
 
     with torch.no_grad():  # log p_ref(y) per forget text, once
-        ref_nll = torch.cat([_sequence_nll(model, seqs[i : i + 16], pad_id, device)[0] for i in range(0, len(seqs), 16)])
+        ref_nll = torch.cat([sequences_nll(model, seqs[i : i + 16], pad_id, device, per_sequence=True)[0] for i in range(0, len(seqs), 16)])
 
     log = UnlearnLog(method, lr, steps, trained_parameters=int(sum(p.numel() for p in params)))
     t0 = time.perf_counter()
@@ -142,7 +131,7 @@ def unlearn(
                     rng.shuffle(epoch)
                     order.extend(epoch)
                 chosen, order = order[:per_step], order[per_step:]
-                nll, n_tok = _sequence_nll(model, [seqs[i] for i in chosen], pad_id, device)
+                nll, n_tok = sequences_nll(model, [seqs[i] for i in chosen], pad_id, device, per_sequence=True)
                 if method == "npo":
                     # log p_theta - log p_ref = ref_nll - nll
                     delta = ref_nll[chosen].to(nll.device) - nll
@@ -150,7 +139,7 @@ def unlearn(
                 else:
                     forget = -nll.sum() / n_tok
                 batch = windows[step].to(device)
-                retain = _nll_sum(model, batch, batch) / (batch.shape[0] * (batch.shape[1] - 1))
+                retain = next_token_nll(model, batch) / (batch.shape[0] * (batch.shape[1] - 1))
                 loss = forget + retain_weight * retain
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -1,0 +1,74 @@
+"""The seeded canary scenario of the evaluation protocol (canaries with their own prefixes, k insertions, retrain reference).
+
+A public model P is fine-tuned on public text (Python documentation) mixed with private
+records that carry canaries ("The Secret Sharer", Carlini et al. 2019); a *retrain reference*
+is the very same fine-tune without the records.
+
+* :func:`public_corpus` -- the public corpus, the Python documentation shipped with the
+  standard library (``pydoc_data.topics``), split deterministically into ``train``
+  (fine-tuning), ``calibration`` (public text for the sieve / quantizer, never a secret) and
+  ``heldout`` (retain perplexity). Splits are disjoint: the text is cut into paragraphs,
+  repeats of any paragraph of 60+ characters are dropped (pydoc topics overlap), paragraphs
+  are grouped into ~2,000-character chunks inside each topic, and chunk i goes to ``heldout``
+  if i % 10 == 3, ``calibration`` if i % 10 == 7, else ``train`` (about 80 / 10 / 10 by
+  characters; every split covers all parts of the docs).
+* :func:`make_records` -- member and non-member :class:`~libortho.privacy.CanaryRecord` s.
+  Every record has its own prefix; ``digits`` secrets use an account/PIN template, other
+  formats a deploy-key template. Members are inserted k times, for every k in ``config.ks``.
+* :func:`training_schedule` / :func:`public_windows` -- the data order of the fine-tune.
+* :func:`finetune` -- AdamW on the weights of the linear layers inside the decoder blocks
+  only (embeddings, norms, lm_head and biases stay frozen: anything changed outside the
+  decomposed weights would be a leak path at alpha = 0).
+* :func:`build_scenario` -- everything above, cached by a hash of the config.
+
+
+Modules: :mod:`.config` (the config and its cache key), :mod:`.corpus` (public text),
+:mod:`.records` (canary records), :mod:`.schedule` (data order), :mod:`.finetune` (training,
+with the layout of one training step), :mod:`.build` (the cached artifacts).
+"""
+from __future__ import annotations
+
+from ..lm import encode_long as _encode_long  # noqa: F401 (the names below are imported elsewhere)
+from ..lm import next_token_nll as _nll_sum  # noqa: F401
+from ..lm import pad_sequences as _record_batch  # noqa: F401
+from .build import (  # noqa: F401
+    MANIFEST,
+    Scenario,
+    _check_prefix_tokenization,
+    _default_cache_dir,
+    _FILES,
+    _load_public_model,
+    _public_model_path,
+    build_scenario,
+    scenario_dir,
+)
+from .config import SCENARIO_VERSION, ScenarioConfig, _model_identity  # noqa: F401
+from .corpus import SPLITS, _split_texts, _topics, corpus_fingerprint, public_corpus  # noqa: F401
+from .finetune import _lr_lambda, finetune, frozen_trainable_weights, trainable_weights  # noqa: F401
+from .records import (  # noqa: F401
+    RECORD_TEMPLATES,
+    _key_record,
+    _pin_record,
+    _secret,
+    make_records,
+    record_ids,
+    text_ids,
+)
+from .schedule import public_windows, training_schedule
+
+__all__ = [
+    "SPLITS",
+    "ScenarioConfig",
+    "Scenario",
+    "public_corpus",
+    "corpus_fingerprint",
+    "make_records",
+    "training_schedule",
+    "public_windows",
+    "record_ids",
+    "text_ids",
+    "trainable_weights",
+    "finetune",
+    "build_scenario",
+    "scenario_dir",
+]
