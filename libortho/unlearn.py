@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from . import privacy as P
-from .audit import MEASURED_METHODS
-from .privacy import CanaryRecord
+from .audit.schema import MEASURED_METHODS
+from .records import CanaryRecord
 from .scenario import ScenarioConfig, _nll_sum, _record_batch, public_windows, text_ids, trainable_weights
 
 __all__ = [
