@@ -15,12 +15,12 @@ writes ``report.json``, ``report.md``, ``alpha_sweep.png``, ``roc.png`` and ``au
 
 from __future__ import annotations
 
-from .config import AlphaScope, AlphaSpec, AuditConfig, PerplexityFn, parse_alphas
-from .measure import mia_summary, public_record_losses
-from .paths import ModelLoader, audit_from_paths, load_any_model
-from .report import render_markdown, write_report
-from .run import audit
-from .schema import (
+from .config import AlphaScope, AlphaSpec, AuditConfig, PerplexityFn, parse_alphas  # noqa: F401 (re-exported)
+from .measure import mia_summary, public_record_losses  # noqa: F401 (re-exported)
+from .paths import ModelLoader, audit_from_paths, load_any_model  # noqa: F401 (re-exported)
+from .report import render_markdown, write_report  # noqa: F401 (re-exported)
+from .run import audit  # noqa: F401 (re-exported)
+from .schema import (  # noqa: F401 (re-exported)
     EXTRAPOLATED_METHODS,
     MEASURED_METHODS,
     MIA_SCORES,

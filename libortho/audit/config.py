@@ -57,7 +57,6 @@ def _conditions(alphas: Sequence[AlphaSpec] | None) -> list[tuple[str, float | N
     return labels
 
 
-
 @dataclass
 class AuditConfig:
     """How to audit: the alphas, the comparison models, the attacks' budgets, the outputs.

@@ -81,7 +81,6 @@ def _make_config(config: AuditConfig | None, options: dict[str, Any]) -> AuditCo
     return replace(config, **options) if options else config
 
 
-
 def audit(
     model: torch.nn.Module,
     tokenizer: Any,

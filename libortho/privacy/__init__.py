@@ -4,7 +4,7 @@ Everything here is a pure function of (model, tokenizer, records): nothing chang
 model (no alpha switching, no mode changes; callers put the model in ``eval()``).
 
 * Canary records and their secret formats: :mod:`libortho.records` (re-exported here).
-* Scoring and exposure (:mod:`.exposure`): :func:`secret_logprobs` = log p(candidate | prefix),
+* Scoring and exposure (:mod:`.exposure_rank`): :func:`secret_logprobs` = log p(candidate | prefix),
   prefix run once, KV cache reused; :func:`exposure` (Carlini et al. 2019, "The Secret Sharer"),
   with an exact branch-and-bound rank over the digit trie, plus sampled and skew-normal estimates.
 * Extraction (:mod:`.extraction`): :func:`extract_secrets`, greedy decoding from each record's
@@ -21,7 +21,9 @@ Units: log-probabilities and losses are in nats, exposure in bits.
 
 from __future__ import annotations
 
-from ..records import (
+from .. import records
+from . import exposure_rank, extraction, forgetting, membership, whitebox
+from ..records import (  # noqa: F401 (re-exported)
     ALPHABETS,
     CanaryRecord,
     SecretFormat,
@@ -33,10 +35,10 @@ from ..records import (
     sample_candidates,
     save_records,
 )
-from .exposure import ExposureResult, exposure, exposure_from_scores, secret_logprobs
-from .extraction import ExtractionResult, extract_secrets, left_padded
-from .forgetting import KSResult, forget_quality
-from .membership import (
+from .exposure_rank import ExposureResult, exposure, exposure_from_scores, secret_logprobs  # noqa: F401 (re-exported)
+from .extraction import ExtractionResult, extract_secrets, left_padded  # noqa: F401 (re-exported)
+from .forgetting import KSResult, forget_quality  # noqa: F401 (re-exported)
+from .membership import (  # noqa: F401 (re-exported)
     MIAMetrics,
     MIAScores,
     auc_confidence_interval,
@@ -48,12 +50,12 @@ from .membership import (
     tpr_at_fpr,
     zlib_entropy,
 )
-from .whitebox import canary_gradient_norm
+from .whitebox import canary_gradient_norm  # noqa: F401 (re-exported)
 
 # Private names that other modules and tests reach through ``libortho.privacy``; kept here so
 # that those paths keep working after the split into submodules.
-from ..records import _as_rng  # noqa: F401
-from ._lm import (  # noqa: F401
+from ..records import _as_rng  # noqa: F401 (re-exported)
+from ._lm import (  # noqa: F401 (re-exported)
     _cache_to_kv,
     _common_prefix_len,
     _device,
@@ -62,35 +64,10 @@ from ._lm import (  # noqa: F401
     _lm_forward,
     _split_continuations,
 )
-from .exposure import _digit_plan, _enumerate_all  # noqa: F401
-from .extraction import _is_extracted, _secret_token_count  # noqa: F401
+from .exposure_rank import _digit_plan, _enumerate_all  # noqa: F401 (re-exported)
+from .extraction import _is_extracted, _secret_token_count  # noqa: F401 (re-exported)
 
 __all__ = [
-    "CanaryRecord",
-    "SecretFormat",
-    "parse_format",
-    "candidate_space_size",
-    "sample_candidates",
-    "load_records",
-    "save_records",
-    "record_from_dict",
-    "secret_logprobs",
-    "ExposureResult",
-    "exposure",
-    "exposure_from_scores",
-    "ExtractionResult",
-    "extract_secrets",
-    "token_logprobs",
-    "min_k_prob",
-    "zlib_entropy",
-    "MIAScores",
-    "mia_scores",
-    "MIAMetrics",
-    "mia_metrics",
-    "tpr_at_fpr",
-    "auc_confidence_interval",
-    "paired_auc_difference",
-    "KSResult",
-    "forget_quality",
-    "atomic_write_text",
+    *records.__all__, *exposure_rank.__all__, *extraction.__all__, *membership.__all__, *forgetting.__all__,
+    *whitebox.__all__,
 ]
