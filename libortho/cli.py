@@ -280,7 +280,7 @@ def cmd_audit(args) -> int:
 
 def cmd_lookalikes(args) -> int:
     from .lookalikes import lookalike_records
-    from .privacy import save_records
+    from .records import save_records
 
     exclude = _read_secrets(args.exclude) if args.exclude else []
     records = lookalike_records(args.template, args.format, args.n, args.seed, exclude)

@@ -25,7 +25,8 @@ from .goals import evaluate_goals
 from .decompose import decompose
 from .switch import alpha
 from .lookalikes import lookalike_records
-from .privacy import CanaryRecord, forget_quality, mia_scores
+from .privacy import forget_quality, mia_scores
+from .records import CanaryRecord
 
 # The privacy preset (docs/RESULTS.md says why), fitted on look-alikes of the private records.
 DEMO_CONFIG = dict(PRESETS["privacy"], forget_source="lookalikes")

@@ -15,7 +15,7 @@ import re
 import string
 from collections.abc import Iterable
 
-from .privacy import CanaryRecord, parse_format
+from .records import CanaryRecord, parse_format
 
 FIRST_NAMES = (
     "Maria", "James", "Aisha", "Chen", "Olga", "Pedro", "Fatima", "Lukas", "Priya", "Tomas",

@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from . import privacy as P
-from .audit import MEASURED_METHODS
-from .privacy import CanaryRecord
+from .audit.schema import MEASURED_METHODS
 from .lm import next_token_nll, pad_token_id, sequences_nll
+from .records import CanaryRecord
 from .scenario import ScenarioConfig, frozen_trainable_weights, public_windows, text_ids
 
 __all__ = [

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..privacy import CanaryRecord, load_records, save_records
+from ..records import CanaryRecord, load_records, save_records
 from .config import SCENARIO_VERSION, ScenarioConfig
 from .corpus import SPLITS, corpus_fingerprint, public_corpus
 from .finetune import finetune

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..privacy import parse_format
+from ..records import parse_format
 from .corpus import corpus_fingerprint
 
 SCENARIO_VERSION = 1  # bump when anything that changes the produced artifacts changes

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..lm import next_token_nll, pad_token_id, sequences_nll
-from ..privacy import CanaryRecord
+from ..records import CanaryRecord
 from .config import ScenarioConfig
 from .records import record_ids
 from .schedule import public_windows, training_schedule

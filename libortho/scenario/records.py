@@ -10,7 +10,7 @@ import random
 from typing import Any
 
 from ..lookalikes import FIRST_NAMES, LAST_NAMES
-from ..privacy import CanaryRecord, parse_format
+from ..records import CanaryRecord, parse_format
 from .config import ScenarioConfig
 from .corpus import SPLITS, public_corpus
 

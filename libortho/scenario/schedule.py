@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import torch
 
 from ..lm import cut_windows, encode_long
-from ..privacy import CanaryRecord
+from ..records import CanaryRecord
 from .config import ScenarioConfig
 from .corpus import public_corpus
 

@@ -1,0 +1,73 @@
+"""Privacy attacks and metrics on a Hugging Face causal LM.
+
+Everything here is a pure function of (model, tokenizer, records): nothing changes the
+model (no alpha switching, no mode changes; callers put the model in ``eval()``).
+
+* Canary records and their secret formats: :mod:`libortho.records` (re-exported here).
+* Scoring and exposure (:mod:`.exposure_rank`): :func:`secret_logprobs` = log p(candidate | prefix),
+  prefix run once, KV cache reused; :func:`exposure` (Carlini et al. 2019, "The Secret Sharer"),
+  with an exact branch-and-bound rank over the digit trie, plus sampled and skew-normal estimates.
+* Extraction (:mod:`.extraction`): :func:`extract_secrets`, greedy decoding from each record's
+  own prefix.
+* Membership inference (:mod:`.membership`): :func:`mia_scores` (loss, zlib ratio, Min-K% Prob)
+  and :func:`mia_metrics` (ROC AUC, TPR at 1 % FPR).
+* Forget quality (:mod:`.forgetting`): :func:`forget_quality`, a two-sample KS test against a
+  retrain reference.
+* White-box check (:mod:`.whitebox`): :func:`canary_gradient_norm`.
+* Attacks with the public model and by sampling: :mod:`.attacks`.
+
+Units: log-probabilities and losses are in nats, exposure in bits.
+"""
+
+from __future__ import annotations
+
+from .. import records
+from . import exposure_rank, extraction, forgetting, membership, whitebox
+from ..records import (  # noqa: F401 (re-exported)
+    ALPHABETS,
+    CanaryRecord,
+    SecretFormat,
+    atomic_write_text,
+    candidate_space_size,
+    load_records,
+    parse_format,
+    record_from_dict,
+    sample_candidates,
+    save_records,
+)
+from .exposure_rank import ExposureResult, exposure, exposure_from_scores, secret_logprobs  # noqa: F401 (re-exported)
+from .extraction import ExtractionResult, extract_secrets, left_padded  # noqa: F401 (re-exported)
+from .forgetting import KSResult, forget_quality  # noqa: F401 (re-exported)
+from .membership import (  # noqa: F401 (re-exported)
+    MIAMetrics,
+    MIAScores,
+    auc_confidence_interval,
+    mia_metrics,
+    mia_scores,
+    min_k_prob,
+    paired_auc_difference,
+    token_logprobs,
+    tpr_at_fpr,
+    zlib_entropy,
+)
+from .whitebox import canary_gradient_norm  # noqa: F401 (re-exported)
+
+# Private names that other modules and tests reach through ``libortho.privacy``; kept here so
+# that those paths keep working after the split into submodules.
+from ..records import _as_rng  # noqa: F401 (re-exported)
+from ._lm import (  # noqa: F401 (re-exported)
+    _cache_to_kv,
+    _common_prefix_len,
+    _device,
+    _encode,
+    _kv_to_cache,
+    _lm_forward,
+    _split_continuations,
+)
+from .exposure_rank import _digit_plan, _enumerate_all  # noqa: F401 (re-exported)
+from .extraction import _is_extracted, _secret_token_count  # noqa: F401 (re-exported)
+
+__all__ = [
+    *records.__all__, *exposure_rank.__all__, *extraction.__all__, *membership.__all__, *forgetting.__all__,
+    *whitebox.__all__,
+]
