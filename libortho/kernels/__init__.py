@@ -19,11 +19,13 @@ reference.py (PyTorch reference and fallback), synthetic.py (random layers).
 """
 from __future__ import annotations
 
-from .configs import Config, default_config, select_config
-from .dispatch import (available, dual_stream_linear, interpret_mode, prepare, supports,
-                       torch_dual_stream)
-from .layout import KernelLayout, get_layout
-from .reference import container_bits, dequantize, ortho_dense, reference_dual_stream
+# Beyond __all__, the names this package exposed before dispatch.py existed stay importable.
+from .configs import Config, default_config, select_config  # noqa: F401
+from .dispatch import (available, dual_stream_linear, interpret_mode, prepare,  # noqa: F401
+                       supports, torch_dual_stream)
+from .layout import KernelLayout, get_layout  # noqa: F401
+from .reference import (container_bits, dequantize, ortho_dense,  # noqa: F401
+                        reference_dual_stream)
 
 __all__ = ["available", "dual_stream_linear", "prepare", "reference_dual_stream",
            "torch_dual_stream", "dequantize", "ortho_dense"]

@@ -62,3 +62,16 @@ def _load_words(q_ptrs, k0, mn, rw, KW, EPW: tl.constexpr, EVEN: tl.constexpr):
     else:
         return tl.load(q_ptrs + kw0, mask=mn[:, None] & ((kw0 + rw) < KW)[None, :], other=0)
 
+
+
+@triton.jit
+def _x_halves(xp, XBF16: tl.constexpr):
+    """int32 words holding two 16-bit x values (low, high) -> both as fp32 (same shape).
+    bf16 is the top half of an fp32, so a shift or a mask replaces the conversion."""
+    if XBF16:
+        xa = (xp << 16).to(tl.float32, bitcast=True)
+        xb = (xp & -65536).to(tl.float32, bitcast=True)
+    else:
+        xa = xp.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        xb = (xp >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return xa, xb

@@ -3,8 +3,9 @@
 A config is a dict with keys:
   kernel: "gemv" | "gemv2" | "gemm"; BM, BN, BK (gemv2: GPT groups per K tile instead of
   BK, STAGES = 1 for register prefetch or > 1 for Triton's cp.async pipeline, XVEC, H2);
-  num_warps, num_stages (gemv: unused, it prefetches by hand); E (ortho chunk, 0 = from the layer's density: entries per row per step in
-  gemv / rows mode, entries per tile per step in tile mode); SWAP, JOIN, ORTHO ("rows" |
+  num_warps, num_stages (gemv: unused, it prefetches by hand); E (ortho chunk, 0 = from
+  the layer's density: entries per row per step in gemv / rows mode, entries per tile per
+  step in tile mode); SWAP, JOIN, ORTHO ("rows" |
   "tile" | "auto": per-row gathers for few token rows, one-hot tl.dot scatter otherwise;
   gemm only);
   SPLIT (split-K factor, 0 = automatic from the SM count).

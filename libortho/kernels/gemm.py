@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from .codes import _codes, _group_params
-from .epilogue import _finish
+from .tile import _finish, _tile_ids
 from .ortho import _ortho_rows
 
 
@@ -65,11 +65,7 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, crow_ptr, col_ptr, val_ptr,
     """
     EPW: tl.constexpr = 32 // CBITS
     BKW: tl.constexpr = BK // EPW
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rn = pid_n * BN + tl.arange(0, BN)
-    mn = rn < N
+    pid_m, pid_n, pid_k, rn, mn = _tile_ids(N, BN)
     rm = pid_m * BM + tl.arange(0, BM)
     mm = rm < M
     rw = tl.arange(0, BKW)

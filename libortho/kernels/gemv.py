@@ -6,8 +6,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .codes import _codes, _group_params, _load_words
-from .epilogue import _finish
+from .codes import _codes, _group_params, _load_words, _x_halves
+from .tile import _finish, _tile_ids
 from .ortho import _csr_gather, _csr_slice
 
 
@@ -30,19 +30,35 @@ def _x_pairs4(x32_ptr, k0, rw, K, EVEN: tl.constexpr):
     return u0, u1, u2, u3
 
 
+
+@triton.jit
+def _x_cols(x_row_ptr, kk, K, EVEN: tl.constexpr):
+    """x[kk] of one token row as fp32 (0 past K unless EVEN)."""
+    if EVEN:
+        return tl.load(x_row_ptr + kk).to(tl.float32)
+    else:
+        return tl.load(x_row_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+
 @triton.jit
 def _fma_pair(q, i2: tl.constexpr, xp, p, xs, onebits, CBITS: tl.constexpr,
               XBF16: tl.constexpr):
     """p += f(code 2·i2)·x_lo + f(code 2·i2+1)·x_hi (two FFMAs); xs += x_lo + x_hi."""
-    if XBF16:
-        xa = (xp << 16).to(tl.float32, bitcast=True)
-        xb = (xp & -65536).to(tl.float32, bitcast=True)
-    else:
-        xa = xp.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        xb = (xp >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    xa, xb = _x_halves(xp, XBF16)
     p += _codes(q, 2 * i2, onebits, CBITS) * xa[None, :]
     p += _codes(q, 2 * i2 + 1, onebits, CBITS) * xb[None, :]
     return p, xs + xa + xb
+
+
+
+@triton.jit
+def _fma_word(q, u0, u1, u2, u3, p, xs, onebits, CBITS: tl.constexpr, XBF16: tl.constexpr):
+    """All 8 codes of each word of q against one token row's x pairs u0..u3 (``_x_pairs4``):
+    p [BN, BKW] += f·x per code slot, xs [BKW] += Σ x (see ``_fma_pair``)."""
+    p, xs = _fma_pair(q, 0, u0, p, xs, onebits, CBITS, XBF16)
+    p, xs = _fma_pair(q, 1, u1, p, xs, onebits, CBITS, XBF16)
+    p, xs = _fma_pair(q, 2, u2, p, xs, onebits, CBITS, XBF16)
+    p, xs = _fma_pair(q, 3, u3, p, xs, onebits, CBITS, XBF16)
+    return p, xs
 
 
 @triton.jit(do_not_specialize=["KW"])
@@ -69,11 +85,7 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, crow_ptr, col_ptr, val_ptr,
     """
     EPW: tl.constexpr = 32 // CBITS
     BKW: tl.constexpr = BK // EPW
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rn = pid_n * BN + tl.arange(0, BN)
-    mn = rn < N
+    pid_m, pid_n, pid_k, rn, mn = _tile_ids(N, BN)
     rw = tl.arange(0, BKW)
     q_ptrs = qw_ptr + rn[:, None] * KW + rw[None, :]
     m0 = pid_m * BM
@@ -90,7 +102,8 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, crow_ptr, col_ptr, val_ptr,
     if HAS_ORTHO:  # issue the ortho loads before the main loop, reduce them after it
         lo, hi = _csr_slice(crow_ptr, rn, mn, pid_k, SPLIT)
         longest = tl.max(hi - lo, axis=0)
-        col, val, pm, g0 = _csr_gather(x0_ptr, mn, col_ptr, val_ptr, lo, hi, 0, E, False)
+        col, val, pm, g0 = _csr_gather(x0_ptr, mn, col_ptr, val_ptr, lo, hi, 0, E, False,
+                                       VAL_FIRST=True)
         if BM == 2:
             g1 = tl.load(x1_ptr + col, mask=pm, other=0.0)
     # Software pipelining by hand, one K tile ahead in registers: the word tile, group
@@ -121,32 +134,20 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, crow_ptr, col_ptr, val_ptr,
         if XPF:
             u0, u1, u2, u3 = u0n, u1n, u2n, u3n
             u0n, u1n, u2n, u3n = _x_pairs4(x0_32, k1, rw, K, EVEN)
-            p0, xs0 = _fma_pair(q, 0, u0, p0, xs0, onebits, CBITS, XBF16)
-            p0, xs0 = _fma_pair(q, 1, u1, p0, xs0, onebits, CBITS, XBF16)
-            p0, xs0 = _fma_pair(q, 2, u2, p0, xs0, onebits, CBITS, XBF16)
-            p0, xs0 = _fma_pair(q, 3, u3, p0, xs0, onebits, CBITS, XBF16)
+            p0, xs0 = _fma_word(q, u0, u1, u2, u3, p0, xs0, onebits, CBITS, XBF16)
             if BM == 2:
                 v0, v1, v2, v3 = v0n, v1n, v2n, v3n
                 v0n, v1n, v2n, v3n = _x_pairs4(x1_32, k1, rw, K, EVEN)
-                p1, xs1 = _fma_pair(q, 0, v0, p1, xs1, onebits, CBITS, XBF16)
-                p1, xs1 = _fma_pair(q, 1, v1, p1, xs1, onebits, CBITS, XBF16)
-                p1, xs1 = _fma_pair(q, 2, v2, p1, xs1, onebits, CBITS, XBF16)
-                p1, xs1 = _fma_pair(q, 3, v3, p1, xs1, onebits, CBITS, XBF16)
+                p1, xs1 = _fma_word(q, v0, v1, v2, v3, p1, xs1, onebits, CBITS, XBF16)
         else:
             for i in tl.static_range(EPW):
                 kk = k0 + rw * EPW + i
                 f = _codes(q, i, onebits, CBITS)
-                if EVEN:
-                    xv = tl.load(x0_ptr + kk).to(tl.float32)
-                else:
-                    xv = tl.load(x0_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+                xv = _x_cols(x0_ptr, kk, K, EVEN)
                 p0 += f * xv[None, :]
                 xs0 += xv
                 if BM == 2:
-                    if EVEN:
-                        xv1 = tl.load(x1_ptr + kk).to(tl.float32)
-                    else:
-                        xv1 = tl.load(x1_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+                    xv1 = _x_cols(x1_ptr, kk, K, EVEN)
                     p1 += f * xv1[None, :]
                     xs1 += xv1
         acc0 += sa * p0 - sb * xs0[None, :]

@@ -8,8 +8,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .codes import _codes
-from .epilogue import _finish
+from .codes import _codes, _x_halves
+from .tile import _finish, _tile_ids
 from .ortho import _csr_gather, _csr_slice, _ortho_rows
 
 
@@ -105,6 +105,28 @@ def _v2_xwords(xw_ptr, wofs, kw, XVEC: tl.constexpr):
     return u0, u1, u2, u3
 
 
+
+@triton.jit
+def _v2_scales(s_ptrs, kw, WPG: tl.constexpr, SBC: tl.constexpr):
+    """fp32 scales [BN, GPT, 1] of the K tile at word kw; SBC: through ``_ld_f16_asm``."""
+    if SBC:
+        return _ld_f16_asm(s_ptrs + kw // WPG).to(tl.float32)
+    else:
+        return tl.load(s_ptrs + kw // WPG).to(tl.float32)
+
+
+@triton.jit
+def _v2_dequant(q, sc, zc, zb0, zb1, H2: tl.constexpr):
+    """Per-tile operands of ``_v2_row``: sa = 16·s, sb = s·(16 + zc) and, with H2, the half2
+    codes of q (``_h2_dequant``, shared by all token rows); else q stands in for them."""
+    sa = sc * 16.0
+    sb = sc * (16.0 + zc)
+    if H2:
+        w0, w1, w2, w3 = _h2_dequant(q, zb0, zb1)
+    else:
+        w0, w1, w2, w3 = q, q, q, q
+    return sa, sb, w0, w1, w2, w3
+
 @triton.jit
 def _v2_row(q, w0, w1, w2, w3, u0, u1, u2, u3, sa, sb, acc, onebits, H2: tl.constexpr,
             XBF16: tl.constexpr):
@@ -126,12 +148,7 @@ def _v2_row(q, w0, w1, w2, w3, u0, u1, u2, u3, sa, sb, acc, onebits, H2: tl.cons
                 uu = u2
             if i2 == 3:
                 uu = u3
-            if XBF16:
-                xa = (uu << 16).to(tl.float32, bitcast=True)
-                xb = (uu & -65536).to(tl.float32, bitcast=True)
-            else:
-                xa = uu.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                xb = (uu >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            xa, xb = _x_halves(uu, XBF16)
             p += _codes(q, 2 * i2, onebits, 4) * xa[None]
             p += _codes(q, 2 * i2 + 1, onebits, 4) * xb[None]
             xs += xa + xb
@@ -169,11 +186,7 @@ def _gemv2_kernel(x_ptr, qw_ptr, s_ptr, b_ptr, crow_ptr, col_ptr, val_ptr, a_ptr
     """
     WPG: tl.constexpr = GS // 8
     BKW: tl.constexpr = GPT * WPG
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rn = pid_n * BN + tl.arange(0, BN)
-    mn = rn < N
+    pid_m, pid_n, pid_k, rn, mn = _tile_ids(N, BN)
     rnc = tl.minimum(rn, N - 1)  # no load masks
     rg = tl.arange(0, GPT)
     wofs = rg[:, None] * WPG + tl.arange(0, WPG)[None, :]  # [GPT, WPG]
@@ -196,28 +209,18 @@ def _gemv2_kernel(x_ptr, qw_ptr, s_ptr, b_ptr, crow_ptr, col_ptr, val_ptr, a_ptr
     if HAS_ORTHO and OPF:  # BM = 1: issue the ortho chain (crow -> col/val -> x) before
         x0_ptr = x_ptr + tl.minimum(m0, M - 1) * stride_xm  # the K loop, reduce it after
         lo, hi = _csr_slice(crow_ptr, rn, mn, pid_k, SPLIT)
-        ocol, oval, opm, og0 = _csr_gather(x0_ptr, mn, col_ptr, val_ptr, lo, hi, 0, E, False)
+        ocol, oval, opm, og0 = _csr_gather(x0_ptr, mn, col_ptr, val_ptr, lo, hi, 0, E, False,
+                                           VAL_FIRST=True)
     if STAGES > 1:  # Triton's cp.async pipeline (16-byte copies) through shared memory
         # (the scales are prefetched by hand one tile ahead through inline PTX: a tl.load of
         # them would become the layout anchor of the accumulators)
-        if SBC:
-            s_n = _ld_f16_asm(s_ptrs + kw_lo // WPG).to(tl.float32)
-        else:
-            s_n = tl.load(s_ptrs + kw_lo // WPG).to(tl.float32)
+        s_n = _v2_scales(s_ptrs, kw_lo, WPG, SBC)
         for kw in tl.range(kw_lo, kw_hi, BKW, num_stages=STAGES):
             q = tl.load(q_ptrs + kw)
             sc = s_n
             k1 = tl.minimum(kw + BKW, kw_last)
-            if SBC:
-                s_n = _ld_f16_asm(s_ptrs + k1 // WPG).to(tl.float32)
-            else:
-                s_n = tl.load(s_ptrs + k1 // WPG).to(tl.float32)
-            sa = sc * 16.0
-            sb = sc * (16.0 + zc)
-            if H2:
-                w0, w1, w2, w3 = _h2_dequant(q, zb0, zb1)
-            else:
-                w0, w1, w2, w3 = q, q, q, q
+            s_n = _v2_scales(s_ptrs, k1, WPG, SBC)
+            sa, sb, w0, w1, w2, w3 = _v2_dequant(q, sc, zc, zb0, zb1, H2)
             a0, a1, a2, a3 = _v2_xwords(xw0, wofs, kw, XVEC)
             acc0 = _v2_row(q, w0, w1, w2, w3, a0, a1, a2, a3, sa, sb, acc0, onebits, H2, XBF16)
             if BM >= 2:
@@ -233,10 +236,7 @@ def _gemv2_kernel(x_ptr, qw_ptr, s_ptr, b_ptr, crow_ptr, col_ptr, val_ptr, a_ptr
                                XBF16)
     else:  # software pipelining by hand: the next tile is loaded into registers first
         q_n = tl.load(q_ptrs + kw_lo)
-        if SBC:
-            s_n = _ld_f16_asm(s_ptrs + kw_lo // WPG).to(tl.float32)
-        else:
-            s_n = tl.load(s_ptrs + kw_lo // WPG).to(tl.float32)
+        s_n = _v2_scales(s_ptrs, kw_lo, WPG, SBC)
         a0n, a1n, a2n, a3n = _v2_xwords(xw0, wofs, kw_lo, XVEC)
         if BM >= 2:
             b0n, b1n, b2n, b3n = _v2_xwords(xw1, wofs, kw_lo, XVEC)
@@ -249,10 +249,7 @@ def _gemv2_kernel(x_ptr, qw_ptr, s_ptr, b_ptr, crow_ptr, col_ptr, val_ptr, a_ptr
             a0, a1, a2, a3 = a0n, a1n, a2n, a3n
             k1 = tl.minimum(kw + BKW, kw_last)  # after the last tile: harmless re-read
             q_n = tl.load(q_ptrs + k1)
-            if SBC:
-                s_n = _ld_f16_asm(s_ptrs + k1 // WPG).to(tl.float32)
-            else:
-                s_n = tl.load(s_ptrs + k1 // WPG).to(tl.float32)
+            s_n = _v2_scales(s_ptrs, k1, WPG, SBC)
             a0n, a1n, a2n, a3n = _v2_xwords(xw0, wofs, k1, XVEC)
             if BM >= 2:
                 b0, b1, b2, b3 = b0n, b1n, b2n, b3n
@@ -262,12 +259,7 @@ def _gemv2_kernel(x_ptr, qw_ptr, s_ptr, b_ptr, crow_ptr, col_ptr, val_ptr, a_ptr
                 d0, d1, d2, d3 = d0n, d1n, d2n, d3n
                 c0n, c1n, c2n, c3n = _v2_xwords(xw2, wofs, k1, XVEC)
                 d0n, d1n, d2n, d3n = _v2_xwords(xw3, wofs, k1, XVEC)
-            sa = sc * 16.0
-            sb = sc * (16.0 + zc)
-            if H2:
-                w0, w1, w2, w3 = _h2_dequant(q, zb0, zb1)
-            else:
-                w0, w1, w2, w3 = q, q, q, q
+            sa, sb, w0, w1, w2, w3 = _v2_dequant(q, sc, zc, zb0, zb1, H2)
             acc0 = _v2_row(q, w0, w1, w2, w3, a0, a1, a2, a3, sa, sb, acc0, onebits, H2,
                            XBF16)
             if BM >= 2:

@@ -28,7 +28,8 @@ def _csr_slice(crow_ptr, rn, mn, pid_k, SPLIT):
 
 
 @triton.jit
-def _csr_gather(x_ptrs, xm, col_ptr, val_ptr, lo, hi, j0, E: tl.constexpr, XM: tl.constexpr):
+def _csr_gather(x_ptrs, xm, col_ptr, val_ptr, lo, hi, j0, E: tl.constexpr, XM: tl.constexpr,
+                VAL_FIRST: tl.constexpr = False):
     """Entries [lo + j0, lo + j0 + E) of each row slice (clipped at hi), gathered from x.
 
     x_ptrs: the start of one token row (scalar pointer: x[col] is [BN, E]) or of several,
@@ -36,11 +37,17 @@ def _csr_gather(x_ptrs, xm, col_ptr, val_ptr, lo, hi, j0, E: tl.constexpr, XM: t
     masks the gather too, for token rows past M. Returns col int32 [BN, E], val fp32 [BN, E],
     the entry mask [BN, E] and x[col] in x's dtype (0 where masked): callers gather more token
     rows with the same col, or convert x[col] where they need it.
+    VAL_FIRST: issue the val load before the col load. The decode kernels' prefetched first
+    chunk does, as when they were tuned: the order changes ptxas' schedule of the K loop.
     """
     p = lo[:, None] + j0 + tl.arange(0, E)[None, :]  # [BN, E]
     pm = p < hi[:, None]
-    col = tl.load(col_ptr + p, mask=pm, other=0).to(tl.int32)
-    val = tl.load(val_ptr + p, mask=pm, other=0.0).to(tl.float32)
+    if VAL_FIRST:
+        val = tl.load(val_ptr + p, mask=pm, other=0.0).to(tl.float32)
+        col = tl.load(col_ptr + p, mask=pm, other=0).to(tl.int32)
+    else:
+        col = tl.load(col_ptr + p, mask=pm, other=0).to(tl.int32)
+        val = tl.load(val_ptr + p, mask=pm, other=0.0).to(tl.float32)
     if XM:
         xg = tl.load(x_ptrs + col, mask=xm & pm, other=0.0)
     else:

@@ -1,7 +1,8 @@
 """Triton kernels for Y = X·W_baseᵀ + alpha·X·W_orthoᵀ + bias (one launch per call).
 
-Three kernels share the same operands, the same fused ortho stream (ortho.py) and the same
-split-K epilogue (epilogue.py; one launch, partials reduced by the last program of each tile).
+Three kernels share the same operands, the same fused ortho stream (ortho.py), the same
+code helpers (codes.py) and the same split-K epilogue (tile.py; one launch, partials
+reduced by the last program of each tile).
 One file per kernel family; this module gathers them under the names the dispatcher and the
 tools use:
 
@@ -32,15 +33,8 @@ Operands (all device tensors, see libortho/kernels/layout.py):
 """
 from __future__ import annotations
 
-from .codes import _codes, _group_params, _load_words
-from .epilogue import _finish, _store_out
-from .gemm import _dequant_tile, _gemm_kernel
-from .gemv import _fma_pair, _gemv_kernel, _x_pairs4
-from .gemv2 import (_gemv2_kernel, _h2_dequant, _h2_dot, _h2_xpairs, _ld_f16_asm, _v2_row,
-                    _v2_xwords)
-from .ortho import _csr_gather, _csr_slice, _ortho_rows
+from .gemm import _gemm_kernel
+from .gemv import _gemv_kernel
+from .gemv2 import _gemv2_kernel
 
-__all__ = ["_gemm_kernel", "_gemv_kernel", "_gemv2_kernel", "_codes", "_group_params",
-           "_load_words", "_finish", "_store_out", "_dequant_tile", "_fma_pair", "_x_pairs4",
-           "_h2_dequant", "_h2_dot", "_h2_xpairs", "_ld_f16_asm", "_v2_row", "_v2_xwords",
-           "_csr_gather", "_csr_slice", "_ortho_rows"]
+__all__ = ["_gemm_kernel", "_gemv_kernel", "_gemv2_kernel"]

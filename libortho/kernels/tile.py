@@ -1,9 +1,21 @@
-"""Kernel epilogue shared by the Triton kernels: bias, output cast and the in-launch split-K
-reduction (``ws`` workspace and ``cnt`` counters of libortho/kernels/triton_kernels.py)."""
+"""The program tile of the Triton kernels: which output columns a program owns, and how its
+result leaves it (bias, output cast and the in-launch split-K reduction over the ``ws``
+workspace and ``cnt`` counters of libortho/kernels/triton_kernels.py)."""
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _tile_ids(N, BN: tl.constexpr):
+    """(pid_m, pid_n, pid_k, rn, mn) of a program of the grid (M tiles, N tiles, SPLIT): its
+    output columns rn int32 [BN] and their mask mn (rn < N)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rn = pid_n * BN + tl.arange(0, BN)
+    return pid_m, pid_n, pid_k, rn, rn < N
 
 
 @triton.jit
