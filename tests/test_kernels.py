@@ -155,7 +155,7 @@ def test_ortholinear_integration():
 
 # v2 decode kernel (libortho/kernels/gemv2._gemv2_kernel). The interpreter runs its
 # fp32 / tl.load path (inline PTX — fp16x2 dequantisation, vector x loads, scale loads — is
-# GPU only: scripts/gpu_check_kernels.py covers it), so these check the indexing: tiles of
+# GPU only: tests/gpu/test_kernels_gpu.py covers it), so these check the indexing: tiles of
 # GPT groups, split-K over whole tiles, rows past N and past M, BM = 1 / 2 / 4, the ortho
 # slice per split, bias, per-row alpha, bf16 x, and the fallback for layouts it rejects.
 V2 = dict(kernel="gemv2", BM=1, BN=16, GPT=1, num_warps=2, num_stages=1, E=8, SPLIT=1)
