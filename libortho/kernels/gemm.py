@@ -7,8 +7,8 @@ import triton
 import triton.language as tl
 
 from .codes import _codes, _group_params
-from .tile import _finish, _tile_ids
 from .ortho import _ortho_rows
+from .tile import _finish, _tile_ids
 
 
 @triton.jit

@@ -7,8 +7,8 @@ import triton
 import triton.language as tl
 
 from .codes import _codes, _group_params, _load_words, _x_halves
-from .tile import _finish, _tile_ids
 from .ortho import _csr_gather, _csr_slice
+from .tile import _finish, _tile_ids
 
 
 @triton.jit

@@ -9,8 +9,8 @@ import triton
 import triton.language as tl
 
 from .codes import _codes, _x_halves
-from .tile import _finish, _tile_ids
 from .ortho import _csr_gather, _csr_slice, _ortho_rows
+from .tile import _finish, _tile_ids
 
 
 @triton.jit
