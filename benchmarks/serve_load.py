@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -93,22 +92,19 @@ def batch_stats(url: str) -> dict:
 
 def start_server(artifact: str, args) -> tuple[subprocess.Popen, str, str, str]:
     """(process, url, key, model name) of a fresh server on a free localhost port."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from libortho.serve.keys import add_key
     from libortho.serve.server import free_port
 
     tmp = Path(tempfile.mkdtemp(prefix="libortho-load-"))
     key = add_key(tmp / "KEYS.json", "load", 1.0)
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "libortho.cli", "serve", artifact, "--port", str(port),
                              "--keys", str(tmp / "KEYS.json"), "--device", args.device,
                              "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
                              "--max-queue", str(max(args.requests, 256)), "--model-name", "bench",
                              "--log-level", "warning", *(["--threads", str(args.threads)] if args.threads else [])],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while True:

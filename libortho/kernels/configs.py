@@ -2,9 +2,10 @@
 
 A config is a dict with keys:
   kernel: "gemv" | "gemv2" | "gemm"; BM, BN, BK (gemv2: GPT groups per K tile instead of
-  BK, STAGES = 1 for register prefetch or > 1 for Triton's cp.async pipeline, XVEC, H2); num_warps, num_stages (gemv: unused, it prefetches
-  by hand); E (ortho chunk, 0 = from the layer's density: entries per row per step in
-  gemv / rows mode, entries per tile per step in tile mode); SWAP, JOIN, ORTHO ("rows" |
+  BK, STAGES = 1 for register prefetch or > 1 for Triton's cp.async pipeline, XVEC, H2);
+  num_warps, num_stages (gemv: unused, it prefetches by hand); E (ortho chunk, 0 = from
+  the layer's density: entries per row per step in gemv / rows mode, entries per tile per
+  step in tile mode); SWAP, JOIN, ORTHO ("rows" |
   "tile" | "auto": per-row gathers for few token rows, one-hot tl.dot scatter otherwise;
   gemm only);
   SPLIT (split-K factor, 0 = automatic from the SM count).
@@ -39,7 +40,7 @@ def m_bucket(m: int) -> int:
 def default_config(m: int, n: int, k: int, group_size: int, v2: bool = True) -> Config:
     """Heuristic config when the table has no entry (SPLIT 0 = choose from the SM count).
     v2: the v2 decode kernel for m <= 4 (the caller falls back with v2=False for layouts it
-    does not take: see libortho.kernels._v2_supported)."""
+    does not take: see libortho.kernels.dispatch._v2_supported)."""
     if v2 and m <= 4:
         if m == 1:
             return dict(kernel="gemv2", BM=1, BN=64, GPT=1, num_warps=2, num_stages=1,

@@ -10,22 +10,27 @@ empty ortho, heavy rows, scalar/per-row/0-d alpha, fp16/bf16 activations, bf16 o
 configs: register / cp.async pipelines, BM 1/2/4, rows past N and M, 3-bit, g 32/64,
 |x| ~ 3000 for the fp16 half2 chains, fp32-math variant, fallback for asymmetric zeros).
 
-    python scripts/gpu_check_kernels.py [--json FILE] [--seed S]
+As a pytest module (skipped without CUDA), one test per case with a fixed seed::
+
+    python -m pytest tests/gpu/test_kernels_gpu.py
+
+As a script (seeded from the clock; --part i/P runs every P-th case, for P parallel
+processes, since compiling dominates)::
+
+    python tests/gpu/test_kernels_gpu.py [--json FILE] [--seed S] [--part i/P]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import pytest
+import torch
 
-import torch  # noqa: E402
-
-from libortho.kernels import dual_stream_linear, reference_dual_stream  # noqa: E402
-from libortho.kernels.synthetic import random_layer  # noqa: E402
+from libortho.kernels import dual_stream_linear, reference_dual_stream
+from libortho.kernels.synthetic import random_layer
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 
@@ -109,6 +114,42 @@ def cases():
            torch.bfloat16, "rows", dict(gemm, BM=64, SWAP=False, ORTHO="tile", E=64, SPLIT=3))
 
 
+def run_case(case, gen: torch.Generator) -> dict:
+    """Run one case of ``cases()`` twice into NaN-poisoned outputs; the result row (ok: finite,
+    both runs bitwise equal and the relative error within TOL)."""
+    name, kw, m, dt, akind, cfg = case
+    kw = dict(kw)
+    k, n = kw.pop("k"), kw.pop("n")
+    xscale = kw.pop("xscale", 1.0)
+    layer = random_layer(k, n, device="cuda", generator=gen, **kw)
+    x = (torch.randn(m, k, device="cuda", generator=gen) * xscale).to(dt)
+    alpha = {"one": 1.0, "half": 0.5, "zero": 0.0,
+             "rows": torch.rand(m, device="cuda", generator=gen),
+             "zero0d": torch.tensor(0.0, device="cuda")}[akind]
+    outs = []
+    for _ in range(2):
+        out = torch.full((m, n), float("nan"), dtype=dt, device="cuda")
+        dual_stream_linear(x, layer, alpha, out=out, config=cfg)
+        outs.append(out)
+    torch.cuda.synchronize()
+    ref = reference_dual_stream(x, layer, alpha)
+    err = ((outs[0].double() - ref).norm() / ref.norm()).item()
+    finite = bool(torch.isfinite(outs[0]).all())
+    same = bool(torch.equal(outs[0], outs[1]))
+    ok = finite and same and err < TOL[dt]
+    return dict(name=name, m=m, n=n, k=k, dtype=str(dt), err=err, finite=finite,
+                repeat_equal=same, ok=ok, dt=dt)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", list(cases()), ids=lambda c: c[0])
+def test_kernel_case_on_gpu(case):
+    r = run_case(case, torch.Generator(device="cuda").manual_seed(0))
+    assert r["finite"], "unwritten (NaN) or non-finite outputs"
+    assert r["repeat_equal"], "two runs differ (split-K race)"
+    assert r["err"] < TOL[r["dt"]], f"relative error {r['err']:.2e} >= {TOL[r['dt']]:.0e}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
@@ -121,35 +162,16 @@ def main() -> int:
     gen = torch.Generator(device="cuda").manual_seed(seed)
     print(f"seed {seed}, device {torch.cuda.get_device_name(0)}", flush=True)
     results, failures = [], 0
-    for idx, (name, kw, m, dt, akind, cfg) in enumerate(cases()):
+    for idx, case in enumerate(cases()):
         if idx % parts != part:
             continue
-        kw = dict(kw)
-        k, n = kw.pop("k"), kw.pop("n")
-        xscale = kw.pop("xscale", 1.0)
-        layer = random_layer(k, n, device="cuda", generator=gen, **kw)
-        x = (torch.randn(m, k, device="cuda", generator=gen) * xscale).to(dt)
-        alpha = {"one": 1.0, "half": 0.5, "zero": 0.0,
-                 "rows": torch.rand(m, device="cuda", generator=gen),
-                 "zero0d": torch.tensor(0.0, device="cuda")}[akind]
-        outs = []
-        for _ in range(2):
-            out = torch.full((m, n), float("nan"), dtype=dt, device="cuda")
-            dual_stream_linear(x, layer, alpha, out=out, config=cfg)
-            outs.append(out)
-        torch.cuda.synchronize()
-        ref = reference_dual_stream(x, layer, alpha)
-        err = ((outs[0].double() - ref).norm() / ref.norm()).item()
-        finite = bool(torch.isfinite(outs[0]).all())
-        same = bool(torch.equal(outs[0], outs[1]))
-        ok = finite and same and err < TOL[dt]
-        failures += not ok
-        results.append(dict(name=name, m=m, n=n, k=k, dtype=str(dt), err=err, finite=finite,
-                            repeat_equal=same, ok=ok))
-        print(f"{'ok  ' if ok else 'FAIL'} {name:36s} rel.err {err:.2e} (tol {TOL[dt]:.0e})"
-              f"{'' if finite else ' NON-FINITE/UNWRITTEN'}{'' if same else ' RUNS DIFFER'}",
-              flush=True)
-        del layer, x, outs, ref
+        r = run_case(case, gen)
+        failures += not r["ok"]
+        results.append(r)
+        print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['name']:36s} rel.err {r['err']:.2e} "
+              f"(tol {TOL[r['dt']]:.0e}){'' if r['finite'] else ' NON-FINITE/UNWRITTEN'}"
+              f"{'' if r['repeat_equal'] else ' RUNS DIFFER'}", flush=True)
+        del r["dt"]
     print(f"{len(results) - failures}/{len(results)} cases passed (seed {seed})")
     if args.json:
         with open(args.json, "w") as f:

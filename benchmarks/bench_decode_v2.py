@@ -1,8 +1,8 @@
-"""One device call for the v2 decode kernel (issue 4): correctness, v2-vs-table tuning,
+"""One device call for the v2 decode kernel: correctness, v2-vs-table tuning,
 end-to-end decode and the layer benchmark, each timed against the config table as it was
 (``--baseline`` copy) on the same card in the same run, then a short summary.
 
-    python scripts/bench_decode_v2.py --out DIR [--budget-s 400]
+    python benchmarks/bench_decode_v2.py --out DIR [--budget-s 400]
 
 Writes DIR/{check,bench,e2e}.json, DIR/tuned_configs.json (the new table) and
 DIR/*.log. Steps that would overrun the budget are skipped (partial JSON survives).
@@ -68,7 +68,6 @@ def warm(kind: str, part: int, parts: int, new: str, base: str) -> int:
     this process's share of them. kind "tune": candidate_configs_v2 x SPLIT and the table's
     entries; kind "final": the rows of the benchmark and the decode model with the tuned
     and the baseline tables."""
-    sys.path.insert(0, ROOT)
     import torch
     from libortho import bench as B
     from libortho.kernels import configs, dual_stream_linear, prepare
@@ -159,7 +158,7 @@ def main() -> int:
     P = args.procs
     me = os.path.abspath(__file__)
     if "check" not in skip:
-        parallel("check", [[py, "scripts/gpu_check_kernels.py", "--part", f"{i}/{P}",
+        parallel("check", [[py, "tests/gpu/test_kernels_gpu.py", "--part", f"{i}/{P}",
                             "--json", f"{out}/check{i}.json"] for i in range(P)], out,
                  min(100, left(280)))
         cases, dev = [], None
@@ -193,7 +192,7 @@ def main() -> int:
         parallel("warmfinal", [[py, me, "--out", out, "--warm", f"final:{i}/{P}"]
                                for i in range(P)], out, min(90, left(150)))
     if "e2e" not in skip:
-        step("e2e", [py, "scripts/bench_e2e.py", "--configs", new, "--baseline-configs", base,
+        step("e2e", [py, "benchmarks/bench_e2e.py", "--configs", new, "--baseline-configs", base,
                      "--json", f"{out}/e2e.json"], out, min(100, left(70)))
         export(out, args.export)
     if "bench" not in skip:

@@ -1,9 +1,9 @@
-"""Issue 2 benchmark: wall time and peak RSS of `libortho decompose default` (GPTQ + sieve) on this machine.
+"""Wall time and peak RSS of `libortho decompose default` (GPTQ + sieve) on this machine.
 
 Runs the CLI in a child process (so peak RSS is the decomposition's own), median of --repeats runs,
 and writes docs/decompose_benchmark.json.
 
-    python scripts/bench_decompose.py [--repeats 1] [--calib-tokens 16384]
+    python benchmarks/bench_decompose.py [--repeats 1] [--calib-tokens 16384]
 """
 from __future__ import annotations
 

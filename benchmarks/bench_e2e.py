@@ -10,26 +10,23 @@ in a CUDA graph and replayed; tokens/s = batch / median step time. Norms, RoPE +
 write and SiLU·mul are small fused Triton kernels shared by all variants; attention is
 two matmuls + softmax over the whole static cache with an additive mask (per step).
 
-    python scripts/bench_e2e.py [--layers 32] [--batches 1,16] [--json FILE] [--configs F]
+    python benchmarks/bench_e2e.py [--layers 32] [--batches 1,16] [--json FILE] [--configs F]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from typing import Dict, List
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from libortho.kernels import configs, dual_stream_linear, prepare  # noqa: E402
-from libortho.kernels.synthetic import as_ortholinear, random_layer  # noqa: E402
+from libortho.kernels import configs, dual_stream_linear, prepare
+from libortho.kernels.synthetic import as_ortholinear, random_layer
 
 H, I, NH, NKV, D, V = 4096, 14336, 32, 8, 128, 128256
 

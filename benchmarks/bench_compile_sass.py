@@ -6,7 +6,7 @@ LDGSTS, ...), so variants can be compared before spending device time. Divide th
 instruction count by the weights one iteration handles per thread (BN·BK / threads) for
 instructions per weight. Usage:
 
-    python scripts/bench_compile_sass.py [--dump DIR] [--only NAME]
+    python benchmarks/bench_compile_sass.py [--dump DIR] [--only NAME]
 """
 from __future__ import annotations
 
@@ -18,13 +18,11 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-from libortho.kernels import triton_kernels as tk  # noqa: E402
+from libortho.kernels import triton_kernels as tk
 
 PTR = ["x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "crow_ptr", "col_ptr", "val_ptr", "a_ptr",
        "y_ptr"]

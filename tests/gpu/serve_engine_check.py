@@ -2,7 +2,7 @@
 isolation (row i's logits when every neighbour's alpha changes) and mixed-alpha batches against
 solo runs, on a tiny random Llama decomposed by libortho.
 
-    python scripts/serve_engine_check.py [--device cuda] [--json out.json]
+    python tests/gpu/serve_engine_check.py [--device cuda] [--json out.json]
 
 Exact (0.0) on CPU; on CUDA the fused kernel takes the per-row alpha and the report gives the
 largest difference seen (fp16 rounding at most is expected).
@@ -10,6 +10,7 @@ largest difference seen (fp16 rounding at most is expected).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import tempfile
@@ -19,14 +20,21 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import libortho
+from libortho.serve.engine import Engine, Job
+from libortho.serve.kvbatch import KVBatch
+from libortho.serve.sampling import SamplingParams
 
-import libortho  # noqa: E402
-from conftest import TEXT, char_tokenizer, tiny_model  # noqa: E402
-from libortho.serve.engine import Engine, Job  # noqa: E402
-from libortho.serve.kvbatch import KVBatch  # noqa: E402
-from libortho.serve.sampling import SamplingParams  # noqa: E402
+
+def _test_helpers():
+    """tests/conftest.py (tiny tokenizer, tiny model, training text), loaded from its file: this
+    script runs outside pytest, and tests/ is no package."""
+    path = Path(__file__).resolve().parents[1] / "conftest.py"
+    spec = importlib.util.spec_from_file_location("libortho_tests_conftest", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
 
 PROMPTS = ["The quick brown", "Python is", "Lists, tuples", "functions are first", "The lazy dog",
            "built-in types", "A programming", "dictionaries"]
@@ -79,9 +87,10 @@ def main() -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
-    tok = char_tokenizer()
-    model = tiny_model("llama")
-    libortho.decompose(model, tok, TEXT, libortho.OrthoConfig(calib_tokens=512, seq_len=128, group_size=32,
+    helpers = _test_helpers()
+    tok = helpers.char_tokenizer()
+    model = helpers.tiny_model("llama")
+    libortho.decompose(model, tok, helpers.TEXT, libortho.OrthoConfig(calib_tokens=512, seq_len=128, group_size=32,
                                                               ortho_ratio=0.05, method="rtn"), progress=False)
     path = Path(tempfile.mkdtemp()) / "tiny"
     libortho.save(model, tok, path)

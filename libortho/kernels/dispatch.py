@@ -1,0 +1,245 @@
+"""Dispatch of ``dual_stream_linear``: picks the kernel and its config for a call, checks
+that the kernel takes the layer's layout (else the PyTorch fallback), sizes split-K and the
+ortho chunk (launch.py) and launches the Triton kernel (triton_kernels.py).
+
+Scalar alpha == 0 takes the base-only kernel variant (the ortho buffers are not read).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Optional, Union
+
+import torch
+
+from .configs import Config, default_config, select_config
+from .launch import auto_e, choose_split, split_buffers
+from .layout import KernelLayout, get_layout
+from .reference import container_bits, reference_dual_stream
+
+Alpha = Union[float, int, torch.Tensor]
+
+try:  # Triton is optional (CPU-only installs may lack it).
+    import triton  # noqa: F401
+    from . import triton_kernels as _tk
+    _HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the environment
+    _tk = None
+    _HAS_TRITON = False
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available() -> bool:
+    """Triton importable and a CUDA device present (or the Triton interpreter enabled)."""
+    return _HAS_TRITON and (torch.cuda.is_available() or interpret_mode())
+
+
+def _pow2(v: int) -> bool:
+    return v > 0 and (v & (v - 1)) == 0
+
+
+def supports(layer: Any) -> bool:
+    """Whether the Triton kernels handle this layer's storage (else the torch fallback)."""
+    try:
+        cb = container_bits(int(layer.bits))
+    except ValueError:
+        return False
+    g = int(layer.group_size)
+    return _pow2(g) and g >= 32 // cb
+
+
+def torch_dual_stream(x: torch.Tensor, layer: Any, alpha: Alpha = 0.0) -> torch.Tensor:
+    """Fallback: dequantize to fp32, dense matmuls, result in x.dtype. Shapes as the kernel."""
+    if not isinstance(alpha, torch.Tensor) and float(alpha) == 0.0:
+        alpha = 0.0
+    return reference_dual_stream(x, layer, alpha, dtype=torch.float32).to(x.dtype)
+
+
+def _alpha_args(alpha: Alpha, m: int, device: torch.device):
+    """-> (has_ortho_from_alpha, alpha_vec or None, scalar alpha)."""
+    if isinstance(alpha, torch.Tensor):
+        a = alpha.to(device=device, dtype=torch.float32)
+        a = a.expand(m) if a.dim() == 0 else a.reshape(-1)
+        if a.numel() != m:
+            raise ValueError(f"per-row alpha has {a.numel()} values for {m} rows")
+        return True, a.contiguous(), 0.0
+    a = float(alpha)
+    return a != 0.0, None, a
+
+
+def _check_config(cfg: Config, cbits: int, group_size: int) -> None:
+    epw = 32 // cbits
+    for key in ("BM", "BN", "BK"):
+        if not _pow2(int(cfg[key])):
+            raise ValueError(f"config {key}={cfg[key]} must be a power of two")
+    if int(cfg.get("E", 0)) and not _pow2(int(cfg["E"])):
+        raise ValueError(f"config E={cfg['E']} must be a power of two (or 0 = automatic)")
+    if int(cfg["BK"]) % epw:
+        raise ValueError(f"BK={cfg['BK']} must be a multiple of {epw} codes per word")
+    if cfg["kernel"] == "gemm" and min(int(cfg["BM"]), int(cfg["BN"])) < 16:
+        raise ValueError("gemm kernel needs BM, BN >= 16 (tl.dot)")
+    join = bool(cfg.get("JOIN", True)) and cbits in (4, 8)
+    if cfg["kernel"] == "gemm" and not join and int(cfg["BK"]) // epw < 16:
+        raise ValueError(f"gemm kernel without JOIN needs BK >= {16 * epw} (tl.dot depth)")
+    if (cfg["kernel"] == "gemm" and cfg.get("ORTHO", "auto") == "tile"
+            or cfg["kernel"] == "gemm" and cfg.get("ORTHO", "auto") == "auto"
+            and int(cfg["BM"]) > 16) and 0 < int(cfg.get("E", 0)) < 16:
+        raise ValueError("one-hot ortho scatter (tl.dot) needs E >= 16")
+    if cfg["kernel"] == "gemv" and int(cfg["BM"]) not in (1, 2):
+        raise ValueError("gemv kernel handles BM = 1 or 2 rows per program")
+
+
+def dual_stream_linear(x: torch.Tensor, layer: Any, alpha: Alpha = 0.0, *,
+                       out: Optional[torch.Tensor] = None,
+                       config: Optional[Config] = None) -> torch.Tensor:
+    """Y = X·W_baseᵀ + alpha·X·W_orthoᵀ + bias.
+
+    x: [..., in_features] fp16/bf16 (fp32 accepted); alpha: float, or a tensor with one value
+    per flattened token row (0-d tensors broadcast); out: optional [rows, out_features]
+    contiguous tensor of x.dtype to write into (used by tests to poison outputs);
+    config: tile config override (see configs.py). Returns [..., out_features] in x.dtype.
+    Accumulation is fp32. Exception: the v2 decode kernel (``kernel="gemv2"``, the tuned
+    default for 1–4 fp16 token rows on symmetric 4-bit layers) forms each 32-bit word's 8
+    products as fp16 pairs (4 HFMA2 on (c − z)/16, finite for |x| < 32752) before summing them
+    in fp32 (docs/kernel_notes.md).
+    """
+    k, n = int(layer.in_features), int(layer.out_features)
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, layer expects {k}")
+    if not (available() and supports(layer)):
+        y = torch_dual_stream(x, layer, alpha)
+        if out is not None:
+            out.copy_(y.reshape(out.shape))
+            return out.reshape(*x.shape[:-1], n)
+        return y
+    lay: KernelLayout = get_layout(layer)
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.reshape(*x.shape[:-1], n)
+    use_ortho, avec, ascalar = _alpha_args(alpha, m, x.device)
+    use_ortho = use_ortho and lay.nnz > 0
+    g = int(layer.group_size)
+    cfg = dict(config) if config is not None else select_config(m, n, k, g)
+    if cfg["kernel"] == "gemv2" and not _v2_supported(cfg, lay, layer, x2):
+        cfg = default_config(m, n, k, g, v2=False)  # v1 decode kernel or gemm
+    join = cfg["kernel"] == "gemm" and bool(cfg.get("JOIN", True)) and lay.cbits in (4, 8)
+    if join and int(cfg["BK"]) > g:  # one group per K tile on the joined path (Triton 3.6
+        cfg["BK"] = g                # cannot compile per-word scales into a wgmma B operand)
+    if cfg["kernel"] == "gemm" and not join:  # slot-order dots need depth BK/EPW >= 16
+        cfg["BK"] = max(int(cfg["BK"]), 16 * (32 // lay.cbits))
+    bias = getattr(layer, "bias", None)
+    if cfg["kernel"] == "gemv2":
+        return _launch_v2(x2, layer, lay, cfg, y, bias, use_ortho, avec, ascalar).reshape(
+            *x.shape[:-1], n)
+    _check_config(cfg, lay.cbits, g)
+    bm, bn, bk = int(cfg["BM"]), int(cfg["BN"]), int(cfg["BK"])
+    m_tiles, n_tiles = triton.cdiv(m, bm), triton.cdiv(n, bn)
+    split = choose_split(cfg.get("SPLIT", 0), m_tiles * n_tiles, k, bk, x.device)
+    kps = triton.cdiv(triton.cdiv(k, split), bk) * bk
+    split = triton.cdiv(k, kps)  # no empty splits
+    ws, cnt = split_buffers(m_tiles * n_tiles, split, bm, bn, y, x.device)
+    ortho_rows = cfg["kernel"] == "gemv" or cfg.get("ORTHO", "auto") == "rows" or (
+        cfg.get("ORTHO", "auto") == "auto" and bm <= 16)
+    e = int(cfg.get("E", 0)) or auto_e(lay.nnz, n, split, bn, ortho_rows)
+    common = dict(BM=bm, BN=bn, BK=bk, GS=g, CBITS=lay.cbits, ZCONST=lay.zconst is not None,
+                  HAS_BIAS=bias is not None, HAS_ORTHO=use_ortho, ALPHA_VEC=avec is not None,
+                  E=e, USE_SPLIT=split > 1, EVEN=(n % bn == 0 and k % bk == 0),
+                  num_warps=int(cfg["num_warps"]),
+                  num_stages=int(cfg["num_stages"]))
+    args = (x2, lay.qw, layer.scales, layer.zeros, bias if bias is not None else y,
+            layer.ortho_crow, lay.col, layer.ortho_val, avec if avec is not None else y, y,
+            ws, cnt, ascalar, lay.zconst or 0.0, _ONEBITS, m, n, k, lay.kw,
+            int(layer.scales.shape[1]), x2.stride(0), y.stride(0), kps, split)
+    grid = (m_tiles, n_tiles, split)
+    if cfg["kernel"] == "gemv":
+        xpf = (lay.cbits == 4 and x2.dtype in (torch.float16, torch.bfloat16) and k % 2 == 0
+               and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0
+            and layer.scales.is_contiguous())
+        _tk._gemv_kernel[grid](*args, XPF=xpf, XBF16=x2.dtype == torch.bfloat16, **common)
+    else:
+        dot_f32 = interpret_mode() and x.dtype == torch.bfloat16  # interpreter bf16 dot bug
+        _tk._gemm_kernel[grid](*args, SWAP=bool(cfg.get("SWAP", False)), JOIN=join,
+                               DOT_F32=dot_f32, ORTHO_ROWS=ortho_rows, **common)
+    return y.reshape(*x.shape[:-1], n)
+
+
+_ONEBITS = 0x3F800000  # bit pattern of 1.0f (see codes._codes)
+
+
+def _v2_supported(cfg: Config, lay: KernelLayout, layer: Any, x2: torch.Tensor) -> bool:
+    """Whether the v2 decode kernel handles this call: nibble containers with a constant
+    (symmetric) zero point, fp16/bf16 x with 4-byte aligned rows, at most 4 rows per program,
+    and K a whole number of the config's K tiles (no K masks in the v2 kernel)."""
+    g = int(layer.group_size)
+    k = int(layer.in_features)
+    bkw = int(cfg.get("GPT", 1)) * g // 8
+    return (lay.cbits == 4 and lay.zconst is not None and float(lay.zconst).is_integer()
+            and 0 <= lay.zconst <= 15 and g >= 32 and _pow2(g)
+            and x2.dtype in (torch.float16, torch.bfloat16) and k % 8 == 0
+            and lay.kw * 8 == k and bkw > 0 and lay.kw % bkw == 0
+            and int(cfg["BM"]) in (1, 2, 4) and _pow2(int(cfg["BN"]))
+            and _pow2(int(cfg.get("GPT", 1)))
+            and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0
+            and layer.scales.is_contiguous())
+
+
+@functools.lru_cache(maxsize=64)
+def _half2_bits(v: float) -> int:
+    """int32 holding the fp16 value v in both halves (signed, as Triton passes i32)."""
+    h = int(torch.tensor(v, dtype=torch.float16).view(torch.int16).item()) & 0xFFFF
+    w = h | (h << 16)
+    return w - (1 << 32) if w >= 1 << 31 else w
+
+
+def _launch_v2(x2, layer, lay, cfg, y, bias, use_ortho, avec, ascalar):
+    """Launch ``_gemv2_kernel`` (see ``_v2_supported`` for what it accepts)."""
+    m, k = x2.shape
+    n = int(layer.out_features)
+    g = int(layer.group_size)
+    bm, bn, gpt = int(cfg["BM"]), int(cfg["BN"]), int(cfg.get("GPT", 1))
+    bkw = gpt * g // 8
+    m_tiles, n_tiles = triton.cdiv(m, bm), triton.cdiv(n, bn)
+    split = choose_split(cfg.get("SPLIT", 0), m_tiles * n_tiles, k, 8 * bkw, x2.device)
+    kpsw = triton.cdiv(triton.cdiv(lay.kw, split), bkw) * bkw
+    split = triton.cdiv(lay.kw, kpsw)
+    ws, cnt = split_buffers(m_tiles * n_tiles, split, bm, bn, y, x2.device)
+    # automatic E capped at 16 for v2: [BM, BN, E] gathers of 32 slots per row cost +6 µs on
+    # 8192² at 1 % (H200), more than a second E-chunk iteration for long rows
+    e = int(cfg.get("E", 0)) or min(16, auto_e(lay.nnz, n, split, bn, True))
+    z = float(lay.zconst)
+    gpu = not interpret_mode()  # inline PTX (fp16x2 math, vector/scale loads) on GPUs only
+    h2 = x2.dtype == torch.float16 and bool(cfg.get("H2", True)) and gpu
+    # 16-byte vector loads of x need 16-byte aligned rows; the inline scale load reads fp16
+    xvec = (gpu and bool(cfg.get("XVEC", True)) and x2.data_ptr() % 16 == 0
+            and (x2.stride(0) * x2.element_size()) % 16 == 0)
+    sbc = gpu and layer.scales.dtype == torch.float16 and layer.scales.is_contiguous()
+    _tk._gemv2_kernel[(m_tiles, n_tiles, split)](
+        x2, lay.qw, layer.scales, bias if bias is not None else y, layer.ortho_crow, lay.col,
+        layer.ortho_val, avec if avec is not None else y, y, ws, cnt, ascalar, _ONEBITS,
+        _half2_bits(-(64.0 + z / 16.0)), _half2_bits(-(4.0 + z / 16.0)), z, m, n, lay.kw,
+        int(layer.scales.shape[1]), x2.stride(0), y.stride(0), kpsw, split,
+        BM=bm, BN=bn, GPT=gpt, GS=g, HAS_BIAS=bias is not None, HAS_ORTHO=use_ortho,
+        ALPHA_VEC=avec is not None, E=e, USE_SPLIT=split > 1, H2=h2,
+        XBF16=x2.dtype == torch.bfloat16, XVEC=xvec, SBC=sbc, STAGES=int(cfg.get("STAGES", 1)),
+        OPF=bool(cfg.get("OPF", False)) and bm == 1, num_warps=int(cfg["num_warps"]),
+        num_stages=1)
+    return y
+
+
+def prepare(module: torch.nn.Module) -> int:
+    """Build the kernel layout of every OrthoLinear-like submodule (has ``qweight`` and
+    ``ortho_crow``). Call before CUDA-graph capture. Returns the number of layers prepared."""
+    count = 0
+    for sub in module.modules():
+        if hasattr(sub, "qweight") and hasattr(sub, "ortho_crow") and supports(sub):
+            get_layout(sub)
+            count += 1
+    return count
