@@ -37,7 +37,9 @@ def mean_spread(values: list[float], digits: int = 2) -> str:
 
 
 def welch_interval(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """mean(a) - mean(b) and its Welch t interval."""
+    """mean(a) - mean(b) and its Welch t interval (NaN where a side has fewer than two values)."""
+    if len(a) < 2 or len(b) < 2:
+        return float("nan"), float("nan"), float("nan")
     ma, mb = statistics.fmean(a), statistics.fmean(b)
     va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
     se = math.sqrt(va + vb)
