@@ -101,14 +101,14 @@ def run_demo(quick: bool, out_dir: Path, progress: bool = True) -> dict:
     del public_model
     modelio.save(model, tok, out_dir / "artifact", overwrite=True)
     q_reference_losses = quantized_reference_losses(scenario, tok, config, members)
-    # Loaded only now: the decomposition needs neither, so they need not sit in memory through it.
-    fp_model, _ = modelio.load_model(scenario.finetuned)
-    reference, _ = modelio.load_model(scenario.reference)
 
     density = stats.n_ortho / stats.n_weights
     report = audit(
         model, tok, scenario.read_split("heldout"), members, nonmembers, alphas=list(plan.alphas),
-        reference=reference, baselines={"fp": (fp_model, tok)}, progress=progress, public_losses=public_losses,
+        # Loaders: the audit opens the reference and the FP model one at a time, only for their rows.
+        reference=lambda: modelio.load_model(scenario.reference)[0],
+        baselines={"fp": lambda: modelio.load_model(scenario.finetuned)},
+        progress=progress, public_losses=public_losses,
         exposure_candidates=plan.exposure_candidates, frontier_cap=plan.frontier_cap,
         perplexity_max_windows=plan.perplexity_windows, goals=False,
         extra_settings=dict(

@@ -238,3 +238,25 @@ def test_audit_from_paths_bad_inputs(files, tmp_path):
         A.audit_from_paths(**{**files, "out_dir": files["public_text_path"]}, **FAST)
     with pytest.raises(ValueError, match="bad alpha"):
         A.audit_from_paths(**files, alphas="0,one", **FAST)
+
+
+def test_comparison_models_from_loaders_are_opened_once_each_and_match(scenario):
+    tok, public, finetuned, members, nonmembers = scenario
+    given = A.audit(finetuned, tok, PUBLIC_TEXT, members, nonmembers, reference=public,
+                    baselines={"public": (public, tok)}, **FAST)
+    opened = []
+
+    def open_reference():
+        opened.append("reference")
+        return public
+
+    def open_public():
+        opened.append("public")
+        return public, tok
+
+    loaded = A.audit(finetuned, tok, PUBLIC_TEXT, members, nonmembers, reference=open_reference,
+                     baselines={"public": open_public}, **FAST)
+    assert opened == ["reference", "public"]  # the reference first: the KS tests compare against it
+    assert [r["label"] for r in loaded["rows"]] == [r["label"] for r in given["rows"]] == ["public", "model", "reference"]
+    for a, b in zip(loaded["rows"], given["rows"]):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}

@@ -66,7 +66,10 @@ class AuditConfig:
     ``alpha_scope``); a plain model cannot take one: use ``alphas=None`` there. ``reference``:
     the retrain reference (``reference_tokenizer`` when its tokenizer differs), the comparator of
     the KS test. ``baselines``: further models evaluated as they are, one row each, by label ->
-    (model, tokenizer), e.g. ``{"fp": (finetuned_fp_model, tok)}``; they are listed first.
+    (model, tokenizer), e.g. ``{"fp": (finetuned_fp_model, tok)}``; they are listed first. The
+    reference and each baseline may also be given as a zero-argument loader (returning the model,
+    resp. (model, tokenizer)): the audit then opens each only for its own row and drops it after,
+    so at most one of them is in memory next to the audited model.
     ``out_dir``: where the report files go (None = no files).
 
     ``exposure_candidates`` is the random sample size for the sampled / skew-normal exposure
@@ -98,7 +101,7 @@ class AuditConfig:
     """
 
     alphas: Sequence[AlphaSpec] | None = None
-    reference: torch.nn.Module | None = None
+    reference: torch.nn.Module | Callable[[], torch.nn.Module] | None = None
     out_dir: str | os.PathLike | None = None
     exposure_candidates: int = 1000
     progress: bool = True
@@ -113,7 +116,7 @@ class AuditConfig:
     alpha_scope: AlphaScope | None = None
     perplexity_fn: PerplexityFn | None = None
     extra_settings: dict[str, Any] | None = None
-    baselines: dict[str, tuple[torch.nn.Module, Any]] | None = None
+    baselines: dict[str, tuple[torch.nn.Module, Any] | Callable[[], tuple[torch.nn.Module, Any]]] | None = None
     white_box: bool = True
     exposure_formats: Sequence[str] | None = None
     public_model: torch.nn.Module | None = None

@@ -69,6 +69,12 @@ def _resolve_perplexity(fn: PerplexityFn | None) -> PerplexityFn:
     return perplexity
 
 
+def _opened(spec: Any) -> Any:
+    """A comparison model as given, or opened now by its zero-argument loader: loaders let the
+    audit hold one comparison model at a time, each dropped once its row is measured."""
+    return spec if isinstance(spec, (torch.nn.Module, tuple, list)) else spec()
+
+
 def _make_config(config: AuditConfig | None, options: dict[str, Any]) -> AuditConfig:
     """The run's options: ``config`` (default: all defaults) with ``options`` replacing its fields."""
     if config is not None and not isinstance(config, AuditConfig):
@@ -131,23 +137,25 @@ def audit(
     steps = tqdm(total=len(conditions) + (reference is not None) + len(baselines), desc="audit", disable=not cfg.progress)
     if reference is not None:
         # The reference goes first: every other row's KS test compares against its losses.
-        reference.eval()
         steps.set_postfix_str("reference")
+        reference_model = _opened(reference).eval()
         reference_row, records["reference"] = _evaluate_condition(
-            reference, cfg.reference_tokenizer or tokenizer, "reference", "reference", None,
+            reference_model, cfg.reference_tokenizer or tokenizer, "reference", "reference", None,
             public_text, members, nonmembers, None, cfg,
         )
+        del reference_model
         reference_losses = np.array([d["loss"] for d in records["reference"] if d["member"]])
         reference_row["ks_vs_reference"] = asdict(P.forget_quality(reference_losses, reference_losses))
         steps.update()
 
-    for label, (base_model, base_tok) in baselines.items():
+    for label, spec in baselines.items():
         steps.set_postfix_str(label)
-        base_model.eval()
+        base_model, base_tok = _opened(spec)
         row, records[label] = _evaluate_condition(
-            base_model, base_tok or tokenizer, label, "model", None,
+            base_model.eval(), base_tok or tokenizer, label, "model", None,
             public_text, members, nonmembers, reference_losses, cfg,
         )
+        del base_model
         rows.append(row)
         steps.update()
 
