@@ -1,4 +1,8 @@
-"""The `libortho` command line. Every user error ends in one clear line on stderr and exit code 2."""
+"""The `libortho` command line. Every user error ends in one clear line on stderr and exit code 2.
+
+The checks on argument values and input files live in cli_args.py; this module holds the
+subcommands, the parser and `main` (the console entry point).
+"""
 from __future__ import annotations
 
 import argparse
