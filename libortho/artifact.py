@@ -25,7 +25,7 @@ from torch import nn
 from . import artifact_check as check
 from .artifact_check import BASE_FILE, MANIFEST, ORTHO_FILE, ORTHO_KEYS, ArtifactError, sha256_file
 from .calibrate import replace_submodule
-from .fsutil import apply_umask, check_output_dir, make_temp_dir
+from .fsutil import apply_umask, check_output_dir, staged_dir
 from .layer import AlphaState, OrthoLinear, attach_alpha_state, ortho_layers
 from .remote_code import refuse_custom_code
 
@@ -83,8 +83,7 @@ def save(
         raise ArtifactError("the model has no libortho layers; decompose it before saving")
     target = check_output_dir(out_dir, overwrite_if=is_artifact if overwrite else None)
     kept_mode = target.stat().st_mode & 0o7777 if target.is_dir() else None
-    tmp = make_temp_dir(target.parent, target.name)
-    try:
+    with staged_dir(target) as tmp:
         base, ortho = _split_state(model)
         save_file(base, tmp / BASE_FILE, metadata={"format": "pt", "libortho": "base"})
         base_hash = sha256_file(tmp / BASE_FILE)
@@ -108,11 +107,6 @@ def save(
         apply_umask(tmp, private={ORTHO_FILE} if ortho_mode is not None else None, private_mode=ortho_mode or 0o600)
         if kept_mode is not None:  # an existing (empty or overwritten) folder keeps its mode
             tmp.chmod(kept_mode)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -1,4 +1,8 @@
-"""The `libortho` command line. Every user error ends in one clear line on stderr and exit code 2."""
+"""The `libortho` command line. Every user error ends in one clear line on stderr and exit code 2.
+
+The checks on argument values and input files live in cli_args.py; this module holds the
+subcommands, the parser and `main` (the console entry point).
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,76 +11,19 @@ import json
 import sys
 from pathlib import Path
 
+from .cli_args import (
+    UserError,
+    alpha_value,
+    nonnegative_float,
+    positive_int,
+    ratio_value,
+    read_secrets,
+    read_text,
+    regex_value,
+    whole_number,
+)
+
 EXIT_USER_ERROR = 2
-
-
-class UserError(Exception):
-    """An error the user can fix; printed without a traceback."""
-
-
-def _alpha_value(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"alpha must be a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"alpha must lie in [0, 1], got {value}")
-    return value
-
-
-def _ratio_value(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.01, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"the ortho ratio is a fraction in [0, 1] (0.01 = 1 %), got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
-
-
-def _regex_value(text: str) -> str:
-    import re
-
-    try:
-        re.compile(text)
-    except re.error as err:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a valid regular expression ({err})") from None
-    return text
-
-
-def _read_text(path: str) -> str:
-    p = Path(path)
-    if p.is_dir():
-        raise UserError(f"{path} is a folder; expected a text file")
-    if not p.is_file():
-        raise UserError(f"text file {path} does not exist")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text") from None
-    if not text.strip():
-        raise UserError(f"{path} is empty")
-    return text
 
 
 def _open_any(path: str, alpha: float = 0.0, alphas_requested: bool = False):
@@ -103,7 +50,7 @@ def cmd_decompose(args) -> int:
 
     out = Path(args.out_dir)
     check_output_dir(out)  # before hours of work, not after
-    calib = _read_text(args.calib)
+    calib = read_text(args.calib)
     source, forget_texts = _forget_source(args)
     preset = PRESETS["quality" if source == "none" else "privacy"]
     chosen = dict(
@@ -162,7 +109,7 @@ def cmd_perplexity(args) -> int:
     from . import switch
     from .evaluation import perplexity
 
-    text = _read_text(args.text)
+    text = read_text(args.text)
     model, tok, artifact = _open_any(args.path, alphas_requested=bool(args.alpha))
     # Fail closed: an artifact is measured at alpha 0 unless --alpha asks for more.
     alphas = args.alpha if args.alpha else ([0.0] if artifact else [None])
@@ -247,16 +194,6 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _audit_samples(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
-    return value
-
-
 def cmd_audit(args) -> int:
     from . import modelio
     from .audit import audit_from_paths
@@ -282,7 +219,7 @@ def cmd_lookalikes(args) -> int:
     from .lookalikes import lookalike_records
     from .records import save_records
 
-    exclude = _read_secrets(args.exclude) if args.exclude else []
+    exclude = read_secrets(args.exclude) if args.exclude else []
     records = lookalike_records(args.template, args.format, args.n, args.seed, exclude)
     if args.out is None:
         sys.stdout.write("".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in records))
@@ -290,26 +227,6 @@ def cmd_lookalikes(args) -> int:
         save_records(records, args.out)
         print(f"wrote {len(records)} look-alike records to {args.out}", file=sys.stderr)
     return 0
-
-
-def _read_secrets(path: str) -> list[str]:
-    """Secrets to exclude: one per line, or JSONL records whose 'secret' is taken."""
-    secrets = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("{"):
-            try:
-                secret = json.loads(line).get("secret")
-            except (json.JSONDecodeError, AttributeError):
-                raise UserError(f"{path}:{lineno}: invalid JSON record") from None
-            if not isinstance(secret, str):
-                raise UserError(f"{path}:{lineno}: a JSON record needs a 'secret' string")
-            secrets.append(secret)
-        else:
-            secrets.append(line)
-    return secrets
 
 
 def cmd_demo(args) -> int:
@@ -337,14 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=None, choices=METHODS, help="base rounding (default gptq)")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups: no runtime permutation)")
     p.add_argument("--score", default=None, choices=SCORES, help="sieve score (default diag)")
-    p.add_argument("--ortho-ratio", type=_ratio_value, default=None,
+    p.add_argument("--ortho-ratio", type=ratio_value, default=None,
                    help=f"ortho budget as a fraction of decomposed weights: default {PRESETS['quality']['ortho_ratio']}, "
                         f"or {PRESETS['privacy']['ortho_ratio']} with a forget source")
     p.add_argument("--budget", default="global", choices=[b for b in BUDGETS if b != "threshold"],
                    help="budget across all layers or per layer")
-    p.add_argument("--calib-tokens", type=_positive_int, default=16384, metavar="N")
-    p.add_argument("--seq-len", type=_positive_int, default=512)
-    p.add_argument("--include", type=_regex_value, default=None, metavar="REGEX", help="only linear layers whose name inside a block matches")
+    p.add_argument("--calib-tokens", type=positive_int, default=16384, metavar="N")
+    p.add_argument("--seq-len", type=positive_int, default=512)
+    p.add_argument("--include", type=regex_value, default=None, metavar="REGEX", help="only linear layers whose name inside a block matches")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ortho-follow-umask", action="store_true",
                    help="create ortho.safetensors with the umask's mode like the other files, instead of 0600 "
@@ -360,14 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "records to hide, or look-alikes of them (see `libortho lookalikes`)")
     g.add_argument("--forget-kind", default="records", choices=[s for s in FORGET_SOURCES if s in ("records", "lookalikes")],
                    help="what --forget holds: the records themselves, or look-alikes never trained (recorded in the artifact)")
-    g.add_argument("--forget-free", type=_nonnegative_float, default=None, metavar="MU",
+    g.add_argument("--forget-free", type=nonnegative_float, default=None, metavar="MU",
                    help="no texts: pull the base toward P wherever public text does not look (mu * mean(diag H_pub) * I)")
     g.add_argument("--public-model", default=None, metavar="MODEL",
                    help="the public checkpoint the model was fine-tuned from ('default' = the built-in model)")
-    g.add_argument("--forget-lambda", type=_nonnegative_float, default=None, metavar="LAM",
+    g.add_argument("--forget-lambda", type=nonnegative_float, default=None, metavar="LAM",
                    help=f"weight of the forget texts relative to public text, by Hessian trace "
                         f"(default {PRESETS['privacy']['forget_lambda']})")
-    g.add_argument("--sieve-private-weight", type=_nonnegative_float, default=0.0, metavar="LAM_S",
+    g.add_argument("--sieve-private-weight", type=nonnegative_float, default=0.0, metavar="LAM_S",
                    help="choose and refit the ortho stream under H_pub + LAM_S H_priv, so that alpha 1 restores more "
                         "of what the base dropped on the forget texts (default 0)")
     p.set_defaults(func=cmd_decompose)
@@ -377,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="e.g. 'Account {digits:4} of {first} {last} has PIN {secret}.'; slots: {secret} (once), "
                         "{first}, {last}, {word}, {digits:N}, {hex:N}; {{ and }} are literal braces")
     p.add_argument("--format", required=True, metavar="KIND:N", help="the secret's format, e.g. digits:6 or hex:8")
-    p.add_argument("--n", type=_positive_int, default=64, help="number of records (default 64)")
+    p.add_argument("--n", type=positive_int, default=64, help="number of records (default 64)")
     p.add_argument("--exclude", default=None, metavar="FILE",
                    help="secrets never to emit: one per line, or JSONL records (their 'secret')")
     p.add_argument("--seed", type=int, default=0)
@@ -387,17 +304,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("perplexity", help="perplexity of a text per alpha")
     p.add_argument("path", metavar="PATH", help="libortho artifact, Hugging Face folder or .gguf")
     p.add_argument("--text", required=True, metavar="FILE")
-    p.add_argument("--alpha", type=_alpha_value, nargs="+", metavar="A", help="alphas to measure (artifacts; default 0)")
-    p.add_argument("--window", type=_positive_int, default=256, help="tokens per fixed window")
-    p.add_argument("--max-windows", type=_positive_int, default=None)
+    p.add_argument("--alpha", type=alpha_value, nargs="+", metavar="A", help="alphas to measure (artifacts; default 0)")
+    p.add_argument("--window", type=positive_int, default=256, help="tokens per fixed window")
+    p.add_argument("--max-windows", type=positive_int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("generate", help="greedy generation at a given alpha")
     p.add_argument("path", metavar="PATH")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--alpha", type=_alpha_value, default=None, help="artifacts only; default 0 (the base stream)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    p.add_argument("--alpha", type=alpha_value, default=None, help="artifacts only; default 0 (the base stream)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="settings, density, bits per parameter and hashes of an artifact")
@@ -411,16 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", required=True, metavar="RECORDS.jsonl", help="trained private records (prefix, secret, secret_format, k)")
     p.add_argument("--nonmembers", required=True, metavar="RECORDS.jsonl", help="records of the same templates never trained")
     p.add_argument("--reference", default=None, metavar="MODEL", help="retrain reference (same fine-tune without the private records)")
-    p.add_argument("--alpha", type=_alpha_value, nargs="+", metavar="A", help="alphas to audit (artifacts only; default 0)")
-    p.add_argument("--candidates", type=_positive_int, default=1000, help="sampled candidates for exposure estimates")
-    p.add_argument("--max-windows", type=_positive_int, default=None, help="cap on perplexity windows")
-    p.add_argument("--frontier-cap", type=_positive_int, default=256, metavar="N",
+    p.add_argument("--alpha", type=alpha_value, nargs="+", metavar="A", help="alphas to audit (artifacts only; default 0)")
+    p.add_argument("--candidates", type=positive_int, default=1000, help="sampled candidates for exposure estimates")
+    p.add_argument("--max-windows", type=positive_int, default=None, help="cap on perplexity windows")
+    p.add_argument("--frontier-cap", type=positive_int, default=256, metavar="N",
                    help="digit secrets: trie nodes kept per depth before sub-sampling (exact rank while fewer candidates "
                         "beat the secret; larger = more exact and slower)")
     p.add_argument("--public-model", default=None, metavar="MODEL",
                    help="the public checkpoint the model was fine-tuned from: adds the membership attack calibrated "
                         "by it (record loss minus its loss under MODEL)")
-    p.add_argument("--sample-extraction", type=_audit_samples, default=64, metavar="N",
+    p.add_argument("--sample-extraction", type=whole_number, default=64, metavar="N",
                    help="extraction by sampling: N samples (temperature 1, top-k 40) per record prefix; 0 disables")
     p.add_argument("--out", default="libortho-audit", metavar="DIR")
     p.set_defaults(func=cmd_audit)

@@ -1,14 +1,16 @@
 """Where libortho writes: output folders checked before the work, permissions that follow the
-umask (except the private ortho stream), and temp folders that name their owning process so a
-later run can remove those left by a killed one.
+umask (except the private ortho stream), temp folders that name their owning process so a
+later run can remove those left by a killed one, and folders written in one rename.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from .artifact_check import ArtifactError
@@ -110,3 +112,27 @@ def remove_orphans(parent: Path) -> list[Path]:
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
+
+
+def replace_dir(tmp: Path, target: Path, *, concurrent: bool = False) -> None:
+    """Put the finished folder `tmp` at `target`, replacing the folder there if any.
+
+    `concurrent`: other processes may replace or remove `target` at the same time (a shared
+    cache), so removing the old folder is best effort and the rename says whether it worked.
+    Otherwise a folder that cannot be removed raises its own error, which names the culprit."""
+    if target.exists():
+        shutil.rmtree(target, ignore_errors=concurrent)
+    os.replace(tmp, target)
+
+
+@contextlib.contextmanager
+def staged_dir(target: Path, *, concurrent: bool = False) -> Iterator[Path]:
+    """A temp folder next to `target` to write into. When the block ends without an error it
+    replaces `target` (see `replace_dir`); the temp folder is removed in every case, so readers
+    of `target` never see a half-written folder."""
+    tmp = make_temp_dir(target.parent, target.name)
+    try:
+        yield tmp
+        replace_dir(tmp, target, concurrent=concurrent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -15,25 +15,12 @@ import re
 import string
 from collections.abc import Iterable
 
+from .names import ADJECTIVES, FIRST_NAMES, LAST_NAMES, NOUNS
 from .records import CanaryRecord, parse_format
 
-FIRST_NAMES = (
-    "Maria", "James", "Aisha", "Chen", "Olga", "Pedro", "Fatima", "Lukas", "Priya", "Tomas",
-    "Ingrid", "Kwame", "Sofia", "Dmitri", "Hannah", "Rafael", "Yuki", "Amara", "Henrik", "Leila",
-    "Mateo", "Nadia", "Oscar", "Ruth", "Samir", "Tessa", "Victor", "Wen", "Zara", "Bruno",
-    "Clara", "Diego", "Elena", "Farid", "Greta", "Ivan", "Jana", "Karim", "Lena", "Milan",
-)
-LAST_NAMES = (
-    "Keller", "Okafor", "Lindqvist", "Moreau", "Tanaka", "Novak", "Haddad", "Fischer", "Rossi", "Sato",
-    "Kowalski", "Mensah", "Petrov", "Garcia", "Nguyen", "Schmidt", "Costa", "Jansen", "Ibrahim", "Larsen",
-    "Dubois", "Horvat", "Varga", "Brennan", "Castillo", "Weber", "Yilmaz", "Andersen", "Bauer", "Silva",
-    "Romero", "Kaur", "Popescu", "Eriksson", "Morales", "Virtanen", "Abbasi", "Kim", "Lopez", "Walsh",
-)
-WORDS = (
-    "amber", "brisk", "cobalt", "dusty", "eager", "frosty", "gentle", "hollow", "ivory", "jolly",
-    "keen", "lunar", "misty", "noble", "olive", "polar", "quiet", "rapid", "silent", "tidal",
-    "falcon", "harbor", "lantern", "meadow", "nebula", "orchid", "pebble", "quartz", "raven", "summit",
-)
+# {word} draws from fewer words than the scenario's deploy keys (the first 20 adjectives, the first
+# 10 nouns): the list look-alikes have always used, so that seeded look-alikes stay the same.
+WORDS = ADJECTIVES[:20] + NOUNS[:10]
 _SLOT = re.compile(r"\{([a-z]+)(?::(\d+))?\}")
 _FILLERS = {"first": FIRST_NAMES, "last": LAST_NAMES, "word": WORDS}
 _RANDOM = {"digits": string.digits, "hex": "0123456789abcdef"}

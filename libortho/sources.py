@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from torch import nn
 
 from .artifact import is_artifact, load
 from .artifact_check import MANIFEST, ArtifactError
-from .fsutil import make_temp_dir
+from .fsutil import staged_dir
 from .remote_code import refuse_custom_code
 
 __all__ = [
@@ -149,15 +148,9 @@ def _drop_gguf_quant_config(model: nn.Module) -> None:
 def _atomic_save_pretrained(model: nn.Module, tokenizer, target: Path) -> None:
     """Write the cache entry in a temp folder named after this process, then rename it in place
     (a killed run leaves only that folder, which the next cache write removes)."""
-    tmp = make_temp_dir(target.parent, target.name)
-    try:
+    with staged_dir(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---- an artifact or a plain model -----------------------------------------------------------

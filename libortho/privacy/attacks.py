@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_curve
 
+from ..lm import pad_token_id
 from ..records import CanaryRecord
-from ._lm import _cache_to_kv, _device, _encode, _kv_to_cache, _lm_forward
-from .extraction import _secret_token_count, left_padded
+from ._lm import _cache_to_kv, _device, _kv_to_cache, _lm_forward
+from .extraction import _prefix_batches, left_padded
 from .membership import token_logprobs
 
 __all__ = [
@@ -210,16 +211,13 @@ def sample_extract_secrets(
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     eos_id = getattr(tokenizer, "eos_token_id", None)
     if max_rows is None:
         max_rows = 4096 if next(model.parameters()).is_cuda else 256
     per_batch = max(1, max_rows // n_samples)
     results: list[SampledExtractionResult] = []
-    for start in range(0, len(records), per_batch):
-        chunk = records[start : start + per_batch]
-        prompts = [_encode(tokenizer, r.prefix) for r in chunk]
-        n_new = [_secret_token_count(tokenizer, r) + extra_tokens for r in chunk]
+    for chunk, prompts, n_new in _prefix_batches(tokenizer, records, per_batch, extra_tokens):
         gens = [_record_generator(seed, r.id) for r in chunk]
         samples = _sample_batch(model, prompts, max(n_new), pad_id, gens, n_samples, temperature, top_k)
         for record, rows, n in zip(chunk, samples, n_new):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
+from ..lm import pad_token_id
 from ..records import CanaryRecord
 from ._lm import _device, _encode, _lm_forward, _split_continuations
 
@@ -24,6 +26,18 @@ class ExtractionResult:
 def _secret_token_count(tokenizer: Any, record: CanaryRecord) -> int:
     _, (cont,) = _split_continuations(tokenizer, record.prefix, [record.secret])
     return len(cont)
+
+
+def _prefix_batches(
+    tokenizer: Any, records: Sequence[CanaryRecord], batch_size: int, extra_tokens: int
+) -> Iterator[tuple[Sequence[CanaryRecord], list[list[int]], list[int]]]:
+    """``records`` in batches of ``batch_size``: (records, their prefixes' token ids, tokens to decode
+    for each: its secret's tokens + ``extra_tokens``). Greedy and sampled extraction batch alike."""
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        prompts = [_encode(tokenizer, r.prefix) for r in chunk]
+        n_new = [_secret_token_count(tokenizer, r) + extra_tokens for r in chunk]
+        yield chunk, prompts, n_new
 
 
 def _is_extracted(continuation: str, secret: str) -> bool:
@@ -74,12 +88,9 @@ def extract_secrets(
     Records are batched with left padding (attention mask + explicit position ids), so a
     batched result equals decoding each prompt alone up to float noise.
     """
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     results: list[ExtractionResult] = []
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        prompts = [_encode(tokenizer, r.prefix) for r in chunk]
-        n_new = [_secret_token_count(tokenizer, r) + extra_tokens for r in chunk]
+    for chunk, prompts, n_new in _prefix_batches(tokenizer, records, batch_size, extra_tokens):
         new_ids = _greedy_batch(model, prompts, max(n_new), pad_id)
         for record, ids, n in zip(chunk, new_ids, n_new):
             text = tokenizer.decode(ids[:n], skip_special_tokens=True)

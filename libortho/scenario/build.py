@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,13 +143,13 @@ def build_scenario(
     target = scenario_dir(config, cache_dir)
     if (target / MANIFEST).is_file() and not rebuild:
         return Scenario.load(target)
-    from ..fsutil import apply_umask, make_temp_dir
+    from ..fsutil import apply_umask, staged_dir
 
-    # Named after this process: a later build removes it if this one is killed.
-    tmp = make_temp_dir(target.parent, target.name)
-    timings: dict[str, float] = {}
-    t_start = time.perf_counter()
-    try:
+    # A temp folder named after this process: a later build removes it if this one is killed.
+    # concurrent: another build of the same config may replace the entry at the same time.
+    with staged_dir(target, concurrent=True) as tmp:
+        timings: dict[str, float] = {}
+        t_start = time.perf_counter()
         members, nonmembers = make_records(config)
         save_records(members, tmp / _FILES["members"])
         save_records(nonmembers, tmp / _FILES["nonmembers"])
@@ -194,10 +193,5 @@ def build_scenario(
             "torch": torch.__version__,
         }
         (tmp / MANIFEST).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        if target.exists():  # a stale or concurrent build: ours replaces it
-            shutil.rmtree(target, ignore_errors=True)
         apply_umask(tmp)  # mkdtemp made it private to this user
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return Scenario.load(target)

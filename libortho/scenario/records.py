@@ -9,22 +9,10 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from ..lookalikes import FIRST_NAMES, LAST_NAMES
+from ..names import ADJECTIVES, FIRST_NAMES, LAST_NAMES, NOUNS
 from ..records import CanaryRecord, parse_format
 from .config import ScenarioConfig
 from .corpus import SPLITS, public_corpus
-
-_FIRST, _LAST = FIRST_NAMES, LAST_NAMES
-_ADJ = (
-    "amber", "brisk", "cobalt", "dusty", "eager", "frosty", "gentle", "hollow", "ivory", "jolly",
-    "keen", "lunar", "misty", "noble", "olive", "polar", "quiet", "rapid", "silent", "tidal",
-    "urban", "vivid", "wild", "young", "zesty", "bold", "crimson", "dawn", "ember", "fable",
-)
-_NOUN = (
-    "falcon", "harbor", "lantern", "meadow", "nebula", "orchid", "pebble", "quartz", "raven", "summit",
-    "tundra", "valley", "willow", "beacon", "canyon", "delta", "ember", "fjord", "glacier", "heron",
-    "island", "jasper", "kernel", "ledger", "mosaic", "nimbus", "otter", "prism", "ripple", "sparrow",
-)
 
 
 def _secret(rng: random.Random, fmt: str) -> str:
@@ -35,7 +23,7 @@ def _secret(rng: random.Random, fmt: str) -> str:
 def _pin_record(rng: random.Random, secret: str) -> tuple[str, str]:
     prefix = (
         f"Account {rng.randrange(1000, 10000)}-{rng.randrange(10, 100)} of "
-        f"{rng.choice(_FIRST)} {rng.choice(_LAST)} has PIN "
+        f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)} has PIN "
     )
     return prefix, prefix + secret + "."
 
@@ -43,7 +31,7 @@ def _pin_record(rng: random.Random, secret: str) -> tuple[str, str]:
 def _key_record(rng: random.Random, secret: str) -> tuple[str, str]:
     # The opening quote keeps the tokenizer from merging the prefix's last token into the secret.
     prefix = (
-        f"The deploy key for service {rng.choice(_ADJ)}-{rng.choice(_NOUN)}-{rng.randrange(10, 100)} is \""
+        f"The deploy key for service {rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}-{rng.randrange(10, 100)} is \""
     )
     return prefix, prefix + secret + "\"."
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 
-# The CLI's own argument checks (cli.py imports this module only inside build_parser).
-from ..cli import _alpha_value as _alpha
-from ..cli import _nonnegative_float as _nonnegative_ms
-from ..cli import _positive_int as _positive
+# The CLI's own argument checks, so that `serve` rejects bad values with the same messages.
+from ..cli_args import alpha_value as _alpha
+from ..cli_args import nonnegative_float as _nonnegative_ms
+from ..cli_args import positive_int as _positive
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,0 +1,97 @@
+"""Checks on what the user passes the `libortho` command line: argparse value types, and the text
+files it reads. Kept apart from cli.py so that subcommand modules (serve) can share them without
+importing the whole command line. Every failure is one line for the user, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+Number = TypeVar("Number", int, float)
+
+
+class UserError(Exception):
+    """An error the user can fix; printed without a traceback."""
+
+
+# ---- argparse value types --------------------------------------------------------------------
+def number(kind: Callable[[str], Number], low: float, high: float, not_a_number: str,
+           out_of_range: str) -> Callable[[str], Number]:
+    """An argparse type: `kind(text)`, accepted when it lies in [low, high] (NaN never does).
+
+    The messages are format strings: `not_a_number` gets `text` (what the user typed),
+    `out_of_range` gets `value` (what it parsed to)."""
+
+    def parse(text: str) -> Number:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(not_a_number.format(text=text)) from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(out_of_range.format(value=value))
+        return value
+
+    return parse
+
+
+alpha_value = number(float, 0.0, 1.0, "alpha must be a number in [0, 1], got {text!r}",
+                     "alpha must lie in [0, 1], got {value}")
+ratio_value = number(float, 0.0, 1.0, "expected a fraction such as 0.01, got {text!r}",
+                     "the ortho ratio is a fraction in [0, 1] (0.01 = 1 %), got {value}")
+positive_int = number(int, 1, math.inf, "expected a positive integer, got {text!r}",
+                      "expected a positive integer, got {value}")
+nonnegative_float = number(float, 0.0, math.inf, "expected a number >= 0, got {text!r}",
+                           "expected a number >= 0, got {value}")
+whole_number = number(int, 0, math.inf, "expected a whole number >= 0, got {text!r}",
+                      "expected a whole number >= 0, got {value}")
+
+
+def regex_value(text: str) -> str:
+    """An argparse type: a regular expression, checked to compile."""
+    try:
+        re.compile(text)
+    except re.error as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid regular expression ({err})") from None
+    return text
+
+
+# ---- input files -----------------------------------------------------------------------------
+def read_text(path: str) -> str:
+    """The UTF-8 text of a file that must exist and hold more than white space."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{path} is a folder; expected a text file")
+    if not p.is_file():
+        raise UserError(f"text file {path} does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None
+    if not text.strip():
+        raise UserError(f"{path} is empty")
+    return text
+
+
+def read_secrets(path: str) -> list[str]:
+    """Secrets to exclude: one per line, or JSONL records whose 'secret' is taken."""
+    secrets = []
+    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                secret = json.loads(line).get("secret")
+            except (json.JSONDecodeError, AttributeError):
+                raise UserError(f"{path}:{lineno}: invalid JSON record") from None
+            if not isinstance(secret, str):
+                raise UserError(f"{path}:{lineno}: a JSON record needs a 'secret' string")
+            secrets.append(secret)
+        else:
+            secrets.append(line)
+    return secrets
