@@ -300,8 +300,8 @@ def select_unlearning(
     """Sweep (:func:`unlearning_sweep`), apply the stopping rule (:func:`choose_point`), and
     re-run the chosen (lr, steps) on a fresh copy; runs are deterministic, so the returned model
     is the measured checkpoint."""
-    points = unlearning_sweep(load_model, tokenizer, forget_texts, retain_text, measure, lrs, steps, eval_every,
-                              seed, **unlearn_kwargs)
+    points = unlearning_sweep(load_model, tokenizer, forget_texts, retain_text, measure, lrs=lrs, steps=steps,
+                              eval_every=eval_every, seed=seed, **unlearn_kwargs)
     point, reason = choose_point(points, reference_exposure, fp_perplexity, max_ppl_ratio, tolerance_bits)
     model = load_model()
     log = None
