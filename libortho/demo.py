@@ -25,6 +25,7 @@ from .goals import evaluate_goals
 from .decompose import decompose
 from .switch import alpha
 from .lookalikes import lookalike_records
+from .memory import release_freed_memory
 from .privacy import forget_quality, mia_scores
 from .records import CanaryRecord
 
@@ -99,8 +100,10 @@ def run_demo(quick: bool, out_dir: Path, progress: bool = True) -> dict:
     # The attacker's public model P: its per-record losses, once, for the P-calibrated attack.
     public_losses = public_record_losses(public_model, tok, members, nonmembers)
     del public_model
+    release_freed_memory()  # the decomposition's Hessians and block inputs
     modelio.save(model, tok, out_dir / "artifact", overwrite=True)
     q_reference_losses = quantized_reference_losses(scenario, tok, config, members)
+    release_freed_memory()
 
     density = stats.n_ortho / stats.n_weights
     report = audit(

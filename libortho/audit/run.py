@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .. import goals as G
 from .. import privacy as P
+from ..memory import release_freed_memory
 from ..privacy import attacks as ATK
 from ..records import CanaryRecord
 from .config import AlphaScope, AuditConfig, PerplexityFn
@@ -144,6 +145,7 @@ def audit(
             public_text, members, nonmembers, None, cfg,
         )
         del reference_model
+        release_freed_memory()
         reference_losses = np.array([d["loss"] for d in records["reference"] if d["member"]])
         reference_row["ks_vs_reference"] = asdict(P.forget_quality(reference_losses, reference_losses))
         steps.update()
@@ -156,6 +158,7 @@ def audit(
             public_text, members, nonmembers, reference_losses, cfg,
         )
         del base_model
+        release_freed_memory()
         rows.append(row)
         steps.update()
 
@@ -168,6 +171,7 @@ def audit(
                 public_text, members, nonmembers, reference_losses, cfg,
             )
         rows.append(row)
+        release_freed_memory()
         steps.update()
     steps.close()
     if reference_row is not None:

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..memory import release_freed_memory
 from ..records import CanaryRecord, load_records, save_records
 from .config import SCENARIO_VERSION, ScenarioConfig
 from .corpus import SPLITS, corpus_fingerprint, public_corpus
@@ -177,6 +178,7 @@ def build_scenario(
             tokenizer.save_pretrained(tmp / _FILES[name])
             timings[f"save_{name}_s"] = round(time.perf_counter() - t0, 2)
             del model
+            release_freed_memory()  # the optimizer's state, before the next fine-tune
         timings["total_s"] = round(time.perf_counter() - t_start, 2)
         stats["n_members"] = len(members)
         stats["n_nonmembers"] = len(nonmembers)
