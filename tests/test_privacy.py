@@ -455,3 +455,18 @@ def test_canary_gradient_norm_is_the_weight_gradient_and_follows_alpha(tokenizer
         assert P.canary_gradient_norm(model, tokenizer, records) == pytest.approx(got, rel=1e-2)
     with libortho.alpha(model, 0.0):
         assert P.canary_gradient_norm(model, tokenizer, records) != pytest.approx(got, rel=1e-2)
+
+
+def test_canary_gradient_norm_probed_layer_by_layer_equals_all_at_once(tokenizer, monkeypatch):
+    from conftest import tiny_model
+    from libortho.privacy import whitebox
+
+    records = [P.CanaryRecord("a", "Account of Maria has PIN ", "739181", "digits:6", k=4),
+               P.CanaryRecord("b", "Key of Bob is ", "a1b2", "hex:4", k=1)]
+    model = tiny_model("llama")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    at_once = P.canary_gradient_norm(model, tokenizer, records)
+    monkeypatch.setattr(whitebox, "PROBE_BYTES", 1)  # one layer per group
+    assert len(whitebox._layer_groups([m for m in model.modules() if isinstance(m, torch.nn.Linear)][:-1])) > 1
+    assert P.canary_gradient_norm(model, tokenizer, records) == pytest.approx(at_once, rel=1e-9)
