@@ -424,13 +424,16 @@ def test_smollm2_digits_tokenize_one_per_token():
 # --------------------------------------------------------------------------------------
 
 
+GRADIENT_RECORDS = [P.CanaryRecord("a", "Account of Maria has PIN ", "739181", "digits:6", k=4),
+                    P.CanaryRecord("b", "Key of Bob is ", "a1b2", "hex:4", k=1)]
+
+
 def test_canary_gradient_norm_is_the_weight_gradient_and_follows_alpha(tokenizer):
     import libortho
     from conftest import TEXT, tiny_model
     from libortho.calibrate import decoder_blocks
 
-    records = [P.CanaryRecord("a", "Account of Maria has PIN ", "739181", "digits:6", k=4),
-               P.CanaryRecord("b", "Key of Bob is ", "a1b2", "hex:4", k=1)]
+    records = GRADIENT_RECORDS
     model = tiny_model("llama")
     for p in model.parameters():
         p.requires_grad_(False)
@@ -461,8 +464,7 @@ def test_canary_gradient_norm_probed_layer_by_layer_equals_all_at_once(tokenizer
     from conftest import tiny_model
     from libortho.privacy import whitebox
 
-    records = [P.CanaryRecord("a", "Account of Maria has PIN ", "739181", "digits:6", k=4),
-               P.CanaryRecord("b", "Key of Bob is ", "a1b2", "hex:4", k=1)]
+    records = GRADIENT_RECORDS
     model = tiny_model("llama")
     for p in model.parameters():
         p.requires_grad_(False)
