@@ -132,12 +132,6 @@ def quantize_columns(
     return codes.clamp_(0, max_code)
 
 
-def dequantize_columns(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    if scale.dim() == 1:
-        scale, zero = scale[:, None], zero[:, None]
-    return (codes.float() - zero.float()) * scale.float()
-
-
 def dequantize(
     codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
 ) -> torch.Tensor:
@@ -190,21 +184,28 @@ def gptq(
 
     Hinv = Hinv_upper if Hinv_upper is not None and not act_order else _upper_cholesky_of_inverse(H, damp)
     codes = torch.zeros(out_features, in_features, dtype=torch.uint8)
+    # Per column the same float32 arithmetic as quantize_columns and dequantize, with each
+    # block's scales and zeros gathered once, and the block held transposed ([cols, out]) so that
+    # the rank-1 update of the remaining columns runs over contiguous memory: the column loop is
+    # bound by per-op overhead and memory, not arithmetic.
+    S, Z = scales.float(), zeros.float()
     for b0 in range(0, in_features, block_size):
         b1 = min(b0 + block_size, in_features)
-        W1 = W[:, b0:b1].clone()
+        W1 = W[:, b0:b1].t().contiguous()  # [cols, out]
+        Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[b0:b1, b0:b1]
+        groups = group_of_col[b0:b1]
+        S1, Z1 = S[:, groups].t().contiguous(), Z[:, groups].t().contiguous()
         for j in range(b1 - b0):
-            w = W1[:, j]
-            d = Hinv1[j, j]
-            g = group_of_col[b0 + j]
-            q = quantize_columns(w[:, None], scales[:, g], zeros[:, g], spec.max_code)
-            codes[:, b0 + j] = q[:, 0].to(torch.uint8)
-            err = (w - dequantize_columns(q, scales[:, g], zeros[:, g])[:, 0]) / d
-            W1[:, j:].addr_(err, Hinv1[j, j:], alpha=-1)
-            Err1[:, j] = err
-        W[:, b1:] -= Err1 @ Hinv[b0:b1, b1:]
+            w, s, z = W1[j], S1[j], Z1[j]
+            q = torch.round(w / s + z).clamp_(0, spec.max_code)
+            err = (w - (q - z) * s) / Hinv1[j, j]
+            W1[j:].addr_(Hinv1[j, j:], err, alpha=-1)
+            Q1[j] = q
+            Err1[j] = err
+        codes[:, b0:b1] = Q1.t().to(torch.uint8)
+        W[:, b1:] -= Err1.t().contiguous() @ Hinv[b0:b1, b1:]
 
     inverse_perm = torch.argsort(perm)
     return QuantizedWeight(codes[:, inverse_perm].contiguous(), scales, zeros, spec)
