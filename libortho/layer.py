@@ -95,6 +95,16 @@ class OrthoLinear(nn.Module):
             self._dense_cache[key] = w.to(dtype)
         return self._dense_cache[key]
 
+    def _merged(self, alpha: float, dtype: torch.dtype) -> torch.Tensor:
+        """W_base + alpha·W_ortho [out, in] for one scalar alpha, so that a forward is one matmul.
+        Only the latest alpha's copy is kept: a sweep over many alphas holds one at a time."""
+        key = ("merged", float(alpha), self.qweight.device, dtype)
+        if key not in self._dense_cache:
+            for stale in [k for k in self._dense_cache if k[0] == "merged"]:
+                del self._dense_cache[stale]
+            self._dense_cache[key] = (self.base_weight() + float(alpha) * self.ortho_weight()).to(dtype)
+        return self._dense_cache[key]
+
     def clear_cache(self) -> None:
         """Drop the dense weights derived from the buffers (rebuilt on the next forward)."""
         self._dense_cache = {}
@@ -122,12 +132,19 @@ class OrthoLinear(nn.Module):
 
     def reference_forward(self, x: torch.Tensor, alpha: AlphaValue) -> torch.Tensor:
         """Pure-PyTorch forward. x [..., in] -> [..., out]; alpha a float or a tensor [rows]
-        with rows = x.shape[0] (one per sequence) or x[..., 0].numel() (one per token)."""
+        with rows = x.shape[0] (one per sequence) or x[..., 0].numel() (one per token).
+
+        A nonzero float alpha multiplies by the merged W_base + alpha·W_ortho (one matmul, equal to
+        the two streams' sum up to float rounding); per-row alphas keep the streams apart."""
         dtype = x.dtype
-        y = x @ self._cached("base", dtype).t()
-        if _is_nonzero(alpha) and self.ortho_nnz > 0:
+        if not (_is_nonzero(alpha) and self.ortho_nnz > 0):
+            y = x @ self._cached("base", dtype).t()
+        elif isinstance(alpha, torch.Tensor):
+            y = x @ self._cached("base", dtype).t()
             delta = x @ self._cached("ortho", dtype).t()
             y = y + self._broadcast_alpha(alpha, x).to(dtype) * delta
+        else:
+            y = x @ self._merged(alpha, dtype).t()
         if self.bias is not None:
             y = y + self.bias.to(dtype)
         return y
