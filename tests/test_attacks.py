@@ -209,6 +209,22 @@ def test_audit_separates_measured_and_extrapolated_exposure(setting, tmp_path):
     assert "## Extrapolated exposure (skew-normal fit, not a measured rank)" in md
 
 
+def test_audit_samples_only_the_chosen_conditions(setting):
+    tok, public, on_members, _, members, nonmembers = setting
+    report = A.audit(on_members, tok, PUBLIC_TEXT, members[:4], nonmembers[:4], reference=public,
+                     sample_extraction=2, sample_conditions=["reference"], exposure_formats=(), **FAST)
+    model, ref = report["rows"]
+    assert not model["sampled_extraction_by_k"] and set(ref["sampled_extraction_by_k"]) == {"1", "nonmember"}
+    assert not any("sampled_extracted" in d for d in report["records"]["model"])
+    assert report["settings"]["sample_extraction"]["conditions"] == ["reference"]
+    with pytest.raises(ValueError, match=r"names no condition of this audit: \['alpha=0'\]"):
+        A.audit(on_members, tok, PUBLIC_TEXT, members[:4], nonmembers[:4], sample_extraction=2,
+                sample_conditions=["alpha=0"], **FAST)
+    with pytest.raises(ValueError, match="list of labels"):
+        A.audit(on_members, tok, PUBLIC_TEXT, members[:4], nonmembers[:4], sample_extraction=2,
+                sample_conditions="model", **FAST)
+
+
 def test_cli_audit_with_public_model(setting, tmp_path, capsys):
     from libortho.cli import main
 

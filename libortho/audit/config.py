@@ -93,9 +93,12 @@ class AuditConfig:
     free P afterwards. ``sample_extraction``: samples per record prefix for extraction by
     sampling (temperature ``sample_temperature``, top-k ``sample_top_k``; 0 = greedy only), of the
     members and, with ``sample_nonmembers``, the non-members too (a false-positive control).
-    Sampling costs about ``sample_extraction`` / 5 times greedy extraction (SmolLM2-135M on a
-    loaded 2-core CPU: ~40 s per record at 64 samples; on CPU consider fewer samples or members
-    only). Off (0) by default here for that cost; ``libortho audit`` samples 64 by default.
+    Sampling costs a forward of ``sample_extraction`` rows per generated token (SmolLM2-135M on an
+    idle 2-core CPU: about 3 s per record at 64 samples; on a CPU consider sampling members only,
+    at the conditions that matter). Off (0) by default here for that cost; ``libortho audit``
+    samples 64 by default.
+    ``sample_conditions``: the labels of the conditions to sample (e.g. ``("alpha=0",)``; labels
+    as in the report: ``alpha=0``, ``model``, a baseline's label, ``reference``); None = every one.
     ``goals``: add the pass/fail goal lines of :func:`libortho.goals.evaluate_goals`.
     ``progress``: show progress bars.
     """
@@ -126,6 +129,7 @@ class AuditConfig:
     sample_top_k: int = 40
     sample_temperature: float = 1.0
     sample_nonmembers: bool = True
+    sample_conditions: Sequence[str] | None = None
     goals: bool = True
 
     def __post_init__(self) -> None:
@@ -139,6 +143,13 @@ class AuditConfig:
         self.sample_top_k = int(self.sample_top_k)
         self.sample_temperature = float(self.sample_temperature)
         self.sample_nonmembers = bool(self.sample_nonmembers)
+        if isinstance(self.sample_conditions, str):
+            raise ValueError(f"sample_conditions must be a list of labels, got the string {self.sample_conditions!r}")
+        self.sample_conditions = None if self.sample_conditions is None else tuple(self.sample_conditions)
+
+    def samples(self, label: str) -> bool:
+        """Whether the condition ``label`` gets extraction by sampling."""
+        return bool(self.sample_extraction) and (self.sample_conditions is None or label in self.sample_conditions)
 
     def conditions(self) -> list[tuple[str, float | None]]:
         """(label, alpha) per condition of the audited model; alpha None = the model as is."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import zlib
 from collections import defaultdict
 from dataclasses import asdict
 from typing import Any, Sequence
@@ -21,11 +20,6 @@ from .schema import EXTRAPOLATED_METHODS, MEASURED_METHODS, MIA_SCORES, REFERENC
 __all__ = ["mia_summary", "public_record_losses"]
 
 
-def _record_rng(seed: int, record_id: str) -> np.random.Generator:
-    # Same random candidates for a record under every condition (common random numbers).
-    return np.random.default_rng([seed, zlib.crc32(record_id.encode("utf-8"))])
-
-
 def _measure_exposure(
     model: torch.nn.Module, tokenizer: Any, records: Sequence[CanaryRecord], label: str,
     details: dict[str, dict[str, Any]], cfg: AuditConfig,
@@ -34,7 +28,7 @@ def _measure_exposure(
         result = P.exposure(
             model, tokenizer, record,
             n_samples=cfg.exposure_candidates, frontier_cap=cfg.frontier_cap,
-            batch_size=cfg.batch_size, rng=_record_rng(cfg.seed, record.id),
+            batch_size=cfg.batch_size, rng=P.record_rng(cfg.seed, record.id),
         )
         details[record.id].update(
             exposure=result.exposure, rank=result.rank, exposure_method=result.method,
@@ -167,7 +161,7 @@ def _evaluate_condition(
         exposure_records = [r for r in exposure_records if P.parse_format(r.secret_format).kind in cfg.exposure_formats]
     _measure_exposure(model, tokenizer, exposure_records, label, details, cfg)
     _measure_extraction(model, tokenizer, [r for r, _ in labelled], details, cfg)
-    if cfg.sample_extraction:
+    if cfg.samples(label):
         sampled = [r for r, m in labelled if m or cfg.sample_nonmembers]
         _measure_sampled_extraction(model, tokenizer, sampled, details, cfg)
     mia, member_losses, nonmember_losses = _measure_membership(model, tokenizer, members, nonmembers, details, cfg)

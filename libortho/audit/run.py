@@ -62,6 +62,16 @@ def _check_alphas(model: torch.nn.Module, conditions: list[tuple[str, float | No
             raise ValueError(f"cannot evaluate {label}: {exc} (for a plain model use alphas=None)") from exc
 
 
+def _check_sample_conditions(cfg: AuditConfig, conditions: list[tuple[str, float | None]]) -> None:
+    """Fail before the long run if ``sample_conditions`` names a condition this audit does not have."""
+    if cfg.sample_conditions is None:
+        return
+    known = list(cfg.baselines or {}) + [label for label, _ in conditions] + (["reference"] if cfg.reference is not None else [])
+    unknown = [c for c in cfg.sample_conditions if c not in known]
+    if unknown:
+        raise ValueError(f"sample_conditions names no condition of this audit: {unknown}; its conditions are {known}")
+
+
 def _resolve_perplexity(fn: PerplexityFn | None) -> PerplexityFn:
     if fn is not None:
         return fn
@@ -128,6 +138,7 @@ def audit(
     scope = _resolve_alpha_scope(cfg.alpha_scope) if any(a is not None for _, a in conditions) else None
     if scope is not None:
         _check_alphas(model, conditions, scope)
+    _check_sample_conditions(cfg, conditions)
 
     rows: list[dict[str, Any]] = []
     records: dict[str, list[dict[str, Any]]] = {}
@@ -226,7 +237,8 @@ def _settings(
         "sample_extraction": (
             {"samples": cfg.sample_extraction, "temperature": cfg.sample_temperature,
              "top_k": cfg.sample_top_k, "tokens": "secret tokens + 4", "rule": "any sample contains the secret",
-             "nonmembers": cfg.sample_nonmembers}
+             "nonmembers": cfg.sample_nonmembers,
+             "conditions": "all" if cfg.sample_conditions is None else list(cfg.sample_conditions)}
             if cfg.sample_extraction else None),
         "tie_rule": "candidates within the tie tolerance of the secret count half a rank",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
