@@ -27,7 +27,7 @@ from libortho.switch import alpha
 from libortho.unlearn import forget_exposure
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-MEASURE = dict(n_candidates=128, frontier_cap=64)  # as experiments/forget_eval.py audits
+MEASURE = dict(n_samples=128, frontier_cap=64)  # as experiments/forget_eval.py audits
 PPL_WINDOWS = 16
 
 

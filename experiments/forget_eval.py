@@ -182,7 +182,7 @@ def npo_rows(scenario, tok, members, nonmembers, rows, audit_settings, reference
     pins = [r for r in members if r.secret_format.startswith("digits")]
 
     def measure(model) -> tuple[float, float]:
-        return (forget_exposure(model, tok, pins, n_candidates=AUDIT["exposure_candidates"], frontier_cap=AUDIT["frontier_cap"]),
+        return (forget_exposure(model, tok, pins, n_samples=AUDIT["exposure_candidates"], frontier_cap=AUDIT["frontier_cap"]),
                 perplexity(model, tok, heldout, max_windows=AUDIT["perplexity_max_windows"]))
 
     chosen = select_unlearning(

@@ -14,6 +14,7 @@ import os
 import re
 import string
 import tempfile
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -26,6 +27,7 @@ __all__ = [
     "parse_format",
     "candidate_space_size",
     "sample_candidates",
+    "record_rng",
     "CanaryRecord",
     "record_from_dict",
     "load_records",
@@ -85,6 +87,12 @@ def parse_format(fmt: str) -> SecretFormat:
 def candidate_space_size(fmt: str) -> int:
     """|R| for a secret format (an exact Python int, may be huge)."""
     return parse_format(fmt).size
+
+
+def record_rng(seed: int, record_id: str) -> np.random.Generator:
+    """The generator of one record's random candidates: the same for the record under every model
+    and condition (common random numbers), whatever order the records are measured in."""
+    return np.random.default_rng([seed, zlib.crc32(record_id.encode("utf-8"))])
 
 
 def _as_rng(rng: np.random.Generator | int | None) -> np.random.Generator:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import random
 import time
-import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -173,19 +172,17 @@ def forget_exposure(
     model: nn.Module,
     tokenizer: Any,
     records: Sequence[CanaryRecord],
-    n_candidates: int = 100,
-    frontier_cap: int = 64,
     seed: int = 0,
-    batch_size: int = 64,
+    **exposure_options: Any,
 ) -> float:
     """Mean exposure (bits) over ``records`` from measured ranks only (skew-normal extrapolations
-    are left out); NaN when no record's rank was measured. Candidates are seeded per record, so
-    every checkpoint is scored against the same ones (those the audit uses for the same seed)."""
+    are left out); NaN when no record's rank was measured. ``exposure_options`` go to
+    :func:`libortho.privacy.exposure` (``n_samples``, ``frontier_cap``, ``batch_size``, ...).
+    Candidates are seeded per record, so every checkpoint is scored against the same ones (those
+    the audit uses for the same seed)."""
     values = []
     for r in records:
-        rng = np.random.default_rng([seed, zlib.crc32(r.id.encode("utf-8"))])
-        res = P.exposure(model, tokenizer, r, n_samples=n_candidates, frontier_cap=frontier_cap,
-                         batch_size=batch_size, rng=rng)
+        res = P.exposure(model, tokenizer, r, rng=P.record_rng(seed, r.id), **exposure_options)
         if res.method in MEASURED_METHODS:  # ranks observed, not fitted
             values.append(res.exposure)
     return float(np.mean(values)) if values else float("nan")
@@ -289,24 +286,22 @@ def select_unlearning(
     measure: Measure,
     reference_exposure: float,
     fp_perplexity: float,
-    lrs: Sequence[float] = (1e-5, 3e-5, 1e-4),
-    steps: int = 30,
-    eval_every: int = 10,
-    seed: int = 0,
+    *,
     max_ppl_ratio: float = 1.05,
     tolerance_bits: float = 0.0,
-    **unlearn_kwargs: Any,
+    **sweep_options: Any,
 ) -> UnlearnSelection:
-    """Sweep (:func:`unlearning_sweep`), apply the stopping rule (:func:`choose_point`), and
-    re-run the chosen (lr, steps) on a fresh copy; runs are deterministic, so the returned model
-    is the measured checkpoint."""
-    points = unlearning_sweep(load_model, tokenizer, forget_texts, retain_text, measure, lrs=lrs, steps=steps,
-                              eval_every=eval_every, seed=seed, **unlearn_kwargs)
+    """Sweep (:func:`unlearning_sweep`, which takes ``sweep_options``: ``lrs``, ``steps``,
+    ``eval_every``, ``seed`` and :func:`unlearn`'s keywords), apply the stopping rule
+    (:func:`choose_point`), and re-run the chosen (lr, steps) on a fresh copy; runs are
+    deterministic, so the returned model is the measured checkpoint."""
+    points = unlearning_sweep(load_model, tokenizer, forget_texts, retain_text, measure, **sweep_options)
     point, reason = choose_point(points, reference_exposure, fp_perplexity, max_ppl_ratio, tolerance_bits)
     model = load_model()
     log = None
     if point.steps > 0:
-        log = unlearn(model, tokenizer, forget_texts, retain_text, lr=point.lr, steps=point.steps, seed=seed,
-                      **unlearn_kwargs)
+        # The sweep's own schedule options do not apply to one run; the seed and unlearn()'s options do.
+        rerun = {k: v for k, v in sweep_options.items() if k not in ("lrs", "steps", "eval_every")}
+        log = unlearn(model, tokenizer, forget_texts, retain_text, lr=point.lr, steps=point.steps, **rerun)
     return UnlearnSelection(model, point, reason, points, log)
 

@@ -32,6 +32,7 @@ from ..records import (  # noqa: F401 (re-exported)
     load_records,
     parse_format,
     record_from_dict,
+    record_rng,
     sample_candidates,
     save_records,
 )

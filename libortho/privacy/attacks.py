@@ -190,6 +190,7 @@ def sample_extract_secrets(
     model: torch.nn.Module,
     tokenizer: Any,
     records: Sequence[CanaryRecord],
+    *,
     n_samples: int = 64,
     temperature: float = 1.0,
     top_k: int = 40,

@@ -80,6 +80,7 @@ def extract_secrets(
     model: torch.nn.Module,
     tokenizer: Any,
     records: Sequence[CanaryRecord],
+    *,
     extra_tokens: int = 3,
     batch_size: int = 16,
 ) -> list[ExtractionResult]:
