@@ -86,3 +86,44 @@ def test_gptq_on_a_real_smollm2_layer():
     E_gptq = W - gptq(W, H, spec).dequantize()
     out_err = lambda E: float(torch.sum((E @ H) * E))
     assert out_err(E_gptq) < out_err(E_rtn)
+
+
+def textbook_gptq(W, H, spec, damp=0.01, block_size=128, act_order=False):
+    """GPTQ transcribed column by column on [out, cols] blocks (Frantar et al. 2022, Algorithm 1),
+    with the library's static max-scaled groups: the reference the optimised loop must equal."""
+    from libortho.quantize import _upper_cholesky_of_inverse, group_scales_zeros, quantize_columns
+
+    W, H = W.float().clone(), H.float().clone()
+    scales, zeros = group_scales_zeros(W, spec)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(W.shape[1])
+    W, H = W[:, perm], H[perm][:, perm]
+    Hinv = _upper_cholesky_of_inverse(H, damp)
+    codes = torch.zeros(W.shape, dtype=torch.uint8)
+    for b0 in range(0, W.shape[1], block_size):
+        b1 = min(b0 + block_size, W.shape[1])
+        W1, Err1 = W[:, b0:b1].clone(), torch.zeros(W.shape[0], b1 - b0)
+        for j in range(b1 - b0):
+            g = int(perm[b0 + j]) // spec.group_size
+            s, z = scales[:, g].float(), zeros[:, g].float()
+            q = quantize_columns(W1[:, j:j + 1], s, z, spec.max_code)[:, 0]
+            codes[:, b0 + j] = q.to(torch.uint8)
+            Err1[:, j] = (W1[:, j] - (q - z) * s) / Hinv[b0 + j, b0 + j]
+            W1[:, j:] -= Err1[:, j:j + 1] @ Hinv[b0 + j:b0 + j + 1, b0 + j:b1]
+        W[:, b1:] -= Err1 @ Hinv[b0:b1, b1:]
+    return codes[:, torch.argsort(perm)]
+
+
+@pytest.mark.parametrize("shape, bits, group_size, act_order", [
+    ((48, 300), 4, 64, False), ((48, 300), 4, 64, True), ((33, 257), 3, 32, False), ((20, 130), 8, 128, True),
+])
+def test_gptq_codes_equal_the_textbook_loop(shape, bits, group_size, act_order):
+    torch.manual_seed(0)
+    W = torch.randn(shape)
+    X = torch.randn(2 * shape[1], shape[1])
+    H = X.t() @ X / X.shape[0]
+    H[7, :] = H[:, 7] = 0  # a dead input
+    spec = QuantSpec(bits, group_size, True)
+    assert torch.equal(gptq(W, H, spec, act_order=act_order).codes, textbook_gptq(W, H, spec, act_order=act_order))
