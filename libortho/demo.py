@@ -2,18 +2,23 @@
 
 SmolLM2-135M-Instruct (public model P) is fine-tuned on Python documentation plus private
 records carrying canaries (each inserted k ∈ {1, 4, 16} times), and, as the retrain reference,
-on the same public text without them. The fine-tuned model is decomposed with the library's
-privacy preset in look-alike mode: the owner does not list the records, only describes their
-shape, and the forget objective is fitted on look-alike records generated from that description
-(never trained). It is audited at several alphas next to the FP fine-tuned model and the
-reference; the KS tests also compare against the reference put through plain GPTQ (what the owner
-would ship had the records never been trained). A pass/fail line per goal closes the run.
+on the same public text without them (``ScenarioConfig.demo``: a short fine-tune, so that the
+whole demo fits in 20 minutes on 2 CPU cores). The fine-tuned model is decomposed with the
+library's privacy preset in look-alike mode: the owner does not list the records, only describes
+their shape, and the forget objective is fitted on look-alike records generated from that
+description (never trained). It is audited at alpha 0 and 1 next to the FP fine-tuned model and
+the reference, with every attack of the audit; extraction by sampling runs at alpha 0, the
+switch's claim. A pass/fail line per goal closes the run.
+
+Left to ``experiments/forget_eval.py`` for their cost on a CPU: several scenario seeds, the
+reference put through plain GPTQ, the hex keys' exposure (only extrapolated: their rank space is
+too large to measure), sampling at every condition and the white-box gradient check.
 """
 from __future__ import annotations
 
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,12 +26,9 @@ import torch
 from . import modelio
 from .audit import audit, public_record_losses, write_report
 from .config import PRESETS, OrthoConfig
-from .goals import evaluate_goals
 from .decompose import decompose
-from .switch import alpha
 from .lookalikes import lookalike_records
 from .memory import release_freed_memory
-from .privacy import forget_quality, mia_scores
 from .records import CanaryRecord
 
 # The privacy preset (docs/RESULTS.md says why), fitted on look-alikes of the private records.
@@ -44,48 +46,44 @@ class DemoPlan:
     perplexity_windows: int
     exposure_candidates: int
     frontier_cap: int
+    samples: int  # extraction by sampling at alpha 0, members only
 
     @staticmethod
     def of(quick: bool) -> "DemoPlan":
         if quick:
-            return DemoPlan("quick", 512, (0.0, 1.0), 4, 32, 16)
-        return DemoPlan("default", 8192, (0.0, 0.5, 1.0), 32, 64, 32)
+            return DemoPlan("quick", 512, (0.0, 1.0), 4, 32, 16, 64)
+        return DemoPlan("demo", 8192, (0.0, 1.0), 16, 64, 32, 64)
+
+    def scenario_config(self):
+        from .scenario import ScenarioConfig
+
+        return getattr(ScenarioConfig, self.scenario)()
 
 
-def demo_lookalikes(scenario_config) -> list[CanaryRecord]:
-    """The owner's forget texts: as many look-alikes per format as there are members, generated
-    from the records' shape (scenario.RECORD_TEMPLATES) with another seed, never trained."""
+def demo_lookalikes(scenario_config, per_format: int | None = None) -> list[CanaryRecord]:
+    """The owner's forget texts: ``per_format`` look-alikes per format (None: as many as there are
+    members), generated from the records' shape (scenario.RECORD_TEMPLATES) with another seed,
+    never trained."""
     from .scenario import RECORD_TEMPLATES
 
     records = []
     for fmt in scenario_config.formats:
         kind = fmt.split(":")[0]
         records += lookalike_records(
-            RECORD_TEMPLATES[kind], fmt, scenario_config.members_per_format(),
+            RECORD_TEMPLATES[kind], fmt, per_format or scenario_config.members_per_format(),
             seed=scenario_config.seed + LOOKALIKE_SEED_OFFSET, id_prefix=f"lookalike-{kind}",
         )
     return records
 
 
-def quantized_reference_losses(scenario, tokenizer, config: OrthoConfig, members: list[CanaryRecord]) -> list[float]:
-    """Member losses (mean NLL per token) of the retrain reference put through plain GPTQ with the
-    same bits, group size and calibration text, at alpha 0: the honest counterfactual."""
-    reference, _ = modelio.load_model(scenario.reference)
-    plain = OrthoConfig(bits=config.bits, group_size=config.group_size, method=config.method,
-                        ortho_ratio=0.0, calib_tokens=config.calib_tokens, seed=config.seed)
-    decompose(reference, tokenizer, scenario.read_split("calibration"), plain, progress=False)
-    with alpha(reference, 0.0):
-        return mia_scores(reference, tokenizer, [r.text for r in members]).loss.tolist()
-
-
 def run_demo(quick: bool, out_dir: Path, progress: bool = True) -> dict:
     """Build the scenario (cached), decompose, audit; returns the report with a `goals` list."""
-    from .scenario import ScenarioConfig, build_scenario
+    from .scenario import build_scenario
 
     start = time.perf_counter()
     torch.manual_seed(0)
     plan = DemoPlan.of(quick)
-    scenario = build_scenario(ScenarioConfig.quick() if quick else ScenarioConfig.default(), progress=progress)
+    scenario = build_scenario(plan.scenario_config(), progress=progress)
     t_scenario = time.perf_counter() - start
     members, nonmembers = scenario.load_members(), scenario.load_nonmembers()
 
@@ -102,8 +100,6 @@ def run_demo(quick: bool, out_dir: Path, progress: bool = True) -> dict:
     del public_model
     release_freed_memory()  # the decomposition's Hessians and block inputs
     modelio.save(model, tok, out_dir / "artifact", overwrite=True)
-    q_reference_losses = quantized_reference_losses(scenario, tok, config, members)
-    release_freed_memory()
 
     density = stats.n_ortho / stats.n_weights
     report = audit(
@@ -113,7 +109,9 @@ def run_demo(quick: bool, out_dir: Path, progress: bool = True) -> dict:
         baselines={"fp": lambda: modelio.load_model(scenario.finetuned)},
         progress=progress, public_losses=public_losses,
         exposure_candidates=plan.exposure_candidates, frontier_cap=plan.frontier_cap,
-        perplexity_max_windows=plan.perplexity_windows, goals=False,
+        perplexity_max_windows=plan.perplexity_windows,
+        exposure_formats=("digits",), white_box=False,
+        sample_extraction=plan.samples, sample_nonmembers=False, sample_conditions=("alpha=0",),
         extra_settings=dict(
             decomposition=config.to_dict(), ortho_density=density, forget_texts=len(forget_records),
             forget_tokens=stats.n_private_tokens, decompose_seconds=stats.seconds,
@@ -122,10 +120,6 @@ def run_demo(quick: bool, out_dir: Path, progress: bool = True) -> dict:
             "so every fine-tuned weight is inside a decomposed layer",
         ),
     )
-    for row in report["rows"]:
-        losses = [d["loss"] for d in report["records"][row["label"]] if d["member"]]
-        row["ks_vs_quantized_reference"] = asdict(forget_quality(losses, q_reference_losses))
-    report["goals"] = evaluate_goals(report)
     report["settings"]["wall_seconds"] = time.perf_counter() - start
     report["settings"]["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     write_report(report, out_dir)
@@ -153,25 +147,34 @@ def _measured(row: dict, k: str) -> float:
     return float("nan") if value is None else float(value)
 
 
+def _pct(value: float | None) -> str:
+    return f"{'–':>10}" if value is None else f"{100 * value:>9.0f}%"
+
+
 def format_summary(report: dict) -> str:
     """The table a person reads at the end of the demo."""
     ks = sorted((k for k in report["rows"][0]["exposure_by_k"] if k != "nonmember"), key=int)
     attacks = [m for m in ("loss", "zlib", "min_k", "ref") if m in report["rows"][0]["mia"]]
-    head = f"{'model':<14}{'ppl':>8}" + "".join(f"{'exp k=' + k:>10}" for k in ks) + "".join(
-        f"{'extr k=' + k:>10}" for k in ks) + "".join(f"{'AUC ' + m:>10}" for m in attacks) + f"{'KS ref':>8}{'KS qref':>9}"
+    sampled = bool(report["settings"].get("sample_extraction"))
+    head = (f"{'model':<14}{'ppl':>8}" + "".join(f"{'exp k=' + k:>10}" for k in ks)
+            + "".join(f"{'extr k=' + k:>10}" for k in ks)
+            + ("".join(f"{'samp k=' + k:>10}" for k in ks) if sampled else "")
+            + "".join(f"{'AUC ' + m:>10}" for m in attacks) + f"{'KS ref':>8}")
     lines = [head, "-" * len(head)]
     for row in report["rows"]:
         name = row["label"] if row["kind"] != "alpha" else f"alpha {row['alpha']:.2f}"
         ks_p = row["ks_vs_reference"]["pvalue"] if row.get("ks_vs_reference") else float("nan")
-        ks_q = row["ks_vs_quantized_reference"]["pvalue"] if row.get("ks_vs_quantized_reference") else float("nan")
         lines.append(
             f"{name:<14}{row['perplexity']:>8.2f}"
             + "".join(f"{_measured(row, k):>10.2f}" for k in ks)
-            + "".join(f"{100 * row['extraction_by_k'][k]:>9.0f}%" for k in ks)
+            + "".join(_pct(row["extraction_by_k"][k]) for k in ks)
+            + ("".join(_pct(row.get("sampled_extraction_by_k", {}).get(k)) for k in ks) if sampled else "")
             + "".join(f"{row['mia'][m]['auc']:>10.2f}" if m in row["mia"] else f"{'–':>10}" for m in attacks)
-            + f"{ks_p:>8.3f}{ks_q:>9.3f}"
+            + f"{ks_p:>8.3f}"
         )
-    lines.append("exposure: measured ranks only (bits); extrapolated estimates are in report.md")
+    lines.append("exposure: PINs, measured ranks only (bits); extr: greedy; samp: "
+                 f"{report['settings']['sample_extraction']['samples']} samples at T=1, alpha 0 only" if sampled else
+                 "exposure: PINs, measured ranks only (bits); extr: greedy extraction")
     lines.append("")
     for g in report["goals"]:
         lines.append(f"[{'PASS' if g['passed'] else 'FAIL'}] {g['goal']}: {g['measured']}")

@@ -34,9 +34,11 @@ def test_quick_demo_writes_a_complete_report(quick_report):
         assert {"1", "4", "16"} <= set(row["exposure_by_k"])
     assert all(isinstance(g["passed"], bool) and g["rule"] for g in report["goals"])
     names = " | ".join(g["goal"] for g in report["goals"])
-    for goal in ("greedy extraction", "membership inference, ref", "forget quality against the quantized reference",
-                 "retain perplexity", "exposure kept", "ortho budget"):
+    for goal in ("greedy extraction", "sampled extraction", "membership inference, ref", "retain perplexity",
+                 "exposure kept", "ortho budget"):
         assert goal in names
+    sampled = {r["label"]: r["sampled_extraction_by_k"] for r in report["rows"]}
+    assert set(sampled["alpha=0"]) == {"1", "4", "16"} and not sampled["fp"]  # members, at alpha 0 only
     assert 0 < report["settings"]["ortho_density"] <= 0.02 * (1 + 1e-6)  # ties at the threshold: a few entries
     loaded, _ = modelio.load(out / "artifact", alpha=0.0)
     assert loaded.libortho_alpha.ortho_available
