@@ -80,10 +80,20 @@ def variant_names(results: dict) -> list[str]:
     return names
 
 
-def merge(results: dict, more: dict) -> None:
-    """Add the rows of `more` ({seed: {row name: ...}}), seed by seed."""
+def merge(results: dict, more: dict) -> list[str]:
+    """Add the rows of `more` ({seed: {row name: ...}}), seed by seed. A row already present (a
+    baseline every run recomputes) keeps its first value; returns "seed N: row" for each such row
+    that a later file recomputed differently (GPTQ's rounding follows float summation order,
+    which changes with the number of CPU threads)."""
+    differ = []
     for seed, rows in more.items():
-        results.setdefault(seed, {}).update(rows)
+        mine = results.setdefault(seed, {})
+        for name, row in rows.items():
+            if name not in mine:
+                mine[name] = row
+            elif json.dumps(mine[name], sort_keys=True) != json.dumps(row, sort_keys=True):
+                differ.append(f"seed {seed}: {name}")
+    return differ
 
 
 def pooled(rows: list[dict], k: str) -> list[float]:
@@ -163,7 +173,7 @@ def _mean_exposure(row: dict) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
-def render(results: dict, source: str) -> str:
+def render(results: dict, source: str, differ: list[str] = ()) -> str:
     lines, ks = table(results)
     seeds = ", ".join(results)
     any_seed = next(iter(results.values()))
@@ -180,6 +190,9 @@ def render(results: dict, source: str) -> str:
     for name in variant_names(results):
         if name != "plain GPTQ":
             out += goals(results, name, ks)
+    if differ:
+        out += ["", "Rows that a later run recomputed differently (the table keeps the first run's): " + "; ".join(differ)
+                + ". The later run's own variants were compared with its own recomputation."]
     return "\n".join(out) + "\n"
 
 
@@ -190,13 +203,16 @@ def main() -> None:
     ap.add_argument("--out", default=str(DOCS / "forget_eval.md"))
     args = ap.parse_args()
     results: dict = {}
+    differ: list[str] = []
     for src in args.src:
         data = json.loads(Path(src).read_text())
         # A bundle of several runs' files ({file name: {seed: rows}}), as experiments/gpu_eval.sh returns.
         for part in (data.values() if all(k.endswith(".json") for k in data) else [data]):
-            merge(results, part)
+            differ += merge(results, part)
+    if differ:
+        print("recomputed differently in a later file (the first value is kept): " + "; ".join(differ))
     sources = ", ".join(Path(src).name for src in args.src)
-    Path(args.out).write_text(render(results, sources))
+    Path(args.out).write_text(render(results, sources, differ))
     print(f"wrote {args.out}")
 
 

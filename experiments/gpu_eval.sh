@@ -3,15 +3,19 @@
 # split between them). PRESET=eval: the evaluation scenario (32 PINs per k, 200 non-members per
 # format); PRESET=default: the demo's. Needs the built-in GGUF at $GGUF; rows already in
 # $RES/*.json are kept (a rerun resumes); all of them end up in $OUT/$PRESET.json.
+# SEEDS="0 2" ONLY="NPO": those seeds only, one process each running only the named variants
+# (comma-separated); THREADS: CPU threads per process (the GPTQ fits run on the CPU).
 #   GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf OUT=out PRESET=default bash experiments/gpu_eval.sh [SECONDS]
 set -u
 LIMIT=${1:-540}
 PRESET=${PRESET:-eval}
+SEEDS=${SEEDS:-0 1 2}
+THREADS=${THREADS:-1}
 export LIBORTHO_CACHE=${LIBORTHO_CACHE:-/root/lc} LIBORTHO_DEVICE=cuda PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 RES=${RES:-/root/res}; mkdir -p "$RES"
 EXTRA=""; [ "$PRESET" = eval ] && EXTRA="n_per_k=32, n_nonmembers=200, "
-for s in 0 1 2; do
+for s in $SEEDS; do
   python3 -c "from libortho.scenario import ScenarioConfig as C, build_scenario as b
 b(C.default(seed=$s, ${EXTRA}model='$GGUF'), progress=False)" 2>/dev/null &
 done
@@ -20,14 +24,17 @@ echo "scenarios built: $SECONDS s"
 run() {  # seed part variants...
   local s=$1 part=$2; shift 2
   timeout -s INT $((LIMIT - SECONDS)) python3 experiments/forget_eval.py --preset "$PRESET" --model "$GGUF" \
-    --seeds "$s" --threads 1 --sample-extraction 64 --out "$RES/${PRESET}_${part}_$s.json" --only "$@" 2>&1 \
+    --seeds "$s" --threads "$THREADS" --sample-extraction 64 --out "$RES/${PRESET}_${part}_$s.json" --only "$@" 2>&1 \
     | grep -v -e "Loading weights" -e "Writing model" -e "clean_up_tokenization" | sed "s/^/[$part$s] /"
 }
-for s in 0 1 2; do
+if [ -n "${ONLY:-}" ]; then
+  IFS=, read -ra NAMES <<< "$ONLY"
+  for s in $SEEDS; do run $s X "${NAMES[@]}" & done
+else for s in $SEEDS; do
   run $s A "plain GPTQ" records "records, 5 % ortho" "records, 10 % ortho" &
   run $s B lookalikes records-half "control (public text as X_priv)" "records, sieve lam_s 30" &
   run $s C NPO "free mu 1" &
-done
+done; fi
 wait
 echo "done: $SECONDS s"
 # One file back: {run file name: its rows}.
