@@ -12,6 +12,12 @@ if not torch.cuda.is_available():
     # CLI's `bench` import) imports libortho.kernels: set it before every test module.
     os.environ["TRITON_INTERPRET"] = "1"
 
+# Under pytest-xdist (pyproject's addopts run two workers) the cores are shared: split them, so
+# that the workers' intra-op threads do not oversubscribe the machine.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Python is a programming language. "
     "Lists, tuples and dictionaries are built-in types; functions are first-class objects. "
