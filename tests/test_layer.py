@@ -47,6 +47,15 @@ def test_per_row_alpha_matches_scalar_rows():
         assert torch.allclose(y[i], layer.reference_forward(x[i], ai), atol=1e-5)
 
 
+def test_scalar_alpha_multiplies_by_one_merged_weight_kept_for_the_latest_alpha():
+    layer, _ = make_layer(0.05)
+    x = torch.randn(6, 200)
+    for a in (0.5, 1.0, 0.25):
+        two_streams = x @ layer.base_weight().t() + a * (x @ layer.ortho_weight().t()) + layer.bias
+        assert torch.allclose(layer.reference_forward(x, a), two_streams, atol=1e-5, rtol=1e-5)
+        assert [k[:2] for k in layer._dense_cache if k[0] == "merged"] == [("merged", a)]
+
+
 def test_buffers_follow_to_and_state_dict():
     layer, _ = make_layer(0.05)
     keys = set(layer.state_dict())
