@@ -216,7 +216,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--preset", choices=["default", "eval", "quick"], default="default",
-                    help="the demo's scenario, the larger evaluation scenario (32 PINs per k, 200 non-members), "
+                    help="the default scenario, the larger evaluation scenario (32 PINs per k, 200 non-members), "
                          "or the quick smoke-test scenario")
     ap.add_argument("--only", nargs="*", default=None, help="variant names to run")
     ap.add_argument("--threads", type=int, default=None)

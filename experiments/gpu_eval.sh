@@ -1,7 +1,7 @@
 #!/bin/bash
 # forget_eval.py over scenario seeds 0 1 2 on one GPU, three processes per seed (the variants
 # split between them). PRESET=eval: the evaluation scenario (32 PINs per k, 200 non-members per
-# format); PRESET=default: the demo's. Needs the built-in GGUF at $GGUF; rows already in
+# format); PRESET=default: the default scenario. Needs the built-in GGUF at $GGUF; rows already in
 # $RES/*.json are kept (a rerun resumes); all of them end up in $OUT/$PRESET.json.
 # SEEDS="0 2" ONLY="NPO": those seeds only, one process each running only the named variants
 # (comma-separated); THREADS: CPU threads per process (the GPTQ fits run on the CPU).

@@ -67,7 +67,7 @@ class ScenarioConfig:
 
     @classmethod
     def default(cls, **overrides: Any) -> "ScenarioConfig":
-        """The built-in demo's scenario on SmolLM2-135M: 16 member records per k (8 PIN, 8 hex key),
+        """The default scenario on SmolLM2-135M: 16 member records per k (8 PIN, 8 hex key),
         48 non-members, 100 AdamW steps of one 192-token public window (19,200 public tokens) plus
         336 record insertions (~7,700 tokens), lr 2e-4, all 30 blocks.
 
