@@ -61,6 +61,8 @@ def _fma_word(q, u0, u1, u2, u3, p, xs, onebits, CBITS: tl.constexpr, XBF16: tl.
     return p, xs
 
 
+# The leading parameters are _gemm_kernel's (kernels/gemm.py): launch.py passes both kernels the
+# same arguments, and triton.jit needs every parameter spelled out.
 @triton.jit(do_not_specialize=["KW"])
 def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, crow_ptr, col_ptr, val_ptr, a_ptr, y_ptr,
                  ws_ptr, cnt_ptr, alpha, zconst, onebits, M, N, K, KW, G, stride_xm, stride_ym,
