@@ -39,9 +39,7 @@ CANDIDATES = {  # name -> ScenarioConfig.default overrides ("demo": ScenarioConf
     "s50 w96": dict(steps=50, seq_len=96, lr=2e-4, warmup_steps=5),
 }
 PLAN = DemoPlan.of(quick=False)
-AUDIT = dict(exposure_candidates=PLAN.exposure_candidates, frontier_cap=PLAN.frontier_cap,
-             perplexity_max_windows=PLAN.perplexity_windows, exposure_formats=("digits",), white_box=False,
-             progress=False, goals=False)
+AUDIT = dict(PLAN.audit_options(), progress=False, goals=False)
 
 
 def summary(row: dict) -> dict:
@@ -60,18 +58,17 @@ def run(name: str, seed: int, model_path: str | None, samples: int = 0, lookalik
     members, nonmembers = scenario.load_members(), scenario.load_nonmembers()
     heldout, calib = scenario.read_split("heldout"), scenario.read_split("calibration")
     public, tok = modelio.load_model(scenario.public_model)
-    settings = dict(AUDIT, public_losses=public_record_losses(public, tok, members, nonmembers))
-    sampling = dict(sample_extraction=samples, sample_nonmembers=False, sample_conditions=("alpha=0",))
+    settings = dict(AUDIT, sample_extraction=samples, public_losses=public_record_losses(public, tok, members, nonmembers))
     fp, _ = modelio.load_model(scenario.finetuned)
     rep = audit(fp, tok, heldout, members, nonmembers, reference=lambda: modelio.load_model(scenario.reference)[0],
-                **settings)
+                **dict(settings, sample_extraction=0, sample_conditions=None))
     rows = {("fp" if r["label"] == "model" else r["label"]): summary(r) for r in rep["rows"]}
     torch.manual_seed(0)
     forget = demo_lookalikes(config, lookalikes)
     stats = decompose(fp, tok, calib, OrthoConfig(**DEMO_CONFIG, calib_tokens=PLAN.calib_tokens), progress=False,
                       public_model=public, forget_texts=[r.text for r in forget])
     del public
-    rep = audit(fp, tok, heldout, members, nonmembers, alphas=list(PLAN.alphas), **settings, **(sampling if samples else {}))
+    rep = audit(fp, tok, heldout, members, nonmembers, alphas=list(PLAN.alphas), **settings)
     rows.update({r["label"]: summary(r) for r in rep["rows"]})
     train_tokens = config.steps * config.batch * config.seq_len * 2 + sum(
         len(tok(r.text)["input_ids"]) * r.k for r in members)

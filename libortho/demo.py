@@ -59,6 +59,15 @@ class DemoPlan:
 
         return getattr(ScenarioConfig, self.scenario)()
 
+    def audit_options(self) -> dict:
+        """The audit's budgets and attacks: PIN exposure from measured ranks, no white-box check,
+        extraction by sampling of the members at alpha 0."""
+        return dict(
+            exposure_candidates=self.exposure_candidates, frontier_cap=self.frontier_cap,
+            perplexity_max_windows=self.perplexity_windows, exposure_formats=("digits",), white_box=False,
+            sample_extraction=self.samples, sample_nonmembers=False, sample_conditions=("alpha=0",),
+        )
+
 
 def demo_lookalikes(scenario_config, per_format: int | None = None) -> list[CanaryRecord]:
     """The owner's forget texts: ``per_format`` look-alikes per format (None: as many as there are
@@ -107,11 +116,7 @@ def run_demo(quick: bool, out_dir: Path, progress: bool = True) -> dict:
         # Loaders: the audit opens the reference and the FP model one at a time, only for their rows.
         reference=lambda: modelio.load_model(scenario.reference)[0],
         baselines={"fp": lambda: modelio.load_model(scenario.finetuned)},
-        progress=progress, public_losses=public_losses,
-        exposure_candidates=plan.exposure_candidates, frontier_cap=plan.frontier_cap,
-        perplexity_max_windows=plan.perplexity_windows,
-        exposure_formats=("digits",), white_box=False,
-        sample_extraction=plan.samples, sample_nonmembers=False, sample_conditions=("alpha=0",),
+        progress=progress, public_losses=public_losses, **plan.audit_options(),
         extra_settings=dict(
             decomposition=config.to_dict(), ortho_density=density, forget_texts=len(forget_records),
             forget_tokens=stats.n_private_tokens, decompose_seconds=stats.seconds,

@@ -146,6 +146,10 @@ class AuditConfig:
         if isinstance(self.sample_conditions, str):
             raise ValueError(f"sample_conditions must be a list of labels, got the string {self.sample_conditions!r}")
         self.sample_conditions = None if self.sample_conditions is None else tuple(self.sample_conditions)
+        unknown = [c for c in self.sample_conditions or () if c not in self.labels()]
+        if unknown:
+            raise ValueError(f"sample_conditions names no condition of this audit: {unknown}; "
+                             f"its conditions are {self.labels()}")
 
     def samples(self, label: str) -> bool:
         """Whether the condition ``label`` gets extraction by sampling."""
@@ -154,3 +158,8 @@ class AuditConfig:
     def conditions(self) -> list[tuple[str, float | None]]:
         """(label, alpha) per condition of the audited model; alpha None = the model as is."""
         return _conditions(self.alphas)
+
+    def labels(self) -> list[str]:
+        """Every row's label, in report order: the baselines, the audited model's conditions, the reference."""
+        return (list(self.baselines or {}) + [label for label, _ in self.conditions()]
+                + (["reference"] if self.reference is not None else []))

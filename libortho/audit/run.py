@@ -62,16 +62,6 @@ def _check_alphas(model: torch.nn.Module, conditions: list[tuple[str, float | No
             raise ValueError(f"cannot evaluate {label}: {exc} (for a plain model use alphas=None)") from exc
 
 
-def _check_sample_conditions(cfg: AuditConfig, conditions: list[tuple[str, float | None]]) -> None:
-    """Fail before the long run if ``sample_conditions`` names a condition this audit does not have."""
-    if cfg.sample_conditions is None:
-        return
-    known = list(cfg.baselines or {}) + [label for label, _ in conditions] + (["reference"] if cfg.reference is not None else [])
-    unknown = [c for c in cfg.sample_conditions if c not in known]
-    if unknown:
-        raise ValueError(f"sample_conditions names no condition of this audit: {unknown}; its conditions are {known}")
-
-
 def _resolve_perplexity(fn: PerplexityFn | None) -> PerplexityFn:
     if fn is not None:
         return fn
@@ -138,7 +128,6 @@ def audit(
     scope = _resolve_alpha_scope(cfg.alpha_scope) if any(a is not None for _, a in conditions) else None
     if scope is not None:
         _check_alphas(model, conditions, scope)
-    _check_sample_conditions(cfg, conditions)
 
     rows: list[dict[str, Any]] = []
     records: dict[str, list[dict[str, Any]]] = {}
@@ -189,9 +178,7 @@ def audit(
         rows.append(reference_row)
 
     report = {
-        "settings": _settings(
-            list(baselines), members, nonmembers, conditions, reference is not None, public_text, cfg
-        ),
+        "settings": _settings(members, nonmembers, public_text, cfg),
         "rows": rows,
         "records": records,
         "public_losses": cfg.public_losses,
@@ -205,13 +192,7 @@ def audit(
 
 
 def _settings(
-    baseline_labels: Sequence[str],
-    members: Sequence[CanaryRecord],
-    nonmembers: Sequence[CanaryRecord],
-    conditions: list[tuple[str, float | None]],
-    has_reference: bool,
-    public_text: str,
-    cfg: AuditConfig,
+    members: Sequence[CanaryRecord], nonmembers: Sequence[CanaryRecord], public_text: str, cfg: AuditConfig,
 ) -> dict[str, Any]:
     import transformers
 
@@ -220,7 +201,7 @@ def _settings(
         counts[str(r.k)] += 1
     settings = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "conditions": list(baseline_labels) + [label for label, _ in conditions] + (["reference"] if has_reference else []),
+        "conditions": cfg.labels(),
         "n_members": len(members),
         "n_nonmembers": len(nonmembers),
         "members_per_k": dict(counts),
