@@ -1,9 +1,11 @@
-"""Compatibility path: the attacks with the public model and by sampling live in
-:mod:`libortho.privacy.attacks`; this module re-exports them for one release."""
+"""Compatibility path: reference-calibrated membership inference lives in
+:mod:`libortho.privacy.membership` and extraction by sampling in :mod:`libortho.privacy.extraction`;
+this module re-exports them for one release."""
 
 from .privacy.attacks import (  # noqa: F401
     REFERENCE_SCORE,
     SampledExtractionResult,
+    Sampling,
     __all__,
     _record_generator,
     _sample_batch,

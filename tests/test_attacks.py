@@ -144,6 +144,21 @@ def test_sampling_is_seeded_and_independent_of_batching(emitter):
     assert [x.example for x in a] != [x.example for x in b]
 
 
+def test_sampling_options_object_equals_its_keywords_and_rejects_bad_input(emitter):
+    tok, model = emitter
+    records = SECRET_RECORDS + UNSEEN
+    by_object = ATK.sample_extract_secrets(model, tok, records, P.Sampling(n_samples=8, top_k=5, seed=3))
+    assert by_object == ATK.sample_extract_secrets(model, tok, records, n_samples=8, top_k=5, seed=3)
+    with pytest.raises(ValueError, match="not both"):
+        ATK.sample_extract_secrets(model, tok, records, P.Sampling(), seed=1)
+    with pytest.raises(TypeError, match="unknown sampling option.*n_sample"):
+        ATK.sample_extract_secrets(model, tok, records, n_sample=8)
+    for bad, match in [(dict(n_samples=0), "n_samples"), (dict(temperature=0.0), "temperature"),
+                       (dict(top_k=-1), "top_k")]:
+        with pytest.raises(ValueError, match=match):
+            P.Sampling(**bad)
+
+
 def test_sampler_draws_from_the_top_k_distribution():
     # Inverse-CDF draws over softmax(top-k / T) match the exact probabilities.
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 5.0]]).repeat(20000, 1)

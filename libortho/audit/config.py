@@ -87,7 +87,7 @@ class AuditConfig:
 
     Public-model calibration (score ``"ref"``): the record's loss under each condition minus its
     loss under the public model P. Pass ``public_losses`` (record id -> mean token NLL under P,
-    from :func:`libortho.attacks.record_losses`, e.g. cached from an earlier audit's
+    from :func:`libortho.privacy.record_losses`, e.g. cached from an earlier audit's
     ``report["public_losses"]``), or ``public_model`` (and ``public_tokenizer`` when P's
     tokenizer differs): its losses are computed once, before any condition, so the caller may
     free P afterwards. ``sample_extraction``: samples per record prefix for extraction by

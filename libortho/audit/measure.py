@@ -12,7 +12,6 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import privacy as P
-from ..privacy import attacks as ATK
 from ..records import CanaryRecord
 from .config import AuditConfig
 from .schema import EXTRAPOLATED_METHODS, MEASURED_METHODS, MIA_SCORES, REFERENCE_SCORE, _group
@@ -48,10 +47,9 @@ def _measure_sampled_extraction(
     model: torch.nn.Module, tokenizer: Any, records: Sequence[CanaryRecord],
     details: dict[str, dict[str, Any]], cfg: AuditConfig,
 ) -> None:
-    results = ATK.sample_extract_secrets(
-        model, tokenizer, records, n_samples=cfg.sample_extraction, temperature=cfg.sample_temperature,
-        top_k=cfg.sample_top_k, seed=cfg.seed,
-    )
+    sampling = P.Sampling(n_samples=cfg.sample_extraction, temperature=cfg.sample_temperature,
+                          top_k=cfg.sample_top_k, seed=cfg.seed)
+    results = P.sample_extract_secrets(model, tokenizer, records, sampling)
     for res in results:
         details[res.id].update(sampled_extracted=res.extracted, sampled_hits=res.hits, sampled_example=res.example)
 
@@ -61,7 +59,7 @@ def mia_summary(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> dict
     interval, TPR at 1 % FPR (interpolated), TPR at the lowest FPR the non-members resolve
     (1 / n, stated as ``lowest_fpr``), and the ROC points."""
     m = P.mia_metrics(member_scores, nonmember_scores)
-    tpr_low, fpr_low = ATK.tpr_at_lowest_fpr(member_scores, nonmember_scores)
+    tpr_low, fpr_low = P.tpr_at_lowest_fpr(member_scores, nonmember_scores)
     return {
         "auc": m.auc,
         "auc_ci": list(P.auc_confidence_interval(m.auc, len(member_scores), len(nonmember_scores))),
@@ -93,8 +91,8 @@ def _measure_membership(
     if public is not None:
         names.append(REFERENCE_SCORE)
         for group, records, scores in (("members", members, member_scores), ("nonmembers", nonmembers, nonmember_scores)):
-            scores[REFERENCE_SCORE] = ATK.reference_calibrated_scores(
-                stats[group].loss, ATK.public_losses_for(public, records))
+            scores[REFERENCE_SCORE] = P.reference_calibrated_scores(
+                stats[group].loss, P.public_losses_for(public, records))
             for i, r in enumerate(records):
                 details[r.id]["ref_score"] = float(scores[REFERENCE_SCORE][i])
     metrics = {name: mia_summary(member_scores[name], nonmember_scores[name]) for name in names}
@@ -112,8 +110,8 @@ def public_record_losses(
     :func:`audit` as ``public_losses`` for every model audited against the same P.
     """
     public_model.eval()
-    out = ATK.record_losses(public_model, tokenizer, members, text_batch_size)
-    out.update(ATK.record_losses(public_model, tokenizer, nonmembers, text_batch_size))
+    out = P.record_losses(public_model, tokenizer, members, text_batch_size)
+    out.update(P.record_losses(public_model, tokenizer, nonmembers, text_batch_size))
     return out
 
 

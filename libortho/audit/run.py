@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 from .. import goals as G
 from .. import privacy as P
 from ..memory import release_freed_memory
-from ..privacy import attacks as ATK
 from ..records import CanaryRecord
 from .config import AlphaScope, AuditConfig, PerplexityFn
 from .measure import _evaluate_condition, public_record_losses
@@ -124,7 +123,7 @@ def audit(
                                              cfg.text_batch_size)
     cfg = replace(cfg, perplexity_fn=_resolve_perplexity(cfg.perplexity_fn), public_losses=public_losses)
     if public_losses is not None:  # fail before the long run, naming the records P's losses lack
-        ATK.public_losses_for(public_losses, list(members) + list(nonmembers))
+        P.public_losses_for(public_losses, list(members) + list(nonmembers))
     scope = _resolve_alpha_scope(cfg.alpha_scope) if any(a is not None for _, a in conditions) else None
     if scope is not None:
         _check_alphas(model, conditions, scope)

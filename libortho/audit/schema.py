@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ..privacy.attacks import REFERENCE_SCORE  # loss minus the public model's loss, when P is given
+from ..privacy.membership import REFERENCE_SCORE  # loss minus the public model's loss, when P is given
 from ..records import CanaryRecord
 
 __all__ = [

@@ -1,6 +1,16 @@
 """Membership inference: per-record scores (loss, zlib ratio, Min-K% Prob) and ROC metrics.
 
-Log-probabilities and losses are in nats; AUC and rates are fractions in [0, 1].
+* Reference-calibrated membership inference (Carlini et al. 2021, "Extracting Training Data from
+  Large Language Models"): a record's loss under the audited model minus its loss under the public
+  checkpoint P the model was fine-tuned from. The template part of a record is as easy for P as
+  for the model; only what fine-tuning added moves the difference. P's per-record losses are
+  computed once (:func:`record_losses`) and passed in, so an audit of many models against one P
+  never holds P next to another model.
+* :func:`tpr_at_lowest_fpr`: the TPR of a membership score at the lowest false-positive rate the
+  number of non-members resolves (1 / n_nonmembers), with that rate stated.
+
+Log-probabilities and losses are in nats (per token where averaged); AUC and rates are
+fractions in [0, 1].
 """
 
 from __future__ import annotations
@@ -8,13 +18,14 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from scipy import stats
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from ..records import CanaryRecord
 from ._lm import _device, _encode, _lm_forward
 
 __all__ = [
@@ -28,7 +39,14 @@ __all__ = [
     "mia_metrics",
     "auc_confidence_interval",
     "paired_auc_difference",
+    "REFERENCE_SCORE",
+    "record_losses",
+    "reference_calibrated_scores",
+    "public_losses_for",
+    "tpr_at_lowest_fpr",
 ]
+
+REFERENCE_SCORE = "ref"  # name of the P-calibrated score next to loss / zlib / min_k
 
 @torch.inference_mode()
 def token_logprobs(
@@ -182,3 +200,65 @@ def paired_auc_difference(
     boot = auc(m_a[im], n_a[inn]) - auc(m_b[im], n_b[inn])
     lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
     return float(auc(m_a, n_a) - auc(m_b, n_b)), float(lo), float(hi)
+
+
+def record_losses(
+    model: torch.nn.Module, tokenizer: Any, records: Sequence[CanaryRecord], batch_size: int = 16
+) -> dict[str, float]:
+    """Mean token NLL (nats/token) of each record's full text under ``model``, by record id.
+
+    The statistic is the one :func:`libortho.privacy.mia_scores` calls ``loss`` (same tokenizer
+    call, same tokens), so a public model's values from here can be subtracted from it. Run it
+    once on P, keep the dict (it is plain data, JSON-safe), and free 
+    """
+    lps = token_logprobs(model, tokenizer, [r.text for r in records], batch_size)
+    out: dict[str, float] = {}
+    for record, lp in zip(records, lps):
+        if len(lp) == 0:
+            raise ValueError(f"record {record.id!r} has fewer than 2 tokens; cannot score membership")
+        out[record.id] = -float(lp.mean())
+    return out
+
+
+def reference_calibrated_scores(
+    losses: Sequence[float] | np.ndarray, public_losses: Sequence[float] | np.ndarray
+) -> np.ndarray:
+    """Member score = loss under P - loss under the model (higher = more likely a member).
+
+    ``losses`` and ``public_losses``: mean token NLL (nats/token) of the same records in the
+    same order, shape [n] each. Returns float64 [n].
+    """
+    a = np.asarray(losses, dtype=np.float64)
+    b = np.asarray(public_losses, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"losses {a.shape} and public losses {b.shape} must cover the same records")
+    return b - a
+
+
+def public_losses_for(public_losses: Mapping[str, float], records: Sequence[CanaryRecord]) -> np.ndarray:
+    """P's losses in the order of ``records`` (float64 [n]); names the records it lacks."""
+    missing = [r.id for r in records if r.id not in public_losses]
+    if missing:
+        raise ValueError(f"public-model losses lack {len(missing)} record(s), e.g. {missing[:3]}")
+    return np.array([float(public_losses[r.id]) for r in records], dtype=np.float64)
+
+
+def tpr_at_lowest_fpr(
+    member_scores: Sequence[float] | np.ndarray, nonmember_scores: Sequence[float] | np.ndarray
+) -> tuple[float, float]:
+    """(TPR, FPR) at the lowest nonzero FPR the non-members resolve: FPR = 1 / n_nonmembers.
+
+    The TPR is the largest one of any threshold whose FPR is at most 1 / n (the ROC points of
+    :func:`sklearn.metrics.roc_curve`, no interpolation): the fraction of members scoring at least
+    as high as the highest-scoring non-member, where ties at that score keep the FPR within 1 / n.
+    With 24 non-members the stated FPR is 4.2 %; a "TPR at 1 % FPR" is not measurable there.
+    """
+    m = np.asarray(member_scores, dtype=np.float64)
+    n = np.asarray(nonmember_scores, dtype=np.float64)
+    if m.size == 0 or n.size == 0:
+        raise ValueError("membership inference needs at least one member and one non-member")
+    y = np.r_[np.ones(m.size), np.zeros(n.size)]
+    fpr, tpr, _ = roc_curve(y, np.r_[m, n], drop_intermediate=False)
+    lowest = 1.0 / n.size
+    ok = fpr <= lowest * (1 + 1e-12)
+    return float(tpr[ok].max()), lowest
