@@ -76,12 +76,14 @@ def _v(kernel, nw, ns, **kw):
     base = dict(GS=128, CBITS=4, ZCONST=True, HAS_BIAS=False, HAS_ORTHO=False, ALPHA_VEC=False,
                 EVEN=True, USE_SPLIT=True, E=16)
     if kernel is tk._gemm_kernel:
-        base.update(JOIN=True, DOT_F32=False, SWAP=True, ORTHO_ROWS=kw.get("BM", 16) <= 16)
+        base.update(FMA=False, JOIN=True, DOT_F32=False, SWAP=True,
+                    ORTHO_ROWS=kw.get("BM", 16) <= 16, XPF=False, XBF16=False)
     elif kernel is tk._gemv2_kernel:
         base = dict(GS=128, HAS_BIAS=False, HAS_ORTHO=False, ALPHA_VEC=False, USE_SPLIT=True,
                     E=16, H2=True, XBF16=False, GPT=1, XVEC=True, SBC=True, STAGES=1, OPF=False)
     else:
-        base.update(XPF=True, XBF16=False)
+        base.update(FMA=True, XPF=True, XBF16=False, SWAP=False, JOIN=False, DOT_F32=False,
+                    ORTHO_ROWS=False)
     base.update(kw)
     return (kernel, base, nw, ns)
 

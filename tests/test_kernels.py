@@ -17,12 +17,12 @@ if not torch.cuda.is_available():  # must be set before the kernels are decorate
 triton = pytest.importorskip("triton")
 
 import libortho.kernels.dispatch as K  # noqa: E402
-from libortho.kernels import codes, gemm, gemv, gemv2, ortho, tile  # noqa: E402
+from libortho.kernels import codes, gemv2, ortho, tile, v1  # noqa: E402
 from libortho.kernels import triton_kernels as TK  # noqa: E402
 from libortho.kernels.synthetic import random_layer  # noqa: E402
 
 if not torch.cuda.is_available():  # re-decorate in interpreter mode if imported earlier
-    for _mod in (codes, tile, ortho, gemv, gemm, gemv2):  # helpers before their callers
+    for _mod in (codes, tile, ortho, v1, gemv2):  # helpers before their callers
         importlib.reload(_mod)
     TK = importlib.reload(TK)
     K._tk = TK

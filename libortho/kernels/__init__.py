@@ -14,7 +14,7 @@ Scalar alpha == 0 takes the base-only kernel (the ortho buffers are not read).
 
 Where things live: dispatch.py (kernel choice and launch), launch.py (split-K and ortho
 chunk sizing), configs.py (tile configs), layout.py (kernel-side layout of a layer),
-triton_kernels.py (the kernels: gemv2.py, gemv.py, gemm.py and their shared helpers),
+triton_kernels.py (the kernels: gemv2.py, v1.py and their shared helpers),
 reference.py (PyTorch reference and fallback), synthetic.py (random layers).
 """
 from __future__ import annotations

@@ -75,3 +75,29 @@ def _x_halves(xp, XBF16: tl.constexpr):
         xa = xp.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         xb = (xp >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     return xa, xb
+
+
+@triton.jit
+def _dequant_tile(q, sa, sb, onebits, CBITS: tl.constexpr, BN: tl.constexpr,
+                  BKW: tl.constexpr, DT: tl.constexpr):
+    """Word tile q [BN, BKW] -> dequantized weights [BN, BKW·EPW] in natural column order,
+    dtype DT (CBITS 4 or 8). The slots are joined in-register (join appends a last axis, so
+    the outermost join picks the fastest index: slot s = 4·i2 + 2·i1 + i0 for nibbles)."""
+    if CBITS == 4:
+        w0 = (_codes(q, 0, onebits, CBITS) * sa - sb).to(DT)
+        w1 = (_codes(q, 1, onebits, CBITS) * sa - sb).to(DT)
+        w2 = (_codes(q, 2, onebits, CBITS) * sa - sb).to(DT)
+        w3 = (_codes(q, 3, onebits, CBITS) * sa - sb).to(DT)
+        w4 = (_codes(q, 4, onebits, CBITS) * sa - sb).to(DT)
+        w5 = (_codes(q, 5, onebits, CBITS) * sa - sb).to(DT)
+        w6 = (_codes(q, 6, onebits, CBITS) * sa - sb).to(DT)
+        w7 = (_codes(q, 7, onebits, CBITS) * sa - sb).to(DT)
+        even = tl.join(tl.join(w0, w4), tl.join(w2, w6))
+        odd = tl.join(tl.join(w1, w5), tl.join(w3, w7))
+        return tl.reshape(tl.join(even, odd), (BN, BKW * 8))
+    else:
+        w0 = (_codes(q, 0, onebits, CBITS) * sa - sb).to(DT)
+        w1 = (_codes(q, 1, onebits, CBITS) * sa - sb).to(DT)
+        w2 = (_codes(q, 2, onebits, CBITS) * sa - sb).to(DT)
+        w3 = (_codes(q, 3, onebits, CBITS) * sa - sb).to(DT)
+        return tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BN, BKW * 4))

@@ -7,13 +7,12 @@ Scalar alpha == 0 takes the base-only kernel variant (the ortho buffers are not 
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Optional, Union
 
 import torch
 
 from .configs import Config, default_config, select_config
-from .launch import auto_e, choose_split, split_buffers
+from .launch import auto_e, choose_split, interpret_mode, split_buffers
 from .layout import KernelLayout, get_layout
 from .reference import container_bits, reference_dual_stream
 
@@ -26,11 +25,6 @@ try:  # Triton is optional (CPU-only installs may lack it).
 except Exception:  # pragma: no cover - depends on the environment
     _tk = None
     _HAS_TRITON = False
-
-
-def interpret_mode() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def available() -> bool:
@@ -163,10 +157,11 @@ def dual_stream_linear(x: torch.Tensor, layer: Any, alpha: Alpha = 0.0, *,
         xpf = (lay.cbits == 4 and x2.dtype in (torch.float16, torch.bfloat16) and k % 2 == 0
                and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0
             and layer.scales.is_contiguous())
-        _tk._gemv_kernel[grid](*args, XPF=xpf, XBF16=x2.dtype == torch.bfloat16, **common)
+        _tk._gemv_kernel[grid](*args, FMA=True, XPF=xpf, XBF16=x2.dtype == torch.bfloat16,
+                               **common)
     else:
         dot_f32 = interpret_mode() and x.dtype == torch.bfloat16  # interpreter bf16 dot bug
-        _tk._gemm_kernel[grid](*args, SWAP=bool(cfg.get("SWAP", False)), JOIN=join,
+        _tk._gemm_kernel[grid](*args, FMA=False, SWAP=bool(cfg.get("SWAP", False)), JOIN=join,
                                DOT_F32=dot_f32, ORTHO_ROWS=ortho_rows, **common)
     return y.reshape(*x.shape[:-1], n)
 

@@ -1,7 +1,9 @@
 """Launch sizing shared by the kernel launches: the split-K factor, its workspace and
-per-device counters, and the ortho chunk size E from the layer's density."""
+per-device counters, and the ortho chunk size E from the layer's density; and whether
+kernels run in Triton's CPU interpreter."""
 from __future__ import annotations
 
+import os
 from typing import Any, Tuple
 
 import torch
@@ -9,6 +11,11 @@ import torch
 _MAX_COUNTERS = 1 << 16
 _COUNTERS: dict = {}
 _SMS: dict = {}
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _counters(device: torch.device, tiles: int) -> torch.Tensor:

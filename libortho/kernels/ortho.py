@@ -6,7 +6,7 @@ Operands (see libortho/kernels/triton_kernels.py): ``crow`` int32 [N+1], ``col``
 SPLIT programs of a tile (so the work stays balanced whatever the row lengths), and each slice
 is walked E entries at a time. The decode kernels issue the first chunk before their K loop
 (so its dependent round trips overlap the weight stream) and the rest after it; the gemm
-kernel's "tile" mode walks the whole tile's slice instead (one-hot scatter, in gemm.py).
+kernel's "tile" mode walks the whole tile's slice instead (one-hot scatter, in v1.py).
 """
 from __future__ import annotations
 

@@ -9,11 +9,12 @@ tools use:
 * ``_gemv2_kernel`` (gemv2.py) — decode v2 (the tuned default for 1–4 token rows on
   symmetric 4-bit layers): 16-byte word loads, fp16x2 dequantisation and dot products
   through inline PTX (≈ 2.8 instructions per weight), register or cp.async pipelining.
-* ``_gemv_kernel`` (gemv.py) — decode v1, 1–2 token rows per program (other layouts:
+* ``_gemv_kernel`` (v1.py, FMA=True) — decode v1, 1–2 token rows per program (other layouts:
   asymmetric zeros, 2/8-bit, K not a whole number of v2 tiles). CUDA-core FMAs on the packed
   word tile in its load layout, one FFMA per weight.
-* ``_gemm_kernel`` (gemm.py) — several rows (decode batch ≥ 3, prefill). Dequantizes in the
-  inner loop to the activation dtype and feeds ``tl.dot`` (fp32 accumulation).
+* ``_gemm_kernel`` (v1.py, FMA=False) — several rows (decode batch ≥ 3, prefill). Dequantizes
+  in the inner loop to the activation dtype and feeds ``tl.dot`` (fp32 accumulation).
+  The two v1 kernels are one program compiled twice (one parameter list, one launch path).
 
 Operands (all device tensors, see libortho/kernels/layout.py):
 
@@ -33,8 +34,7 @@ Operands (all device tensors, see libortho/kernels/layout.py):
 """
 from __future__ import annotations
 
-from .gemm import _gemm_kernel
-from .gemv import _gemv_kernel
 from .gemv2 import _gemv2_kernel
+from .v1 import _gemm_kernel, _gemv_kernel
 
 __all__ = ["_gemm_kernel", "_gemv_kernel", "_gemv2_kernel"]
