@@ -27,6 +27,7 @@ __all__ = [
     "parse_format",
     "candidate_space_size",
     "sample_candidates",
+    "record_seed",
     "record_rng",
     "CanaryRecord",
     "record_from_dict",
@@ -89,10 +90,15 @@ def candidate_space_size(fmt: str) -> int:
     return parse_format(fmt).size
 
 
+def record_seed(seed: int, record_id: str) -> np.random.SeedSequence:
+    """One record's seed: the same for the record under every model and condition (common random
+    numbers), whatever order the records are measured in."""
+    return np.random.SeedSequence([seed, zlib.crc32(record_id.encode("utf-8"))])
+
+
 def record_rng(seed: int, record_id: str) -> np.random.Generator:
-    """The generator of one record's random candidates: the same for the record under every model
-    and condition (common random numbers), whatever order the records are measured in."""
-    return np.random.default_rng([seed, zlib.crc32(record_id.encode("utf-8"))])
+    """The generator of one record's random candidates (seeded by :func:`record_seed`)."""
+    return np.random.default_rng(record_seed(seed, record_id))
 
 
 def _as_rng(rng: np.random.Generator | int | None) -> np.random.Generator:

@@ -33,6 +33,7 @@ from ..records import (  # noqa: F401 (re-exported)
     parse_format,
     record_from_dict,
     record_rng,
+    record_seed,
     sample_candidates,
     save_records,
 )

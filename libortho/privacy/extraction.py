@@ -7,16 +7,14 @@
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from ..lm import pad_token_id
-from ..records import CanaryRecord
+from ..records import CanaryRecord, record_seed
 from ._lm import _cache_to_kv, _device, _encode, _kv_to_cache, _lm_forward, _split_continuations
 
 __all__ = ["ExtractionResult", "extract_secrets", "left_padded", "Sampling", "SampledExtractionResult",
@@ -161,9 +159,7 @@ class Sampling:
 
 def _record_generator(seed: int, record_id: str) -> torch.Generator:
     # One stream per (seed, record): the same uniforms for a record under every model and batching.
-    g = torch.Generator(device="cpu")
-    g.manual_seed(int(np.random.SeedSequence([seed, zlib.crc32(record_id.encode("utf-8"))]).generate_state(1)[0]))
-    return g
+    return torch.Generator(device="cpu").manual_seed(int(record_seed(seed, record_id).generate_state(1)[0]))
 
 
 def _sample_tokens(
