@@ -24,7 +24,7 @@ from torch import nn
 
 from . import artifact_check as check
 from .artifact_check import BASE_FILE, MANIFEST, ORTHO_FILE, ORTHO_KEYS, ArtifactError, sha256_file
-from .calibrate import replace_submodule
+from .hf_model import replace_submodule
 from .fsutil import apply_umask, check_output_dir, staged_dir
 from .layer import AlphaState, OrthoLinear, attach_alpha_state, ortho_layers
 from .remote_code import refuse_custom_code

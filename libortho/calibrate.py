@@ -3,20 +3,14 @@ their inputs, and accumulate each linear layer's proxy Hessian H = 2·XᵀX / n 
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .hf_model import decoder_blocks, pad_token_id
 from .lm import cut_windows, encode_long, pad_sequences
 
-try:  # GPT-2 style models store linear weights transposed in Conv1D
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = ()  # type: ignore[assignment]
-
-BLOCK_CONTAINERS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "transformer.blocks")
 
 
 def calibration_windows(tokenizer, text: str, n_tokens: int, seq_len: int) -> torch.Tensor:
@@ -29,48 +23,6 @@ def calibration_windows(tokenizer, text: str, n_tokens: int, seq_len: int) -> to
             "(pass a longer --calib file or a smaller --seq-len)"
         )
     return windows
-
-
-def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of transformer blocks, and its qualified name."""
-    for name in BLOCK_CONTAINERS:
-        module = model
-        for part in name.split("."):
-            module = getattr(module, part, None)
-            if module is None:
-                break
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            return name, module
-    raise ValueError(
-        f"cannot find the decoder blocks of {type(model).__name__}: looked for {', '.join(BLOCK_CONTAINERS)}"
-    )
-
-
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
-
-
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The weight as [out, in], whatever the module stores."""
-    if isinstance(module, nn.Linear):
-        return module.weight.detach()
-    return module.weight.detach().t()  # Conv1D stores [in, out]
-
-
-def target_linears(block: nn.Module, include: str | None = None) -> dict[str, nn.Module]:
-    """Linear layers of one block to decompose, by name within the block (optionally a regex filter)."""
-    pattern = re.compile(include) if include else None
-    return {
-        name: m
-        for name, m in block.named_modules()
-        if is_linear(m) and (pattern is None or pattern.search(name))
-    }
-
-
-def replace_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
-    """Put `new` where the submodule named `dotted` (relative to root) is."""
-    parent_name, _, child = dotted.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
 class StopForward(Exception):
@@ -190,7 +142,7 @@ class HessianCollector:
 
 def text_batches(tokenizer, texts: list[str], batch_size: int = 16, max_len: int = 256) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Padded (ids, mask) batches of each text's tokens (BOS-free, truncated to max_len)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_token_id(tokenizer)
     seqs = [tokenizer(t, add_special_tokens=False).input_ids[:max_len] for t in texts]
     seqs = [s for s in seqs if len(s) >= 2]
     return [pad_sequences(seqs[i : i + batch_size], pad)[:2] for i in range(0, len(seqs), batch_size)]

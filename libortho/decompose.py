@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from . import calibrate
 from .config import OrthoConfig
 from .forget import ForgetObjective
+from .hf_model import decoder_blocks, linear_weight, module_device, replace_submodule, target_linears
 from .layer import AlphaState, OrthoLinear, attach_alpha_state
 from .quantize import QuantizedWeight, gptq, hinv_upper, rtn
 from .csr import OrthoCSR, csr_from_flat_indices
@@ -77,8 +78,8 @@ def plan_decomposition(
     if forget_texts and not config.needs_forget_texts:
         raise ValueError("forget_texts were given, but forget_source is not 'records' or 'lookalikes'")
     windows = calibrate.calibration_windows(tokenizer, calibration_text, config.calib_tokens, config.seq_len)
-    _, blocks = calibrate.decoder_blocks(model)
-    targets = [calibrate.target_linears(block, config.include) for block in blocks]
+    _, blocks = decoder_blocks(model)
+    targets = [target_linears(block, config.include) for block in blocks]
     if not any(targets):
         raise ValueError(f"no linear layer inside the decoder blocks matches include={config.include!r}")
     private = calibrate.text_batches(tokenizer, list(forget_texts), max_len=config.seq_len) if forget_texts else []
@@ -89,7 +90,7 @@ def plan_decomposition(
 
 
 def _public_weights(public_model: nn.Module, targets: list[dict[str, nn.Module]]) -> dict[LayerKey, torch.Tensor]:
-    _, public_blocks = calibrate.decoder_blocks(public_model)
+    _, public_blocks = decoder_blocks(public_model)
     if len(public_blocks) != len(targets):
         raise ValueError(
             f"public_model has {len(public_blocks)} decoder blocks and the fine-tuned model {len(targets)}: "
@@ -99,10 +100,10 @@ def _public_weights(public_model: nn.Module, targets: list[dict[str, nn.Module]]
     for b, block_targets in enumerate(targets):
         for name, module in block_targets.items():
             try:
-                W_P = calibrate.linear_weight(public_blocks[b].get_submodule(name))
+                W_P = linear_weight(public_blocks[b].get_submodule(name))
             except AttributeError:
                 raise ValueError(f"public_model has no layer {b}.{name}: pass the checkpoint the model was fine-tuned from") from None
-            W_ft = calibrate.linear_weight(module)
+            W_ft = linear_weight(module)
             if W_P.shape != W_ft.shape:
                 raise ValueError(
                     f"public_model's {b}.{name} is {tuple(W_P.shape)}, the fine-tuned model's {tuple(W_ft.shape)}: "
@@ -153,7 +154,7 @@ def quantize_model(
     stats = DecompositionStats()
     model.eval()
     needs_h = config.method == "gptq" or config.score != "magnitude" or config.ortho_refit or config.forgets
-    _, blocks = calibrate.decoder_blocks(model)
+    _, blocks = decoder_blocks(model)
     public = calibrate.capture_block_inputs(model, plan.public_batches)
     private = calibrate.capture_block_inputs(model, plan.private_batches) if plan.private_batches else None
     stats.n_private_tokens = sum(int(mask.sum()) for _, mask in plan.private_batches)
@@ -165,7 +166,7 @@ def quantize_model(
         objective = ForgetObjective(config)
         factors: dict[int, torch.Tensor] = {}  # one Cholesky factor per distinct H (q/k/v share theirs)
         for name, module in targets.items():
-            W = calibrate.linear_weight(module).float().cpu()
+            W = linear_weight(module).float().cpu()
             W_P = plan.public_weights.get((b, name))
             if name in H_pub:
                 fit = objective.fit(W, W_P, H_pub[name], H_priv.get(name))
@@ -184,7 +185,7 @@ def quantize_model(
             if name in H_priv and W_P is not None:
                 stats.layer_private_error[f"{b}.{name}"] = relative_output_error(W_P, W_base, H_priv[name])
             stats.n_weights += W.numel()
-            calibrate.replace_submodule(block, name, _base_only_layer(base, bias, module))
+            replace_submodule(block, name, _base_only_layer(base, bias, module))
         # What block b+1 sees: the base stream's output.
         public.hidden = calibrate.run_block(block, public)
         if private is not None:
@@ -252,11 +253,11 @@ def install(
     """Put the final OrthoLinear layers into `model` sharing one alpha switch; returns the ortho nnz.
 
     The switch starts at `alpha` = 0 (fail closed): the ortho stream only joins when asked for."""
-    _, blocks = calibrate.decoder_blocks(model)
+    _, blocks = decoder_blocks(model)
     n_ortho = 0
     for (b, name), p in parts.items():
-        layer = OrthoLinear.from_parts(p.base, orthos[(b, name)], p.bias).to(_module_device(blocks[b]))
-        calibrate.replace_submodule(blocks[b], name, layer)
+        layer = OrthoLinear.from_parts(p.base, orthos[(b, name)], p.bias).to(module_device(blocks[b]))
+        replace_submodule(blocks[b], name, layer)
         n_ortho += orthos[(b, name)].nnz
     attach_alpha_state(model, AlphaState(default=alpha))
     model.libortho_config = config
@@ -294,13 +295,4 @@ def decompose(
 def _base_only_layer(base: QuantizedWeight, bias: torch.Tensor | None, like: nn.Module) -> OrthoLinear:
     layer = OrthoLinear.from_parts(base, OrthoCSR.empty(tuple(base.codes.shape)), bias)
     layer.alpha_state = AlphaState(default=0.0)
-    return layer.to(_module_device(like))
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    for b in module.buffers():
-        return b.device
-    return torch.device("cpu")
-
+    return layer.to(module_device(like))

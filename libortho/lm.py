@@ -19,7 +19,6 @@ __all__ = [
     "encode_long",
     "cut_windows",
     "pad_sequences",
-    "pad_token_id",
     "next_token_nll",
     "target_count",
     "sequences_nll",
@@ -68,11 +67,6 @@ def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
         mask[row, : len(s)] = 1
         labels[row, : len(s)] = torch.tensor(s)
     return ids, mask, labels
-
-
-def pad_token_id(tokenizer: Any) -> int:
-    """The tokenizer's padding id, 0 when it has none (padded positions are masked out anyway)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def next_token_nll(

@@ -29,7 +29,8 @@ from torch import nn
 
 from . import privacy as P
 from .audit.schema import MEASURED_METHODS
-from .lm import next_token_nll, pad_token_id, sequences_nll
+from .hf_model import pad_token_id
+from .lm import next_token_nll, sequences_nll
 from .records import CanaryRecord
 from .scenario import ScenarioConfig, frozen_trainable_weights, public_windows, text_ids
 

@@ -5,9 +5,8 @@ def test_hessians_are_exact_per_layer_over_many_batches(tokenizer):
     """Shared accumulation (q/k/v, gate/up) must never mistake a new activation for the last one,
     even when the allocator hands it the freed memory of an earlier one of the same shape."""
     from conftest import TEXT, tiny_model
-    from libortho.calibrate import (
-        HessianCollector, calibration_windows, capture_block_inputs, decoder_blocks, run_block, target_linears, window_batches,
-    )
+    from libortho.calibrate import HessianCollector, calibration_windows, capture_block_inputs, run_block, window_batches
+    from libortho.hf_model import decoder_blocks, target_linears
 
     model = tiny_model("llama")
     windows = calibration_windows(tokenizer, TEXT, 8 * 32, 32)
@@ -33,9 +32,8 @@ def test_hessians_are_exact_per_layer_over_many_batches(tokenizer):
 def test_padding_stays_out_of_the_hessian(tokenizer):
     """Padded forget texts: H over the real tokens only, equal to H of each text run on its own."""
     from conftest import tiny_model
-    from libortho.calibrate import (
-        HessianCollector, capture_block_inputs, decoder_blocks, run_block, target_linears, text_batches,
-    )
+    from libortho.calibrate import HessianCollector, capture_block_inputs, run_block, text_batches
+    from libortho.hf_model import decoder_blocks, target_linears
 
     model = tiny_model("llama")
     block = decoder_blocks(model)[1][0]

@@ -431,7 +431,7 @@ GRADIENT_RECORDS = [P.CanaryRecord("a", "Account of Maria has PIN ", "739181", "
 def test_canary_gradient_norm_is_the_weight_gradient_and_follows_alpha(tokenizer):
     import libortho
     from conftest import TEXT, tiny_model
-    from libortho.calibrate import decoder_blocks
+    from libortho.hf_model import decoder_blocks
 
     records = GRADIENT_RECORDS
     model = tiny_model("llama")

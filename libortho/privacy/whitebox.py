@@ -27,7 +27,7 @@ def canary_gradient_norm(
     PROBE_BYTES of fp32 perturbations, one forward and backward pass over the records per group,
     so that the probes and their gradients never need the model's whole size at once.
     """
-    from ..calibrate import decoder_blocks
+    from ..hf_model import decoder_blocks
     from ..layer import OrthoLinear
 
     _, blocks = decoder_blocks(model)

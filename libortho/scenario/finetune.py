@@ -24,7 +24,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..lm import next_token_nll, pad_token_id, sequences_nll
+from ..hf_model import pad_token_id
+from ..lm import next_token_nll, sequences_nll
 from ..records import CanaryRecord
 from .config import ScenarioConfig
 from .records import record_ids
@@ -39,7 +40,7 @@ def trainable_weights(model: nn.Module, blocks: int | Sequence[int] | None = Non
     Biases are not included: the decomposition keeps them exact in the base stream, so a trained
     bias would carry private information past alpha = 0.
     """
-    from ..calibrate import decoder_blocks, is_linear
+    from ..hf_model import decoder_blocks, is_linear
 
     container, layers = decoder_blocks(model)
     n = len(layers)
