@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import itertools
+import math
+import numbers
 import threading
 from typing import Iterator
 
@@ -27,6 +29,32 @@ from torch import nn
 
 AlphaValue = float | torch.Tensor
 _state_ids = itertools.count()
+
+
+class AlphaError(ValueError):
+    """An alpha that is not a number in [0, 1]; the message names where it came from."""
+
+
+def parse_alpha(value: object, what: str = "alpha", *, text: bool = False) -> float:
+    """One scalar alpha as a float in [0, 1] (-0 becomes 0), else AlphaError naming `what`.
+
+    Accepts real numbers (int, float, NumPy scalars), and with `text` a string holding a number (a CLI argument, an HTTP
+    header). Refuses booleans (in JSON, ``true`` is a typo, not 1.0), NaN and infinities.
+    """
+    if text and isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise AlphaError(f"{what} must be a number in [0, 1], got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise AlphaError(f"{what} must be a number in [0, 1], got {value!r}")
+    try:
+        value = float(value)
+    except OverflowError:  # an int too large for a float
+        raise AlphaError(f"{what} must lie in [0, 1], got a number of {len(str(abs(int(value))))} digits") from None
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise AlphaError(f"{what} must lie in [0, 1], got {value!r}")
+    return value + 0.0  # -0.0 + 0.0 == +0.0
 
 
 class AlphaState:
@@ -61,14 +89,10 @@ class AlphaState:
             if value.numel() == 0:
                 raise ValueError("a per-row alpha tensor must not be empty")
             lo, hi = float(value.min()), float(value.max())
+            if not (0.0 <= lo and hi <= 1.0):  # also refuses NaN
+                raise AlphaError(f"a per-row alpha must lie in [0, 1], got values from {lo} to {hi}")
         else:
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"alpha must be a number in [0, 1], got {value!r}") from None
-            lo = hi = value
-        if not (0.0 <= lo and hi <= 1.0):  # also refuses NaN
-            raise ValueError(f"alpha must lie in [0, 1], got {value if not isinstance(value, torch.Tensor) else (lo, hi)}")
+            value = lo = hi = parse_alpha(value)
         if hi > 0 and not self.ortho_available:
             raise ValueError(
                 "this model was loaded without its ortho stream (ortho.safetensors), so alpha is fixed at 0; "
