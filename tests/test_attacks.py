@@ -1,5 +1,6 @@
-"""Known-answer tests for libortho.attacks (P-calibrated MIA, extraction by sampling, TPR at the
-lowest resolvable FPR) and their wiring into the audit, on tiny offline models (CPU, seconds)."""
+"""Known-answer tests for the public-model-calibrated membership attack (privacy.membership), extraction by
+sampling (privacy.extraction), TPR at the lowest resolvable FPR, and their wiring into the audit, on tiny
+offline models (CPU, seconds)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from libortho import attacks as ATK
 from libortho import audit as A
 from libortho import privacy as P
+from libortho.privacy.extraction import _sample_tokens
 from conftest import train_on
 from test_audit import PUBLIC_TEXT, char_tokenizer, tiny_llama
 
@@ -56,7 +57,7 @@ def calibrated_auc(model, public, tok, members, nonmembers) -> float:
     scores = {}
     for group, recs in (("m", members), ("n", nonmembers)):
         losses = P.mia_scores(model, tok, [r.text for r in recs]).loss
-        scores[group] = ATK.reference_calibrated_scores(losses, ATK.public_losses_for(pub, recs))
+        scores[group] = P.reference_calibrated_scores(losses, P.public_losses_for(pub, recs))
     return P.mia_metrics(scores["m"], scores["n"]).auc
 
 
@@ -76,21 +77,21 @@ def test_calibrated_score_is_zero_for_the_public_model_itself(setting):
     tok, public, _, _, members, nonmembers = setting
     pub = A.public_record_losses(public, tok, members, nonmembers)
     losses = P.mia_scores(public, tok, [r.text for r in members]).loss
-    np.testing.assert_array_equal(ATK.reference_calibrated_scores(losses, ATK.public_losses_for(pub, members)), 0.0)
+    np.testing.assert_array_equal(P.reference_calibrated_scores(losses, P.public_losses_for(pub, members)), 0.0)
     with pytest.raises(ValueError, match="lack 1 record"):
-        ATK.public_losses_for({k: v for k, v in pub.items() if k != members[0].id}, members)
+        P.public_losses_for({k: v for k, v in pub.items() if k != members[0].id}, members)
 
 
 def test_tpr_at_lowest_fpr_known_answers():
     # 4 non-members: FPR resolves 1/4. Threshold 3 admits one non-member (3.5) and three members.
-    tpr, fpr = ATK.tpr_at_lowest_fpr([5, 4, 3, 0], [3.5, 1, 0.5, 0.2])
+    tpr, fpr = P.tpr_at_lowest_fpr([5, 4, 3, 0], [3.5, 1, 0.5, 0.2])
     assert (tpr, fpr) == (0.75, 0.25)
-    assert ATK.tpr_at_lowest_fpr([2, 3], [0, 1, 1.5]) == (1.0, pytest.approx(1 / 3))
+    assert P.tpr_at_lowest_fpr([2, 3], [0, 1, 1.5]) == (1.0, pytest.approx(1 / 3))
     # a member tied with the top non-member counts only when that tie keeps FPR at 1/n
-    assert ATK.tpr_at_lowest_fpr([1.0, 0.0], [1.0, 0.5]) == (0.5, 0.5)
-    assert ATK.tpr_at_lowest_fpr([1.0, 0.0], [1.0, 1.0]) == (0.0, 0.5)  # tie spans 2/2 non-members
+    assert P.tpr_at_lowest_fpr([1.0, 0.0], [1.0, 0.5]) == (0.5, 0.5)
+    assert P.tpr_at_lowest_fpr([1.0, 0.0], [1.0, 1.0]) == (0.0, 0.5)  # tie spans 2/2 non-members
     with pytest.raises(ValueError, match="at least one member"):
-        ATK.tpr_at_lowest_fpr([], [1.0])
+        P.tpr_at_lowest_fpr([], [1.0])
 
 
 # ---------------------------------------------------------------------------------------
@@ -115,7 +116,7 @@ def emitter():
 
 def test_sampling_finds_an_emitted_secret_and_none_never_seen(emitter):
     tok, model = emitter
-    found = ATK.sample_extract_secrets(model, tok, SECRET_RECORDS + UNSEEN, n_samples=64, seed=0)
+    found = P.sample_extract_secrets(model, tok, SECRET_RECORDS + UNSEEN, n_samples=64, seed=0)
     assert [r.extracted for r in found] == [True, True, False, False]
     assert all(r.n_samples == 64 for r in found)
     assert all(r.secret in f.example for r, f in zip(SECRET_RECORDS, found))
@@ -126,7 +127,7 @@ def test_sampling_with_top_k_one_is_greedy(emitter):
     tok, model = emitter
     records = SECRET_RECORDS + UNSEEN
     greedy = P.extract_secrets(model, tok, records, extra_tokens=4)
-    sampled = ATK.sample_extract_secrets(model, tok, records, n_samples=5, top_k=1, seed=1)
+    sampled = P.sample_extract_secrets(model, tok, records, n_samples=5, top_k=1, seed=1)
     for g, s in zip(greedy, sampled):
         assert s.example == g.continuation and s.hits in (0, 5)
 
@@ -134,25 +135,25 @@ def test_sampling_with_top_k_one_is_greedy(emitter):
 def test_sampling_is_seeded_and_independent_of_batching(emitter):
     tok, model = emitter
     records = SECRET_RECORDS + UNSEEN
-    first = ATK.sample_extract_secrets(model, tok, records, n_samples=16, seed=7, max_rows=64)
-    alone = [ATK.sample_extract_secrets(model, tok, [r], n_samples=16, seed=7, max_rows=16)[0] for r in records]
+    first = P.sample_extract_secrets(model, tok, records, n_samples=16, seed=7, max_rows=64)
+    alone = [P.sample_extract_secrets(model, tok, [r], n_samples=16, seed=7, max_rows=16)[0] for r in records]
     assert first == alone
     untrained = tiny_llama(len(tok), seed=5)
-    a = ATK.sample_extract_secrets(untrained, tok, records, n_samples=16, seed=7)
-    b = ATK.sample_extract_secrets(untrained, tok, records, n_samples=16, seed=8)
-    assert a == ATK.sample_extract_secrets(untrained, tok, records, n_samples=16, seed=7)
+    a = P.sample_extract_secrets(untrained, tok, records, n_samples=16, seed=7)
+    b = P.sample_extract_secrets(untrained, tok, records, n_samples=16, seed=8)
+    assert a == P.sample_extract_secrets(untrained, tok, records, n_samples=16, seed=7)
     assert [x.example for x in a] != [x.example for x in b]
 
 
 def test_sampling_options_object_equals_its_keywords_and_rejects_bad_input(emitter):
     tok, model = emitter
     records = SECRET_RECORDS + UNSEEN
-    by_object = ATK.sample_extract_secrets(model, tok, records, P.Sampling(n_samples=8, top_k=5, seed=3))
-    assert by_object == ATK.sample_extract_secrets(model, tok, records, n_samples=8, top_k=5, seed=3)
+    by_object = P.sample_extract_secrets(model, tok, records, P.Sampling(n_samples=8, top_k=5, seed=3))
+    assert by_object == P.sample_extract_secrets(model, tok, records, n_samples=8, top_k=5, seed=3)
     with pytest.raises(ValueError, match="not both"):
-        ATK.sample_extract_secrets(model, tok, records, P.Sampling(), seed=1)
+        P.sample_extract_secrets(model, tok, records, P.Sampling(), seed=1)
     with pytest.raises(TypeError, match="unknown sampling option.*n_sample"):
-        ATK.sample_extract_secrets(model, tok, records, n_sample=8)
+        P.sample_extract_secrets(model, tok, records, n_sample=8)
     for bad, match in [(dict(n_samples=0), "n_samples"), (dict(temperature=0.0), "temperature"),
                        (dict(top_k=-1), "top_k")]:
         with pytest.raises(ValueError, match=match):
@@ -163,7 +164,7 @@ def test_sampler_draws_from_the_top_k_distribution():
     # Inverse-CDF draws over softmax(top-k / T) match the exact probabilities.
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 5.0]]).repeat(20000, 1)
     u = torch.rand(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    ids = ATK._sample_tokens(logits, u, temperature=2.0, top_k=3)
+    ids = _sample_tokens(logits, u, temperature=2.0, top_k=3)
     freq = torch.bincount(ids, minlength=5).double() / len(ids)
     expected = torch.zeros(5, dtype=torch.float64)
     expected[[4, 0, 1]] = torch.softmax(torch.tensor([5.0, 2.0, 1.0], dtype=torch.float64) / 2.0, dim=0)

@@ -13,6 +13,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from libortho import privacy as P
+from libortho.privacy.exposure_rank import _digit_plan, _enumerate_all
+from libortho.privacy.extraction import _is_extracted
+from libortho.privacy.forward import common_prefix_len
 from conftest import train_on
 
 CHARS = " abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:'-"
@@ -60,7 +63,7 @@ def full_sequence_logprob(model, tokenizer, prefix: str, candidate: str, start: 
     ``start`` (default: after the part shared with tokenize(prefix))."""
     prefix_ids = tokenizer(prefix)["input_ids"]
     ids = tokenizer(prefix + candidate)["input_ids"]
-    start = P._common_prefix_len(prefix_ids, ids) if start is None else start
+    start = common_prefix_len(prefix_ids, ids) if start is None else start
     with torch.no_grad():
         lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
     return sum(float(lp[i - 1, ids[i]]) for i in range(start, len(ids)))
@@ -217,7 +220,7 @@ def test_scores_across_a_merged_boundary_token():
 
 def brute_force_rank(model, tok, record: P.CanaryRecord) -> tuple[float, float]:
     spec = P.parse_format(record.secret_format)
-    every = P._enumerate_all(spec)
+    every = _enumerate_all(spec)
     scores = P.secret_logprobs(model, tok, record.prefix, every, batch_size=500).numpy()
     i = every.index(record.secret)
     return P.exposure_from_scores(scores[i], np.delete(scores, i), spec.log2_size)
@@ -239,7 +242,7 @@ def test_exact_trie_with_boundary_token_equals_brute_force():
     tok = ToyTokenizer()
     model = tiny_llama(len(tok), seed=3, init=0.5)
     record = P.CanaryRecord("x", "PIN:", "42", "digits:2")
-    plan = P._digit_plan(tok, record.prefix, P.parse_format("digits:2"), record.secret)
+    plan = _digit_plan(tok, record.prefix, P.parse_format("digits:2"), record.secret)
     assert plan is not None and len(plan.boundary) == 1
     result = P.exposure(model, tok, record, frontier_cap=1000)
     assert result.method == "exact"
@@ -307,8 +310,8 @@ def test_batched_extraction_equals_one_by_one(tok):
 
 
 def test_extraction_check_strips_leading_space():
-    assert P._is_extracted(" 4821 and", "4821")
-    assert not P._is_extracted(" 482", "4821")
+    assert _is_extracted(" 4821 and", "4821")
+    assert not _is_extracted(" 482", "4821")
 
 
 # ---------------------------------------------------------------------------------------
@@ -415,7 +418,7 @@ def test_smollm2_digits_tokenize_one_per_token():
     folder = list(spec.submodule_search_locations)[0]
     tok = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     for prefix in ("Account 4821 of Alice has PIN ", "PIN:", "The code is"):
-        plan = P._digit_plan(tok, prefix, P.parse_format("digits:6"), "739182")
+        plan = _digit_plan(tok, prefix, P.parse_format("digits:6"), "739182")
         assert plan is not None and len(set(plan.digit_ids)) == 10
 
 

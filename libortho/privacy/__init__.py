@@ -15,6 +15,8 @@ model (no alpha switching, no mode changes; callers put the model in ``eval()``)
 * Forget quality (:mod:`.forgetting`): :func:`forget_quality`, a two-sample KS test against a
   retrain reference.
 * White-box check (:mod:`.whitebox`): :func:`canary_gradient_norm`.
+* How the attacks run the model (:mod:`.forward`): one forward pass with or without a KV cache,
+  and the split of prefix + candidate into shared context and continuations.
 
 Units: log-probabilities and losses are in nats, exposure in bits.
 """
@@ -65,21 +67,6 @@ from .membership import (  # noqa: F401 (re-exported)
     zlib_entropy,
 )
 from .whitebox import canary_gradient_norm  # noqa: F401 (re-exported)
-
-# Private names that other modules and tests reach through ``libortho.privacy``; kept here so
-# that those paths keep working after the split into submodules.
-from ..records import _as_rng  # noqa: F401 (re-exported)
-from ._lm import (  # noqa: F401 (re-exported)
-    _cache_to_kv,
-    _common_prefix_len,
-    _device,
-    _encode,
-    _kv_to_cache,
-    _lm_forward,
-    _split_continuations,
-)
-from .exposure_rank import _digit_plan, _enumerate_all  # noqa: F401 (re-exported)
-from .extraction import _is_extracted, _secret_token_count  # noqa: F401 (re-exported)
 
 __all__ = [
     *records.__all__, *exposure_rank.__all__, *extraction.__all__, *membership.__all__, *forgetting.__all__,

@@ -17,26 +17,17 @@ import torch
 from scipy import stats
 
 from ..records import CanaryRecord, SecretFormat, _as_rng, parse_format, sample_candidates
-from ._lm import (
-    KV,
-    _cache_to_kv,
-    _Context,
-    _device,
-    _kv_concat,
-    _kv_to_cache,
-    _lm_forward,
-    _run_context,
-    _split_continuations,
-)
+from ..hf_model import module_device
+from .forward import KV, Context, cache_to_kv, kv_concat, kv_to_cache, lm_forward, run_context, split_continuations
 
 __all__ = ["secret_logprobs", "ExposureResult", "exposure", "exposure_from_scores"]
 
 @torch.inference_mode()
 def _score_continuations(
-    model: torch.nn.Module, ctx: _Context, continuations: Sequence[Sequence[int]], batch_size: int
+    model: torch.nn.Module, ctx: Context, continuations: Sequence[Sequence[int]], batch_size: int
 ) -> torch.Tensor:
     """Sum of log p(continuation tokens | context), float64 [n] (0 for an empty continuation)."""
-    device = _device(model)
+    device = module_device(model)
     scores = torch.zeros(len(continuations), dtype=torch.float64)
     for start in range(0, len(continuations), batch_size):
         chunk = continuations[start : start + batch_size]
@@ -52,8 +43,8 @@ def _score_continuations(
         first = ctx.next_logprobs[ids[:, 0]].double().cpu()
         total = torch.where(lengths > 0, first, torch.zeros_like(first))
         if width > 1:
-            cache = _kv_to_cache(_kv_concat(ctx.kv, None, len(chunk)))
-            logits, _ = _lm_forward(model, ids[:, :-1], cache)
+            cache = kv_to_cache(kv_concat(ctx.kv, None, len(chunk)))
+            logits, _ = lm_forward(model, ids[:, :-1], cache)
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             picked = logprobs.gather(-1, ids[:, 1:, None])[..., 0].double().cpu()  # [B, width-1]
             valid = torch.arange(1, width)[None, :] < lengths[:, None]
@@ -78,8 +69,8 @@ def secret_logprobs(
     """
     if len(candidates) == 0:
         return torch.zeros(0, dtype=torch.float64)
-    shared, continuations = _split_continuations(tokenizer, prefix, candidates)
-    ctx = _run_context(model, shared)
+    shared, continuations = split_continuations(tokenizer, prefix, candidates)
+    ctx = run_context(model, shared)
     return _score_continuations(model, ctx, continuations, batch_size)
 
 
@@ -142,7 +133,7 @@ def _digit_plan(tokenizer: Any, prefix: str, spec: SecretFormat, secret: str) ->
     uniform = [c * n for c in spec.alphabet]
     probes = uniform + [secret] + sample_candidates(f"{spec.kind}:{n}", 8, rng=12345)
     try:
-        shared, conts = _split_continuations(tokenizer, prefix, probes)
+        shared, conts = split_continuations(tokenizer, prefix, probes)
     except ValueError:
         return None
     if any(len(c) != len(conts[0]) or len(c) < n for c in conts):
@@ -176,15 +167,15 @@ class _Frontier:
 
 
 @torch.inference_mode()
-def _trie_root(model: torch.nn.Module, plan: _DigitPlan) -> tuple[_Context, _Frontier]:
-    ctx = _run_context(model, plan.shared)
+def _trie_root(model: torch.nn.Module, plan: _DigitPlan) -> tuple[Context, _Frontier]:
+    ctx = run_context(model, plan.shared)
     digit_ids = torch.tensor(plan.digit_ids)
     if plan.boundary:
-        ids = torch.tensor([plan.boundary], device=_device(model))
-        logits, cache = _lm_forward(model, ids, _kv_to_cache(_kv_concat(ctx.kv, None, 1)))
+        ids = torch.tensor([plan.boundary], device=module_device(model))
+        logits, cache = lm_forward(model, ids, kv_to_cache(kv_concat(ctx.kv, None, 1)))
         next_lp = torch.log_softmax(logits[0, -1].float(), dim=-1)
         shared_len = len(plan.shared)
-        suffix = [(k[:, :, shared_len:], v[:, :, shared_len:]) for k, v in _cache_to_kv(cache)]
+        suffix = [(k[:, :, shared_len:], v[:, :, shared_len:]) for k, v in cache_to_kv(cache)]
     else:
         next_lp = ctx.next_logprobs
         suffix = [(k[:, :, :0], v[:, :, :0]) for k, v in ctx.kv]
@@ -201,7 +192,7 @@ def _trie_root(model: torch.nn.Module, plan: _DigitPlan) -> tuple[_Context, _Fro
 @torch.inference_mode()
 def _expand(
     model: torch.nn.Module,
-    ctx: _Context,
+    ctx: Context,
     frontier: _Frontier,
     parent: torch.Tensor,
     char: torch.Tensor,
@@ -211,18 +202,18 @@ def _expand(
 ) -> _Frontier:
     """Run one token (the chosen child character) for each (parent, char) pair, with the
     parent's cached suffix: every node costs a single-token forward."""
-    device = _device(model)
+    device = module_device(model)
     next_lps, suffix_parts = [], []
     for start in range(0, len(parent), batch_size):
         rows = parent[start : start + batch_size]
         suffix = [(k[rows.to(k.device)], v[rows.to(v.device)]) for k, v in frontier.suffix]
-        cache = _kv_to_cache(_kv_concat(ctx.kv, suffix, len(rows)))
+        cache = kv_to_cache(kv_concat(ctx.kv, suffix, len(rows)))
         ids = digit_ids[char[start : start + batch_size]][:, None].to(device)
-        logits, new_cache = _lm_forward(model, ids, cache)
+        logits, new_cache = lm_forward(model, ids, cache)
         lp = torch.log_softmax(logits[:, -1].float(), dim=-1)
         next_lps.append(lp[:, digit_ids.to(lp.device)].double().cpu())
         shared_len = ctx.kv[0][0].shape[2]
-        suffix_parts.append([(k[:, :, shared_len:], v[:, :, shared_len:]) for k, v in _cache_to_kv(new_cache)])
+        suffix_parts.append([(k[:, :, shared_len:], v[:, :, shared_len:]) for k, v in cache_to_kv(new_cache)])
     n_layers = len(frontier.suffix)
     return _Frontier(
         paths=torch.cat([frontier.paths[parent], char[:, None]], dim=1),
@@ -238,15 +229,15 @@ def _expand(
 
 @torch.inference_mode()
 def _secret_score_in_trie(
-    model: torch.nn.Module, ctx: _Context, root: _Frontier, plan: _DigitPlan, secret_idx: list[int]
+    model: torch.nn.Module, ctx: Context, root: _Frontier, plan: _DigitPlan, secret_idx: list[int]
 ) -> float:
     """log p(secret characters | prefix, boundary): the same quantity the trie sums."""
     digit_ids = torch.tensor(plan.digit_ids)
     total = float(root.next_logprobs[0, secret_idx[0]])
     if len(secret_idx) > 1:
-        ids = digit_ids[torch.tensor(secret_idx[:-1])][None, :].to(_device(model))
-        cache = _kv_to_cache(_kv_concat(ctx.kv, root.suffix, 1))
-        logits, _ = _lm_forward(model, ids, cache)
+        ids = digit_ids[torch.tensor(secret_idx[:-1])][None, :].to(module_device(model))
+        cache = kv_to_cache(kv_concat(ctx.kv, root.suffix, 1))
+        logits, _ = lm_forward(model, ids, cache)
         lp = torch.log_softmax(logits[0].float(), dim=-1).double().cpu()  # [N-1, V]
         for pos, ch in enumerate(secret_idx[1:]):
             total += float(lp[pos, plan.digit_ids[ch]])

@@ -13,9 +13,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..hf_model import pad_token_id
+from ..hf_model import module_device, pad_token_id
 from ..records import CanaryRecord, record_seed
-from ._lm import _cache_to_kv, _device, _encode, _kv_to_cache, _lm_forward, _split_continuations
+from .forward import cache_to_kv, encode, kv_to_cache, lm_forward, split_continuations
 
 __all__ = ["ExtractionResult", "extract_secrets", "left_padded", "Sampling", "SampledExtractionResult",
            "sample_extract_secrets"]
@@ -31,7 +31,7 @@ class ExtractionResult:
 
 
 def _secret_token_count(tokenizer: Any, record: CanaryRecord) -> int:
-    _, (cont,) = _split_continuations(tokenizer, record.prefix, [record.secret])
+    _, (cont,) = split_continuations(tokenizer, record.prefix, [record.secret])
     return len(cont)
 
 
@@ -42,7 +42,7 @@ def _prefix_batches(
     for each: its secret's tokens + ``extra_tokens``). Greedy and sampled extraction batch alike."""
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
-        prompts = [_encode(tokenizer, r.prefix) for r in chunk]
+        prompts = [encode(tokenizer, r.prefix) for r in chunk]
         n_new = [_secret_token_count(tokenizer, r) + extra_tokens for r in chunk]
         yield chunk, prompts, n_new
 
@@ -69,8 +69,8 @@ def left_padded(
 @torch.inference_mode()
 def _greedy_batch(model: torch.nn.Module, prompts: list[list[int]], n_new: int, pad_id: int) -> list[list[int]]:
     """Greedy decoding of ``n_new`` tokens for left-padded prompts; returns new ids per prompt."""
-    ids, mask, positions = left_padded(prompts, pad_id, _device(model))
-    logits, cache = _lm_forward(model, ids, None, mask, positions)
+    ids, mask, positions = left_padded(prompts, pad_id, module_device(model))
+    logits, cache = lm_forward(model, ids, None, mask, positions)
     generated = []
     for step in range(n_new):
         nxt = logits[:, -1].argmax(dim=-1, keepdim=True)  # [B, 1]
@@ -79,7 +79,7 @@ def _greedy_batch(model: torch.nn.Module, prompts: list[list[int]], n_new: int, 
             break
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
         positions = positions[:, -1:] + 1
-        logits, cache = _lm_forward(model, nxt, cache, mask, positions)
+        logits, cache = lm_forward(model, nxt, cache, mask, positions)
     return torch.cat(generated, dim=1).cpu().tolist()
 
 
@@ -190,10 +190,10 @@ def _sample_batch(
     Each prompt is run once; its KV cache is then repeated for its samples.
     """
     n_samples = sampling.n_samples
-    ids, mask, positions = left_padded(prompts, pad_id, _device(model))
-    logits, cache = _lm_forward(model, ids, None, mask, positions)
-    kv = [(k.repeat_interleave(n_samples, dim=0), v.repeat_interleave(n_samples, dim=0)) for k, v in _cache_to_kv(cache)]
-    cache = _kv_to_cache(kv)
+    ids, mask, positions = left_padded(prompts, pad_id, module_device(model))
+    logits, cache = lm_forward(model, ids, None, mask, positions)
+    kv = [(k.repeat_interleave(n_samples, dim=0), v.repeat_interleave(n_samples, dim=0)) for k, v in cache_to_kv(cache)]
+    cache = kv_to_cache(kv)
     mask = mask.repeat_interleave(n_samples, dim=0)
     positions = positions[:, -1:].repeat_interleave(n_samples, dim=0)
     logits = logits[:, -1].repeat_interleave(n_samples, dim=0)  # [R, V]
@@ -206,7 +206,7 @@ def _sample_batch(
             break
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
         positions = positions + 1
-        step_logits, cache = _lm_forward(model, nxt, cache, mask, positions)
+        step_logits, cache = lm_forward(model, nxt, cache, mask, positions)
         logits = step_logits[:, -1]
     out = torch.cat(generated, dim=1).cpu().view(len(prompts), n_samples, n_new)
     return out.tolist()

@@ -25,8 +25,9 @@ import torch
 from scipy import stats
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from ..hf_model import module_device
 from ..records import CanaryRecord
-from ._lm import _device, _encode, _lm_forward
+from .forward import encode, lm_forward
 
 __all__ = [
     "token_logprobs",
@@ -53,8 +54,8 @@ def token_logprobs(
     model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 16
 ) -> list[torch.Tensor]:
     """Per text: log p(token_t | tokens_<t) for t = 1..T-1, float64 [T-1] on CPU (nats)."""
-    device = _device(model)
-    encoded = [_encode(tokenizer, t) for t in texts]
+    device = module_device(model)
+    encoded = [encode(tokenizer, t) for t in texts]
     out: list[torch.Tensor] = []
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
@@ -64,7 +65,7 @@ def token_logprobs(
         for row, seq in enumerate(chunk):
             ids[row, : len(seq)] = torch.tensor(seq)
         ids = ids.to(device)
-        logits, _ = _lm_forward(model, ids, use_cache=False)
+        logits, _ = lm_forward(model, ids, use_cache=False)
         lp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
         out.extend(lp[row, : len(seq) - 1].double().cpu() for row, seq in enumerate(chunk))
     return out

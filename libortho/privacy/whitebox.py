@@ -6,8 +6,9 @@ from typing import Any, Sequence
 
 import torch
 
+from ..hf_model import decoder_blocks, module_device
 from ..records import CanaryRecord
-from ._lm import _common_prefix_len, _device, _encode, _lm_forward
+from .forward import common_prefix_len, encode, lm_forward
 
 __all__ = ["canary_gradient_norm"]
 
@@ -27,12 +28,11 @@ def canary_gradient_norm(
     PROBE_BYTES of fp32 perturbations, one forward and backward pass over the records per group,
     so that the probes and their gradients never need the model's whole size at once.
     """
-    from ..hf_model import decoder_blocks
     from ..layer import OrthoLinear
 
     _, blocks = decoder_blocks(model)
     layers = [m for block in blocks for m in block.modules() if isinstance(m, (torch.nn.Linear, OrthoLinear))]
-    batches = [_secret_batch(tokenizer, records[i : i + batch_size], _device(model)) for i in range(0, len(records), batch_size)]
+    batches = [_secret_batch(tokenizer, records[i : i + batch_size], module_device(model)) for i in range(0, len(records), batch_size)]
     square = sum(_probe_group(model, group, batches, len(records)) for group in _layer_groups(layers))
     return float(torch.sqrt(torch.as_tensor(square, dtype=torch.float64)))
 
@@ -53,21 +53,21 @@ def _layer_groups(layers: list[torch.nn.Module]) -> list[list[torch.nn.Module]]:
 def _secret_batch(tokenizer: Any, chunk: Sequence[CanaryRecord], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [B, T], weights [B, T-1]): right-padded record texts and, at each position that
     predicts a secret token, 1 / that record's number of secret tokens."""
-    encoded = [_encode(tokenizer, r.prefix + r.secret) for r in chunk]
+    encoded = [encode(tokenizer, r.prefix + r.secret) for r in chunk]
     width = max(len(ids) for ids in encoded)
     # Right padding: causal attention keeps real tokens from seeing the pads.
     x = torch.zeros(len(chunk), width, dtype=torch.long)
     secret = torch.zeros(len(chunk), width - 1)
     for row, (r, ids) in enumerate(zip(chunk, encoded)):
         x[row, : len(ids)] = torch.tensor(ids)
-        begin = max(1, _common_prefix_len(_encode(tokenizer, r.prefix), ids))
+        begin = max(1, common_prefix_len(encode(tokenizer, r.prefix), ids))
         secret[row, begin - 1 : len(ids) - 1] = 1.0 / max(len(ids) - begin, 1)
     return x.to(device), secret.to(device)
 
 
 def _probe_group(model: torch.nn.Module, layers: list[torch.nn.Module], batches, n_records: int) -> torch.Tensor:
     """Σ ‖∂L/∂D‖² (float64) over this group's layers."""
-    device = _device(model)
+    device = module_device(model)
     probes = [torch.zeros(m.out_features, m.in_features, device=device, requires_grad=True) for m in layers]
 
     def perturb(D: torch.Tensor):
@@ -77,7 +77,7 @@ def _probe_group(model: torch.nn.Module, layers: list[torch.nn.Module], batches,
     try:
         with torch.enable_grad():
             for x, secret in batches:
-                logits, _ = _lm_forward(model, x, use_cache=False)
+                logits, _ = lm_forward(model, x, use_cache=False)
                 lp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, x[:, 1:, None])[..., 0]
                 (-(lp * secret).sum() / n_records).backward()
     finally:

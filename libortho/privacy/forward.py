@@ -1,9 +1,9 @@
-"""Shared plumbing for running a Hugging Face causal LM (transformers 4.x and 5.x).
+"""How the attacks of :mod:`libortho.privacy` run a Hugging Face causal LM (transformers 4.x and 5.x).
 
-One forward pass with or without a KV cache (:func:`_lm_forward`), conversions between the
+One forward pass with or without a KV cache (:func:`lm_forward`), conversions between the
 cache objects and per-layer (K, V) tensors, tokenization as the fine-tuning does it, the split
 of prefix + candidate into a shared context and per-candidate continuations, and a context run
-once (:class:`_Context`). Private to :mod:`libortho.privacy`.
+once (:class:`Context`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,11 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+
+from ..hf_model import module_device
+
+__all__ = ["KV", "lm_forward", "cache_to_kv", "kv_to_cache", "kv_concat", "encode", "common_prefix_len",
+           "split_continuations", "Context", "run_context"]
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each [batch, heads, seq, head_dim]
 
@@ -29,11 +34,7 @@ def _cache_arg(model: torch.nn.Module) -> str:
     return _cache_arg_for(type(model))
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _lm_forward(
+def lm_forward(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     cache: Any = None,
@@ -55,7 +56,7 @@ def _lm_forward(
     return out.logits, new_cache
 
 
-def _cache_to_kv(cache: Any) -> KV:
+def cache_to_kv(cache: Any) -> KV:
     """Extract per-layer (K, V) tensors from a DynamicCache (5.x or 4.x) or a legacy tuple."""
     if hasattr(cache, "layers"):
         return [(layer.keys, layer.values) for layer in cache.layers]
@@ -64,7 +65,7 @@ def _cache_to_kv(cache: Any) -> KV:
     return [(k, v) for k, v, *_ in cache]
 
 
-def _kv_to_cache(kv: KV) -> Any:
+def kv_to_cache(kv: KV) -> Any:
     from transformers import DynamicCache
 
     cache = DynamicCache()
@@ -73,7 +74,7 @@ def _kv_to_cache(kv: KV) -> Any:
     return cache
 
 
-def _kv_concat(prefix: KV, suffix: KV | None, batch: int) -> KV:
+def kv_concat(prefix: KV, suffix: KV | None, batch: int) -> KV:
     """Prefix KV (batch 1) broadcast to ``batch`` rows, followed by per-row suffix KV."""
     out = []
     for i, (pk, pv) in enumerate(prefix):
@@ -86,12 +87,12 @@ def _kv_concat(prefix: KV, suffix: KV | None, batch: int) -> KV:
     return out
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
+def encode(tokenizer: Any, text: str) -> list[int]:
     # Same call the fine-tuning uses (special tokens as the tokenizer adds them, e.g. BOS).
     return list(tokenizer(text)["input_ids"])
 
 
-def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:
@@ -99,7 +100,7 @@ def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-def _split_continuations(
+def split_continuations(
     tokenizer: Any, prefix: str, candidates: Sequence[str]
 ) -> tuple[list[int], list[list[int]]]:
     """Tokenize prefix+candidate jointly; return (shared context ids, continuation ids per candidate).
@@ -110,11 +111,11 @@ def _split_continuations(
     and the continuation includes the merged token. Either way a candidate's score is
     log p(tokenize(prefix + candidate)) - log p(shared), so scores stay comparable.
     """
-    prefix_ids = _encode(tokenizer, prefix)
-    joint = [_encode(tokenizer, prefix + c) for c in candidates]
+    prefix_ids = encode(tokenizer, prefix)
+    joint = [encode(tokenizer, prefix + c) for c in candidates]
     shared_len = len(prefix_ids)
     for ids in joint:
-        shared_len = min(shared_len, _common_prefix_len(prefix_ids, ids))
+        shared_len = min(shared_len, common_prefix_len(prefix_ids, ids))
     if shared_len == 0:
         raise ValueError(
             f"prefix {prefix!r} shares no token with its continuations; add a BOS token or a longer prefix"
@@ -123,7 +124,7 @@ def _split_continuations(
 
 
 @dataclass
-class _Context:
+class Context:
     """A shared context run once: its KV cache (batch 1) and next-token log-probs [V]."""
 
     kv: KV
@@ -131,7 +132,7 @@ class _Context:
 
 
 @torch.inference_mode()
-def _run_context(model: torch.nn.Module, ids: Sequence[int]) -> _Context:
-    input_ids = torch.tensor([list(ids)], device=_device(model))
-    logits, cache = _lm_forward(model, input_ids)
-    return _Context(_cache_to_kv(cache), torch.log_softmax(logits[0, -1].float(), dim=-1))
+def run_context(model: torch.nn.Module, ids: Sequence[int]) -> Context:
+    input_ids = torch.tensor([list(ids)], device=module_device(model))
+    logits, cache = lm_forward(model, input_ids)
+    return Context(cache_to_kv(cache), torch.log_softmax(logits[0, -1].float(), dim=-1))
