@@ -23,51 +23,34 @@ is the very same fine-tune without the records.
 
 
 Modules: :mod:`.config` (the config and its cache key), :mod:`.corpus` (public text),
-:mod:`.records` (canary records), :mod:`.schedule` (data order), :mod:`.finetune` (training,
+:mod:`.canaries` (canary records), :mod:`.schedule` (data order), :mod:`.finetune` (training,
 with the layout of one training step), :mod:`.build` (the cached artifacts).
 """
 from __future__ import annotations
 
-from ..lm import encode_long as _encode_long  # noqa: F401 (the names below are imported elsewhere)
-from ..lm import next_token_nll as _nll_sum  # noqa: F401
-from ..lm import pad_sequences as _record_batch  # noqa: F401
-from .build import (  # noqa: F401
-    MANIFEST,
-    Scenario,
-    _check_prefix_tokenization,
-    _default_cache_dir,
-    _FILES,
-    _load_public_model,
-    _public_model_path,
-    build_scenario,
-    scenario_dir,
-)
-from .config import SCENARIO_VERSION, ScenarioConfig, _model_identity  # noqa: F401
-from .corpus import SPLITS, _split_texts, _topics, corpus_fingerprint, public_corpus  # noqa: F401
-from .finetune import _lr_lambda, finetune, frozen_trainable_weights, trainable_weights  # noqa: F401
-from .records import (  # noqa: F401
-    RECORD_TEMPLATES,
-    _key_record,
-    _pin_record,
-    _secret,
-    make_records,
-    record_ids,
-    text_ids,
-)
+from .build import MANIFEST, Scenario, build_scenario, scenario_dir
+from .canaries import RECORD_TEMPLATES, make_records, record_ids, text_ids
+from .config import SCENARIO_VERSION, ScenarioConfig
+from .corpus import SPLITS, corpus_fingerprint, public_corpus
+from .finetune import finetune, frozen_trainable_weights, trainable_weights
 from .schedule import public_windows, training_schedule
 
 __all__ = [
     "SPLITS",
+    "SCENARIO_VERSION",
     "ScenarioConfig",
+    "MANIFEST",
     "Scenario",
     "public_corpus",
     "corpus_fingerprint",
+    "RECORD_TEMPLATES",
     "make_records",
     "training_schedule",
     "public_windows",
     "record_ids",
     "text_ids",
     "trainable_weights",
+    "frozen_trainable_weights",
     "finetune",
     "build_scenario",
     "scenario_dir",

@@ -13,10 +13,10 @@ import torch
 
 from ..memory import release_freed_memory
 from ..records import CanaryRecord, load_records, save_records
+from .canaries import make_records
 from .config import SCENARIO_VERSION, ScenarioConfig
 from .corpus import SPLITS, corpus_fingerprint, public_corpus
 from .finetune import finetune
-from .records import make_records
 from .schedule import public_windows, training_schedule
 
 MANIFEST = "scenario.json"

@@ -27,8 +27,8 @@ from torch import nn
 from ..hf_model import pad_token_id
 from ..lm import next_token_nll, sequences_nll
 from ..records import CanaryRecord
+from .canaries import record_ids
 from .config import ScenarioConfig
-from .records import record_ids
 from .schedule import public_windows, training_schedule
 
 

@@ -51,6 +51,7 @@ def make_records(config: ScenarioConfig) -> tuple[list[CanaryRecord], list[Canar
     ``nonmembers_per_format()`` non-members (``k = 0``) from the same template. All prefixes and
     all secrets are distinct, and no secret occurs anywhere in the public corpus.
     """
+    # The seed string names this module's old path; it stays so that every scenario draws the same records.
     rng = random.Random(f"libortho.scenario.records:{config.seed}")
     corpus = "".join(public_corpus(s) for s in SPLITS)
     prefixes: set[str] = set()
