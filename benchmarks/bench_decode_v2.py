@@ -69,7 +69,7 @@ def warm(kind: str, part: int, parts: int, new: str, base: str) -> int:
     entries; kind "final": the rows of the benchmark and the decode model with the tuned
     and the baseline tables."""
     import torch
-    from libortho import bench as B
+    from libortho import kernel_bench as B
     from libortho.kernels import configs, dual_stream_linear, prepare
     items = []
     if kind == "tune":
@@ -181,7 +181,7 @@ def main() -> int:
     if "tune" not in skip:
         parallel("warmtune", [[py, me, "--out", out, "--warm", f"tune:{i}/{P}"]
                               for i in range(P)], out, min(90, left(230)))
-        step("tune", [py, "-m", "libortho.bench", "--tune", "--tune-v2", "--tune-only",
+        step("tune", [py, "-m", "libortho.kernel_bench", "--tune", "--tune-v2", "--tune-only",
                       "--tune-batches", "1,4,16", "--batches", "1,4,16",
                       "--tune-extra-shapes", "6144x4096,28672x4096",
                       "--save-configs", new], out, min(130, left(170)))
@@ -196,7 +196,7 @@ def main() -> int:
                      "--json", f"{out}/e2e.json"], out, min(100, left(70)))
         export(out, args.export)
     if "bench" not in skip:
-        step("bench", [py, "-m", "libortho.bench", "--configs", new, "--baseline-configs", base,
+        step("bench", [py, "-m", "libortho.kernel_bench", "--configs", new, "--baseline-configs", base,
                        "--batches", "1,4,16", "--json", f"{out}/bench.json", "--shapes",
                        ",".join(f"{n}x{k}" for n, k in SHAPES[:6])], out, left(5))
     export(out, args.export)

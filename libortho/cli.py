@@ -342,11 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="libortho-audit", metavar="DIR")
     p.set_defaults(func=cmd_audit)
 
-    from . import bench
+    from . import kernel_bench
 
     p = sub.add_parser("bench", help="GPU layer benchmark: FP16, torch INT4, libortho alpha 0/1, naive sparse")
-    bench.add_arguments(p)
-    p.set_defaults(func=bench.run)
+    kernel_bench.add_arguments(p)
+    p.set_defaults(func=kernel_bench.run)
 
     p = sub.add_parser("demo", help="the built-in demo on SmolLM2-135M-Instruct")
     p.add_argument("--quick", action="store_true", help="a small, fast run (used by the test suite)")

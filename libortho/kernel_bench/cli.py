@@ -84,9 +84,9 @@ def run(args: argparse.Namespace) -> int:
         tb = [int(b) for b in args.tune_batches.split(",")] if args.tune_batches else batches
         tuned = tune(shapes + [s for s in extra if s not in shapes], tb, log,
                      v2_only=args.tune_v2)
-        note = ("fastest of libortho.bench.candidate_configs at alpha=1, 1% ortho, fp16, g=128"
+        note = ("fastest of libortho.kernel_bench.candidate_configs at alpha=1, 1% ortho, fp16, g=128"
                 if not args.tune_v2 else
-                "M in %s: fastest of the previous entry and libortho.bench.candidate_configs_v2 "
+                "M in %s: fastest of the previous entry and libortho.kernel_bench.candidate_configs_v2 "
                 "(alpha=1, 1%% ortho, fp16, g=128); other M: previous table" % tb)
         info = dict(device=env["device"], torch=env["torch"], triton=env["triton"],
                     date=env["date"], note=note)

@@ -1,6 +1,0 @@
-"""``python -m libortho.bench``: the same as ``libortho bench``."""
-import sys
-
-from . import main
-
-sys.exit(main())
