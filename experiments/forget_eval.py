@@ -48,7 +48,7 @@ from libortho.demo import demo_lookalikes, measured_exposure
 from libortho.switch import alpha
 from libortho.privacy import forget_quality, mia_scores
 from libortho.scenario import ScenarioConfig, build_scenario
-from libortho.unlearn import forget_exposure, select_unlearning
+from libortho.unlearn import UnlearnConfig, forget_exposure, select_unlearning
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 BASE = dict(PRESETS["privacy"], calib_tokens=8192)
@@ -188,7 +188,7 @@ def npo_rows(scenario, tok, members, nonmembers, rows, audit_settings, reference
     chosen = select_unlearning(
         lambda: modelio.load_model(scenario.finetuned)[0], tok, [r.text for r in members], scenario.read_split("train"),
         measure, reference_exposure=_mean(rows["baselines"]["reference"]),
-        fp_perplexity=rows["baselines"]["fp"]["perplexity"], method="npo", beta=0.1,
+        fp_perplexity=rows["baselines"]["fp"]["perplexity"], config=UnlearnConfig(method="npo", beta=0.1),
     )
     model = chosen.model
     summaries = []

@@ -40,7 +40,7 @@ def test_unlearning_lowers_forget_likelihood(finetuned, method):
     tok, ft, members, _ = finetuned
     forget, kept = [r.text for r in members[:2]], [r.text for r in members[2:]]  # two records each
     model = copy.deepcopy(ft)
-    log = U.unlearn(model, tok, forget, PUBLIC_TEXT, lr=1e-3, steps=10, seq_len=64, method=method)
+    log = U.unlearn(model, tok, forget, PUBLIC_TEXT, U.UnlearnConfig(method=method, lr=1e-3, steps=10, seq_len=64))
     drop_forget = forget_logprob(ft, tok, forget) - forget_logprob(model, tok, forget)
     drop_kept = forget_logprob(ft, tok, kept) - forget_logprob(model, tok, kept)
     assert drop_forget > 0 and drop_forget > drop_kept  # the forget set loses more than other members
@@ -58,7 +58,7 @@ def test_npo_lowers_forget_exposure_more_than_that_of_other_records(finetuned):
     tok, ft, members, _ = finetuned
     forget, kept = members[:2], members[2:]
     model = copy.deepcopy(ft)
-    U.unlearn(model, tok, [r.text for r in forget], PUBLIC_TEXT, lr=1e-3, steps=10, seq_len=64)
+    U.unlearn(model, tok, [r.text for r in forget], PUBLIC_TEXT, U.UnlearnConfig(lr=1e-3, steps=10, seq_len=64))
     drop = {name: U.forget_exposure(ft, tok, recs, frontier_cap=32) - U.forget_exposure(model, tok, recs, frontier_cap=32)
             for name, recs in (("forget", forget), ("kept", kept))}
     assert drop["forget"] > 1.0 and drop["forget"] > drop["kept"]
@@ -74,9 +74,10 @@ def test_a_short_run_is_the_start_of_a_longer_one(finetuned):
             snapshots[step] = {n: p.detach().clone() for n, p in m.named_parameters()}
 
     long = copy.deepcopy(ft)
-    U.unlearn(long, tok, forget, PUBLIC_TEXT, lr=1e-3, steps=5, seq_len=64, forget_batch=3, callback=keep, seed=4)
+    U.unlearn(long, tok, forget, PUBLIC_TEXT, U.UnlearnConfig(lr=1e-3, steps=5, seq_len=64, forget_batch=3, seed=4),
+              callback=keep)
     short = copy.deepcopy(ft)
-    U.unlearn(short, tok, forget, PUBLIC_TEXT, lr=1e-3, steps=3, seq_len=64, forget_batch=3, seed=4)
+    U.unlearn(short, tok, forget, PUBLIC_TEXT, U.UnlearnConfig(lr=1e-3, steps=3, seq_len=64, forget_batch=3, seed=4))
     for name, p in short.named_parameters():
         torch.testing.assert_close(p, snapshots[3][name], rtol=0, atol=0)
 
@@ -84,9 +85,32 @@ def test_a_short_run_is_the_start_of_a_longer_one(finetuned):
 def test_unlearn_rejects_bad_inputs(finetuned):
     tok, ft, members, _ = finetuned
     with pytest.raises(ValueError, match="unknown unlearning method"):
-        U.unlearn(ft, tok, [members[0].text], PUBLIC_TEXT, method="ga")
+        U.unlearn(ft, tok, [members[0].text], PUBLIC_TEXT, U.UnlearnConfig(method="ga"))
     with pytest.raises(ValueError, match="no forget texts"):
         U.unlearn(ft, tok, [], PUBLIC_TEXT)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(lr=0.0), "lr must be > 0"),
+    (dict(steps=0), "steps must be >= 1"),
+    (dict(beta=-1.0), "beta must be > 0"),
+    (dict(retain_weight=-0.5), "retain_weight must be >= 0"),
+    (dict(seq_len=1), "seq_len must be >= 2"),
+    (dict(retain_batch=0), "retain_batch must be >= 1"),
+    (dict(forget_batch=0), "forget_batch must be >= 1 or None"),
+    (dict(grad_clip=-1.0), "grad_clip must be >= 0"),
+    (dict(train_blocks=0), "train_blocks as an int must be >= 1"),
+])
+def test_unlearn_config_rejects_bad_values(options, message):
+    with pytest.raises(ValueError, match=message):
+        U.UnlearnConfig(**options)
+
+
+def test_unlearn_config_is_plain_hashable_data():
+    config = U.UnlearnConfig(train_blocks=[1, -1])
+    assert config.train_blocks == (1, -1) and hash(config) == hash(U.UnlearnConfig(train_blocks=(1, -1)))
+    with pytest.raises(AttributeError):
+        config.lr = 1.0
 
 
 def test_choose_point_known_answers():
@@ -113,8 +137,8 @@ def test_select_unlearning_reruns_the_chosen_point(finetuned):
 
     fp_exposure, fp_ppl = measure(ft)
     sel = U.select_unlearning(lambda: copy.deepcopy(ft), tok, texts, PUBLIC_TEXT, measure,
-                              reference_exposure=fp_exposure - 2.0, fp_perplexity=fp_ppl, lrs=(3e-4, 1e-3),
-                              steps=4, eval_every=2, seq_len=64)
+                              reference_exposure=fp_exposure - 2.0, fp_perplexity=fp_ppl,
+                              config=U.UnlearnConfig(steps=4, seq_len=64), lrs=(3e-4, 1e-3), eval_every=2)
     assert [(p.lr, p.steps) for p in sel.points] == [(0.0, 0), (3e-4, 2), (3e-4, 4), (1e-3, 2), (1e-3, 4)]
     assert sel.point in sel.points and sel.reason in ("reached", "best within perplexity bound",
                                                       "no point within perplexity bound")
