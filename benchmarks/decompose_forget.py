@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from libortho import modelio
+from libortho import sources
 from libortho.config import PRESETS, OrthoConfig
 from libortho.decompose import decompose
 from libortho.lookalikes import lookalike_records
@@ -34,8 +34,8 @@ def forget_texts() -> list[str]:
 
 
 def time_once(forget: bool, calib: str, calib_tokens: int) -> float:
-    model, tok = modelio.load_model(None)
-    public = modelio.load_model(None)[0] if forget else None
+    model, tok = sources.load_model(None)
+    public = sources.load_model(None)[0] if forget else None
     config = OrthoConfig(**PRESETS["privacy"], calib_tokens=calib_tokens,
                          forget_source="lookalikes" if forget else "none")
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from libortho import modelio
+from libortho import sources
 from libortho.config import PRESETS, OrthoConfig
 from libortho.decompose import install, plan_decomposition, quantize_model, sieve_model
 from libortho.evaluation import perplexity
@@ -68,7 +68,7 @@ def main() -> None:
     def save() -> None:
         out_path.write_text(json.dumps(result, indent=1) + "\n")
 
-    fp, tok = modelio.load_model(scenario.finetuned)
+    fp, tok = sources.load_model(scenario.finetuned)
     result["fp"] = measure(fp, tok, heldout, pins_by_k)
     del fp
     save()
@@ -76,8 +76,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     config = OrthoConfig(**{**PRESETS["privacy"], "calib_tokens": 8192, "forget_source": "records"})
-    model, _ = modelio.load_model(scenario.finetuned)
-    public, _ = modelio.load_model(scenario.public_model)
+    model, _ = sources.load_model(scenario.finetuned)
+    public, _ = sources.load_model(scenario.public_model)
     plan = plan_decomposition(model, tok, calib, config, public, [r.text for r in members])
     del public
     parts, stats = quantize_model(model, plan, config, progress=False)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from libortho import modelio
+from libortho import sources
 from libortho.audit import audit, public_record_losses
 from libortho.config import OrthoConfig
 from libortho.decompose import decompose
@@ -57,10 +57,10 @@ def run(name: str, seed: int, model_path: str | None, samples: int = 0, lookalik
     build_s = time.perf_counter() - t0
     members, nonmembers = scenario.load_members(), scenario.load_nonmembers()
     heldout, calib = scenario.read_split("heldout"), scenario.read_split("calibration")
-    public, tok = modelio.load_model(scenario.public_model)
+    public, tok = sources.load_model(scenario.public_model)
     settings = dict(AUDIT, sample_extraction=samples, public_losses=public_record_losses(public, tok, members, nonmembers))
-    fp, _ = modelio.load_model(scenario.finetuned)
-    rep = audit(fp, tok, heldout, members, nonmembers, reference=lambda: modelio.load_model(scenario.reference)[0],
+    fp, _ = sources.load_model(scenario.finetuned)
+    rep = audit(fp, tok, heldout, members, nonmembers, reference=lambda: sources.load_model(scenario.reference)[0],
                 **dict(settings, sample_extraction=0, sample_conditions=None))
     rows = {("fp" if r["label"] == "model" else r["label"]): summary(r) for r in rep["rows"]}
     torch.manual_seed(0)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from libortho import modelio
+from libortho import sources
 from libortho.audit import audit, public_record_losses
 from libortho.config import PRESETS, OrthoConfig
 from libortho.decompose import decompose
@@ -123,12 +123,12 @@ def run_seed(seed: int, preset: str, results: dict, only: list[str] | None, out_
         tmp.write_text(json.dumps(results, indent=1) + "\n")
         tmp.replace(out_path)
 
-    public, tok = modelio.load_model(scenario.public_model)
+    public, tok = sources.load_model(scenario.public_model)
     audit_settings = dict(AUDIT, public_losses=public_record_losses(public, tok, members, nonmembers))  # P-calibrated attack
     del public
-    reference, _ = modelio.load_model(scenario.reference)
+    reference, _ = sources.load_model(scenario.reference)
     if "baselines" not in rows:
-        fp, _ = modelio.load_model(scenario.finetuned)
+        fp, _ = sources.load_model(scenario.finetuned)
         rep = audit(fp, tok, heldout, members, nonmembers, alphas=None, reference=reference, **audit_settings)
         rows["baselines"] = {("fp" if r["label"] == "model" else r["label"]): summarise(r, rep, set()) for r in rep["rows"]}
         save()
@@ -136,7 +136,7 @@ def run_seed(seed: int, preset: str, results: dict, only: list[str] | None, out_
     reference_losses = mia_scores(reference, tok, [r.text for r in members]).loss.tolist()
     del reference
     if "quantized reference" not in rows:
-        ref_q, _ = modelio.load_model(scenario.reference)
+        ref_q, _ = sources.load_model(scenario.reference)
         torch.manual_seed(0)
         decompose(ref_q, tok, calib, OrthoConfig(**{**BASE, "ortho_ratio": 0.0}), progress=False)
         with alpha(ref_q, 0.0):
@@ -152,8 +152,8 @@ def run_seed(seed: int, preset: str, results: dict, only: list[str] | None, out_
         torch.manual_seed(0)
         config = OrthoConfig(**{**BASE, **cfg})
         texts, listed = forget_texts(texts_kind, scenario, members, seed)
-        model, _ = modelio.load_model(scenario.finetuned)
-        public = modelio.load_model(scenario.public_model)[0] if config.forgets else None
+        model, _ = sources.load_model(scenario.finetuned)
+        public = sources.load_model(scenario.public_model)[0] if config.forgets else None
         stats = decompose(model, tok, calib, config, progress=False, public_model=public, forget_texts=texts)
         del public
         rep = audit(model, tok, heldout, members, nonmembers, alphas=[0.0, 1.0], **audit_settings)
@@ -186,7 +186,7 @@ def npo_rows(scenario, tok, members, nonmembers, rows, audit_settings, reference
                 perplexity(model, tok, heldout, max_windows=AUDIT["perplexity_max_windows"]))
 
     chosen = select_unlearning(
-        lambda: modelio.load_model(scenario.finetuned)[0], tok, [r.text for r in members], scenario.read_split("train"),
+        lambda: sources.load_model(scenario.finetuned)[0], tok, [r.text for r in members], scenario.read_split("train"),
         measure, reference_exposure=_mean(rows["baselines"]["reference"]),
         fp_perplexity=rows["baselines"]["fp"]["perplexity"], config=UnlearnConfig(method="npo", beta=0.1),
     )
@@ -230,7 +230,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.device:
         os.environ["LIBORTHO_DEVICE"] = args.device
-        modelio.default_device()  # a clear error now rather than after the first stage
+        sources.default_device()  # a clear error now rather than after the first stage
     AUDIT["sample_extraction"] = args.sample_extraction
     out_path = Path(args.out or DOCS / f"forget_eval_{args.preset}.json")
     results = json.loads(out_path.read_text()) if out_path.exists() else {}

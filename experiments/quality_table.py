@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from libortho import modelio
+from libortho import sources
 from libortho.decompose import OrthoConfig, install, plan_decomposition, quantize_model, sieve_model
 from libortho.evaluation import mean_nll, token_windows
-from libortho.layer import set_alpha
+from libortho.switch import set_alpha
 from libortho.scenario import public_corpus
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -38,7 +38,7 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(2)
     rows = []
-    model, tok = modelio.load_model(None)
+    model, tok = sources.load_model(None)
     windows = token_windows(tok, public_corpus("heldout"), 256, args.windows)
     calib = public_corpus("calibration")
 
@@ -50,7 +50,7 @@ def main() -> None:
     base_cfg = OrthoConfig(bits=4, group_size=128, calib_tokens=args.calib_tokens, ortho_ratio=0.0)
 
     for method in ("rtn", "gptq"):
-        model, _ = modelio.load_model(None)
+        model, _ = sources.load_model(None)
         cfg = replace(base_cfg, method=method)
         t0 = time.perf_counter()
         parts, stats = quantize_model(model, plan_decomposition(model, tok, calib, cfg), cfg, progress=False)

@@ -10,14 +10,17 @@ sparse high-precision ortho stream, with alpha an explicit runtime switch.
     with libortho.alpha(model, 1.0):
         model.generate(...)
 """
+__version__ = "0.1.0"  # before the imports below: decompose records it
+
 from .config import OrthoConfig, preset
 from .decompose import DecompositionStats, decompose
 from .evaluation import perplexity
 from .layer import OrthoLinear
 from .switch import alpha, get_alpha, set_alpha
-from .modelio import ArtifactError, load, load_model, save
+from .artifact import load, save
+from .artifact_format import ArtifactError
+from .sources import load_model
 
-__version__ = "0.1.0"
 
 __all__ = [
     "ArtifactError",

@@ -1,14 +1,9 @@
 """libortho artifacts: write (`save`) and read (`load`) a decomposed model; safetensors + JSON, never pickle.
 
-Artifact folder:
-  base.safetensors   quantized base stream of every OrthoLinear + all other weights (embeddings, norms, lm_head)
-  ortho.safetensors  the sparse ortho stream (CSR per layer); optional, can be shipped separately.
-                     Created 0600 by default: it is the part that carries the private records.
-  libortho.json      format version, settings, layer table, SHA-256 of every other file, hash of the base
-                     the ortho was cut from
-  config.json, generation_config.json, tokenizer files
-
-Everything read is first checked against libortho.json (libortho/artifact_check.py).
+The folder's files and the manifest are defined in artifact_format.py. Everything read is first
+checked against libortho.json (artifact_check.py). The model's OrthoState (state.py) is what
+`save` writes into the manifest and what `load` rebuilds from it, so load -> save keeps the
+config, layer table, provenance and stats.
 """
 from __future__ import annotations
 
@@ -23,10 +18,15 @@ import torch
 from torch import nn
 
 from . import artifact_check as check
-from .artifact_check import BASE_FILE, MANIFEST, ORTHO_FILE, ORTHO_KEYS, ArtifactError, sha256_file
-from .hf_model import replace_submodule
+from . import artifact_format as fmt
+from .artifact_check import sha256_file
+from .artifact_format import BASE_FILE, MANIFEST, ORTHO_FILE, ORTHO_KEYS, ArtifactError
+from .config import OrthoConfig
 from .fsutil import apply_umask, check_output_dir, staged_dir
-from .layer import AlphaState, OrthoLinear, attach_alpha_state, ortho_layers
+from .hf_model import replace_submodule
+from .layer import OrthoLinear, ortho_layers
+from .state import OrthoState, attach, state_of
+from .switch import AlphaState
 from .remote_code import refuse_custom_code
 
 
@@ -68,10 +68,15 @@ def _split_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, t
 
 
 def save(
-    model: nn.Module, tokenizer, out_dir: str | Path, overwrite: bool = False, extra: dict | None = None,
-    ortho_mode: int | None = 0o600,
+    model: nn.Module, tokenizer, out_dir: str | Path, overwrite: bool = False, ortho_mode: int | None = 0o600,
 ) -> Path:
     """Write a decomposed model as an artifact folder, atomically (a temp folder renamed at the end).
+
+    The manifest comes from the model's OrthoState: a model that was loaded and is saved again
+    keeps its config, provenance and stats; at the dtypes it was stored in (float32 on the CPU
+    unless `load` was given another dtype), every tensor file comes out byte for byte. A model
+    loaded without its ortho stream saves as a base-only artifact (no ortho file, manifest
+    ``"ortho": null``).
 
     The folder, base, manifest and tokenizer files get the modes the umask gives; ortho.safetensors
     gets `ortho_mode` (default 0600, owner only, because it carries what alpha = 0 hides;
@@ -81,27 +86,24 @@ def save(
 
     if not ortho_layers(model):
         raise ArtifactError("the model has no libortho layers; decompose it before saving")
+    state = state_of(model)
     target = check_output_dir(out_dir, overwrite_if=is_artifact if overwrite else None)
     kept_mode = target.stat().st_mode & 0o7777 if target.is_dir() else None
     with staged_dir(target) as tmp:
         base, ortho = _split_state(model)
-        save_file(base, tmp / BASE_FILE, metadata={"format": "pt", "libortho": "base"})
+        save_file(base, tmp / BASE_FILE, metadata=fmt.tensor_file_metadata("base"))
         base_hash = sha256_file(tmp / BASE_FILE)
-        save_file(ortho, tmp / ORTHO_FILE, metadata={"format": "pt", "libortho": "ortho", "base_sha256": base_hash})
+        if state.ortho_loaded:
+            save_file(ortho, tmp / ORTHO_FILE, metadata=fmt.tensor_file_metadata("ortho", base_hash))
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             with contextlib.suppress(Exception):  # an invalid generation config is not worth losing the artifact
                 model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        config = getattr(model, "libortho_config", None)
-        manifest = dict(
-            format_version=check.FORMAT_VERSION,
-            config=config.to_dict() if config is not None else None,
-            layers=layer_table(model),
-            files=files,
-            ortho_base_sha256=base_hash,
-            **(extra or {}),
+        manifest = fmt.build_manifest(
+            state.config.to_dict() if state.config is not None else None, layer_table(model), files,
+            base_hash if state.ortho_loaded else None, state.provenance, state.stats,
         )
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         apply_umask(tmp, private={ORTHO_FILE} if ortho_mode is not None else None, private_mode=ortho_mode or 0o600)
@@ -131,7 +133,7 @@ def read_manifest(path: str | Path) -> dict:
         manifest = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ArtifactError(f"{file} is not valid JSON ({err}); the artifact is corrupt") from err
-    return check.validate_manifest(manifest, file)
+    return fmt.validate_manifest(manifest, file)
 
 
 def _read_tensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -208,9 +210,11 @@ def load(
     if ortho_state not in ("file", "missing"):
         raise ArtifactError(f"{path / ORTHO_FILE} is {ortho_state}, not a readable file")
     ortho_present = ortho_state == "file"
+    if manifest["ortho"] is None and (with_ortho or alpha > 0):
+        raise ArtifactError(f"{path} is a base-only artifact (saved without its ortho stream): alpha is fixed at 0")
     if with_ortho and not ortho_present:
         raise ArtifactError(f"{path / ORTHO_FILE} is missing; load with alpha=0 / without the ortho stream")
-    with_ortho = ortho_present if with_ortho is None else with_ortho
+    with_ortho = ortho_present and manifest["ortho"] is not None if with_ortho is None else with_ortho
     if alpha > 0 and not with_ortho:
         raise ArtifactError(
             f"alpha={alpha} needs the ortho stream, but {path / ORTHO_FILE} is "
@@ -226,10 +230,11 @@ def load(
     ortho = {}
     if with_ortho:
         ortho, meta = _read_tensors(path / ORTHO_FILE)
-        if meta.get("base_sha256") != manifest["ortho_base_sha256"]:
+        cut_from = fmt.ortho_file_base_hash(meta)
+        if cut_from != manifest["ortho"]["base_sha256"]:
             raise ArtifactError(
-                f"{path / ORTHO_FILE} was cut from a different base (its base hash {str(meta.get('base_sha256'))[:12]}… "
-                f"!= {manifest['ortho_base_sha256'][:12]}… of {BASE_FILE}); use the ortho file produced together with this base"
+                f"{path / ORTHO_FILE} was cut from a different base (its base hash {str(cut_from)[:12]}… "
+                f"!= {manifest['ortho']['base_sha256'][:12]}… of {BASE_FILE}); use the ortho file produced together with this base"
             )
         for name, spec in manifest["layers"].items():
             check.check_csr(path / ORTHO_FILE, name, spec, ortho)
@@ -256,16 +261,25 @@ def load(
     model.tie_weights()
     _cast_float_params(model, dtype)
     model.to(device).eval()
-    state_alpha = AlphaState(default=0.0, ortho_available=with_ortho)
-    attach_alpha_state(model, state_alpha)
-    state_alpha.default = state_alpha.check(alpha)
-    model.libortho_manifest = manifest
+    switch = AlphaState(default=0.0, ortho_available=with_ortho)
+    switch.default = switch.check(alpha)
+    attach(model, _state_from_manifest(manifest, switch, path), ortho_layers(model))
     if device.type == "cuda":
         from . import kernels
 
         if kernels.available():
             kernels.prepare(model)  # convert the ortho stream to the kernel layout once, now
     return model, tokenizer
+
+
+def _state_from_manifest(manifest: dict, switch: AlphaState, path: Path) -> OrthoState:
+    config = None
+    if manifest.get("config") is not None:
+        try:
+            config = OrthoConfig(**manifest["config"])
+        except (TypeError, ValueError) as err:
+            raise ArtifactError(f"{path / MANIFEST}: config is not a valid decomposition config ({err})") from None
+    return OrthoState(switch, config, dict(manifest.get("provenance") or {}), dict(manifest.get("stats") or {}))
 
 
 def _install_layer(model: nn.Module, path: Path, name: str, spec: dict, nnz: int) -> None:

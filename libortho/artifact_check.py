@@ -1,5 +1,6 @@
-"""Checks on a libortho artifact before any of it is used: the manifest's schema, every file's
-SHA-256 against the manifest, the tensors' shapes and dtypes, and the ortho stream's CSR structure.
+"""Checks on a libortho artifact's files before any of it is used: every file's SHA-256 against
+the manifest, the tensors' shapes and dtypes, and the ortho stream's CSR structure (the
+manifest's own schema lives with the format, in artifact_format.py).
 
 Threat model: the hashes catch corruption, truncation and mix-ups (a file from another
 artifact, another decomposition of the same base). They do not stop an attacker who can
@@ -10,113 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from .quantize import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
-
-MANIFEST = "libortho.json"
-BASE_FILE = "base.safetensors"
-ORTHO_FILE = "ortho.safetensors"
-ORTHO_KEYS = ("ortho_crow", "ortho_col", "ortho_val")
-FORMAT_VERSION = 1
-ORTHO_DTYPES = ("float16", "bfloat16", "float32")
-BIAS_DTYPES = ("float16", "bfloat16", "float32", "float64")
-MAX_FEATURES = 1 << 20  # far above any linear layer today; stops absurd sizes before allocation
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-class ArtifactError(ValueError):
-    """A libortho artifact or model source is missing, corrupt, truncated or mismatched."""
-
-
-# ---- manifest schema ------------------------------------------------------------------------
-def _type_name(value: Any) -> str:
-    return type(value).__name__
-
-
-def _want_int(where: str, value: Any, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):  # bool is an int subclass: refuse it
-        raise ArtifactError(f"{where} must be an integer, got {_type_name(value)} {value!r}")
-    if not lo <= value <= hi:
-        raise ArtifactError(f"{where} must lie in [{lo}, {hi}], got {value}")
-    return value
-
-
-def _want(where: str, value: Any, kind: type | tuple, what: str) -> Any:
-    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise ArtifactError(f"{where} must be {what}, got {_type_name(value)} {value!r}")
-    return value
-
-
-def _want_choice(where: str, value: Any, choices: tuple) -> Any:
-    if isinstance(value, bool) or value not in choices:
-        raise ArtifactError(f"{where} must be one of {choices}, got {value!r}")
-    return value
-
-
-def _want_sha(where: str, value: Any) -> str:
-    if not isinstance(value, str) or not _SHA256.match(value):
-        raise ArtifactError(f"{where} must be a SHA-256 (64 lower-case hex digits), got {value!r}")
-    return value
-
-
-def validate_layer(where: str, spec: Any) -> None:
-    """One entry of the manifest's layer table (see `modelio.layer_table`)."""
-    _want(where, spec, dict, "an object")
-    for key in ("in_features", "out_features", "bits", "group_size", "symmetric", "bias", "ortho_nnz", "ortho_dtype"):
-        if key not in spec:
-            raise ArtifactError(f"{where} lacks the field {key!r}")
-    n_in = _want_int(f"{where}.in_features", spec["in_features"], 1, MAX_FEATURES)
-    n_out = _want_int(f"{where}.out_features", spec["out_features"], 1, MAX_FEATURES)
-    _want_choice(f"{where}.bits", spec["bits"], SUPPORTED_BITS)
-    _want_choice(f"{where}.group_size", spec["group_size"], SUPPORTED_GROUP_SIZES)
-    _want(f"{where}.symmetric", spec["symmetric"], bool, "true or false")
-    _want(f"{where}.bias", spec["bias"], bool, "true or false")
-    if spec["bias"] and spec.get("bias_dtype") is not None:
-        _want_choice(f"{where}.bias_dtype", spec["bias_dtype"], BIAS_DTYPES)
-    _want_int(f"{where}.ortho_nnz", spec["ortho_nnz"], 0, n_in * n_out)
-    _want_choice(f"{where}.ortho_dtype", spec["ortho_dtype"], ORTHO_DTYPES)
-
-
-def validate_manifest(manifest: Any, file: Path) -> dict:
-    """Types and ranges of every field libortho reads; the first violation is raised, naming it."""
-    where = f"{file}:"
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{where} the manifest must be a JSON object, got {_type_name(manifest)}")
-    if "format_version" not in manifest:
-        raise ArtifactError(f"{where} lacks the field 'format_version'; the artifact is corrupt")
-    version = manifest["format_version"]
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise ArtifactError(f"{where} format_version must be an integer, got {_type_name(version)} {version!r}")
-    if version != FORMAT_VERSION:
-        raise ArtifactError(f"{where} format_version is {version}; this libortho reads version {FORMAT_VERSION}")
-    for key in ("layers", "files", "ortho_base_sha256"):
-        if key not in manifest:
-            raise ArtifactError(f"{where} lacks the field {key!r}; the artifact is corrupt")
-    layers = _want(f"{where} layers", manifest["layers"], dict, "an object (layer name -> settings)")
-    if not layers:
-        raise ArtifactError(f"{where} layers is empty: an artifact has at least one decomposed layer")
-    for name, spec in layers.items():
-        validate_layer(f"{where} layers[{name!r}]", spec)
-    files = _want(f"{where} files", manifest["files"], dict, "an object (file name -> SHA-256)")
-    if BASE_FILE not in files:
-        raise ArtifactError(f"{where} files must list {BASE_FILE}, got {sorted(files)}")
-    for name, sha in files.items():
-        if not isinstance(name, str) or name in ("", ".", "..", MANIFEST) or "/" in name or "\\" in name:
-            raise ArtifactError(f"{where} files has the entry {name!r}: only plain file names of the folder")
-        _want_sha(f"{where} files[{name!r}]", sha)
-    base_sha = _want_sha(f"{where} ortho_base_sha256", manifest["ortho_base_sha256"])
-    if base_sha != files[BASE_FILE]:
-        raise ArtifactError(f"{where} ortho_base_sha256 differs from files[{BASE_FILE!r}]: the manifest is inconsistent")
-    for key in ("config", "stats"):
-        if manifest.get(key) is not None:
-            _want(f"{where} {key}", manifest[key], dict, "an object or null")
-    return manifest
-
+from .artifact_format import MANIFEST, ORTHO_KEYS, ArtifactError
 
 # ---- files ------------------------------------------------------------------------------
 def sha256_file(path: Path) -> str:

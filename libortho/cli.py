@@ -42,40 +42,47 @@ def _open_any(path: str, alpha: float = 0.0, alphas_requested: bool = False):
 def cmd_decompose(args) -> int:
     import torch
 
-    from . import modelio
-    from .config import PRESETS, OrthoConfig
+    from . import artifact
+    from . import sources
     from .decompose import decompose
-
     from .fsutil import check_output_dir
+    from .state import state_of
 
     out = Path(args.out_dir)
     check_output_dir(out)  # before hours of work, not after
     calib = read_text(args.calib)
     source, forget_texts = _forget_source(args)
-    preset = PRESETS["quality" if source == "none" else "privacy"]
-    chosen = dict(
-        bits=args.bits, group_size=args.group_size, method=args.method, score=args.score, ortho_ratio=args.ortho_ratio,
-        forget_lambda=args.forget_lambda,
-    )
-    config = OrthoConfig(**{
-        **preset, **{k: v for k, v in chosen.items() if v is not None},
-        "symmetric": not args.asymmetric, "act_order": args.act_order, "budget": args.budget,
-        "calib_tokens": args.calib_tokens, "seq_len": args.seq_len, "include": args.include, "seed": args.seed,
-        "forget_source": source, "forget_mu": args.forget_free if args.forget_free is not None else 1.0,
-        "sieve_private_weight": args.sieve_private_weight,
-    })
-    torch.manual_seed(args.seed)
-    model, tok = modelio.load_model(None if args.model == "default" else args.model)
+    config = decompose_config(args, source)
+    torch.manual_seed(config.seed)
+    model, tok = sources.load_model(None if args.model == "default" else args.model)
     public_model = None
     if args.public_model is not None:
-        public_model = modelio.load_model(None if args.public_model == "default" else args.public_model)[0]
+        public_model = sources.load_model(None if args.public_model == "default" else args.public_model)[0]
     stats = decompose(model, tok, calib, config, progress=True, public_model=public_model, forget_texts=forget_texts)
     del public_model
-    modelio.save(model, tok, out, extra=dict(stats=_stats_dict(stats), source=str(args.model)),
-                 ortho_mode=None if args.ortho_follow_umask else 0o600)
+    state_of(model).provenance["source"] = str(args.model)
+    artifact.save(model, tok, out, ortho_mode=None if args.ortho_follow_umask else 0o600)
     print(f"decomposed {stats.n_layers} layers ({stats.n_weights:,} weights) in {stats.seconds:.1f} s; "
           f"ortho {stats.n_ortho:,} entries ({100 * stats.n_ortho / stats.n_weights:.2f} %) -> {out}")
     return 0
+
+
+# `decompose` flags that set an OrthoConfig field of the same name; None = the preset's value.
+CONFIG_FLAGS = ("bits", "group_size", "method", "act_order", "score", "ortho_ratio", "budget", "calib_tokens",
+                "seq_len", "include", "seed", "forget_lambda", "sieve_private_weight")
+
+
+def decompose_config(args, source: str):
+    """The OrthoConfig of a `decompose` call: the preset (quality, or privacy with a forget source)
+    with every flag the user gave on top; the config is the one source of every default."""
+    from .config import preset
+
+    chosen = {name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name) is not None}
+    if args.asymmetric:
+        chosen["symmetric"] = False
+    if args.forget_free is not None:
+        chosen["forget_mu"] = args.forget_free
+    return preset("quality" if source == "none" else "privacy", forget_source=source, **chosen)
 
 
 def _forget_source(args) -> tuple[str, list[str] | None]:
@@ -98,11 +105,6 @@ def _forget_source(args) -> tuple[str, list[str] | None]:
             raise UserError("--sieve-private-weight needs forget texts: pass --forget FILE instead of --forget-free")
         return "free", None
     return args.forget_kind, read_forget_texts(args.forget)
-
-
-def _stats_dict(stats) -> dict:
-    return dict(seconds=stats.seconds, n_layers=stats.n_layers, n_weights=stats.n_weights, n_ortho=stats.n_ortho,
-                n_private_tokens=stats.n_private_tokens)
 
 
 def cmd_perplexity(args) -> int:
@@ -172,7 +174,8 @@ def artifact_info(path: str | Path) -> dict:
         n_ortho=n_ortho, ortho_density=n_ortho / max(n_weights, 1),
         bits_per_param_base=base_bits / max(n_weights, 1),
         bits_per_param_alpha1=(base_bits + ortho_bits) / max(n_weights, 1),
-        ortho_base_sha256=manifest["ortho_base_sha256"], files=files, stats=manifest.get("stats"),
+        base_only=manifest["ortho"] is None, ortho_base_sha256=(manifest["ortho"] or {}).get("base_sha256"),
+        files=files, provenance=manifest.get("provenance"), stats=manifest.get("stats"),
     )
 
 
@@ -195,11 +198,12 @@ def cmd_info(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from . import modelio
+    from . import artifact
+    from . import sources
     from .audit import audit_from_paths
 
     extra = {}
-    if Path(args.path).is_dir() and modelio.is_artifact(args.path):
+    if Path(args.path).is_dir() and artifact.is_artifact(args.path):
         info = artifact_info(args.path)
         extra = {k: info[k] for k in ("ortho_density", "bits_per_param_base", "bits_per_param_alpha1", "bits", "group_size", "method", "score")}
     # Fail closed: an artifact is audited at alpha 0 unless --alpha asks for more.
@@ -236,8 +240,19 @@ def cmd_demo(args) -> int:
 
 
 # ---- parser ----------------------------------------------------------------------------------
+def _preset_default(field: str, presets: tuple[str, ...] = ("quality", "privacy")) -> str:
+    """'default X' or 'default X (quality preset), Y with a forget source (privacy preset)', from config.py."""
+    from .config import preset
+
+    values = [getattr(preset(name, **({"forget_source": "records"} if name == "privacy" else {})), field)
+              for name in presets]
+    if len(set(map(repr, values))) == 1:
+        return f"default {values[0]}"
+    return f"default {values[0]}, or {values[1]} with a forget source (the privacy preset)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .config import BITS, BUDGETS, FORGET_SOURCES, GROUP_SIZES, METHODS, PRESETS, SCORES
+    from .config import BITS, BUDGETS, FORGET_SOURCES, GROUP_SIZES, METHODS, SCORES
 
     parser = argparse.ArgumentParser(prog="libortho", description="A privacy switch for fine-tuned LLMs: INT base stream + sparse ortho stream.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -246,23 +261,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help="Hugging Face model folder, .gguf file, or 'default' (SmolLM2-135M-Instruct)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="new folder for the artifact")
     p.add_argument("--calib", required=True, metavar="TEXT_FILE", help="public calibration text (never the secrets)")
-    p.add_argument("--bits", type=int, default=None, choices=BITS, help="base bits (default 4)")
+    p.add_argument("--bits", type=int, default=None, choices=BITS, help=f"base bits ({_preset_default('bits')})")
     p.add_argument("--group-size", type=int, default=None, choices=GROUP_SIZES,
-                   help=f"default {PRESETS['quality']['group_size']}, or {PRESETS['privacy']['group_size']} "
-                        "with a forget source (the privacy preset)")
+                   help=f"input columns per scale ({_preset_default('group_size')})")
     p.add_argument("--asymmetric", action="store_true", help="asymmetric (min/max) groups instead of symmetric")
-    p.add_argument("--method", default=None, choices=METHODS, help="base rounding (default gptq)")
-    p.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups: no runtime permutation)")
-    p.add_argument("--score", default=None, choices=SCORES, help="sieve score (default diag)")
+    p.add_argument("--method", default=None, choices=METHODS, help=f"base rounding ({_preset_default('method')})")
+    p.add_argument("--act-order", action="store_const", const=True, default=None,
+                   help="GPTQ act-order (static groups: no runtime permutation)")
+    p.add_argument("--score", default=None, choices=SCORES, help=f"sieve score ({_preset_default('score')})")
     p.add_argument("--ortho-ratio", type=ratio_value, default=None,
-                   help=f"ortho budget as a fraction of decomposed weights: default {PRESETS['quality']['ortho_ratio']}, "
-                        f"or {PRESETS['privacy']['ortho_ratio']} with a forget source")
-    p.add_argument("--budget", default="global", choices=[b for b in BUDGETS if b != "threshold"],
-                   help="budget across all layers or per layer")
-    p.add_argument("--calib-tokens", type=positive_int, default=16384, metavar="N")
-    p.add_argument("--seq-len", type=positive_int, default=512)
+                   help=f"ortho budget as a fraction of decomposed weights ({_preset_default('ortho_ratio')})")
+    p.add_argument("--budget", default=None, choices=[b for b in BUDGETS if b != "threshold"],
+                   help=f"budget across all layers or per layer ({_preset_default('budget')})")
+    p.add_argument("--calib-tokens", type=positive_int, default=None, metavar="N",
+                   help=f"calibration tokens ({_preset_default('calib_tokens')})")
+    p.add_argument("--seq-len", type=positive_int, default=None, help=f"tokens per calibration window ({_preset_default('seq_len')})")
     p.add_argument("--include", type=regex_value, default=None, metavar="REGEX", help="only linear layers whose name inside a block matches")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help=f"({_preset_default('seed')})")
     p.add_argument("--ortho-follow-umask", action="store_true",
                    help="create ortho.safetensors with the umask's mode like the other files, instead of 0600 "
                         "(owner only: it carries what alpha 0 hides)")
@@ -283,10 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the public checkpoint the model was fine-tuned from ('default' = the built-in model)")
     g.add_argument("--forget-lambda", type=nonnegative_float, default=None, metavar="LAM",
                    help=f"weight of the forget texts relative to public text, by Hessian trace "
-                        f"(default {PRESETS['privacy']['forget_lambda']})")
-    g.add_argument("--sieve-private-weight", type=nonnegative_float, default=0.0, metavar="LAM_S",
+                        f"({_preset_default('forget_lambda', ('privacy',))})")
+    g.add_argument("--sieve-private-weight", type=nonnegative_float, default=None, metavar="LAM_S",
                    help="choose and refit the ortho stream under H_pub + LAM_S H_priv, so that alpha 1 restores more "
-                        "of what the base dropped on the forget texts (default 0)")
+                        f"of what the base dropped on the forget texts ({_preset_default('sieve_private_weight', ('privacy',))})")
     p.set_defaults(func=cmd_decompose)
 
     p = sub.add_parser("lookalikes", help="write look-alike records (random secrets in a template) as forget texts")
@@ -362,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .modelio import ArtifactError
+    from .artifact_format import ArtifactError
 
     try:
         return int(args.func(args) or 0)

@@ -107,11 +107,12 @@ def _choose(field: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{field}={value!r} is not known; choose one of {', '.join(choices)}")
 
 
-# Named presets. "quality": the plain decomposition (no forget objective). "privacy": the measured
-# privacy default (docs/RESULTS.md): GPTQ INT4 g64, 2 % ortho, lam = 3 on the given forget texts.
+# Named presets, as changes to OrthoConfig's defaults. "quality": the plain decomposition (no forget
+# objective): the defaults themselves. "privacy": the measured privacy default (docs/RESULTS.md):
+# GPTQ INT4 g64, 2 % ortho, lam as the default, on the given forget texts.
 PRESETS: dict[str, dict] = {
-    "quality": dict(bits=4, group_size=128, method="gptq", score="diag", ortho_ratio=0.01),
-    "privacy": dict(bits=4, group_size=64, method="gptq", score="diag", ortho_ratio=0.02, forget_lambda=3.0),
+    "quality": dict(),
+    "privacy": dict(group_size=64, ortho_ratio=0.02),
 }
 
 

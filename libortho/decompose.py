@@ -14,17 +14,19 @@ stream is fitted to its own inputs: it has to be a self-consistent model on its 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import calibrate
+from . import __version__, calibrate
 from .config import OrthoConfig
 from .forget import ForgetObjective
 from .hf_model import decoder_blocks, linear_weight, module_device, replace_submodule, target_linears
-from .layer import AlphaState, OrthoLinear, attach_alpha_state
+from .layer import OrthoLinear, ortho_layers
+from .state import OrthoState, attach, state_of
+from .switch import AlphaState
 from .quantize import QuantizedWeight, gptq, hinv_upper, rtn
 from .csr import OrthoCSR, csr_from_flat_indices
 from .sieve import (
@@ -48,6 +50,9 @@ class DecompositionStats:
     layer_output_error: dict[str, float] = field(default_factory=dict)  # ||W_ft X - W_base X||² / ||W_ft X||², public X
     # ||W_P X - W_base X||² / ||W_P X||² on the forget texts' inputs: how closely the base acts like P there
     layer_private_error: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -259,8 +264,8 @@ def install(
         layer = OrthoLinear.from_parts(p.base, orthos[(b, name)], p.bias).to(module_device(blocks[b]))
         replace_submodule(blocks[b], name, layer)
         n_ortho += orthos[(b, name)].nnz
-    attach_alpha_state(model, AlphaState(default=alpha))
-    model.libortho_config = config
+    attach(model, OrthoState(AlphaState(default=alpha), config, provenance=dict(libortho_version=__version__)),
+           ortho_layers(model))
     return n_ortho
 
 
@@ -289,6 +294,7 @@ def decompose(
     orthos = sieve_model(parts, config)
     stats.n_ortho = install(model, parts, orthos, config)
     stats.seconds = time.perf_counter() - start
+    state_of(model).stats = stats.to_dict()
     return stats
 
 

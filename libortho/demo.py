@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from . import modelio
+from . import artifact
+from . import sources
 from .audit import audit, public_record_losses, write_report
 from .config import PRESETS, OrthoConfig
 from .decompose import decompose
@@ -96,8 +97,8 @@ def run_demo(quick: bool, out_dir: Path, progress: bool = True) -> dict:
     t_scenario = time.perf_counter() - start
     members, nonmembers = scenario.load_members(), scenario.load_nonmembers()
 
-    model, tok = modelio.load_model(scenario.finetuned)
-    public_model, _ = modelio.load_model(scenario.public_model)
+    model, tok = sources.load_model(scenario.finetuned)
+    public_model, _ = sources.load_model(scenario.public_model)
     config = OrthoConfig(**DEMO_CONFIG, calib_tokens=plan.calib_tokens)
     forget_records = demo_lookalikes(scenario.config)
     stats = decompose(
@@ -108,14 +109,14 @@ def run_demo(quick: bool, out_dir: Path, progress: bool = True) -> dict:
     public_losses = public_record_losses(public_model, tok, members, nonmembers)
     del public_model
     release_freed_memory()  # the decomposition's Hessians and block inputs
-    modelio.save(model, tok, out_dir / "artifact", overwrite=True)
+    artifact.save(model, tok, out_dir / "artifact", overwrite=True)
 
     density = stats.n_ortho / stats.n_weights
     report = audit(
         model, tok, scenario.read_split("heldout"), members, nonmembers, alphas=list(plan.alphas),
         # Loaders: the audit opens the reference and the FP model one at a time, only for their rows.
-        reference=lambda: modelio.load_model(scenario.reference)[0],
-        baselines={"fp": lambda: modelio.load_model(scenario.finetuned)},
+        reference=lambda: sources.load_model(scenario.reference)[0],
+        baselines={"fp": lambda: sources.load_model(scenario.finetuned)},
         progress=progress, public_losses=public_losses, **plan.audit_options(),
         extra_settings=dict(
             decomposition=config.to_dict(), ortho_density=density, forget_texts=len(forget_records),

@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .quantize import QuantizedWeight, QuantSpec, codes_per_byte, dequantize, n_groups, pack, unpack
+from .packing import codes_per_byte, dequantize_packed, n_groups, pack
+from .quantize import QuantizedWeight, QuantSpec
 from .csr import OrthoCSR
-from .switch import AlphaState, AlphaValue, alpha_state, get_alpha, set_alpha  # noqa: F401 (public here)
-from .switch import attach_alpha_state as _attach
+from .switch import AlphaState, AlphaValue
 
 
 class OrthoLinear(nn.Module):
@@ -81,8 +81,7 @@ class OrthoLinear(nn.Module):
 
     def base_weight(self) -> torch.Tensor:
         """Dequantized W_base [out, in] (float32)."""
-        codes = unpack(self.qweight, self.bits, self.in_features)
-        return dequantize(codes, self.scales, self.zeros, self.group_size)
+        return dequantize_packed(self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features)
 
     def ortho_weight(self) -> torch.Tensor:
         """Dense W_ortho [out, in] (float32)."""
@@ -182,11 +181,5 @@ def _is_nonzero(value: AlphaValue) -> bool:
     return value != 0
 
 
-# ---- the model-level switch ---------------------------------------------------------------
 def ortho_layers(model: nn.Module) -> list[OrthoLinear]:
     return [m for m in model.modules() if isinstance(m, OrthoLinear)]
-
-
-def attach_alpha_state(model: nn.Module, state: AlphaState) -> None:
-    """Make every OrthoLinear of `model` share `state`, pinned once per pass of `model` (after decompose/load)."""
-    _attach(model, state, ortho_layers(model))

@@ -10,43 +10,26 @@ max scaling"): no weight is clamped and no scale is shrunk to make room for the 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-SUPPORTED_BITS = (2, 3, 4, 8)
-SUPPORTED_GROUP_SIZES = (32, 64, 128)
-
-
-def container_bits(bits: int) -> int:
-    """Bits one code occupies in packed storage: 3-bit codes live in 4-bit nibbles (docs/DESIGN.md),
-    so that a byte holds a whole number of codes."""
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits={bits} is not supported; choose one of {SUPPORTED_BITS}")
-    return 4 if bits == 3 else bits
-
-
-def codes_per_byte(bits: int) -> int:
-    """Codes of ``bits`` bits packed into one uint8."""
-    return 8 // container_bits(bits)
-
+from .config import BITS, GROUP_SIZES, OrthoConfig
+from .packing import container_bits, dequantize, expand_groups, n_groups
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How the base stream is quantized."""
+    """How the base stream is quantized (built from OrthoConfig, which holds the defaults)."""
 
-    bits: int = 4
-    group_size: int = 128
-    symmetric: bool = True
+    bits: int
+    group_size: int
+    symmetric: bool
 
     def __post_init__(self) -> None:
-        if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits={self.bits} is not supported; choose one of {SUPPORTED_BITS}")
-        if self.group_size not in SUPPORTED_GROUP_SIZES:
-            raise ValueError(
-                f"group_size={self.group_size} is not supported; choose one of {SUPPORTED_GROUP_SIZES}"
-            )
+        if self.bits not in BITS:
+            raise ValueError(f"bits={self.bits} is not supported; choose one of {BITS}")
+        if self.group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size={self.group_size} is not supported; choose one of {GROUP_SIZES}")
 
     @property
     def max_code(self) -> int:
@@ -69,15 +52,6 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.codes, self.scales, self.zeros, self.spec.group_size)
-
-
-def n_groups(in_features: int, group_size: int) -> int:
-    return math.ceil(in_features / group_size)
-
-
-def expand_groups(per_group: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
-    """[out, n_groups] -> [out, in] by repeating each group's value over its columns."""
-    return per_group.repeat_interleave(group_size, dim=1)[:, :in_features]
 
 
 def scale_and_zero(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,16 +106,6 @@ def quantize_columns(
     return codes.clamp_(0, max_code)
 
 
-def dequantize(
-    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
-) -> torch.Tensor:
-    """W_base [out, in] (float32) from unpacked codes [out, in] and per-group scales/zeros."""
-    in_features = codes.shape[1]
-    S = expand_groups(scales.float(), in_features, group_size)
-    Z = expand_groups(zeros.float(), in_features, group_size)
-    return (codes.float() - Z) * S
-
-
 def rtn(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     """Round-to-nearest quantization of W [out, in]."""
     scales, zeros = group_scales_zeros(W, spec)
@@ -155,8 +119,8 @@ def gptq(
     W: torch.Tensor,
     H: torch.Tensor,
     spec: QuantSpec,
-    damp: float = 0.01,
-    block_size: int = 128,
+    damp: float = OrthoConfig.damp,
+    block_size: int = OrthoConfig.gptq_block_size,
     act_order: bool = False,
     Hinv_upper: torch.Tensor | None = None,
 ) -> QuantizedWeight:
@@ -211,7 +175,7 @@ def gptq(
     return QuantizedWeight(codes[:, inverse_perm].contiguous(), scales, zeros, spec)
 
 
-def hinv_upper(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+def hinv_upper(H: torch.Tensor, damp: float = OrthoConfig.damp) -> torch.Tensor:
     """The upper Cholesky factor of the dampened H^-1 that `gptq` uses (dead inputs handled)."""
     H = H.detach().float().clone()
     dead = torch.diag(H) == 0
@@ -234,38 +198,10 @@ def _upper_cholesky_of_inverse(H: torch.Tensor, damp: float) -> torch.Tensor:
     raise RuntimeError("H is not positive definite even after heavy dampening; use more calibration data")
 
 
-def inverse_hessian_diag(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+def inverse_hessian_diag(H: torch.Tensor, damp: float = OrthoConfig.damp) -> torch.Tensor:
     """diag([H + damp * mean(diag H) I]^-1) [in], with the same dampening GPTQ uses."""
     H = H.float().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     Hd = H + damp * torch.diag(H).mean() * torch.eye(H.shape[0])
     return torch.diag(torch.cholesky_inverse(torch.linalg.cholesky(Hd)))
-
-
-def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned codes [out, in] into uint8 [out, in_pad * container_bits / 8].
-
-    Column j of a byte group sits at bit offset (j % per_byte) * container_bits (low bits first).
-    """
-    cbits = container_bits(bits)
-    per_byte = codes_per_byte(bits)
-    out_features, in_features = codes.shape
-    in_pad = math.ceil(in_features / per_byte) * per_byte
-    c = torch.zeros(out_features, in_pad, dtype=torch.uint8, device=codes.device)
-    c[:, :in_features] = codes.to(torch.uint8)
-    c = c.view(out_features, in_pad // per_byte, per_byte)
-    packed = torch.zeros(out_features, in_pad // per_byte, dtype=torch.uint8, device=codes.device)
-    for k in range(per_byte):
-        packed |= c[:, :, k] << (k * cbits)
-    return packed
-
-
-def unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """Inverse of `pack`: uint8 codes [out, in_features]."""
-    cbits = container_bits(bits)
-    per_byte = codes_per_byte(bits)
-    mask = (1 << cbits) - 1
-    parts = [(packed >> (k * cbits)) & mask for k in range(per_byte)]
-    codes = torch.stack(parts, dim=-1).reshape(packed.shape[0], -1)
-    return codes[:, :in_features]

@@ -13,6 +13,9 @@ Rules (fail closed: alpha only goes above 0 where the caller asked for it):
   default and every scope active on that model in any thread. It never runs above a scope
   that is open somewhere, nor above the default; to run a thread above that, open a scope
   inside the thread.
+* A per-row alpha is a 1-D tensor, one value per sequence. Give it as a CPU tensor: it is
+  checked on the host for free and moved to the pass's input device once, when the pass
+  starts (a tensor already on a GPU costs a host sync to check).
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from typing import Iterator
 
 import torch
 from torch import nn
+
+from .state import state_of
 
 AlphaValue = float | torch.Tensor
 _state_ids = itertools.count()
@@ -88,7 +93,7 @@ class AlphaState:
                 raise ValueError(f"a per-row alpha must be a 1-D tensor, got shape {tuple(value.shape)}")
             if value.numel() == 0:
                 raise ValueError("a per-row alpha tensor must not be empty")
-            lo, hi = float(value.min()), float(value.max())
+            lo, hi = (float(v) for v in torch.aminmax(value.detach().float()))  # free on the host; one sync on a device
             if not (0.0 <= lo and hi <= 1.0):  # also refuses NaN
                 raise AlphaError(f"a per-row alpha must lie in [0, 1], got values from {lo} to {hi}")
         else:
@@ -101,10 +106,14 @@ class AlphaState:
         return value
 
     # ---- scopes ---------------------------------------------------------------------------
+    def lowest(self, value: AlphaValue) -> float:
+        """The lowest alpha of a checked value (a per-row tensor's minimum)."""
+        return float(value.detach().min()) if isinstance(value, torch.Tensor) else value
+
     @contextlib.contextmanager
     def scoped(self, value: AlphaValue) -> Iterator[None]:
         value = self.check(value)
-        low = float(value.min()) if isinstance(value, torch.Tensor) else value
+        low = self.lowest(value)
         with self._lock:
             sid = next(self._scope_ids)
             self._active[sid] = low
@@ -136,10 +145,17 @@ class AlphaState:
         return self.resolve() if pinned is None else pinned
 
     # ---- one value per forward pass ---------------------------------------------------------
-    def pin(self) -> None:
-        """Enter a pass: resolve alpha once (nested calls keep the outer pass's value)."""
+    def pin(self, device: torch.device | None = None) -> None:
+        """Enter a pass: resolve alpha once (nested calls keep the outer pass's value). A per-row
+        alpha moves to `device` (the pass's input device) here, once per pass, not once per layer."""
         stack = self._pins.__dict__.setdefault("stack", [])
-        stack.append(self._pinned.set(self.resolve()) if self._pinned.get() is None else None)
+        if self._pinned.get() is not None:
+            stack.append(None)
+            return
+        value = self.resolve()
+        if isinstance(value, torch.Tensor) and device is not None and value.device != device:
+            value = value.to(device, non_blocking=True)
+        stack.append(self._pinned.set(value))
 
     def unpin(self) -> None:
         stack = self._pins.__dict__.get("stack")
@@ -149,42 +165,10 @@ class AlphaState:
                 self._pinned.reset(token)
 
 
-def _pin_hook(module: nn.Module, args) -> None:
-    state = getattr(module, "libortho_alpha", None)
-    if isinstance(state, AlphaState):
-        state.pin()
-
-
-def _unpin_hook(module: nn.Module, args, output) -> None:
-    state = getattr(module, "libortho_alpha", None)
-    if isinstance(state, AlphaState):
-        state.unpin()
-
-
 # ---- the model-level switch -----------------------------------------------------------------
 def alpha_state(model: nn.Module) -> AlphaState:
     """The AlphaState shared by the model's OrthoLinear layers."""
-    state = getattr(model, "libortho_alpha", None)
-    if isinstance(state, AlphaState):
-        return state
-    raise ValueError(
-        "this model has no libortho layers; decompose it with libortho.decompose(...) "
-        "or load an artifact with libortho.load(...)"
-    )
-
-
-def attach_alpha_state(model: nn.Module, state: AlphaState, layers: list[nn.Module]) -> None:
-    """Make `layers` share `state` and pin alpha at `model`'s entry for each forward pass."""
-    model.libortho_alpha = state
-    for layer in layers:
-        layer.alpha_state = state
-    for handle in getattr(model, "_libortho_alpha_hooks", ()):
-        handle.remove()
-    # always_call: a pass that raises must still unpin, or the next pass would reuse its value.
-    model._libortho_alpha_hooks = (
-        model.register_forward_pre_hook(_pin_hook),
-        model.register_forward_hook(_unpin_hook, always_call=True),
-    )
+    return state_of(model).alpha
 
 
 def set_alpha(model: nn.Module, value: AlphaValue) -> None:

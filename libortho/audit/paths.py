@@ -22,11 +22,12 @@ def load_any_model(path: str) -> tuple[torch.nn.Module, Any]:
     """A libortho artifact (``libortho.load``, ortho stream included when present) or a plain
     local HF folder / .gguf file (``libortho.load_model``). Raises ``ArtifactError`` (a
     ``ValueError``) with the reason when it cannot be loaded."""
-    from libortho import modelio
+    from libortho import artifact
+    from libortho import sources
 
-    if modelio.is_artifact(path):
-        return modelio.load(path)
-    return modelio.load_model(path)
+    if artifact.is_artifact(path):
+        return artifact.load(path)
+    return sources.load_model(path)
 
 
 def _require_file(path: str | os.PathLike, what: str) -> Path:

@@ -19,13 +19,10 @@ reference.py (PyTorch reference and fallback), synthetic.py (random layers).
 """
 from __future__ import annotations
 
-# Beyond __all__, the names this package exposed before dispatch.py existed stay importable.
-from .configs import Config, default_config, select_config  # noqa: F401
-from .dispatch import (available, dual_stream_linear, interpret_mode, prepare,  # noqa: F401
-                       supports, torch_dual_stream)
-from .layout import KernelLayout, get_layout  # noqa: F401
-from .reference import (container_bits, dequantize, ortho_dense,  # noqa: F401
-                        reference_dual_stream)
+from .configs import Config, default_config, select_config  # noqa: F401 (public: tile configs)
+from .dispatch import available, dual_stream_linear, interpret_mode, prepare, supports, torch_dual_stream
+from .layout import KernelLayout, get_layout  # noqa: F401 (public: the kernel-side layout)
+from .reference import dequantize, ortho_dense, reference_dual_stream
 
 __all__ = ["available", "dual_stream_linear", "prepare", "reference_dual_stream",
            "torch_dual_stream", "dequantize", "ortho_dense"]

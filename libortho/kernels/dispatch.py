@@ -14,7 +14,8 @@ import torch
 from .configs import Config, default_config, select_config
 from .launch import auto_e, choose_split, interpret_mode, split_buffers
 from .layout import KernelLayout, get_layout
-from .reference import container_bits, reference_dual_stream
+from ..packing import container_bits
+from .reference import reference_dual_stream
 
 Alpha = Union[float, int, torch.Tensor]
 

@@ -23,7 +23,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-from .reference import container_bits
+from ..packing import container_bits
 
 
 @dataclass

@@ -11,37 +11,15 @@ from typing import Any, Union
 
 import torch
 
+from ..packing import dequantize_packed
+
 Alpha = Union[float, torch.Tensor]
-
-
-def container_bits(bits: int) -> int:
-    """Bits of storage per code: 3-bit codes live in 4-bit nibbles (docs/DESIGN.md)."""
-    if bits in (3, 4):
-        return 4
-    if bits in (2, 8):
-        return bits
-    raise ValueError(f"unsupported bits={bits}")
-
-
-def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """qweight uint8 [out, ceil(in_pad*cb/8)] -> integer codes int32 [out, in_features]."""
-    cb = container_bits(bits)
-    per_byte = 8 // cb
-    q = qweight.to(torch.int32)
-    shifts = torch.arange(per_byte, device=q.device, dtype=torch.int32) * cb
-    codes = (q.unsqueeze(-1) >> shifts) & ((1 << cb) - 1)  # [out, bytes, per_byte]
-    return codes.reshape(q.shape[0], -1)[:, :in_features]
 
 
 def dequantize(layer: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """W_base [out, in] in ``dtype``: (c - zeros[g]) * scales[g], g = j // group_size."""
-    k = int(layer.in_features)
-    g = int(layer.group_size)
-    codes = unpack_codes(layer.qweight, int(layer.bits), k).to(dtype)
-    gidx = torch.arange(k, device=codes.device) // g
-    s = layer.scales.to(dtype)[:, gidx]
-    z = layer.zeros.to(dtype)[:, gidx]
-    return (codes - z) * s
+    return dequantize_packed(layer.qweight, layer.scales, layer.zeros, int(layer.bits), int(layer.group_size),
+                             int(layer.in_features), dtype)
 
 
 def ortho_dense(layer: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:

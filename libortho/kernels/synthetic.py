@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .reference import container_bits
+from ..packing import container_bits
 
 
 class SyntheticLayer(nn.Module):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import libortho
-from libortho.modelio import ArtifactError
+from libortho.artifact_format import ArtifactError
 from conftest import TEXT, tiny_model
 
 
@@ -26,8 +26,65 @@ def test_save_load_forward_bit_identical(artifact, tokenizer):
         with libortho.alpha(model, a), libortho.alpha(loaded, a), torch.no_grad():
             assert torch.equal(model(ids).logits, loaded(ids).logits)
     manifest = json.loads((path / "libortho.json").read_text())
-    assert manifest["files"]["base.safetensors"] == manifest["ortho_base_sha256"]
+    assert manifest["files"]["base.safetensors"] == manifest["ortho"]["base_sha256"]
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in path.iterdir())
+
+
+def test_load_save_load_keeps_the_manifest_and_the_bytes(artifact, tmp_path):
+    """load -> save keeps every field of the manifest but the per-file hashes (config, layer
+    table, provenance, stats), and at the stored dtypes on the CPU every tensor file byte for byte."""
+    from libortho.artifact_format import decomposition_fields
+
+    _, path = artifact
+    first = json.loads((path / "libortho.json").read_text())
+    assert first["config"]["group_size"] == 32 and first["stats"]["n_layers"] > 0
+    assert first["provenance"]["libortho_version"] == libortho.__version__
+    model, tok = libortho.load(path)
+    libortho.save(model, tok, tmp_path / "b")
+    second = json.loads((tmp_path / "b" / "libortho.json").read_text())
+    assert decomposition_fields(second) == decomposition_fields(first)
+    for name in ("base.safetensors", "ortho.safetensors"):
+        assert (tmp_path / "b" / name).read_bytes() == (path / name).read_bytes(), name
+    model, tok = libortho.load(tmp_path / "b")
+    libortho.save(model, tok, tmp_path / "c")
+    assert decomposition_fields(json.loads((tmp_path / "c" / "libortho.json").read_text())) == decomposition_fields(first)
+
+
+def test_a_model_loaded_without_ortho_saves_a_base_only_artifact(artifact, tmp_path):
+    _, path = artifact
+    model, tok = libortho.load(path, with_ortho=False)
+    libortho.save(model, tok, tmp_path / "base_only")
+    manifest = json.loads((tmp_path / "base_only" / "libortho.json").read_text())
+    assert manifest["ortho"] is None and "ortho.safetensors" not in manifest["files"]
+    assert not (tmp_path / "base_only" / "ortho.safetensors").exists()
+    assert (tmp_path / "base_only" / "base.safetensors").read_bytes() == (path / "base.safetensors").read_bytes()
+    assert manifest["config"] == json.loads((path / "libortho.json").read_text())["config"]
+    with pytest.raises(ArtifactError, match="base-only artifact"):
+        libortho.load(tmp_path / "base_only", alpha=1.0)
+    loaded, _ = libortho.load(tmp_path / "base_only")
+    with pytest.raises(ValueError, match="without its ortho stream"):
+        libortho.set_alpha(loaded, 0.5)
+
+
+def test_a_format_1_artifact_still_loads(artifact, tmp_path):
+    """Artifacts written before the format had a version 2 (top-level ortho_base_sha256, free extra keys)."""
+    import shutil
+
+    model, path = artifact
+    old = tmp_path / "v1"
+    shutil.copytree(path, old)
+    m = json.loads((old / "libortho.json").read_text())
+    v1 = dict(format_version=1, config=m["config"], layers=m["layers"], files=m["files"],
+              ortho_base_sha256=m["ortho"]["base_sha256"], stats=m["stats"], source="default")
+    (old / "libortho.json").write_text(json.dumps(v1))
+    loaded, tok = libortho.load(old, alpha=1.0)
+    ids = tok(TEXT[:64], return_tensors="pt").input_ids
+    with libortho.alpha(model, 1.0), torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    libortho.save(loaded, tok, tmp_path / "v2")
+    upgraded = json.loads((tmp_path / "v2" / "libortho.json").read_text())
+    assert upgraded["format_version"] == 2 and upgraded["provenance"] == {"source": "default"}
+    assert upgraded["config"] == m["config"] and upgraded["stats"] == m["stats"]
 
 
 def test_load_without_ortho_fixes_alpha_at_zero(artifact, tmp_path, tokenizer):
@@ -116,7 +173,8 @@ def test_save_never_overwrites_foreign_data(artifact, tmp_path, tokenizer):
 
 
 def test_default_device_reads_the_environment(monkeypatch):
-    from libortho.modelio import ArtifactError, default_device
+    from libortho.artifact_format import ArtifactError
+    from libortho.sources import default_device
 
     monkeypatch.delenv("LIBORTHO_DEVICE", raising=False)
     assert default_device() == torch.device("cpu")
