@@ -49,7 +49,7 @@ def summary(row: dict) -> dict:
                 tpr_ref=(row["mia"].get("ref") or {}).get("tpr_at_lowest_fpr"))
 
 
-def run(name: str, seed: int, model_path: str | None, samples: int = 0, lookalikes: int | None = None) -> dict:
+def run(name: str, seed: int, model_path: str | None, samples: int, lookalikes: int | None = None) -> dict:
     overrides = dict(seed=seed, **({"model": model_path} if model_path else {}))
     config = ScenarioConfig.demo(**overrides) if name == "demo" else ScenarioConfig.default(**CANDIDATES[name], **overrides)
     t0 = time.perf_counter()

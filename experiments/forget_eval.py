@@ -223,15 +223,16 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--device", default=None, help="where models run (sets LIBORTHO_DEVICE): cpu, cuda, cuda:N")
     ap.add_argument("--model", default=None, help="the public model P (default: the built-in SmolLM2-135M)")
-    ap.add_argument("--sample-extraction", type=int, default=0, metavar="N",
-                    help="extraction by sampling: N samples per record prefix (0 = off)")
+    ap.add_argument("--sample-extraction", type=int, default=None, metavar="N",
+                    help="extraction by sampling: N samples per record prefix (default: the audit's, off)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device:
         os.environ["LIBORTHO_DEVICE"] = args.device
         sources.default_device()  # a clear error now rather than after the first stage
-    AUDIT["sample_extraction"] = args.sample_extraction
+    if args.sample_extraction is not None:
+        AUDIT["sample_extraction"] = args.sample_extraction
     out_path = Path(args.out or DOCS / f"forget_eval_{args.preset}.json")
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
     for seed in args.seeds:

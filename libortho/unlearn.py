@@ -72,11 +72,11 @@ class UnlearnConfig:
     seed: int = 0
     beta: float = 0.1
     retain_weight: float = 1.0
-    seq_len: int = 192
-    retain_batch: int = 1
+    seq_len: int = ScenarioConfig.seq_len  # the retain term trains on windows like the fine-tune's
+    retain_batch: int = ScenarioConfig.batch
     forget_batch: int | None = None
     train_blocks: int | tuple[int, ...] | None = None
-    grad_clip: float = 1.0
+    grad_clip: float = ScenarioConfig.grad_clip
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -13,6 +13,8 @@ from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 
+from ..privacy.extraction import Sampling
+
 __all__ = ["AuditConfig", "parse_alphas", "AlphaSpec", "AlphaScope", "PerplexityFn"]
 
 AlphaSpec = float | str | None
@@ -126,8 +128,8 @@ class AuditConfig:
     public_tokenizer: Any = None
     public_losses: dict[str, float] | None = None
     sample_extraction: int = 0
-    sample_top_k: int = 40
-    sample_temperature: float = 1.0
+    sample_top_k: int = Sampling.top_k
+    sample_temperature: float = Sampling.temperature
     sample_nonmembers: bool = True
     sample_conditions: Sequence[str] | None = None
     goals: bool = True

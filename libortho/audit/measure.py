@@ -101,7 +101,7 @@ def _measure_membership(
 
 def public_record_losses(
     public_model: torch.nn.Module, tokenizer: Any, members: Sequence[CanaryRecord],
-    nonmembers: Sequence[CanaryRecord], text_batch_size: int = 16,
+    nonmembers: Sequence[CanaryRecord], text_batch_size: int = AuditConfig.text_batch_size,
 ) -> dict[str, float]:
     """The public model's mean token NLL (nats/token) per record id, for the P-calibrated attack.
 
