@@ -92,19 +92,22 @@ def batch_stats(url: str) -> dict:
 
 def start_server(artifact: str, args) -> tuple[subprocess.Popen, str, str, str]:
     """(process, url, key, model name) of a fresh server on a free localhost port."""
+    from libortho.serve.config import ServeConfig
     from libortho.serve.keys import add_key
     from libortho.serve.server import free_port
 
     tmp = Path(tempfile.mkdtemp(prefix="libortho-load-"))
     key = add_key(tmp / "KEYS.json", "load", 1.0)
     port = free_port()
+    # the queue holds every request of the run, so the load test measures batching, not 429s
+    queue = max(args.requests, ServeConfig().max_queue)
+    options = {"--device": args.device, "--max-batch": args.max_batch, "--max-wait-ms": args.max_wait_ms,
+               "--max-queue": queue, "--threads": args.threads}  # None: the server's default
+    flags = [str(x) for flag, value in options.items() if value is not None for x in (flag, value)]
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "libortho.cli", "serve", artifact, "--port", str(port),
-                             "--keys", str(tmp / "KEYS.json"), "--device", args.device,
-                             "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
-                             "--max-queue", str(max(args.requests, 256)), "--model-name", "bench",
-                             "--log-level", "warning", *(["--threads", str(args.threads)] if args.threads else [])],
-                            stdout=log, stderr=subprocess.STDOUT)
+                             "--keys", str(tmp / "KEYS.json"), "--model-name", "bench", "--log-level", "warning",
+                             *flags], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while True:
@@ -130,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serial", type=int, default=16, help="requests of the one-at-a-time baseline")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 1.0], help="cycled over the requests")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--max-batch", type=int, default=64)
-    p.add_argument("--max-wait-ms", type=float, default=10.0)
+    p.add_argument("--device", default=None, help="the server's device (serve --device; default: serve's)")
+    p.add_argument("--max-batch", type=int, default=64, help="serve --max-batch (64 here: the concurrency)")
+    p.add_argument("--max-wait-ms", type=float, default=None, help="serve --max-wait-ms (default: serve's)")
     p.add_argument("--threads", type=int, default=None, help="the server's torch CPU threads (serve --threads)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results here")
     args = p.parse_args(argv)

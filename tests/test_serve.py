@@ -24,8 +24,12 @@ httpx = pytest.importorskip("httpx")
 import libortho  # noqa: E402
 from libortho.cli import main  # noqa: E402
 from libortho.serve import server  # noqa: E402
+from libortho.serve.config import ServeConfig  # noqa: E402
+from libortho.serve.engine import Engine, Job  # noqa: E402
 from libortho.serve.keys import KeysError, KeyStore, add_key  # noqa: E402
 from libortho.serve.kvbatch import KVBatch  # noqa: E402
+from libortho.serve.sampling import SamplingParams  # noqa: E402
+from libortho.serve.state import state_of  # noqa: E402
 from libortho.serve.text import TextStream  # noqa: E402
 from conftest import TEXT, char_tokenizer, tiny_model  # noqa: E402
 
@@ -73,10 +77,10 @@ def keys(artifact) -> dict[str, str]:
             "half": add_key(path, "half", 0.5, default_alpha=0.5)}
 
 
-def start(artifact, keys_path=None, **kwargs):
-    app, engine, state = server.build(artifact, keys_path, model_name=MODEL, **kwargs)
-    srv, thread, url = server.serve_in_thread(app, engine, state)
-    return srv, thread, url, engine
+def start(artifact, keys_path=None, **settings):
+    app = server.build(artifact, ServeConfig(keys_path=keys_path, model_name=MODEL, **settings))
+    srv, thread, url = server.serve_in_thread(app)
+    return srv, thread, url, state_of(app).engine
 
 
 def stop(srv, thread) -> None:
@@ -274,11 +278,8 @@ def test_mixed_alpha_batches_against_solo_runs(running, keys):
 
 def test_a_request_joining_a_running_batch_matches_its_solo_run(artifact):
     """Continuous batching: B joins while A is decoding (cache padded and concatenated mid-flight)."""
-    from libortho.serve.engine import Engine, Job
-    from libortho.serve.sampling import SamplingParams
-
     model, tok = libortho.load(artifact, alpha=1.0)
-    engine = Engine(model, tok, max_batch=4, max_wait_ms=0)
+    engine = Engine(model, tok, ServeConfig(max_batch=4, max_wait_ms=0))
     engine.start()
     texts: dict[str, list[str]] = {}
     finished: dict[str, threading.Event] = {}
@@ -310,11 +311,8 @@ def test_a_request_joining_a_running_batch_matches_its_solo_run(artifact):
 
 
 def test_eos_ends_a_row(artifact):
-    from libortho.serve.engine import Engine, Job
-    from libortho.serve.sampling import SamplingParams
-
     model, tok = libortho.load(artifact, alpha=0.0)
-    engine = Engine(model, tok, max_batch=2, max_wait_ms=0)
+    engine = Engine(model, tok, ServeConfig(max_batch=2, max_wait_ms=0))
     events, done = [], threading.Event()
 
     def sink(event) -> None:
@@ -446,6 +444,33 @@ def test_keys_add_prints_only_the_key_and_refuses_duplicates(tmp_path, capsys):
         KeyStore.load(path)
 
 
+def test_a_request_is_authenticated_once(running, keys, monkeypatch):
+    from libortho.serve.gate import AlphaGate
+
+    calls = []
+    real = AlphaGate.authenticate
+    monkeypatch.setattr(AlphaGate, "authenticate", lambda self, header: (calls.append(header), real(self, header))[1])
+    url, _ = running
+    complete(client(url, keys["half"]), "x", alpha=0.5, max_tokens=2)
+    assert len(calls) == 1
+
+
+# ---- settings -------------------------------------------------------------------------------------
+def test_serve_config_fills_defaults_and_names_the_flag_of_a_bad_value(capsys):
+    from libortho.serve.config import ServeConfigError
+
+    config = ServeConfig.from_options({"port": 9000, "max_batch": None, "artifact": "x", "func": print})
+    assert config.port == 9000 and config.max_batch == ServeConfig().max_batch
+    for bad, flag in (({"max_batch": 0}, "--max-batch"), ({"max_wait_ms": float("nan")}, "--max-wait-ms"),
+                      ({"port": 70000}, "--port"), ({"max_queue": True}, "--max-queue"), ({"device": "tpu"}, "--device"),
+                      ({"host": " "}, "--host")):
+        with pytest.raises(ServeConfigError, match=flag):
+            ServeConfig(**bad)
+    assert main(["serve", "no-such-artifact", "--max-batch", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-batch" in err and ">= 1" in err and "Traceback" not in err
+
+
 def test_text_stream_holds_back_stop_prefixes(tokenizer):
     ts = TextStream(tokenizer, ["lazy"])
     out = "".join(ts.push(i) for i in tokenizer("the la")["input_ids"])
@@ -515,9 +540,9 @@ def test_sigterm_drains_in_flight_and_refuses_new(draining_server, keys):
 # ---- the real model -------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_end_to_end(tmp_path):
-    from libortho import modelio
+    from libortho import sources
 
-    model, tok = modelio.load_model(None)
+    model, tok = sources.load_model(None)
     libortho.decompose(model, tok, TEXT, libortho.OrthoConfig(calib_tokens=1024, seq_len=256, method="rtn"), progress=False)
     path = tmp_path / "smol"
     libortho.save(model, tok, path)

@@ -2,13 +2,13 @@
 batch, one alpha per row.
 
 Scheduling:
-  * dynamic batching: when idle, the first request waits up to `max_wait_ms` for others, and up
-    to `max_batch` rows start together (one left-padded prefill);
+  * dynamic batching: when idle, the first request waits up to `config.max_wait_ms` for others,
+    and up to `config.max_batch` rows start together (one left-padded prefill);
   * continuous batching: while a batch runs, waiting requests are prefilled and join it at the
-    next step boundary (up to `max_batch` rows), and finished rows leave at once. This needs a
+    next step boundary (up to `config.max_batch` rows), and finished rows leave at once. This needs a
     cache whose rows can be padded and concatenated (KVBatch.joinable); otherwise new requests
     wait until the running batch is empty (plain dynamic batching);
-  * back-pressure: at most `max_queue` requests wait for admission; beyond that `submit` raises
+  * back-pressure: at most `config.max_queue` requests wait for admission; beyond that `submit` raises
     QueueFull (HTTP 429).
 
 The worker is the only thread that runs the model, and it runs every forward inside an explicit
@@ -27,6 +27,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..hf_model import pad_token_id
+from .config import ServeConfig
 from .kvbatch import KVBatch
 from .metrics import Metrics
 from .sampling import SamplingParams, sample
@@ -86,14 +88,15 @@ class _Row:
 class Engine:
     """Owns the model; `submit` jobs from any thread, events come back through each job's sink."""
 
-    def __init__(self, model: nn.Module, tokenizer, max_batch: int = 8, max_wait_ms: float = 10.0,
-                 max_queue: int = 256, metrics: Metrics | None = None) -> None:
+    def __init__(self, model: nn.Module, tokenizer, config: ServeConfig | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
+        self.config = config or ServeConfig()
         self.metrics = metrics or Metrics()
+        # a model config without a context length is rare (old or custom models); 2048 is the common size
         self.context_len = int(getattr(model.config, "max_position_embeddings", None) or 2048)
         self.eos_ids = _eos_ids(model, tokenizer)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
+        self.pad_id = pad_token_id(tokenizer)
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._rows: list[_Row] = []
@@ -112,8 +115,9 @@ class Engine:
         with self._cond:
             if not self._accepting:
                 raise EngineStopped("the server is shutting down")
-            if len(self._pending) >= self.max_queue:
-                raise QueueFull(f"{len(self._pending)} requests are already waiting (--max-queue {self.max_queue})")
+            if len(self._pending) >= self.config.max_queue:
+                raise QueueFull(f"{len(self._pending)} requests are already waiting "
+                                f"(--max-queue {self.config.max_queue})")
             self._pending.append(job)
             self._cond.notify()
 
@@ -129,14 +133,15 @@ class Engine:
         with self._cond:
             return not self._pending and not self._rows
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Refuse new jobs, let the queued and running ones finish (up to timeout), stop the worker."""
+    def stop(self) -> None:
+        """Refuse new jobs, let the queued and running ones finish (up to `config.stop_timeout_s`
+        seconds), stop the worker."""
         with self._cond:
             self._accepting = False
             self._stop = True
             self._cond.notify_all()
         if self._thread.is_alive():
-            self._thread.join(timeout)
+            self._thread.join(self.config.stop_timeout_s)
 
     # ---- the worker ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -165,15 +170,15 @@ class Engine:
                 self._cond.wait()
             if not self._rows:
                 # idle: give companions up to max_wait to arrive, so they share the prefill
-                deadline = self._pending[0].enqueued_at + self.max_wait_s
-                while len(self._pending) < self.max_batch and not self._stop:
+                deadline = self._pending[0].enqueued_at + self.config.max_wait_ms / 1000.0
+                while len(self._pending) < self.config.max_batch and not self._stop:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(left)
             elif self._batch is not None and not self._batch.joinable:
                 return []  # rows cannot join this cache: the batch runs out first
-            room = self.max_batch - len(self._rows)
+            room = self.config.max_batch - len(self._rows)
             admitted = []
             while self._pending and len(admitted) < room:
                 job = self._pending.popleft()
@@ -209,31 +214,38 @@ class Engine:
         now = time.monotonic()
         for i, token in zip(indices, tokens):
             row = self._rows[i]
-            if row.job.cancelled.is_set() or row.finished:
-                continue
-            if row.first_token_at is None:
-                row.first_token_at = now
-                self.metrics.first_token_after(row.job.alpha, now - row.job.enqueued_at)
-            row.generated += 1
-            row.next_token = token
-            finish = None
-            if token in self.eos_ids:
-                finish = "stop"
-            else:
-                delta = row.text.push(token)
-                if row.text.stopped:
-                    finish = "stop"
-                elif row.generated >= row.job.max_tokens or len(row.job.prompt_ids) + row.generated >= self.context_len:
-                    finish = "length"
-                if delta:
-                    row.job.sink(Event("text", text=delta))
-            if finish is not None:
-                tail = row.text.finish()
-                if tail:
-                    row.job.sink(Event("text", text=tail))
-                row.job.sink(Event("done", finish_reason=finish, prompt_tokens=len(row.job.prompt_ids),
-                                   completion_tokens=row.generated))
-                row.finished = True
+            if not (row.job.cancelled.is_set() or row.finished):
+                self._take_token(row, token, now)
+        self._drop_finished_rows()
+
+    def _take_token(self, row: _Row, token: int, now: float) -> None:
+        """Record the row's new token (`now`: time.monotonic()); send its text, and its end if it ends."""
+        if row.first_token_at is None:
+            row.first_token_at = now
+            self.metrics.first_token_after(row.job.alpha, now - row.job.enqueued_at)
+        row.generated += 1
+        row.next_token = token
+        if token in self.eos_ids:  # EOS ends the row without text of its own
+            self._finish(row, "stop")
+            return
+        delta = row.text.push(token)
+        if delta:
+            row.job.sink(Event("text", text=delta))
+        if row.text.stopped:
+            self._finish(row, "stop")
+        elif row.generated >= row.job.max_tokens or len(row.job.prompt_ids) + row.generated >= self.context_len:
+            self._finish(row, "length")
+
+    def _finish(self, row: _Row, reason: str) -> None:
+        """Send the text held back for stop matching, then the row's end."""
+        tail = row.text.finish()
+        if tail:
+            row.job.sink(Event("text", text=tail))
+        row.job.sink(Event("done", finish_reason=reason, prompt_tokens=len(row.job.prompt_ids),
+                           completion_tokens=row.generated))
+        row.finished = True
+
+    def _drop_finished_rows(self) -> None:
         keep = [i for i, r in enumerate(self._rows) if not (r.finished or r.job.cancelled.is_set())]
         if len(keep) == len(self._rows):
             return

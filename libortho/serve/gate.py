@@ -9,12 +9,15 @@ Rules, in the order they are checked:
     stream loaded) -> 403;
   * nothing asked -> the key's default_alpha, capped at what the server can serve (so an
     artifact without its ortho stream answers at 0 rather than refusing every request).
+
+A request is authenticated once (`authenticate`, before its body is parsed, so a caller without a
+key learns nothing about what a valid body looks like); `grant` then decides its alpha.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+from ..switch import AlphaError, parse_alpha
 from .keys import KeyStore
 
 ALPHA_HEADER = "x-libortho-alpha"
@@ -29,27 +32,23 @@ class GateError(Exception):
 
 
 @dataclass(frozen=True)
+class Caller:
+    """An authenticated caller: the key's name and privilege (alphas in [0, 1])."""
+
+    name: str
+    max_alpha: float
+    default_alpha: float
+
+
+ANONYMOUS = Caller("anonymous", 0.0, 0.0)  # base-only mode: no key needed, alpha 0 only
+
+
+@dataclass(frozen=True)
 class Grant:
     """The outcome of the gate: the alpha to serve at and who asked (for logs and metrics)."""
 
     alpha: float
     key_name: str
-
-
-def parse_alpha(value: object, source: str) -> float:
-    """A client-supplied alpha as a float in [0, 1], or GateError 400."""
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise GateError(400, f"{source} must be a number in [0, 1], got {value!r}", "invalid_request_error",
-                            "invalid_alpha") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise GateError(400, f"{source} must be a number in [0, 1], got {value!r}", "invalid_request_error",
-                        "invalid_alpha")
-    if not 0.0 <= float(value) <= 1.0:
-        raise GateError(400, f"{source} must lie in [0, 1], got {value}", "invalid_request_error", "invalid_alpha")
-    return float(value)
 
 
 def bearer_key(authorization: str | None) -> str | None:
@@ -60,6 +59,17 @@ def bearer_key(authorization: str | None) -> str | None:
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
+def asked_alpha(value: object, source: str, text: bool) -> float | None:
+    """A client-supplied alpha (None if not given) as a float in [0, 1], or GateError 400.
+    `text`: the value came as a string (a header), not as a JSON number."""
+    if value is None:
+        return None
+    try:
+        return parse_alpha(value, source, text=text)
+    except AlphaError as err:
+        raise GateError(400, str(err), "invalid_request_error", "invalid_alpha") from None
+
+
 class AlphaGate:
     """Maps (API key, asked alpha) to the alpha served. `servable_max` is 0 when the ortho stream
     is not loaded (base-only mode, or an artifact without ortho.safetensors), else 1."""
@@ -68,10 +78,10 @@ class AlphaGate:
         self.keys = keys
         self.servable_max = servable_max
 
-    def authenticate(self, authorization: str | None) -> tuple[str, float, float]:
-        """(key name, max_alpha, default_alpha) of the caller, or GateError 401."""
+    def authenticate(self, authorization: str | None) -> Caller:
+        """The caller of an `Authorization` header, or GateError 401."""
         if self.keys is None:
-            return "anonymous", 0.0, 0.0
+            return ANONYMOUS
         key = bearer_key(authorization)
         if key is None:
             raise GateError(401, "missing API key: send 'Authorization: Bearer YOUR_KEY'", "invalid_request_error",
@@ -79,27 +89,33 @@ class AlphaGate:
         entry = self.keys.lookup(key)
         if entry is None:
             raise GateError(401, "invalid API key", "invalid_request_error", "invalid_api_key")
-        return entry.name, entry.max_alpha, entry.default_alpha
+        return Caller(entry.name, entry.max_alpha, entry.default_alpha)
 
-    def grant(self, authorization: str | None, header_alpha: str | None, body_alpha: object) -> Grant:
-        """The alpha this request is served at, or GateError (401 / 400 / 403)."""
-        name, max_alpha, default_alpha = self.authenticate(authorization)
-        asked_header = parse_alpha(header_alpha, "the X-Libortho-Alpha header") if header_alpha is not None else None
-        asked_body = parse_alpha(body_alpha, "'alpha'") if body_alpha is not None else None
-        if asked_header is not None and asked_body is not None and asked_header != asked_body:
-            raise GateError(400, f"the X-Libortho-Alpha header ({asked_header:g}) and the body's 'alpha' "
-                                 f"({asked_body:g}) disagree; send one, or the same value in both",
-                            "invalid_request_error", "conflicting_alpha")
-        asked = asked_header if asked_header is not None else asked_body
+    def grant(self, caller: Caller, header_alpha: str | None, body_alpha: object) -> Grant:
+        """The alpha an authenticated caller's request is served at, or GateError (400 / 403)."""
+        asked = _one_asked_alpha(asked_alpha(header_alpha, "the X-Libortho-Alpha header", text=True),
+                                 asked_alpha(body_alpha, "'alpha'", text=False))
         if asked is None:
-            return Grant(min(default_alpha, self.servable_max), name)
+            return Grant(min(caller.default_alpha, self.servable_max), caller.name)
+        self._check_allowed(caller, asked)
+        return Grant(asked, caller.name)
+
+    def _check_allowed(self, caller: Caller, asked: float) -> None:
+        """GateError 403 unless the caller may use `asked` and the server can serve it."""
         if self.keys is None and asked > 0:
             raise GateError(403, f"alpha {asked:g} refused: this server runs in base-only mode (started without "
                                  "--keys) and serves alpha 0 only", "permission_error", "alpha_not_allowed")
-        if asked > max_alpha:
-            raise GateError(403, f"alpha {asked:g} refused: the key {name!r} may use alpha up to {max_alpha:g}",
-                            "permission_error", "alpha_not_allowed")
+        if asked > caller.max_alpha:
+            raise GateError(403, f"alpha {asked:g} refused: the key {caller.name!r} may use alpha up to "
+                                 f"{caller.max_alpha:g}", "permission_error", "alpha_not_allowed")
         if asked > self.servable_max:
             raise GateError(403, f"alpha {asked:g} refused: this server has no ortho stream loaded and serves "
                                  "alpha 0 only", "permission_error", "alpha_not_allowed")
-        return Grant(asked, name)
+
+
+def _one_asked_alpha(header: float | None, body: float | None) -> float | None:
+    """The alpha asked for by the header or the body; GateError 400 if both are given and differ."""
+    if header is not None and body is not None and header != body:
+        raise GateError(400, f"the X-Libortho-Alpha header ({header:g}) and the body's 'alpha' ({body:g}) disagree; "
+                             "send one, or the same value in both", "invalid_request_error", "conflicting_alpha")
+    return header if header is not None else body

@@ -17,6 +17,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..switch import AlphaError, parse_alpha
+
 KEYS_VERSION = 1
 KEY_PREFIX = "lo-"
 
@@ -41,13 +43,11 @@ def hash_key(key: str) -> str:
 
 
 def _check_alpha(value: object, what: str) -> float:
-    # bool is an int subclass; "max_alpha": true is a typo, not 1.0
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise KeysError(f"{what} must be a number in [0, 1], got {value!r}")
-    value = float(value)
-    if not 0.0 <= value <= 1.0:
-        raise KeysError(f"{what} must lie in [0, 1], got {value}")
-    return value
+    """An alpha from KEYS.json or `keys add` as a float in [0, 1], else KeysError naming `what`."""
+    try:
+        return parse_alpha(value, what)
+    except AlphaError as err:
+        raise KeysError(str(err)) from None
 
 
 def _entry(raw: object, where: str) -> KeyEntry:

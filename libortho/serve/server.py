@@ -10,94 +10,109 @@ import logging
 import socket
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import torch
 import uvicorn
+from fastapi import FastAPI
 
-from .. import modelio
-from .app import ServerState, create_app
+from .. import artifact
+from .. import artifact_format
+from .app import create_app
+from .config import ServeConfig
 from .engine import Engine
 from .gate import AlphaGate
 from .keys import KeyStore
-from .metrics import Metrics
+from .state import ServerState, state_of
 
 log = logging.getLogger("libortho.serve")
 
+SERVER_START_TIMEOUT_S = 30.0  # serve_in_thread: how long uvicorn may take to start listening
 
-def load_for_serving(path: str | Path, keys: KeyStore | None, device: str = "cpu"):
+
+def load_for_serving(path: str | Path, keys: KeyStore | None, device: str):
     """(model, tokenizer, servable max alpha). The ortho stream is loaded only if some key may use
     it and the artifact has it; otherwise ortho.safetensors is never opened and alpha is fixed at 0."""
     path = Path(path)
-    has_ortho = (path / modelio.ORTHO_FILE).is_file()
+    has_ortho = (path / artifact_format.ORTHO_FILE).is_file()
     needed = keys is not None and keys.max_alpha > 0
     with_ortho = has_ortho and needed
     if needed and not has_ortho:
-        log.warning("%s has no %s: serving alpha 0 only, whatever the keys allow", path, modelio.ORTHO_FILE)
+        log.warning("%s has no %s: serving alpha 0 only, whatever the keys allow", path, artifact_format.ORTHO_FILE)
     if keys is None:
         log.warning("no --keys: base-only mode, every request is served at alpha 0")
     # alpha=0 default: the model's own default is never what a request runs at (each forward is
     # scoped), but if it were, it would be the base model
-    model, tok = modelio.load(path, alpha=0.0, device=device, with_ortho=with_ortho)
+    model, tok = artifact.load(path, alpha=0.0, device=device, with_ortho=with_ortho)
     return model, tok, 1.0 if with_ortho else 0.0
 
 
 class DrainingServer(uvicorn.Server):
     """uvicorn.Server whose first exit signal drains instead of closing the listening socket."""
 
-    def __init__(self, config: uvicorn.Config, state: ServerState, engine: Engine) -> None:
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
-        self.state, self.engine = state, engine
+        self.state = state
 
     def handle_exit(self, sig: int, frame) -> None:
         if self.state.draining:  # second signal: stop now
             self.should_exit = self.force_exit = True
             return
-        log.info("signal %d: draining (in flight: %d, queued: %d)", sig, self.state.in_flight, self.engine.queued)
+        log.info("signal %d: draining (in flight: %d, queued: %d)", sig, self.state.in_flight,
+                 self.state.engine.queued)
         self.state.draining = True  # not recorded in _captured_signals: a drained exit is a clean exit
 
     async def on_tick(self, counter: int) -> bool:
-        if self.state.draining and self.state.in_flight == 0 and self.engine.idle():
+        if self.state.draining and self.state.in_flight == 0 and self.state.engine.idle():
             log.info("drained: shutting down")
             return True
         return await super().on_tick(counter)
 
 
-def build(artifact: str | Path, keys_path: str | Path | None = None, device: str = "cpu", max_batch: int = 8,
-          max_wait_ms: float = 10.0, max_queue: int = 256, model_name: str | None = None):
-    """(app, engine, state) for an artifact, not yet running."""
-    keys = KeyStore.load(keys_path) if keys_path is not None else None
-    model, tok, servable_max = load_for_serving(artifact, keys, device)
-    engine = Engine(model, tok, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, metrics=Metrics())
-    state = ServerState()
-    app = create_app(engine, AlphaGate(keys, servable_max), model_name or Path(artifact).resolve().name, state)
-    return app, engine, state
+def build(path: str | Path, config: ServeConfig | None = None) -> FastAPI:
+    """The app serving the artifact at `path`, not yet running; its ServerState is `state_of(app)`."""
+    config = config or ServeConfig()
+    keys = KeyStore.load(config.keys_path) if config.keys_path is not None else None
+    model, tok, servable_max = load_for_serving(path, keys, config.device)
+    named = replace(config, model_name=config.model_name or Path(path).resolve().name)
+    return create_app(ServerState(Engine(model, tok, named), AlphaGate(keys, servable_max), named))
 
 
-def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8000, keys_path: str | Path | None = None,
-          device: str = "cpu", max_batch: int = 8, max_wait_ms: float = 10.0, max_queue: int = 256,
-          model_name: str | None = None, log_level: str = "info") -> None:
-    """Run until drained by a signal (blocks; signals are handled when called from the main thread)."""
-    app, engine, state = build(artifact, keys_path, device, max_batch, max_wait_ms, max_queue, model_name)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
-    DrainingServer(config, state, engine).run()
+def serve(path: str | Path, config: ServeConfig | None = None) -> None:
+    """Serve the artifact at `path` until drained by a signal (blocks; signals are handled when
+    called from the main thread)."""
+    config = config or ServeConfig()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    app = build(path, config)
+    DrainingServer(_uvicorn_config(app, config.port, config.log_level), state_of(app)).run()
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def _uvicorn_config(app: FastAPI, port: int, log_level: str) -> uvicorn.Config:
+    """uvicorn's settings for the app on its config's host."""
+    config = state_of(app).config
+    return uvicorn.Config(app, host=config.host, port=port, log_level=log_level,
+                          timeout_graceful_shutdown=config.shutdown_grace_s)
+
+
+def free_port(host: str | None = None) -> int:
+    """A TCP port free right now on `host` (default: ServeConfig's default host)."""
     with socket.socket() as s:
-        s.bind((host, 0))
+        s.bind((host or ServeConfig().host, 0))
         return s.getsockname()[1]
 
 
-def serve_in_thread(app, engine: Engine, state: ServerState, host: str = "127.0.0.1",
-                    port: int | None = None) -> tuple[DrainingServer, threading.Thread, str]:
-    """Start the app in a background thread (tests, benchmarks); (server, thread, base URL).
-    Stop it with `server.should_exit = True; thread.join()`."""
+def serve_in_thread(app: FastAPI, port: int | None = None) -> tuple[DrainingServer, threading.Thread, str]:
+    """Start the app in a background thread on its config's host (tests, benchmarks), on `port` or a free one;
+    (server, thread, base URL). Stop it with `server.should_exit = True; thread.join()`."""
+    state = state_of(app)
+    host = state.config.host
     port = port or free_port(host)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
-    server = DrainingServer(config, state, engine)
+    server = DrainingServer(_uvicorn_config(app, port, "warning"), state)
     thread = threading.Thread(target=server.run, name="libortho-http", daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError(f"the server did not start on {host}:{port}")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import libortho
+from libortho.serve.config import ServeConfig
 from libortho.serve.engine import Engine, Job
 from libortho.serve.kvbatch import KVBatch
 from libortho.serve.sampling import SamplingParams
@@ -97,7 +98,7 @@ def main() -> int:
     model, tok = libortho.load(path, alpha=0.0, device=args.device)
 
     worst = isolation(model, tok)
-    engine = Engine(model, tok, max_batch=32, max_wait_ms=50)
+    engine = Engine(model, tok, ServeConfig(max_batch=32, max_wait_ms=50))
     engine.start()
     try:
         jobs = [(p, a) for p in PROMPTS for a in (0.0, 1.0)]

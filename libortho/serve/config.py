@@ -1,0 +1,96 @@
+"""Every setting of `libortho serve`, with its default, in one frozen dataclass.
+
+The command line, the app factory and the engine all read a ServeConfig; none of them writes a
+default of its own. Importing this module imports nothing heavy (no torch, no FastAPI), so
+`libortho serve --help` stays fast and bad values are refused before the model loads.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+DEVICES = ("cpu", "cuda")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# the command-line flag of each setting that has one, so that an error names what the user typed
+FLAGS = {"host": "--host", "port": "--port", "keys_path": "--keys", "device": "--device", "max_batch": "--max-batch",
+         "max_wait_ms": "--max-wait-ms", "max_queue": "--max-queue", "threads": "--threads",
+         "model_name": "--model-name", "log_level": "--log-level"}
+
+
+class ServeConfigError(ValueError):
+    """A server setting that cannot work; the message names the setting and what it accepts."""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The settings of one server. Times are in the unit their name ends with (ms, s)."""
+
+    host: str = "127.0.0.1"  # the address to listen on; 0.0.0.0 listens on every interface
+    port: int = 8000
+    keys_path: str | Path | None = None  # KEYS.json; None: base-only mode (no key needed, alpha 0 only)
+    device: str = "cpu"
+    max_batch: int = 8  # rows decoded together
+    max_wait_ms: float = 10.0  # how long an idle server waits for companions before it starts a batch
+    max_queue: int = 256  # requests waiting for a batch slot; one more gets 429
+    threads: int | None = None  # torch CPU threads; None: torch's own choice
+    model_name: str | None = None  # the model id clients send; None: the artifact folder's name
+    log_level: str = "info"
+    shutdown_grace_s: float = 5.0  # after the drain, how long uvicorn waits for open connections to close
+    stop_timeout_s: float = 30.0  # at shutdown, how long the engine may take to finish its queued and running rows
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, object]) -> "ServeConfig":
+        """A config from a mapping such as `vars(argparse_namespace)`: None means "not given"
+        (the default applies), and keys that are not settings are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in options.items() if k in names and v is not None})
+
+    def __post_init__(self) -> None:
+        _check_text("host", self.host)
+        _check_int("port", self.port, 1, 65535)
+        if self.keys_path is not None and not isinstance(self.keys_path, (str, Path)):
+            raise ServeConfigError(f"{_label('keys_path')} must be a path to a KEYS.json, got {self.keys_path!r}")
+        _check_choice("device", self.device, DEVICES)
+        _check_int("max_batch", self.max_batch, 1)
+        _check_duration("max_wait_ms", self.max_wait_ms)
+        _check_int("max_queue", self.max_queue, 1)
+        if self.threads is not None:
+            _check_int("threads", self.threads, 1)
+        if self.model_name is not None:
+            _check_text("model_name", self.model_name)
+        _check_choice("log_level", self.log_level, LOG_LEVELS)
+        _check_duration("shutdown_grace_s", self.shutdown_grace_s)
+        _check_duration("stop_timeout_s", self.stop_timeout_s)
+
+
+def _label(name: str) -> str:
+    """`max_batch (--max-batch)`: the setting's name in Python and on the command line."""
+    return f"{name} ({FLAGS[name]})" if name in FLAGS else name
+
+
+def _check_int(name: str, value: object, low: int, high: float = math.inf) -> None:
+    # bool is an int subclass, but `max_batch=True` is a mistake, not 1
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ServeConfigError(f"{_label(name)} must be a whole number, got {value!r}")
+    if not low <= value <= high:
+        bound = f"from {low} to {high}" if high != math.inf else f">= {low}"
+        raise ServeConfigError(f"{_label(name)} must be a whole number {bound}, got {value}")
+
+
+def _check_duration(name: str, value: object) -> None:
+    """A duration: a finite number >= 0 (the unit is in the name)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ServeConfigError(f"{_label(name)} must be a number >= 0, got {value!r}")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ServeConfigError(f"{_label(name)} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_text(name: str, value: object) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ServeConfigError(f"{_label(name)} must be a non-empty string, got {value!r}")
