@@ -46,12 +46,15 @@ def window_batches(windows: torch.Tensor, batch_size: int) -> list[tuple[torch.T
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor | None]]) -> BlockInputs:
-    """Run the embedding part of the model and capture what block 0 receives for each batch.
+def capture_block_inputs(
+    model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor | None]], first_block: nn.Module | None = None,
+) -> BlockInputs:
+    """Run the embedding part of the model and capture what block 0 (`first_block`, looked up
+    when not given) receives for each batch.
 
     batches: (ids [B, T], token mask [B, T] or None when every position is real); padded
     positions (mask 0) are kept out of every Hessian collected on these inputs."""
-    _, blocks = decoder_blocks(model)
+    first_block = first_block if first_block is not None else decoder_blocks(model)[1][0]
     captured = BlockInputs()
     device = next(model.parameters()).device
 
@@ -61,7 +64,7 @@ def capture_block_inputs(model: nn.Module, batches: list[tuple[torch.Tensor, tor
         captured.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
         raise StopForward
 
-    handle = blocks[0].register_forward_pre_hook(catcher, with_kwargs=True)
+    handle = first_block.register_forward_pre_hook(catcher, with_kwargs=True)
     try:
         for ids, mask in batches:
             captured.masks.append(mask)
@@ -81,7 +84,7 @@ def run_block(block: nn.Module, inputs: BlockInputs, collector: "HessianCollecto
     with torch.no_grad():
         for h, mask, args, kwargs in zip(inputs.hidden, inputs.masks, inputs.args, inputs.kwargs):
             if collector is not None:
-                collector.token_mask = mask
+                collector.next_batch(mask)
             out = block(h, *args, **kwargs)
             outs.append(out[0] if isinstance(out, tuple) else out)
     return outs
@@ -104,7 +107,7 @@ class HessianCollector:
         self._last: tuple[torch.Tensor, int, torch.Tensor] | None = None
         self._n_inputs = 0
         self._shared: dict[tuple, torch.Tensor] = {}
-        self.token_mask: torch.Tensor | None = None  # [B, T] of the batch being run; 0 = padding
+        self._token_mask: torch.Tensor | None = None  # [B, T] of the batch being run; 0 = padding
         self.handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
 
     def _hook(self, name: str):
@@ -114,18 +117,23 @@ class HessianCollector:
                 _, input_id, XtX = self._last
             else:
                 X = x.detach().reshape(-1, x.shape[-1]).float()
-                if self.token_mask is not None:
-                    X = X[self.token_mask.reshape(-1).to(X.device).bool()]
+                if self._token_mask is not None:
+                    X = X[self._token_mask.reshape(-1).to(X.device).bool()]
                 XtX = X.t() @ X
                 input_id, self._n_inputs = self._n_inputs, self._n_inputs + 1
                 self._last = (x, input_id, XtX)
             if name not in self.sums:
                 self.sums[name] = torch.zeros_like(XtX)
             self.sums[name] += XtX
-            self.counts[name] += x[..., 0].numel() if self.token_mask is None else int(self.token_mask.sum())
+            self.counts[name] += x[..., 0].numel() if self._token_mask is None else int(self._token_mask.sum())
             self.inputs_seen[name].append(input_id)
 
         return hook
+
+    def next_batch(self, token_mask: torch.Tensor | None) -> None:
+        """Say which positions of the batch about to run are real: token_mask [B, T], 0 = padding
+        (kept out of H); None = every position."""
+        self._token_mask = token_mask
 
     def hessian(self, name: str) -> torch.Tensor:
         """H = 2·XᵀX / n [in, in] (float32) of the named layer's inputs."""

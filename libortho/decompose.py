@@ -1,15 +1,30 @@
 """`decompose(model, tokenizer, calibration_text, config)`: split every chosen linear layer of a
 causal LM into an INT base stream and a sparse ortho stream, decoder block by decoder block.
 
-The driver's stages, in the order they run, each returning its result:
-  plan      what the decomposition reads: token batches, target layers, the public model's weights;
-  quantize  block by block: calibrate (H_pub, and H_priv on the forget texts), fit the base to its
-            target (forget.py) with GPTQ, and pass the base stream's output on to the next block;
-  sieve     choose each layer's ortho entries of R = W - W_base and their values;
-  install   put the OrthoLinear layers into the model.
-
 Block i is calibrated on the output of the already-quantized blocks < i at alpha = 0, so the base
 stream is fitted to its own inputs: it has to be a self-consistent model on its own.
+
+The driver's stages, in the order they run, each returning its result, with what each reads,
+keeps and frees:
+
+  plan      reads the tokenizer, the calibration text, the forget texts and the public model P.
+            Keeps the token batches, the model's decoder blocks and their target linears, and a
+            float32 copy of W_P for every target (forget objective only; P itself is no longer
+            needed after this stage and the caller may free it).
+  quantize  block by block. Captures block 0's inputs once (public, and private for the forget
+            texts) and carries them from block to block. Per block: accumulates H_pub (and
+            H_priv), fits each layer's base (forget.py's W* under H', GPTQ) and replaces the
+            nn.Linear by a base-only OrthoLinear, so the fine-tuned weight of that layer is freed
+            with the module. Keeps, per layer, the LayerParts (the base codes, the dense float32
+            residual R = W_ft - W_base, the curvature H the sieve uses, the bias); frees the
+            block's Hessians, the Cholesky factors and the block's dense weight caches before the
+            next block.
+  sieve     reads every layer's R and H (a global budget compares scores across all layers:
+            they are recomputed per pass rather than held) and returns the CSR ortho stream per
+            layer. R and H stay in the parts: one base can be sieved several ways.
+  install   reads the parts and the ortho streams, builds the final OrthoLinear layers and the
+            model's OrthoState (config, provenance, the alpha switch at 0). The caller drops
+            the parts afterwards; `decompose` does so by returning only the stats.
 """
 from __future__ import annotations
 
@@ -61,6 +76,7 @@ class DecompositionPlan:
 
     public_batches: list[tuple[torch.Tensor, torch.Tensor | None]]  # calibration windows [B, seq_len]
     private_batches: list[tuple[torch.Tensor, torch.Tensor]]  # forget texts, padded [B, T] + token mask
+    blocks: nn.ModuleList  # the model's decoder blocks
     targets: list[dict[str, nn.Module]]  # per decoder block: the linears to decompose, by name
     public_weights: dict[LayerKey, torch.Tensor]  # W_P [out, in] per target (forget objective only)
 
@@ -91,7 +107,7 @@ def plan_decomposition(
     if forget_texts and not private:
         raise ValueError("every forget text is shorter than 2 tokens; nothing to fit the base against")
     public_weights = _public_weights(public_model, targets) if config.forgets else {}
-    return DecompositionPlan(calibrate.window_batches(windows, config.batch_size), private, targets, public_weights)
+    return DecompositionPlan(calibrate.window_batches(windows, config.batch_size), private, blocks, targets, public_weights)
 
 
 def _public_weights(public_model: nn.Module, targets: list[dict[str, nn.Module]]) -> dict[LayerKey, torch.Tensor]:
@@ -159,9 +175,9 @@ def quantize_model(
     stats = DecompositionStats()
     model.eval()
     needs_h = config.method == "gptq" or config.score != "magnitude" or config.ortho_refit or config.forgets
-    _, blocks = decoder_blocks(model)
-    public = calibrate.capture_block_inputs(model, plan.public_batches)
-    private = calibrate.capture_block_inputs(model, plan.private_batches) if plan.private_batches else None
+    blocks = plan.blocks
+    public = calibrate.capture_block_inputs(model, plan.public_batches, blocks[0])
+    private = calibrate.capture_block_inputs(model, plan.private_batches, blocks[0]) if plan.private_batches else None
     stats.n_private_tokens = sum(int(mask.sum()) for _, mask in plan.private_batches)
 
     parts: dict[LayerKey, LayerParts] = {}

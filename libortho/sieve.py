@@ -15,20 +15,20 @@ from typing import Iterable
 
 import torch
 
-from .config import BUDGETS, SCORES
-from .csr import OrthoCSR, csr_from_flat_indices, rows_of_crow  # noqa: F401 (re-exported for compatibility)
+from .config import BUDGETS, SCORES, OrthoConfig
+from .csr import OrthoCSR, rows_of_crow
 from .quantize import inverse_hessian_diag
 
 
 @dataclass(frozen=True)
 class SieveSpec:
-    """How the ortho stream is chosen."""
+    """How the ortho stream is chosen (built from OrthoConfig, which holds the defaults)."""
 
-    score: str = "diag"
-    ortho_ratio: float = 0.01
-    budget: str = "global"
-    threshold: float | None = None
-    damp: float = 0.01
+    score: str
+    ortho_ratio: float
+    budget: str
+    threshold: float | None
+    damp: float
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
@@ -41,7 +41,7 @@ class SieveSpec:
             raise ValueError("budget='threshold' needs a threshold value")
 
 
-def impact(R: torch.Tensor, H: torch.Tensor | None, score: str, damp: float = 0.01) -> torch.Tensor:
+def impact(R: torch.Tensor, H: torch.Tensor | None, score: str, damp: float = OrthoConfig.damp) -> torch.Tensor:
     """Impact score [out, in] of each residual entry of R [out, in] under H [in, in]."""
     R = R.float()
     if score == "magnitude":
@@ -119,7 +119,7 @@ def select_layer(scores: torch.Tensor, spec: SieveSpec) -> torch.Tensor:
     raise ValueError("a global budget is selected across layers with global_threshold, not per layer")
 
 
-def refit_values(csr: OrthoCSR, R: torch.Tensor, H: torch.Tensor, damp: float = 0.01) -> OrthoCSR:
+def refit_values(csr: OrthoCSR, R: torch.Tensor, H: torch.Tensor, damp: float = OrthoConfig.damp) -> OrthoCSR:
     """Ortho values that minimise the layer's output error on the chosen support.
 
     Per row i with support S: o_S = argmin (r_i - o)ᵀ H (r_i - o) = H_SS⁻¹ H_S: r_i.

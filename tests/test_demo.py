@@ -6,6 +6,7 @@ import pytest
 from libortho import artifact
 from libortho import artifact_format
 from libortho import sources
+from libortho.state import state_of
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_quick_demo_writes_a_complete_report(quick_report):
     assert set(sampled["alpha=0"]) == {"1", "4", "16"} and not sampled["fp"]  # members, at alpha 0 only
     assert 0 < report["settings"]["ortho_density"] <= 0.02 * (1 + 1e-6)  # ties at the threshold: a few entries
     loaded, _ = artifact.load(out / "artifact", alpha=0.0)
-    assert loaded.libortho_alpha.ortho_available
+    assert state_of(loaded).ortho_loaded
 
 
 @pytest.mark.slow

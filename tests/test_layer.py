@@ -8,7 +8,7 @@ from libortho.layer import OrthoLinear, ortho_layers
 from libortho.state import OrthoState, attach
 from libortho.switch import AlphaState
 from libortho.quantize import QuantSpec, rtn
-from libortho.sieve import csr_from_flat_indices
+from libortho.csr import csr_from_flat_indices
 
 
 def make_layer(ratio: float, bias: bool = True, seed: int = 0) -> tuple[OrthoLinear, torch.Tensor]:

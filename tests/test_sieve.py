@@ -1,6 +1,7 @@
 import torch
 
-from libortho.sieve import csr_from_flat_indices, global_threshold, impact, select_at_or_above, top_fraction
+from libortho.csr import csr_from_flat_indices
+from libortho.sieve import global_threshold, impact, select_at_or_above, top_fraction
 
 
 def test_scores_follow_the_formulas():
