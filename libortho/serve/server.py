@@ -17,8 +17,7 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 
-from .. import artifact
-from .. import artifact_format
+from .. import artifact, artifact_format
 from .app import create_app
 from .config import ServeConfig
 from .engine import Engine
