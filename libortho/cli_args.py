@@ -39,8 +39,16 @@ def number(kind: Callable[[str], Number], low: float, high: float, not_a_number:
     return parse
 
 
-alpha_value = number(float, 0.0, 1.0, "alpha must be a number in [0, 1], got {text!r}",
-                     "alpha must lie in [0, 1], got {value}")
+def alpha_value(text: str) -> float:
+    """An argparse type: one alpha, checked by the switch's validator."""
+    from .switch import AlphaError, parse_alpha
+
+    try:
+        return parse_alpha(text, "alpha", text=True)
+    except AlphaError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 ratio_value = number(float, 0.0, 1.0, "expected a fraction such as 0.01, got {text!r}",
                      "the ortho ratio is a fraction in [0, 1] (0.01 = 1 %), got {value}")
 positive_int = number(int, 1, math.inf, "expected a positive integer, got {text!r}",

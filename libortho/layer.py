@@ -45,7 +45,7 @@ class OrthoLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype) if bias else None)
         self.alpha_state = AlphaState()
         self._dense_cache: dict[tuple, torch.Tensor] = {}
-        self._kernel_cache = None
+        self.kernel_layout = None
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -107,7 +107,7 @@ class OrthoLinear(nn.Module):
     def clear_cache(self) -> None:
         """Drop the dense weights derived from the buffers (rebuilt on the next forward)."""
         self._dense_cache = {}
-        self._kernel_cache = None
+        self.kernel_layout = None
 
     def _apply(self, fn, recurse=True):  # buffers moved or cast: derived caches are stale
         self.clear_cache()
@@ -136,17 +136,13 @@ class OrthoLinear(nn.Module):
         A nonzero float alpha multiplies by the merged W_base + alpha·W_ortho (one matmul, equal to
         the two streams' sum up to float rounding); per-row alphas keep the streams apart."""
         dtype = x.dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
         if not (_is_nonzero(alpha) and self.ortho_nnz > 0):
-            y = x @ self._cached("base", dtype).t()
-        elif isinstance(alpha, torch.Tensor):
-            y = x @ self._cached("base", dtype).t()
-            delta = x @ self._cached("ortho", dtype).t()
-            y = y + self._broadcast_alpha(alpha, x).to(dtype) * delta
-        else:
-            y = x @ self._merged(alpha, dtype).t()
-        if self.bias is not None:
-            y = y + self.bias.to(dtype)
-        return y
+            return dual_stream(x, self._cached("base", dtype), bias=bias)
+        if isinstance(alpha, torch.Tensor):
+            return dual_stream(x, self._cached("base", dtype), self._cached("ortho", dtype),
+                               self._broadcast_alpha(alpha, x).to(dtype), bias)
+        return dual_stream(x, self._merged(alpha, dtype), bias=bias)
 
     def _broadcast_alpha(self, alpha: AlphaValue, x: torch.Tensor) -> AlphaValue:
         if not isinstance(alpha, torch.Tensor):
@@ -173,6 +169,23 @@ class OrthoLinear(nn.Module):
             f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, "
             f"sym={self.symmetric}, ortho_nnz={self.ortho_nnz}, bias={self.bias is not None}"
         )
+
+
+def dual_stream(
+    x: torch.Tensor, W_base: torch.Tensor, W_ortho: torch.Tensor | None = None, alpha: AlphaValue = 0.0,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The layer's formula on dense weights: Y = X·W_baseᵀ + alpha·(X·W_orthoᵀ) + b.
+
+    x [..., in]; W_base, W_ortho [out, in] in x's dtype; alpha a float or a tensor that
+    broadcasts against [..., out] (one value per row); bias [out] or None. The one PyTorch
+    copy of the formula: the CPU path of OrthoLinear and the kernels' reference both call it."""
+    y = x @ W_base.t()
+    if W_ortho is not None:
+        y = y + alpha * (x @ W_ortho.t())
+    if bias is not None:
+        y = y + bias
+    return y
 
 
 def _is_nonzero(value: AlphaValue) -> bool:

@@ -131,12 +131,12 @@ def test_layout_cache_tracks_in_place_updates():
     layer = _layer(128, 32, seed=14, group_size=32, density=0.05)
     x = torch.randn(1, 128, generator=_gen(15)).to(DEV, torch.float16)
     _check(layer, x, 1.0, GEMV1)
-    first = layer._kernel_cache
+    first = layer.kernel_layout
     with torch.no_grad():  # load_state_dict-style in-place copies
         layer.qweight.copy_(torch.randint_like(layer.qweight, 0, 256))
         layer.zeros.copy_(torch.rand_like(layer.zeros.float()).half() * 15)
     _check(layer, x, 1.0, GEMV1)
-    assert layer._kernel_cache is not first and layer._kernel_cache.zconst is None
+    assert layer.kernel_layout is not first and layer.kernel_layout.zconst is None
 
 
 def test_ortholinear_integration():

@@ -24,9 +24,12 @@ from typing import Dict, List, Optional, Tuple
 Config = Dict[str, object]
 
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "tuned_configs.json")
-# (N, K) -> sorted list of (tuned rows M, config)
+# The active table, owned by this module: (N, K) -> sorted list of (tuned rows M, config).
+# Lifetime: empty until the first lookup, which reads TABLE_PATH once (not at import); it lives
+# for the process unless `load_table` or `set_table` replace it.
 TABLE: Dict[Tuple[int, int], List[Tuple[int, Config]]] = {}
 TABLE_INFO: Dict[str, object] = {}
+_table_read = False
 
 
 def m_bucket(m: int) -> int:
@@ -62,6 +65,8 @@ def default_config(m: int, n: int, k: int, group_size: int, v2: bool = True) -> 
 
 def set_table(entries: List[dict], info: Optional[Dict[str, object]] = None) -> None:
     """Replace the table with ``entries`` = [{"m", "n", "k", "config"}, ...]."""
+    global _table_read
+    _table_read = True
     TABLE.clear()
     TABLE_INFO.clear()
     TABLE_INFO.update(info or {})
@@ -73,6 +78,8 @@ def set_table(entries: List[dict], info: Optional[Dict[str, object]] = None) -> 
 
 def load_table(path: str = TABLE_PATH) -> bool:
     """Load a table written by ``save_table``; False when the file does not exist."""
+    global _table_read
+    _table_read = True
     if not os.path.exists(path):
         return False
     with open(path) as f:
@@ -104,6 +111,8 @@ def select_config(m: int, n: int, k: int, group_size: int,
                   table: Optional[Dict[Tuple[int, int], List[Tuple[int, Config]]]] = None
                   ) -> Config:
     """Config for an [m, k] x [k, n] call: table entry if present, else the heuristic."""
+    if table is None and not _table_read:
+        load_table()
     rows = (TABLE if table is None else table).get((n, k))
     if rows:
         for tm, cfg in rows:
@@ -111,6 +120,3 @@ def select_config(m: int, n: int, k: int, group_size: int,
                 return dict(cfg)
         return dict(rows[-1][1])
     return default_config(m, n, k, group_size)
-
-
-load_table()

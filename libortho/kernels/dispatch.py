@@ -121,7 +121,20 @@ def dual_stream_linear(x: torch.Tensor, layer: Any, alpha: Alpha = 0.0, *,
         return y.reshape(*x.shape[:-1], n)
     use_ortho, avec, ascalar = _alpha_args(alpha, m, x.device)
     use_ortho = use_ortho and lay.nnz > 0
-    g = int(layer.group_size)
+    cfg = _call_config(config, lay, layer, x2)
+    bias = getattr(layer, "bias", None)
+    if cfg["kernel"] == "gemv2":
+        _launch_v2(x2, layer, lay, cfg, y, bias, use_ortho, avec, ascalar)
+    else:
+        _launch_v1(x2, layer, lay, cfg, y, bias, use_ortho, avec, ascalar)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def _call_config(config: Optional[Config], lay: KernelLayout, layer: Any, x2: torch.Tensor) -> Config:
+    """The tile config of one call: the override, else the table's (or heuristic) config for
+    (M, N, K, group), adjusted to what the chosen kernel takes on this layout."""
+    m, k = x2.shape
+    n, g = int(layer.out_features), int(layer.group_size)
     cfg = dict(config) if config is not None else select_config(m, n, k, g)
     if cfg["kernel"] == "gemv2" and not _v2_supported(cfg, lay, layer, x2):
         cfg = default_config(m, n, k, g, v2=False)  # v1 decode kernel or gemm
@@ -130,17 +143,21 @@ def dual_stream_linear(x: torch.Tensor, layer: Any, alpha: Alpha = 0.0, *,
         cfg["BK"] = g                # cannot compile per-word scales into a wgmma B operand)
     if cfg["kernel"] == "gemm" and not join:  # slot-order dots need depth BK/EPW >= 16
         cfg["BK"] = max(int(cfg["BK"]), 16 * (32 // lay.cbits))
-    bias = getattr(layer, "bias", None)
-    if cfg["kernel"] == "gemv2":
-        return _launch_v2(x2, layer, lay, cfg, y, bias, use_ortho, avec, ascalar).reshape(
-            *x.shape[:-1], n)
+    return cfg
+
+
+def _launch_v1(x2, layer, lay, cfg, y, bias, use_ortho, avec, ascalar) -> None:
+    """Launch the v1 FMA decode (``kernel="gemv"``) or tensor-core GEMM kernel into y [M, N]."""
+    m, k = x2.shape
+    n, g = int(layer.out_features), int(layer.group_size)
+    join = cfg["kernel"] == "gemm" and bool(cfg.get("JOIN", True)) and lay.cbits in (4, 8)
     _check_config(cfg, lay.cbits, g)
     bm, bn, bk = int(cfg["BM"]), int(cfg["BN"]), int(cfg["BK"])
     m_tiles, n_tiles = triton.cdiv(m, bm), triton.cdiv(n, bn)
-    split = choose_split(cfg.get("SPLIT", 0), m_tiles * n_tiles, k, bk, x.device)
+    split = choose_split(cfg.get("SPLIT", 0), m_tiles * n_tiles, k, bk, x2.device)
     kps = triton.cdiv(triton.cdiv(k, split), bk) * bk
     split = triton.cdiv(k, kps)  # no empty splits
-    ws, cnt = split_buffers(m_tiles * n_tiles, split, bm, bn, y, x.device)
+    ws, cnt = split_buffers(m_tiles * n_tiles, split, bm, bn, y, x2.device)
     ortho_rows = cfg["kernel"] == "gemv" or cfg.get("ORTHO", "auto") == "rows" or (
         cfg.get("ORTHO", "auto") == "auto" and bm <= 16)
     e = int(cfg.get("E", 0)) or auto_e(lay.nnz, n, split, bn, ortho_rows)
@@ -161,10 +178,9 @@ def dual_stream_linear(x: torch.Tensor, layer: Any, alpha: Alpha = 0.0, *,
         _tk._gemv_kernel[grid](*args, FMA=True, XPF=xpf, XBF16=x2.dtype == torch.bfloat16,
                                **common)
     else:
-        dot_f32 = interpret_mode() and x.dtype == torch.bfloat16  # interpreter bf16 dot bug
+        dot_f32 = interpret_mode() and x2.dtype == torch.bfloat16  # interpreter bf16 dot bug
         _tk._gemm_kernel[grid](*args, FMA=False, SWAP=bool(cfg.get("SWAP", False)), JOIN=join,
                                DOT_F32=dot_f32, ORTHO_ROWS=ortho_rows, **common)
-    return y.reshape(*x.shape[:-1], n)
 
 
 _ONEBITS = 0x3F800000  # bit pattern of 1.0f (see codes._codes)

@@ -1,8 +1,10 @@
 """Kernel-side layout of an OrthoLinear, converted once and cached on the layer.
 
-The cache lives in ``layer._kernel_cache`` (a plain attribute the layer resets to None in
-``_apply``). It is also rebuilt when a buffer is replaced or modified in place (the key holds
-each buffer's data pointer and version counter), so ``load_state_dict`` cannot leave it stale.
+Owner and lifetime: every layer the kernels take (OrthoLinear, the synthetic test layer)
+declares a ``kernel_layout`` field, None until the first fused call (or ``prepare``) fills it
+here, and resets it itself whenever its buffers move or are cast (``_apply``). It is also rebuilt
+when a buffer is replaced or modified in place (the key holds each buffer's data pointer and
+version counter), so ``load_state_dict`` cannot leave it stale.
 
 Contents (no copy of the base weights unless a row's byte count is not a multiple of 4):
 
@@ -74,9 +76,9 @@ def build_layout(layer: Any) -> KernelLayout:
 
 def get_layout(layer: Any) -> KernelLayout:
     """The cached KernelLayout of ``layer``, rebuilt when its buffers changed."""
-    cache = getattr(layer, "_kernel_cache", None)
+    cache = layer.kernel_layout
     if isinstance(cache, KernelLayout) and cache.key == _key(layer):
         return cache
     cache = build_layout(layer)
-    layer._kernel_cache = cache
+    layer.kernel_layout = cache
     return cache

@@ -1,4 +1,5 @@
-"""Pure-PyTorch reference of the dual-stream linear, straight from the storage contract.
+"""Pure-PyTorch reference of the dual-stream linear, straight from the storage contract
+(weights from packing.py, the formula from layer.dual_stream).
 
 Used by the tests (in float64) and as the fallback path for layouts the Triton kernels do not
 cover (e.g. group sizes that are not a power of two). It reads only the attributes/buffers that
@@ -11,6 +12,7 @@ from typing import Any, Union
 
 import torch
 
+from ..layer import dual_stream
 from ..packing import dequantize_packed
 
 Alpha = Union[float, torch.Tensor]
@@ -43,13 +45,13 @@ def reference_dual_stream(x: torch.Tensor, layer: Any, alpha: Alpha = 0.0,
     """
     k, n = int(layer.in_features), int(layer.out_features)
     x2 = x.reshape(-1, k).to(dtype)
-    y = x2 @ dequantize(layer, dtype).t()
+    bias = getattr(layer, "bias", None)
+    bias = None if bias is None else bias.to(dtype)
     if isinstance(alpha, torch.Tensor):
         a = alpha.to(dtype).reshape(-1, 1) if alpha.dim() > 0 else alpha.to(dtype)
-        y = y + a * (x2 @ ortho_dense(layer, dtype).t())
+        y = dual_stream(x2, dequantize(layer, dtype), ortho_dense(layer, dtype), a, bias)
     elif float(alpha) != 0.0:
-        y = y + float(alpha) * (x2 @ ortho_dense(layer, dtype).t())
-    bias = getattr(layer, "bias", None)
-    if bias is not None:
-        y = y + bias.to(dtype)
+        y = dual_stream(x2, dequantize(layer, dtype), ortho_dense(layer, dtype), float(alpha), bias)
+    else:
+        y = dual_stream(x2, dequantize(layer, dtype), bias=bias)
     return y.reshape(*x.shape[:-1], n)

@@ -36,10 +36,10 @@ class SyntheticLayer(nn.Module):
         else:
             self.bias = None
         self.alpha = 1.0
-        self._kernel_cache = None
+        self.kernel_layout = None
 
     def _apply(self, fn, *args, **kwargs):  # same contract as OrthoLinear
-        self._kernel_cache = None
+        self.kernel_layout = None
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
