@@ -109,9 +109,10 @@ def _forget_source(args) -> tuple[str, list[str] | None]:
 
 def cmd_perplexity(args) -> int:
     from . import switch
-    from .evaluation import perplexity
+    from .evaluation import PERPLEXITY_WINDOW, perplexity
 
     text = read_text(args.text)
+    window = args.window if args.window is not None else PERPLEXITY_WINDOW
     model, tok, artifact = _open_any(args.path, alphas_requested=bool(args.alpha))
     # Fail closed: an artifact is measured at alpha 0 unless --alpha asks for more.
     alphas = args.alpha if args.alpha else ([0.0] if artifact else [None])
@@ -119,10 +120,10 @@ def cmd_perplexity(args) -> int:
     for a in alphas:
         scope = switch.alpha(model, a) if a is not None else contextlib.nullcontext()
         with scope:
-            ppl = perplexity(model, tok, text, window=args.window, max_windows=args.max_windows, progress=not args.json)
+            ppl = perplexity(model, tok, text, window=window, max_windows=args.max_windows, progress=not args.json)
         rows.append({"alpha": a, "perplexity": ppl})
     if args.json:
-        print(json.dumps({"path": str(args.path), "text": str(args.text), "window": args.window, "results": rows}))
+        print(json.dumps({"path": str(args.path), "text": str(args.text), "window": window, "results": rows}))
     else:
         print(f"{'alpha':>6}  {'perplexity':>10}")
         for r in rows:
@@ -208,11 +209,12 @@ def cmd_audit(args) -> int:
         extra = {k: info[k] for k in ("ortho_density", "bits_per_param_base", "bits_per_param_alpha1", "bits", "group_size", "method", "score")}
     # Fail closed: an artifact is audited at alpha 0 unless --alpha asks for more.
     alphas = args.alpha if args.alpha else ([0.0] if extra else None)
+    given = dict(exposure_candidates=args.candidates, perplexity_max_windows=args.max_windows,
+                 frontier_cap=args.frontier_cap, sample_extraction=args.sample_extraction)
     report = audit_from_paths(
         args.path, args.private, args.nonmembers, args.public, args.out,
-        alphas=alphas, reference_path=args.reference, exposure_candidates=args.candidates,
-        perplexity_max_windows=args.max_windows, frontier_cap=args.frontier_cap, extra_settings=extra,
-        public_model_path=args.public_model, sample_extraction=args.sample_extraction,
+        alphas=alphas, reference_path=args.reference, extra_settings=extra, public_model_path=args.public_model,
+        **{k: v for k, v in given.items() if v is not None},
     )
     print((Path(args.out) / "report.md").read_text())
     print(f"report: {Path(args.out) / 'report.json'}")
@@ -251,8 +253,16 @@ def _preset_default(field: str, presets: tuple[str, ...] = ("quality", "privacy"
     return f"default {values[0]}, or {values[1]} with a forget source (the privacy preset)"
 
 
+def _audit_default(field: str):
+    """An audit option's default, from AuditConfig (the one place it is written)."""
+    from .audit.config import AuditConfig
+
+    return AuditConfig.__dataclass_fields__[field].default
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import BITS, BUDGETS, FORGET_SOURCES, GROUP_SIZES, METHODS, SCORES
+    from .evaluation import PERPLEXITY_WINDOW
 
     parser = argparse.ArgumentParser(prog="libortho", description="A privacy switch for fine-tuned LLMs: INT base stream + sparse ortho stream.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -320,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PATH", help="libortho artifact, Hugging Face folder or .gguf")
     p.add_argument("--text", required=True, metavar="FILE")
     p.add_argument("--alpha", type=alpha_value, nargs="+", metavar="A", help="alphas to measure (artifacts; default 0)")
-    p.add_argument("--window", type=positive_int, default=256, help="tokens per fixed window")
+    p.add_argument("--window", type=positive_int, default=None, help=f"tokens per fixed window (default {PERPLEXITY_WINDOW})")
     p.add_argument("--max-windows", type=positive_int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_perplexity)
@@ -344,15 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nonmembers", required=True, metavar="RECORDS.jsonl", help="records of the same templates never trained")
     p.add_argument("--reference", default=None, metavar="MODEL", help="retrain reference (same fine-tune without the private records)")
     p.add_argument("--alpha", type=alpha_value, nargs="+", metavar="A", help="alphas to audit (artifacts only; default 0)")
-    p.add_argument("--candidates", type=positive_int, default=1000, help="sampled candidates for exposure estimates")
+    p.add_argument("--candidates", type=positive_int, default=None,
+                   help=f"sampled candidates for exposure estimates (default {_audit_default('exposure_candidates')})")
     p.add_argument("--max-windows", type=positive_int, default=None, help="cap on perplexity windows")
-    p.add_argument("--frontier-cap", type=positive_int, default=256, metavar="N",
+    p.add_argument("--frontier-cap", type=positive_int, default=None, metavar="N",
                    help="digit secrets: trie nodes kept per depth before sub-sampling (exact rank while fewer candidates "
                         "beat the secret; larger = more exact and slower)")
     p.add_argument("--public-model", default=None, metavar="MODEL",
                    help="the public checkpoint the model was fine-tuned from: adds the membership attack calibrated "
                         "by it (record loss minus its loss under MODEL)")
-    p.add_argument("--sample-extraction", type=whole_number, default=64, metavar="N",
+    p.add_argument("--sample-extraction", type=whole_number, default=None, metavar="N",
                    help="extraction by sampling: N samples (temperature 1, top-k 40) per record prefix; 0 disables")
     p.add_argument("--out", default="libortho-audit", metavar="DIR")
     p.set_defaults(func=cmd_audit)

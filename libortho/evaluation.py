@@ -31,11 +31,14 @@ def mean_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, progr
     return total / count
 
 
+PERPLEXITY_WINDOW = 256  # tokens per fixed window, the default everywhere perplexity is measured
+
+
 def perplexity(
     model: nn.Module,
     tokenizer,
     text: str,
-    window: int = 256,
+    window: int = PERPLEXITY_WINDOW,
     max_windows: int | None = None,
     batch_size: int = 8,
     progress: bool = False,

@@ -20,7 +20,7 @@ from .reference import reference_dual_stream
 Alpha = Union[float, int, torch.Tensor]
 
 try:  # Triton is optional (CPU-only installs may lack it).
-    import triton  # noqa: F401
+    import triton
     from . import triton_kernels as _tk
     _HAS_TRITON = True
 except Exception:  # pragma: no cover - depends on the environment
