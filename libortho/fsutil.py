@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .artifact_check import ArtifactError
+from .artifact_format import ArtifactError
 
 TEMP_PREFIX = ".libortho-tmp-"
 # .libortho-tmp-<pid>@<host>-<label>-<random>: host so that a shared (NFS) folder never loses

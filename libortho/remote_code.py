@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .artifact_check import ArtifactError
+from .artifact_format import ArtifactError
 
 _FILES = ("config.json", "tokenizer_config.json")
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .artifact import is_artifact, load
-from .artifact_check import MANIFEST, ArtifactError
+from .artifact_format import MANIFEST, ArtifactError
 from .fsutil import staged_dir
 from .remote_code import refuse_custom_code
 

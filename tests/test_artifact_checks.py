@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 
 import libortho
 from libortho import cli
-from libortho.artifact_check import ArtifactError, sha256_file
+from libortho.artifact_check import sha256_file
+from libortho.artifact_format import ArtifactError
 from libortho.fsutil import TEMP_PREFIX, _host, check_output_dir
 from conftest import TEXT, tiny_model
 
