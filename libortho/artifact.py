@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import jsontext
 from . import artifact_check as check
 from . import artifact_format as fmt
 from .artifact_check import sha256_file
@@ -130,7 +131,7 @@ def read_manifest(path: str | Path) -> dict:
     if state != "file":
         raise ArtifactError(f"{file} is {state}, not a readable file")
     try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
+        manifest = jsontext.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ArtifactError(f"{file} is not valid JSON ({err}); the artifact is corrupt") from err
     return fmt.validate_manifest(manifest, file)

@@ -14,13 +14,16 @@ from pathlib import Path
 from .cli_args import (
     UserError,
     alpha_value,
+    checked_prompt,
     nonnegative_float,
     positive_int,
     ratio_value,
     read_secrets,
     read_text,
     regex_value,
+    seed_value,
     whole_number,
+    window_value,
 )
 
 EXIT_USER_ERROR = 2
@@ -134,16 +137,29 @@ def cmd_perplexity(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    if not args.prompt.strip():
-        raise UserError("--prompt is empty; give the text to continue")
+    from .hf_model import pad_token_id
+
+    prompt = checked_prompt(args.prompt)
     model, tok, _ = _open_any(args.path, alpha=args.alpha or 0.0, alphas_requested=args.alpha is not None)
-    ids = tok(args.prompt, return_tensors="pt").input_ids
+    ids = tok(prompt, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
-        raise UserError(f"--prompt {args.prompt!r} gives no tokens with this model's tokenizer")
+        raise UserError(f"--prompt {prompt!r} gives no tokens with this model's tokenizer")
+    _check_context(model, ids.shape[1], args.max_new_tokens)
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad_token_id(tok))
     print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return 0
+
+
+def _check_context(model, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a generation that would run past the model's context window."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and prompt_tokens + max_new_tokens > context:
+        left = context - prompt_tokens
+        raise UserError(
+            f"--max-new-tokens {max_new_tokens} runs past the model's context: {context} tokens, of which the prompt "
+            f"takes {prompt_tokens}" + (f"; ask for at most {left}" if left > 0 else "; shorten the prompt")
+        )
 
 
 def artifact_info(path: str | Path) -> dict:
@@ -287,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"calibration tokens ({_preset_default('calib_tokens')})")
     p.add_argument("--seq-len", type=positive_int, default=None, help=f"tokens per calibration window ({_preset_default('seq_len')})")
     p.add_argument("--include", type=regex_value, default=None, metavar="REGEX", help="only linear layers whose name inside a block matches")
-    p.add_argument("--seed", type=int, default=None, help=f"({_preset_default('seed')})")
+    p.add_argument("--seed", type=seed_value, default=None, help=f"({_preset_default('seed')})")
     p.add_argument("--ortho-follow-umask", action="store_true",
                    help="create ortho.safetensors with the umask's mode like the other files, instead of 0600 "
                         "(owner only: it carries what alpha 0 hides)")
@@ -322,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=positive_int, default=64, help="number of records (default 64)")
     p.add_argument("--exclude", default=None, metavar="FILE",
                    help="secrets never to emit: one per line, or JSONL records (their 'secret')")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--out", default=None, metavar="FILE", help="JSONL output (default: stdout)")
     p.set_defaults(func=cmd_lookalikes)
 
@@ -330,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PATH", help="libortho artifact, Hugging Face folder or .gguf")
     p.add_argument("--text", required=True, metavar="FILE")
     p.add_argument("--alpha", type=alpha_value, nargs="+", metavar="A", help="alphas to measure (artifacts; default 0)")
-    p.add_argument("--window", type=positive_int, default=None, help=f"tokens per fixed window (default {PERPLEXITY_WINDOW})")
+    p.add_argument("--window", type=window_value, default=None, help=f"tokens per fixed window (default {PERPLEXITY_WINDOW})")
     p.add_argument("--max-windows", type=positive_int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_perplexity)

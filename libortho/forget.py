@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from . import jsontext
 from .config import OrthoConfig
 
 
@@ -136,7 +137,7 @@ def read_forget_texts(path: str | Path) -> list[str]:
 
 def _text_of_line(line: str, where: str) -> str:
     try:
-        obj = json.loads(line)
+        obj = jsontext.loads(line)
     except json.JSONDecodeError as err:
         raise ValueError(f"{where}: invalid JSON ({err.msg})") from None
     if isinstance(obj.get("text"), str) and obj["text"].strip():

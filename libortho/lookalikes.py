@@ -10,6 +10,7 @@ Template slots: ``{secret}`` (required, once; drawn from the secret format), ``{
 """
 from __future__ import annotations
 
+import itertools
 import random
 import re
 import string
@@ -25,6 +26,7 @@ _SLOT = re.compile(r"\{([a-z]+)(?::(\d+))?\}")
 _FILLERS = {"first": FIRST_NAMES, "last": LAST_NAMES, "word": WORDS}
 _RANDOM = {"digits": string.digits, "hex": "0123456789abcdef"}
 _MAX_TRIES_PER_RECORD = 1000
+_MAX_ENUMERATED = 1_000_000  # spaces this small are listed when random draws keep hitting taken secrets
 
 
 def check_template(template: str) -> None:
@@ -61,8 +63,11 @@ def lookalike_records(
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     banned = set(exclude)
-    if spec.size - len({s for s in banned if spec.contains(s)}) < n:
-        raise ValueError(f"the format {secret_format} has fewer than {n} secrets outside the exclusion list")
+    available = spec.size - len({s for s in banned if spec.contains(s)})
+    if available < n:
+        outside = f" outside the exclusion list ({available} left)" if banned else f" ({available} in all)"
+        raise ValueError(f"the format {secret_format} has fewer than {n} secrets{outside}; "
+                         "ask for fewer records or a longer format")
     rng = random.Random(f"libortho.lookalikes:{seed}")
     records = []
     for i in range(n):
@@ -78,7 +83,13 @@ def _fresh_secret(rng: random.Random, spec, banned: set[str]) -> str:
         secret = "".join(rng.choice(spec.alphabet) for _ in range(spec.length))
         if secret not in banned:
             return secret
-    raise ValueError(f"could not draw a secret outside the exclusion list in {_MAX_TRIES_PER_RECORD} tries")
+    # Nearly every secret of the space is taken (n close to its size): draw among those left.
+    if spec.size <= _MAX_ENUMERATED:
+        left = [s for s in map("".join, itertools.product(spec.alphabet, repeat=spec.length)) if s not in banned]
+        if left:
+            return rng.choice(left)
+    raise ValueError(f"could not draw a secret of {spec.length} characters that is not taken "
+                     f"in {_MAX_TRIES_PER_RECORD} tries; ask for fewer records or a longer format")
 
 
 def _fill(template: str, rng: random.Random) -> str:

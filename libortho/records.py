@@ -17,6 +17,8 @@ import tempfile
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from . import jsontext
 from typing import Any, Iterable
 
 import numpy as np
@@ -187,7 +189,7 @@ def load_records(path: str | os.PathLike) -> list[CanaryRecord]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = jsontext.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{where}: invalid JSON ({exc.msg})") from None
             record = record_from_dict(obj, where)

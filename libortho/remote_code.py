@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import jsontext
 from .artifact_format import ArtifactError
 
 _FILES = ("config.json", "tokenizer_config.json")
@@ -22,7 +23,7 @@ def refuse_custom_code(folder: Path, shown_as: Path | None = None) -> None:
         if not file.is_file():
             continue
         try:
-            data = json.loads(file.read_text(encoding="utf-8"))
+            data = jsontext.loads(file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ArtifactError(f"{shown / name} is not valid JSON ({err})") from None
         if not isinstance(data, dict):
