@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -137,52 +136,77 @@ def read_manifest(path: str | Path) -> dict:
     return fmt.validate_manifest(manifest, file)
 
 
-def _read_tensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
+def _tensors_from_bytes(data: bytes, file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header metadata) of a safetensors file held in memory; the tensors own copies."""
+    from safetensors.torch import load as load_safetensors
 
     try:
-        with safe_open(str(file), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+        header_len = int.from_bytes(data[:8], "little")
+        metadata = jsontext.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+        return load_safetensors(data), metadata
     except Exception as err:  # safetensors raises its own error types for damaged headers
         raise ArtifactError(f"{file} cannot be read as safetensors ({err}); the file is corrupt or truncated") from err
 
 
+def _read_tensors(folder: Path, name: str, manifest: dict, verify: bool = True):
+    """(tensors, metadata) of a listed tensor file, read once, checked, parsed from memory."""
+    return _tensors_from_bytes(check.read_checked(folder, name, manifest, verify), folder / name)
+
+
 def verify_files(path: str | Path, with_ortho: bool = True) -> dict[str, str]:
-    """Check every file the manifest lists against its SHA-256 (the ortho file only when
-    `with_ortho`); returns name -> 'verified' / 'missing (optional)' / 'not checked'."""
+    """Check every file the manifest lists against its SHA-256; the ortho file only when
+    `with_ortho` (else it is only looked at, never opened). Returns name -> status."""
     path = Path(path)
     manifest = read_manifest(path)
     status = {}
     for name in manifest["files"]:
-        if name == ORTHO_FILE and (not with_ortho or check.file_state(path / name) == "missing"):
-            status[name] = "not loaded" if with_ortho is False else "missing (optional: alpha stays 0)"
+        if name == ORTHO_FILE and not with_ortho:
+            status[name] = ortho_file_status(path)
+            continue
+        if name == ORTHO_FILE and check.file_state(path / name) == "missing":
+            status[name] = "missing (optional: alpha stays 0)"
             continue
         check.verify_file(path, name, manifest)
         status[name] = "verified"
     return status
 
 
-def verify_artifact(path: str | Path) -> dict[str, str]:
-    """`verify_files` plus the ortho stream's CSR structure, without building the model (for `info`)."""
+def ortho_file_status(path: Path) -> str:
+    """What can be said of ortho.safetensors without opening it: present or not, size, readable."""
+    file = Path(path) / ORTHO_FILE
+    state = check.file_state(file)
+    if state == "missing":
+        return "missing (optional: alpha stays 0)"
+    if state != "file":
+        return f"{state} (unusable: alpha stays 0)"
+    size = file.stat().st_size
+    access = "readable" if check.readable(file) else "not readable by this user (alpha stays 0)"
+    return f"present, {size} bytes, {access}; not opened (--verify-ortho hashes it)"
+
+
+def verify_artifact(path: str | Path, verify_ortho: bool = False) -> dict[str, str]:
+    """For `info`: every file against its SHA-256 and, with `verify_ortho`, the ortho stream's
+    hash and CSR structure too; without it the ortho file is stat-ed, never opened."""
     path = Path(path)
     manifest = read_manifest(path)
-    status = verify_files(path, with_ortho=True)
+    status = verify_files(path, with_ortho=verify_ortho)
     if status.get(ORTHO_FILE) == "verified":
-        ortho, _ = _read_tensors(path / ORTHO_FILE)
+        ortho, _ = _read_tensors(path, ORTHO_FILE, manifest)
         for name, spec in manifest["layers"].items():
             check.check_csr(path / ORTHO_FILE, name, spec, ortho)
     return status
 
 
-def _staged_metadata(path: Path, manifest: dict, stage: Path) -> Path:
-    """Copy the verified config and tokenizer files into `stage`; transformers reads only those,
-    so a file dropped into the folder later (e.g. custom code) is never seen. Artifacts whose
-    manifest lists only the two tensor files (older libortho) are read from the folder itself."""
+def _staged_metadata(path: Path, manifest: dict, stage: Path, verify: bool) -> Path:
+    """Copy the config and tokenizer files into `stage`, each read once and checked as read;
+    transformers reads only those copies, so neither a later change to a file nor a file dropped
+    into the folder (e.g. custom code) is ever seen. Artifacts whose manifest lists only the two
+    tensor files (older libortho) are read from the folder itself."""
     listed = [n for n in manifest["files"] if n not in (BASE_FILE, ORTHO_FILE)]
     if not listed:
         return path
     for name in listed:
-        shutil.copyfile(path / name, stage / name)
+        (stage / name).write_bytes(check.read_checked(path, name, manifest, verify))
     return stage
 
 
@@ -197,8 +221,10 @@ def load(
     """(model, tokenizer) from an artifact folder: a ready transformers model, `generate` works.
 
     Alpha starts at `alpha` = 0: ask for more explicitly. with_ortho=None loads the ortho stream
-    when ortho.safetensors is present; without it alpha is fixed at 0. Every file read is checked
-    against libortho.json first (verify=False skips the hashes, never the structure checks).
+    when ortho.safetensors is present and this user may read it; False never opens it (alpha is
+    then fixed at 0: what an alpha-0 caller should ask for). Every file is read once into memory
+    and checked against libortho.json there (verify=False skips the hashes, never the structure
+    checks), so the tensors in use are the bytes that were checked.
     dtype is the activation / non-quantized weight dtype (default float32 on CPU, float16 on CUDA).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -207,41 +233,12 @@ def load(
     manifest = read_manifest(path)
     device = torch.device(device)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    ortho_state = check.file_state(path / ORTHO_FILE)
-    if ortho_state not in ("file", "missing"):
-        raise ArtifactError(f"{path / ORTHO_FILE} is {ortho_state}, not a readable file")
-    ortho_present = ortho_state == "file"
-    if manifest["ortho"] is None and (with_ortho or alpha > 0):
-        raise ArtifactError(f"{path} is a base-only artifact (saved without its ortho stream): alpha is fixed at 0")
-    if with_ortho and not ortho_present:
-        raise ArtifactError(f"{path / ORTHO_FILE} is missing; load with alpha=0 / without the ortho stream")
-    with_ortho = ortho_present and manifest["ortho"] is not None if with_ortho is None else with_ortho
-    if alpha > 0 and not with_ortho:
-        raise ArtifactError(
-            f"alpha={alpha} needs the ortho stream, but {path / ORTHO_FILE} is "
-            + ("missing" if not ortho_present else "not loaded")
-            + "; use alpha=0 or provide the ortho file"
-        )
-    if with_ortho and ORTHO_FILE not in manifest["files"]:
-        raise ArtifactError(f"{path / MANIFEST}: files lists no {ORTHO_FILE}, so the ortho file cannot be verified")
-    check.require_file(path / BASE_FILE, "; the artifact is incomplete")
-    if verify:
-        verify_files(path, with_ortho=with_ortho)
-    base, _ = _read_tensors(path / BASE_FILE)
-    ortho = {}
-    if with_ortho:
-        ortho, meta = _read_tensors(path / ORTHO_FILE)
-        cut_from = fmt.ortho_file_base_hash(meta)
-        if cut_from != manifest["ortho"]["base_sha256"]:
-            raise ArtifactError(
-                f"{path / ORTHO_FILE} was cut from a different base (its base hash {str(cut_from)[:12]}… "
-                f"!= {manifest['ortho']['base_sha256'][:12]}… of {BASE_FILE}); use the ortho file produced together with this base"
-            )
-        for name, spec in manifest["layers"].items():
-            check.check_csr(path / ORTHO_FILE, name, spec, ortho)
+    with_ortho = _wants_ortho(path, manifest, alpha, with_ortho)
+    base, _ = _read_tensors(path, BASE_FILE, manifest, verify)
+    ortho = _read_ortho(path, manifest, verify) if with_ortho else {}
 
     with tempfile.TemporaryDirectory(prefix=f"libortho-meta-{os.getpid()}-") as stage:  # owner pid in the name
-        source = _staged_metadata(path, manifest, Path(stage))
+        source = _staged_metadata(path, manifest, Path(stage), verify)
         refuse_custom_code(source, shown_as=path)
         try:
             config = AutoConfig.from_pretrained(source, local_files_only=True, trust_remote_code=False)
@@ -271,6 +268,39 @@ def load(
         if kernels.available():
             kernels.prepare(model)  # convert the ortho stream to the kernel layout once, now
     return model, tokenizer
+
+
+def _wants_ortho(path: Path, manifest: dict, alpha: float, with_ortho: bool | None) -> bool:
+    """Whether to load the ortho stream, or ArtifactError when the request cannot be met."""
+    file = path / ORTHO_FILE
+    state = check.file_state(file)
+    if state not in ("file", "missing"):
+        raise ArtifactError(f"{file} is {state}, not a readable file")
+    if manifest["ortho"] is None and (with_ortho or alpha > 0):
+        raise ArtifactError(f"{path} is a base-only artifact (saved without its ortho stream): alpha is fixed at 0")
+    usable = state == "file" and manifest["ortho"] is not None
+    if with_ortho is None:
+        with_ortho = usable and check.readable(file)  # alpha 0 never needs the private file
+    if with_ortho and state == "missing":
+        raise ArtifactError(f"{file} is missing; load with alpha=0 / without the ortho stream")
+    if alpha > 0 and not with_ortho:
+        why = "missing" if state == "missing" else ("not readable by this user" if not check.readable(file) else "not loaded")
+        raise ArtifactError(f"alpha={alpha} needs the ortho stream, but {file} is {why}; use alpha=0 or provide the ortho file")
+    return bool(with_ortho)
+
+
+def _read_ortho(path: Path, manifest: dict, verify: bool) -> dict[str, torch.Tensor]:
+    """The ortho stream's tensors, checked against the manifest, its base and its CSR structure."""
+    ortho, meta = _read_tensors(path, ORTHO_FILE, manifest, verify)
+    cut_from = fmt.ortho_file_base_hash(meta)
+    if cut_from != manifest["ortho"]["base_sha256"]:
+        raise ArtifactError(
+            f"{path / ORTHO_FILE} was cut from a different base (its base hash {str(cut_from)[:12]}… "
+            f"!= {manifest['ortho']['base_sha256'][:12]}… of {BASE_FILE}); use the ortho file produced together with this base"
+        )
+    for name, spec in manifest["layers"].items():
+        check.check_csr(path / ORTHO_FILE, name, spec, ortho)
+    return ortho
 
 
 def _state_from_manifest(manifest: dict, switch: AlphaState, path: Path) -> OrthoState:

@@ -61,6 +61,29 @@ def verify_file(folder: Path, name: str, manifest: dict) -> str:
     return actual
 
 
+def read_checked(folder: Path, name: str, manifest: dict, verify: bool = True) -> bytes:
+    """The bytes of one listed file, read once into private memory and (with `verify`) hashed
+    there: what is checked is what is used, and no later change to the file (truncated, replaced,
+    rewritten in place) can reach tensors built from these bytes, as it could through a mapping."""
+    path = folder / name
+    require_file(path, "; the artifact is incomplete")
+    with open(path, "rb") as f:
+        data = f.read()
+    if verify:
+        expected, actual = manifest["files"][name], hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            raise ArtifactError(
+                f"{path} does not match its SHA-256 in {MANIFEST} (expected {expected[:12]}…, got {actual[:12]}…): "
+                "the file is corrupt, truncated, edited or from another artifact"
+            )
+    return data
+
+
+def readable(path: Path) -> bool:
+    """Whether this process may open the file for reading (without opening it)."""
+    return os.access(path, os.R_OK)
+
+
 # ---- tensors ----------------------------------------------------------------------------
 def check_tensors(file: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
                   manifest_hint: str, fixed_dtype: set[str]) -> None:

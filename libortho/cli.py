@@ -29,16 +29,17 @@ from .cli_args import (
 EXIT_USER_ERROR = 2
 
 
-def _open_any(path: str, alpha: float = 0.0, alphas_requested: bool = False):
+def _open_any(path: str, alpha: float = 0.0, alphas_requested: bool = False, highest_alpha: float | None = None):
     """(model, tokenizer, is_artifact) for an artifact folder, a HF folder or a .gguf file.
 
-    An artifact opens at `alpha` (0 unless the user asked for more: fail closed)."""
+    An artifact opens at `alpha` (0 unless the user asked for more: fail closed), and opens its
+    ortho file only when `highest_alpha` (default `alpha`) is above 0: alpha 0 never needs it."""
     from . import sources
 
     p = sources.existing_model_path(path)
     if alphas_requested and not sources.names_artifact(p):
         raise UserError(f"{path} is a plain model (no ortho stream): --alpha applies to libortho artifacts only")
-    return sources.open_any(p, alpha=alpha)
+    return sources.open_any(p, alpha=alpha, highest_alpha=highest_alpha)
 
 
 # ---- subcommands -----------------------------------------------------------------------------
@@ -116,7 +117,7 @@ def cmd_perplexity(args) -> int:
 
     text = read_text(args.text)
     window = args.window if args.window is not None else PERPLEXITY_WINDOW
-    model, tok, artifact = _open_any(args.path, alphas_requested=bool(args.alpha))
+    model, tok, artifact = _open_any(args.path, alphas_requested=bool(args.alpha), highest_alpha=max(args.alpha or [0.0]))
     # Fail closed: an artifact is measured at alpha 0 unless --alpha asks for more.
     alphas = args.alpha if args.alpha else ([0.0] if artifact else [None])
     rows = []
@@ -162,13 +163,14 @@ def _check_context(model, prompt_tokens: int, max_new_tokens: int) -> None:
         )
 
 
-def artifact_info(path: str | Path) -> dict:
+def artifact_info(path: str | Path, verify_ortho: bool = False) -> dict:
     """Settings, sizes and densities of an artifact, from its manifest and files, after checking
-    every file against its SHA-256 and the ortho stream's CSR structure (raises ArtifactError)."""
+    every file against its SHA-256 (raises ArtifactError). The ortho file is only stat-ed unless
+    `verify_ortho`, which also hashes it and checks its CSR structure."""
     from . import artifact
 
     manifest = artifact.read_manifest(path)
-    verified = artifact.verify_artifact(path)
+    verified = artifact.verify_artifact(path, verify_ortho=verify_ortho)
     layers = manifest["layers"]
     n_weights = sum(s["in_features"] * s["out_features"] for s in layers.values())
     n_ortho = sum(s["ortho_nnz"] for s in layers.values())
@@ -197,7 +199,7 @@ def artifact_info(path: str | Path) -> dict:
 
 
 def cmd_info(args) -> int:
-    info = artifact_info(args.path)
+    info = artifact_info(args.path, verify_ortho=args.verify_ortho)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -210,7 +212,8 @@ def cmd_info(args) -> int:
     for name, f in info["files"].items():
         size = "missing" if f["bytes"] is None else f"{f['bytes'] / 2**20:.1f} MiB"
         print(f"{name:<24}{size:>12}  sha256 {f['sha256'][:16]}…  {f['status']}")
-    print("checked         every file against its SHA-256 in libortho.json, the manifest schema, the ortho CSR structure")
+    print("checked         every file against its SHA-256 in libortho.json and the manifest schema"
+          + (", the ortho CSR structure" if args.verify_ortho else "; ortho.safetensors stat-ed only (--verify-ortho)"))
     return 0
 
 
@@ -361,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="settings, density, bits per parameter and hashes of an artifact")
     p.add_argument("path", metavar="PATH")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--verify-ortho", action="store_true",
+                   help="also hash ortho.safetensors and check its CSR structure (by default it is only stat-ed)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("audit", help="privacy audit: exposure, extraction, membership inference, KS, perplexity per alpha")

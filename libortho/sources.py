@@ -173,15 +173,17 @@ def names_artifact(path: Path) -> bool:
     return path.is_dir() and os.path.lexists(path / MANIFEST)
 
 
-def open_any(path: str | os.PathLike, alpha: float = 0.0) -> tuple[nn.Module, Any, bool]:
+def open_any(path: str | os.PathLike, alpha: float = 0.0, highest_alpha: float | None = None) -> tuple[nn.Module, Any, bool]:
     """(model, tokenizer, is_artifact) for an artifact folder, a HF folder or a .gguf file.
 
     An artifact opens at ``alpha`` (callers pass 0 unless the user asked for more: fail closed);
-    a plain model opens with :func:`load_model` and has no switch.
+    its ortho stream is opened only when ``highest_alpha`` (default: ``alpha``), the most the
+    caller will ask for, is above 0. A plain model opens with :func:`load_model` and has no switch.
     """
     p = existing_model_path(path)
     if names_artifact(p):
-        model, tok = load(p, alpha=alpha)
+        highest = alpha if highest_alpha is None else highest_alpha
+        model, tok = load(p, alpha=alpha, with_ortho=highest > 0)
         return model, tok, True
     model, tok = load_model(p)
     return model, tok, False

@@ -57,7 +57,9 @@ def parse_alpha(value: object, what: str = "alpha", *, text: bool = False) -> fl
         value = float(value)
     except OverflowError:  # an int too large for a float
         raise AlphaError(f"{what} must lie in [0, 1], got a number of {len(str(abs(int(value))))} digits") from None
-    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+    if not math.isfinite(value):
+        raise AlphaError(f"{what} must be a finite number in [0, 1], got {value!r}")
+    if not 0.0 <= value <= 1.0:
         raise AlphaError(f"{what} must lie in [0, 1], got {value!r}")
     return value + 0.0  # -0.0 + 0.0 == +0.0
 

@@ -162,10 +162,12 @@ def test_info_verifies_and_says_so(artifact, tmp_path, capsys):
     folder = tmp_path / "flipped"
     shutil.copytree(artifact, folder)
     _flip_bytes(folder)
-    assert cli.main(["info", str(folder)]) == 2
+    assert cli.main(["info", str(folder)]) == 0  # the private file is only stat-ed by default
+    assert "not opened" in capsys.readouterr().out
+    assert cli.main(["info", str(folder), "--verify-ortho"]) == 2
     assert "ortho.safetensors does not match its SHA-256" in capsys.readouterr().err
     _edit_ortho(folder, lambda t: _set(t, "ortho_col", lambda c: c + 64))  # consistent hashes, broken CSR
-    assert cli.main(["info", str(folder)]) == 2
+    assert cli.main(["info", str(folder), "--verify-ortho"]) == 2
     assert "ortho_col has indices outside" in capsys.readouterr().err
 
 

@@ -396,7 +396,8 @@ def test_base_only_mode_without_keys_never_opens_the_ortho_file(artifact, monkey
 
     opened = []
     real = artifact_io._read_tensors
-    monkeypatch.setattr(artifact_io, "_read_tensors", lambda f: (opened.append(Path(f).name), real(f))[1])
+    monkeypatch.setattr(artifact_io, "_read_tensors",
+                        lambda folder, name, *rest: (opened.append(name), real(folder, name, *rest))[1])
     srv, thread, url, engine = start(artifact, None)
     try:
         assert opened == ["base.safetensors"]

@@ -6,7 +6,6 @@ records; a bad value fails here, when the options are built, before any model ru
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Sequence
@@ -14,6 +13,7 @@ from typing import Any, Callable, ContextManager, Sequence
 import torch
 
 from ..privacy.extraction import Sampling
+from ..switch import AlphaError, parse_alpha
 
 __all__ = ["AuditConfig", "parse_alphas", "AlphaSpec", "AlphaScope", "PerplexityFn"]
 
@@ -36,11 +36,9 @@ def parse_alphas(spec: str | Sequence[AlphaSpec] | None) -> list[float | None] |
             out.append(None)
             continue
         try:
-            value = float(item)
-        except (TypeError, ValueError):
-            raise ValueError(f"bad alpha {item!r}: expected a number or 'fp' (model as is)") from None
-        if not math.isfinite(value):
-            raise ValueError(f"bad alpha {item!r}: must be finite")
+            value = parse_alpha(item, "an alpha", text=True)
+        except AlphaError as err:
+            raise ValueError(f"bad alpha {item!r}: {err}, or 'fp' (the model as is)") from None
         out.append(value)
     if not out:
         raise ValueError("no alphas given")

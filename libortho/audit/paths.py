@@ -18,15 +18,15 @@ __all__ = ["audit_from_paths", "load_any_model", "ModelLoader"]
 ModelLoader = Callable[[str], tuple[torch.nn.Module, Any]]
 
 
-def load_any_model(path: str) -> tuple[torch.nn.Module, Any]:
-    """A libortho artifact (``libortho.load``, ortho stream included when present) or a plain
-    local HF folder / .gguf file (``libortho.load_model``). Raises ``ArtifactError`` (a
-    ``ValueError``) with the reason when it cannot be loaded."""
+def load_any_model(path: str, with_ortho: bool | None = None) -> tuple[torch.nn.Module, Any]:
+    """A libortho artifact (``libortho.load``; its ortho stream when `with_ortho`, or by default
+    when present and readable) or a plain local HF folder / .gguf file (``libortho.load_model``).
+    Raises ``ArtifactError`` (a ``ValueError``) with the reason when it cannot be loaded."""
     from libortho import artifact
     from libortho import sources
 
     if artifact.is_artifact(path):
-        return artifact.load(path)
+        return artifact.load(path, with_ortho=with_ortho)
     return sources.load_model(path)
 
 
@@ -80,7 +80,9 @@ def audit_from_paths(
         if path is not None and not Path(path).exists():
             raise ValueError(f"{what} not found: {path}")
 
-    loader = load_model or load_any_model
+    # An audit at alpha 0 only never opens the artifact's ortho file.
+    needs_ortho = any(a is not None and a > 0 for a in (parsed_alphas or []))
+    loader = load_model or (lambda p: load_any_model(p, with_ortho=needs_ortho))
     if public_model_path is not None and audit_kwargs.get("public_losses") is None:
         public, public_tok = loader(str(public_model_path))
         audit_kwargs["public_losses"] = public_record_losses(
