@@ -283,6 +283,8 @@ def _wants_ortho(path: Path, manifest: dict, alpha: float, with_ortho: bool | No
         with_ortho = usable and check.readable(file)  # alpha 0 never needs the private file
     if with_ortho and state == "missing":
         raise ArtifactError(f"{file} is missing; load with alpha=0 / without the ortho stream")
+    if with_ortho and not check.readable(file):
+        raise ArtifactError(f"{file} is not readable by this user; alpha above 0 needs it, alpha 0 does not")
     if alpha > 0 and not with_ortho:
         why = "missing" if state == "missing" else ("not readable by this user" if not check.readable(file) else "not loaded")
         raise ArtifactError(f"alpha={alpha} needs the ortho stream, but {file} is {why}; use alpha=0 or provide the ortho file")

@@ -133,8 +133,10 @@ def read_secrets(path: str) -> list[str]:
         if line.startswith("{"):
             try:
                 secret = jsontext.loads(line).get("secret")
-            except (json.JSONDecodeError, AttributeError):
-                raise UserError(f"{path}:{lineno}: invalid JSON record") from None
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{lineno}: invalid JSON record ({err.msg})") from None
+            except AttributeError:
+                raise UserError(f"{path}:{lineno}: invalid JSON record (not an object)") from None
             if not isinstance(secret, str):
                 raise UserError(f"{path}:{lineno}: a JSON record needs a 'secret' string")
             secrets.append(secret)
