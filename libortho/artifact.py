@@ -45,6 +45,7 @@ def layer_table(model: nn.Module) -> dict[str, dict]:
             bias=m.bias is not None,
             bias_dtype=str(m.bias.dtype).removeprefix("torch.") if m.bias is not None else None,
             ortho_nnz=m.ortho_nnz,
+            ortho_rank=m.ortho_rank,
             ortho_dtype=str(m.ortho_val.dtype).removeprefix("torch."),
         )
         for name, m in model.named_modules()
@@ -194,6 +195,7 @@ def verify_artifact(path: str | Path, verify_ortho: bool = False) -> dict[str, s
         ortho, _ = _read_tensors(path, ORTHO_FILE, manifest)
         for name, spec in manifest["layers"].items():
             check.check_csr(path / ORTHO_FILE, name, spec, ortho)
+            check.check_lowrank(path / ORTHO_FILE, name, spec, ortho)
     return status
 
 
@@ -253,7 +255,7 @@ def load(
     except Exception as err:
         raise ArtifactError(f"{path / 'config.json'} does not describe a causal language model: {str(err).splitlines()[0]}") from err
     for name, spec in manifest["layers"].items():
-        _install_layer(model, path, name, spec, int(spec["ortho_nnz"]) if with_ortho else 0)
+        _install_layer(model, path, name, spec, with_ortho)
     _check_against_model(model, path, base, ortho, with_ortho)
     model.load_state_dict({**base, **ortho}, strict=False, assign=True)
     model.tie_weights()
@@ -302,6 +304,7 @@ def _read_ortho(path: Path, manifest: dict, verify: bool) -> dict[str, torch.Ten
         )
     for name, spec in manifest["layers"].items():
         check.check_csr(path / ORTHO_FILE, name, spec, ortho)
+        check.check_lowrank(path / ORTHO_FILE, name, spec, ortho)
     return ortho
 
 
@@ -315,7 +318,7 @@ def _state_from_manifest(manifest: dict, switch: AlphaState, path: Path) -> Orth
     return OrthoState(switch, config, dict(manifest.get("provenance") or {}), dict(manifest.get("stats") or {}))
 
 
-def _install_layer(model: nn.Module, path: Path, name: str, spec: dict, nnz: int) -> None:
+def _install_layer(model: nn.Module, path: Path, name: str, spec: dict, with_ortho: bool) -> None:
     try:
         current = model.get_submodule(name)
     except AttributeError:
@@ -327,7 +330,8 @@ def _install_layer(model: nn.Module, path: Path, name: str, spec: dict, nnz: int
         )
     layer = OrthoLinear(
         spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"], spec["symmetric"],
-        bias=spec["bias"], ortho_nnz=nnz, ortho_dtype=getattr(torch, spec["ortho_dtype"]),
+        bias=spec["bias"], ortho_nnz=int(spec["ortho_nnz"]) if with_ortho else 0,
+        ortho_rank=int(spec["ortho_rank"]) if with_ortho else 0, ortho_dtype=getattr(torch, spec["ortho_dtype"]),
         bias_dtype=getattr(torch, spec.get("bias_dtype") or "float32"),
     )
     replace_submodule(model, name, layer)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .artifact_format import MANIFEST, ORTHO_KEYS, ArtifactError
+from .artifact_format import CSR_KEYS, LOWRANK_KEYS, MANIFEST, ArtifactError
 
 # ---- files ------------------------------------------------------------------------------
 def sha256_file(path: Path) -> str:
@@ -107,8 +107,8 @@ def check_tensors(file: Path, tensors: dict[str, torch.Tensor], expected: dict[s
 def check_csr(file: Path, name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> None:
     """The ortho stream of layer `name`: crow int32 [out + 1] from 0, monotone, ending at nnz;
     col int32 [nnz] in [0, in), strictly increasing within a row; val [nnz] finite, of ortho_dtype."""
-    crow, col, val = (tensors.get(f"{name}.{k}") for k in ORTHO_KEYS)
-    for key, t in zip(ORTHO_KEYS, (crow, col, val)):
+    crow, col, val = (tensors.get(f"{name}.{k}") for k in CSR_KEYS)
+    for key, t in zip(CSR_KEYS, (crow, col, val)):
         if t is None:
             raise ArtifactError(f"{file} lacks the tensor {name}.{key}")
         if t.dim() != 1:
@@ -137,3 +137,21 @@ def check_csr(file: Path, name: str, spec: dict, tensors: dict[str, torch.Tensor
         raise ArtifactError(f"{file}: {name}.ortho_col is not strictly increasing within each row")
     if not bool(torch.isfinite(val).all()):
         raise ArtifactError(f"{file}: {name}.ortho_val holds NaN or infinite values")
+
+
+def check_lowrank(file: Path, name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """The low-rank part of layer `name`: ortho_B [out, r] and ortho_A [r, in] of ortho_dtype,
+    finite, r = the manifest's ortho_rank (both may be absent when r is 0: older artifacts)."""
+    rank, n_out, n_in = spec.get("ortho_rank", 0), spec["out_features"], spec["in_features"]
+    B, A = (tensors.get(f"{name}.{k}") for k in LOWRANK_KEYS)
+    if rank == 0 and B is None and A is None:
+        return
+    for key, t, shape in (("ortho_B", B, (n_out, rank)), ("ortho_A", A, (rank, n_in))):
+        if t is None:
+            raise ArtifactError(f"{file} lacks the tensor {name}.{key} (the manifest's ortho_rank is {rank})")
+        if tuple(t.shape) != shape:
+            raise ArtifactError(f"{file}: {name}.{key} is {tuple(t.shape)}, the manifest's ortho_rank {rank} calls for {shape}")
+        if str(t.dtype).removeprefix("torch.") != spec["ortho_dtype"]:
+            raise ArtifactError(f"{file}: {name}.{key} is {t.dtype}, the manifest's ortho_dtype says {spec['ortho_dtype']}")
+        if not bool(torch.isfinite(t).all()):
+            raise ArtifactError(f"{file}: {name}.{key} holds NaN or infinite values")

@@ -1,11 +1,12 @@
 """The libortho artifact format, in one place: the files of an artifact folder, the manifest
 (`libortho.json`) that binds them, its schema, and the loader of older format versions.
 
-An artifact folder (format version 2):
+An artifact folder (format version 3):
 
   base.safetensors   packed INT codes, fp16 scales/zeros of every decomposed layer, and every other
                      weight of the model (embeddings, norms, lm_head). Alpha 0 needs nothing else.
-  ortho.safetensors  the ortho stream (CSR per layer: ORTHO_KEYS); optional, shipped separately,
+  ortho.safetensors  the ortho stream, per layer its sparse part S (CSR: CSR_KEYS) and its low-rank
+                     part L = B·A (LOWRANK_KEYS: ortho_B [out, r], ortho_A [r, in]); optional, shipped separately,
                      created 0600. Its safetensors header records the SHA-256 of the base it was cut from
                      (`tensor_file_metadata`).
   libortho.json      the manifest below.
@@ -13,10 +14,10 @@ An artifact folder (format version 2):
 
 The manifest:
 
-  format_version  2
+  format_version  3
   config          the decomposition's OrthoConfig as a dict, or null when unknown
   layers          decomposed layer name -> {in_features, out_features, bits, group_size, symmetric,
-                  bias, bias_dtype, ortho_nnz, ortho_dtype}
+                  bias, bias_dtype, ortho_nnz, ortho_rank, ortho_dtype}
   files           file name -> SHA-256 of every other file in the folder
   ortho           {"file": "ortho.safetensors", "base_sha256": SHA-256 of base.safetensors}, or null
                   for a base-only artifact (saved without its ortho stream: alpha is fixed at 0)
@@ -25,8 +26,9 @@ The manifest:
   stats           the only place for wall-clock and host data (timings), so that two runs of the
                   same decomposition differ in this key alone
 
-Version 1 (until 0.1.0) had `ortho_base_sha256` at the top level, always an ortho file, and free
-extra keys; `upgrade` turns it into version 2 when read (its extra keys become provenance).
+Older versions are upgraded when read (`upgrade`): version 2 had no low-rank part (every layer's
+ortho_rank is 0); version 1 (until 0.1.0) also had `ortho_base_sha256` at the top level, always an
+ortho file, and free extra keys (they become provenance).
 """
 from __future__ import annotations
 
@@ -39,9 +41,11 @@ from .config import BITS, GROUP_SIZES
 MANIFEST = "libortho.json"
 BASE_FILE = "base.safetensors"
 ORTHO_FILE = "ortho.safetensors"
-ORTHO_KEYS = ("ortho_crow", "ortho_col", "ortho_val")
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+CSR_KEYS = ("ortho_crow", "ortho_col", "ortho_val")
+LOWRANK_KEYS = ("ortho_B", "ortho_A")
+ORTHO_KEYS = CSR_KEYS + LOWRANK_KEYS  # every tensor of these names lives in ortho.safetensors, never in the base
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 ORTHO_DTYPES = ("float16", "bfloat16", "float32")
 BIAS_DTYPES = ("float16", "bfloat16", "float32", "float64")
 MAX_FEATURES = 1 << 20  # far above any linear layer today; stops absurd sizes before allocation
@@ -91,14 +95,18 @@ def build_manifest(
 
 
 def upgrade(manifest: dict) -> dict:
-    """A version-1 manifest (already type-checked) as version 2; version 2 is returned as is."""
+    """An older manifest (already type-checked) in the current version; the current one as is."""
     if manifest["format_version"] == FORMAT_VERSION:
         return manifest
+    if manifest["format_version"] == 2:
+        layers = {name: {**spec, "ortho_rank": 0} for name, spec in manifest["layers"].items()}
+        return {**manifest, "format_version": FORMAT_VERSION, "layers": layers}
     extra = {k: v for k, v in manifest.items() if k not in ("format_version", "config", "layers", "files",
                                                             "ortho_base_sha256", "stats")}
     has_ortho = ORTHO_FILE in manifest["files"]
+    layers = {name: {**spec, "ortho_rank": 0} for name, spec in manifest["layers"].items()}
     return build_manifest(
-        manifest.get("config"), manifest["layers"], manifest["files"],
+        manifest.get("config"), layers, manifest["files"],
         manifest["ortho_base_sha256"] if has_ortho else None, extra, manifest.get("stats") or {},
     )
 
@@ -155,6 +163,8 @@ def validate_layer(where: str, spec: Any) -> None:
     if spec["bias"] and spec.get("bias_dtype") is not None:
         _want_choice(f"{where}.bias_dtype", spec["bias_dtype"], BIAS_DTYPES)
     _want_int(f"{where}.ortho_nnz", spec["ortho_nnz"], 0, n_in * n_out)
+    if "ortho_rank" in spec:
+        _want_int(f"{where}.ortho_rank", spec["ortho_rank"], 0, min(n_in, n_out))
     _want_choice(f"{where}.ortho_dtype", spec["ortho_dtype"], ORTHO_DTYPES)
 
 
@@ -178,7 +188,7 @@ def validate_manifest(manifest: Any, file: Any) -> dict:
     for key in required:
         if key not in manifest:
             raise ArtifactError(f"{where} lacks the field {key!r}; the artifact is corrupt")
-    _validate_layers(where, manifest["layers"])
+    _validate_layers(where, manifest["layers"], needs_rank=version >= 3)
     files = _validate_files(where, manifest["files"])
     if version == 1:
         base_sha = _want_sha(f"{where} ortho_base_sha256", manifest["ortho_base_sha256"])
@@ -195,12 +205,14 @@ def validate_manifest(manifest: Any, file: Any) -> dict:
     return upgrade(manifest)
 
 
-def _validate_layers(where: str, layers: Any) -> None:
+def _validate_layers(where: str, layers: Any, needs_rank: bool) -> None:
     _want(f"{where} layers", layers, dict, "an object (layer name -> settings)")
     if not layers:
         raise ArtifactError(f"{where} layers is empty: an artifact has at least one decomposed layer")
     for name, spec in layers.items():
         validate_layer(f"{where} layers[{name!r}]", spec)
+        if needs_rank and "ortho_rank" not in spec:
+            raise ArtifactError(f"{where} layers[{name!r}] lacks the field 'ortho_rank'")
 
 
 def _validate_files(where: str, files: Any) -> dict:

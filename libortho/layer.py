@@ -15,7 +15,11 @@ from .switch import AlphaState, AlphaValue
 
 
 class OrthoLinear(nn.Module):
-    """Dual-stream linear layer. Buffers follow docs/DESIGN.md (packed codes, fp16 scales/zeros, CSR ortho)."""
+    """Dual-stream linear layer, Y = X·W_baseᵀ + alpha·X·(S + B·A)ᵀ + b. Buffers follow docs/DESIGN.md:
+    packed codes and fp16 scales/zeros (the base), the ortho stream's sparse part S (CSR:
+    ortho_crow, ortho_col, ortho_val) and low-rank part L = B·A (ortho_B [out, r], ortho_A
+    [r, in], r = ortho_rank, 0 for none). `kernel_layout` is the fused kernels' view of the
+    buffers, owned here: built on the first CUDA call and dropped whenever the buffers move."""
 
     def __init__(
         self,
@@ -28,6 +32,7 @@ class OrthoLinear(nn.Module):
         ortho_nnz: int = 0,
         ortho_dtype: torch.dtype = torch.float16,
         bias_dtype: torch.dtype = torch.float32,
+        ortho_rank: int = 0,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -42,6 +47,8 @@ class OrthoLinear(nn.Module):
         self.register_buffer("ortho_crow", torch.zeros(out_features + 1, dtype=torch.int32))
         self.register_buffer("ortho_col", torch.zeros(ortho_nnz, dtype=torch.int32))
         self.register_buffer("ortho_val", torch.zeros(ortho_nnz, dtype=ortho_dtype))
+        self.register_buffer("ortho_A", torch.zeros(ortho_rank, in_features, dtype=ortho_dtype))
+        self.register_buffer("ortho_B", torch.zeros(out_features, ortho_rank, dtype=ortho_dtype))
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype) if bias else None)
         self.alpha_state = AlphaState()
         self._dense_cache: dict[tuple, torch.Tensor] = {}
@@ -50,8 +57,10 @@ class OrthoLinear(nn.Module):
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def from_parts(
-        cls, base: QuantizedWeight, ortho: OrthoCSR, bias: torch.Tensor | None = None
+        cls, base: QuantizedWeight, ortho: OrthoCSR, bias: torch.Tensor | None = None,
+        lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> "OrthoLinear":
+        """lowrank: (B [out, r], A [r, in]), stored in the sparse part's dtype; None = rank 0."""
         out_features, in_features = base.codes.shape
         layer = cls(
             in_features,
@@ -63,6 +72,7 @@ class OrthoLinear(nn.Module):
             ortho_nnz=ortho.nnz,
             ortho_dtype=ortho.val.dtype,
             bias_dtype=bias.dtype if bias is not None else torch.float32,
+            ortho_rank=0 if lowrank is None else int(lowrank[1].shape[0]),
         )
         layer.qweight.copy_(pack(base.codes, base.spec.bits))
         layer.scales.copy_(base.scales)
@@ -70,6 +80,9 @@ class OrthoLinear(nn.Module):
         layer.ortho_crow.copy_(ortho.crow)
         layer.ortho_col.copy_(ortho.col)
         layer.ortho_val.copy_(ortho.val)
+        if lowrank is not None:
+            layer.ortho_B.copy_(lowrank[0])
+            layer.ortho_A.copy_(lowrank[1])
         if bias is not None:
             layer.bias.copy_(bias.detach())
         return layer
@@ -79,13 +92,25 @@ class OrthoLinear(nn.Module):
     def ortho_nnz(self) -> int:
         return int(self.ortho_col.numel())
 
+    @property
+    def ortho_rank(self) -> int:
+        return int(self.ortho_A.shape[0])
+
+    @property
+    def has_ortho(self) -> bool:
+        """Whether the ortho stream holds anything (sparse entries or a low-rank part)."""
+        return self.ortho_nnz > 0 or self.ortho_rank > 0
+
     def base_weight(self) -> torch.Tensor:
         """Dequantized W_base [out, in] (float32)."""
         return dequantize_packed(self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features)
 
     def ortho_weight(self) -> torch.Tensor:
-        """Dense W_ortho [out, in] (float32)."""
-        return OrthoCSR(self.ortho_crow, self.ortho_col, self.ortho_val, (self.out_features, self.in_features)).to_dense()
+        """Dense W_ortho = S + B·A [out, in] (float32)."""
+        S = OrthoCSR(self.ortho_crow, self.ortho_col, self.ortho_val, (self.out_features, self.in_features)).to_dense()
+        if self.ortho_rank == 0:
+            return S
+        return S + self.ortho_B.float() @ self.ortho_A.float()
 
     def _cached(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         key = (name, self.qweight.device, dtype)
@@ -126,8 +151,19 @@ class OrthoLinear(nn.Module):
             from . import kernels
 
             if kernels.available():
-                return kernels.dual_stream_linear(x, self, self._alpha_per_row(a, x))
+                y = kernels.dual_stream_linear(x, self, self._alpha_per_row(a, x))
+                return y if self.ortho_rank == 0 else y + self._lowrank_term(x, a)
         return self.reference_forward(x, a)
+
+    def _lowrank_term(self, x: torch.Tensor, alpha: AlphaValue) -> torch.Tensor:
+        """alpha·(X·Aᵀ)·Bᵀ [..., out] in x's dtype: two thin GEMMs beside the fused kernel.
+        A per-row alpha scales each row without a host sync (a zero row adds exact zeros)."""
+        if not isinstance(alpha, torch.Tensor) and float(alpha) == 0.0:
+            return torch.zeros((), dtype=x.dtype, device=x.device)
+        low = (x @ self.ortho_A.to(x.dtype).t()) @ self.ortho_B.to(x.dtype).t()
+        if isinstance(alpha, torch.Tensor):
+            return self._broadcast_alpha(alpha, x).to(x.dtype) * low
+        return float(alpha) * low
 
     def reference_forward(self, x: torch.Tensor, alpha: AlphaValue) -> torch.Tensor:
         """Pure-PyTorch forward. x [..., in] -> [..., out]; alpha a float or a tensor [rows]
@@ -137,7 +173,7 @@ class OrthoLinear(nn.Module):
         the two streams' sum up to float rounding); per-row alphas keep the streams apart."""
         dtype = x.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
-        if not (_is_nonzero(alpha) and self.ortho_nnz > 0):
+        if not (_is_nonzero(alpha) and self.has_ortho):
             return dual_stream(x, self._cached("base", dtype), bias=bias)
         if isinstance(alpha, torch.Tensor):
             return dual_stream(x, self._cached("base", dtype), self._cached("ortho", dtype),
@@ -167,7 +203,7 @@ class OrthoLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, "
-            f"sym={self.symmetric}, ortho_nnz={self.ortho_nnz}, bias={self.bias is not None}"
+            f"sym={self.symmetric}, ortho_nnz={self.ortho_nnz}, ortho_rank={self.ortho_rank}, bias={self.bias is not None}"
         )
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import libortho
-from libortho.artifact_format import ArtifactError
+from libortho.artifact_format import FORMAT_VERSION, ArtifactError
 from conftest import TEXT, tiny_model
 
 
@@ -83,7 +83,8 @@ def test_a_format_1_artifact_still_loads(artifact, tmp_path):
         assert torch.equal(model(ids).logits, loaded(ids).logits)
     libortho.save(loaded, tok, tmp_path / "v2")
     upgraded = json.loads((tmp_path / "v2" / "libortho.json").read_text())
-    assert upgraded["format_version"] == 2 and upgraded["provenance"] == {"source": "default"}
+    assert upgraded["format_version"] == FORMAT_VERSION and upgraded["provenance"] == {"source": "default"}
+    assert all(spec["ortho_rank"] == 0 for spec in upgraded["layers"].values())
     assert upgraded["config"] == m["config"] and upgraded["stats"] == m["stats"]
 
 
@@ -185,3 +186,68 @@ def test_default_device_reads_the_environment(monkeypatch):
         monkeypatch.setenv("LIBORTHO_DEVICE", "cuda")
         with pytest.raises(ArtifactError, match="sees no CUDA device"):
             default_device()
+
+
+def _with_low_rank(model, rank: int = 4, seed: int = 0):
+    """Give every layer of a decomposed model a random low-rank part (the format's test, not a fit)."""
+    from libortho.layer import OrthoLinear, ortho_layers
+    from libortho.hf_model import replace_submodule
+
+    g = torch.Generator().manual_seed(seed)
+    names = {m: n for n, m in model.named_modules() if isinstance(m, OrthoLinear)}
+    for layer in ortho_layers(model):
+        new = OrthoLinear(layer.in_features, layer.out_features, layer.bits, layer.group_size, layer.symmetric,
+                          bias=layer.bias is not None, ortho_nnz=layer.ortho_nnz, ortho_dtype=layer.ortho_val.dtype,
+                          ortho_rank=rank)
+        state = layer.state_dict()
+        state["ortho_B"] = (torch.randn(layer.out_features, rank, generator=g) * 0.02).half()
+        state["ortho_A"] = (torch.randn(rank, layer.in_features, generator=g) * 0.02).half()
+        new.load_state_dict(state)
+        new.alpha_state = layer.alpha_state
+        replace_submodule(model, names[layer], new)
+
+
+def test_the_low_rank_part_round_trips_lives_in_the_ortho_file_and_is_checked(tokenizer, tmp_path):
+    from safetensors import safe_open
+
+    model = tiny_model("llama")
+    libortho.decompose(model, tokenizer, TEXT, libortho.OrthoConfig(calib_tokens=1024, seq_len=128, group_size=32),
+                       progress=False)
+    _with_low_rank(model)
+    path = libortho.save(model, tokenizer, tmp_path / "lr")
+    manifest = json.loads((path / "libortho.json").read_text())
+    assert all(spec["ortho_rank"] == 4 for spec in manifest["layers"].values())
+    with safe_open(str(path / "base.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if k.endswith(("ortho_A", "ortho_B"))]
+    with safe_open(str(path / "ortho.safetensors"), "pt") as f:
+        assert sum(k.endswith(("ortho_A", "ortho_B")) for k in f.keys()) == 2 * len(manifest["layers"])
+    loaded, _ = libortho.load(path, alpha=1.0)
+    ids = tokenizer(TEXT[:64], return_tensors="pt").input_ids
+    for a in (0.0, 0.5, 1.0):
+        with libortho.alpha(model, a), libortho.alpha(loaded, a), torch.no_grad():
+            assert torch.equal(model(ids).logits, loaded(ids).logits), a
+    base_only, _ = libortho.load(path, with_ortho=False)  # alpha 0 needs neither part
+    with libortho.alpha(model, 0.0), torch.no_grad():
+        assert torch.equal(model(ids).logits, base_only(ids).logits)
+
+    from libortho.artifact_check import sha256_file
+    from safetensors.torch import load_file, save_file
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(path, tampered)
+    tensors = load_file(str(tampered / "ortho.safetensors"))
+    with safe_open(str(tampered / "ortho.safetensors"), "pt") as f:
+        meta = f.metadata()
+    first = next(k for k in tensors if k.endswith("ortho_A"))
+    tensors[first] = tensors[first].clone()
+    tensors[first][0, 0] += 1
+    save_file(tensors, str(tampered / "ortho.safetensors"), metadata=meta)
+    with pytest.raises(ArtifactError, match="ortho.safetensors does not match its SHA-256"):
+        libortho.load(tampered, alpha=1.0)
+    tensors[first] = tensors[first][:2]  # a rank the manifest does not say, with the hashes made to agree
+    save_file(tensors, str(tampered / "ortho.safetensors"), metadata=meta)
+    m = json.loads((tampered / "libortho.json").read_text())
+    m["files"]["ortho.safetensors"] = sha256_file(tampered / "ortho.safetensors")
+    (tampered / "libortho.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="ortho_A is \\(2, .*ortho_rank 4"):
+        libortho.load(tampered, alpha=1.0)

@@ -8,7 +8,7 @@ from libortho.layer import OrthoLinear, ortho_layers
 from libortho.state import OrthoState, attach
 from libortho.switch import AlphaState
 from libortho.quantize import QuantSpec, rtn
-from libortho.csr import csr_from_flat_indices
+from libortho.csr import OrthoCSR, csr_from_flat_indices
 
 
 def make_layer(ratio: float, bias: bool = True, seed: int = 0) -> tuple[OrthoLinear, torch.Tensor]:
@@ -115,3 +115,44 @@ def test_threads_with_different_alphas_get_their_own_outputs():
 def test_set_alpha_on_a_plain_model_explains():
     with pytest.raises(ValueError, match="no libortho layers"):
         libortho.set_alpha(torch.nn.Linear(2, 2), 0.0)
+
+
+def lowrank_layer(ratio: float = 0.02, rank: int = 6, seed: int = 1) -> OrthoLinear:
+    layer, W = make_layer(ratio, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    B = torch.randn(layer.out_features, rank, generator=g) * 0.05
+    A = torch.randn(rank, layer.in_features, generator=g) * 0.05
+    base = rtn(W, QuantSpec(4, 64, True))
+    csr = OrthoCSR(layer.ortho_crow, layer.ortho_col, layer.ortho_val, (layer.out_features, layer.in_features))
+    return OrthoLinear.from_parts(base, csr, layer.bias, lowrank=(B.half(), A.half()))
+
+
+def test_the_low_rank_part_joins_the_ortho_stream_and_scales_with_alpha():
+    """Y = X W_baseᵀ + alpha (S X + B (A X)) + b, per scalar and per row, against a float64 transcription."""
+    layer = lowrank_layer()
+    assert layer.ortho_rank == 6 and layer.has_ortho
+    x = torch.randn(4, 3, 200, dtype=torch.float64)
+    Wb, S = layer.base_weight().double(), OrthoCSR(layer.ortho_crow, layer.ortho_col, layer.ortho_val, (48, 200)).to_dense().double()
+    L = layer.ortho_B.double() @ layer.ortho_A.double()
+    for a in (0.0, 0.5, 1.0):
+        expected = x @ Wb.t() + a * (x @ S.t() + (x @ layer.ortho_A.double().t()) @ layer.ortho_B.double().t()) + layer.bias.double()
+        # a scalar alpha multiplies by the merged W_base + alpha W_ortho, formed in float32
+        assert torch.allclose(layer.reference_forward(x, a), expected, rtol=1e-6, atol=1e-5), a
+        assert torch.allclose(x @ (Wb + a * (S + L)).t() + layer.bias.double(), expected, atol=1e-9)
+    rows = torch.tensor([0.0, 1.0, 0.25, 0.0], dtype=torch.float64)
+    per_row = layer.reference_forward(x, rows)
+    for i, a in enumerate(rows.tolist()):
+        assert torch.allclose(per_row[i], layer.reference_forward(x[i : i + 1], a)[0], rtol=1e-6, atol=1e-5)
+
+
+def test_the_gpu_path_adds_the_low_rank_part_beside_the_kernel():
+    """What a CUDA forward computes (the fused kernel for base + S, then two thin GEMMs for L), run
+    on the CPU through the kernels' PyTorch fallback, equals the CPU path, scalar and per-row alpha."""
+    from libortho.kernels.dispatch import torch_dual_stream
+
+    layer = lowrank_layer()
+    x = torch.randn(5, 200)
+    for alpha in (0.0, 0.7, torch.tensor([0.0, 1.0, 0.5, 0.2, 1.0])):
+        rows = layer._alpha_per_row(alpha, x)
+        gpu_like = torch_dual_stream(x, layer, rows) + layer._lowrank_term(x, alpha)
+        assert torch.allclose(gpu_like, layer.reference_forward(x, alpha), atol=1e-4), alpha
