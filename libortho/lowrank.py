@@ -1,0 +1,259 @@
+"""The low-rank part of the ortho stream: L = B·A, fitted to a residual under a curvature.
+
+The residual the ortho stream restores has two parts of different shape (forget.py's names):
+
+    R = W_ft − W_base = Δ + (W* − W_base) ,   Δ = W_ft − W* = (W_ft − W_P) Hp H'_d⁻¹ ,   Hp = lam_abs H_priv
+
+The forget edit Δ is dense, but every row lies in H'_d⁻¹·range(H_priv): rank Δ ≤ rank H_priv. The
+rounding error W* − W_base is high-rank: the sparse stream's part. So the ortho stream becomes
+
+    Y = W_base X + alpha (S X + B (A X)) ,   L = B A ,   B [out, r] ,   A [r, in]
+
+Every curvature is dampened as GPTQ, forget.py and `sieve.refit_values` do:
+H_d = H + damp·mean(diag H)·I. The small linear algebra runs in float64; B and A come back in
+float32, each rank-one term b_i a_iᵀ rescaled so that ‖b_i‖ = ‖a_i‖ (L unchanged, and fp16
+storage sees both factors on one scale). A fit's first terms are its fit at a lower rank
+(`LowRank.leading`), except the random control's.
+
+(b) `weighted_svd`: the H-weighted truncated SVD (EoRA's eigenspace projection, in closed form)
+
+    min_{rank L ≤ r} tr((E − L) Hs_d (E − L)ᵀ) = ‖(E − L) Hs_d^½‖²_F ,   Hs = H_pub + lam_s H_priv
+    Hs_d = U diag(s) Uᵀ ,   G = E U diag(√s) = P Σ Qᵀ
+    L = P_r Σ_r Q_rᵀ diag(1/√s) Uᵀ ,   B = P_r Σ_r ,   A = Q_rᵀ diag(1/√s) Uᵀ
+
+Eckart–Young in the whitened coordinates G = E Hs_d^½, mapped back. The objective at rank r is
+Σ_{i>r} σ_i²: σ_i² is the gain of the i-th rank (`weighted_svd_spectrum`).
+
+(a) `edit_eigenbasis`: the edit restored where the private inputs are. Derivation:
+
+    H_priv V = H'_d V diag(μ) ,  Vᵀ H'_d V = I ,  μ_1 ≥ μ_2 ≥ … ≥ 0   (H'_d = C Cᵀ: C⁻¹ H_priv C⁻ᵀ = U diag(μ) Uᵀ, V = C⁻ᵀ U)
+    H'_d⁻¹ = V Vᵀ ,  so  Δ = D Hp V Vᵀ = Σ_i μ_i c_i v_iᵀ ,  c_i = lam_abs D H'_d v_i ,  D = W_ft − W_P
+
+The edit is a sum of components: the i-th reads the input coordinate v_iᵀx with weight μ_i, and
+components with μ_i = 0 vanish (rank Δ ≤ rank H_priv). V diagonalises H_priv and the dampened
+public side H'_d − Hp at once, so in every metric M = a (H'_d − Hp) + b H_priv the components
+are M-orthogonal: dropping a set of them costs exactly Σ_dropped μ_i² ‖c_i‖² (Vᵀ M V)_ii, and the
+M-optimal B for the rows A = V_rᵀ, Δ M V_r (V_rᵀ M V_r)⁻¹ = Δ H'_d V_r, is the same for every
+such M (private inputs only, or with any public term). Not knowing D, keep the r components with
+the largest μ: private inputs carry the most energy there (v_iᵀ H_priv v_i = μ_i), and for c_i of
+equal size the cost of dropping component i, μ_i³‖c_i‖² on the private inputs (μ_i²‖c_i‖² under
+H'_d), grows with μ_i. So
+
+    L = Δ H'_d V_r V_rᵀ ,   B = Δ H'_d V_r = Δ C U_r ,   A = V_rᵀ
+
+With r ≥ rank H_priv, L = Δ: the edit's action on the private inputs is restored exactly; with
+lam = 0, Δ = 0 and L = 0. Knowing D, the best rank-r L under one metric is (b) applied to Δ.
+
+(c) `random_subspace`: the control. Random orthonormal rows A, and B = E Hs_d Aᵀ (A Hs_d Aᵀ)⁻¹,
+the least-squares optimum under Hs_d: the best L whose rows lie in that random subspace.
+
+Rank by bytes: L costs r·(out + in) values (2 bytes each at fp16). `allocate_ranks` hands out
+rank steps across layers greedily by objective reduction per byte.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Hashable
+
+import torch
+
+from .config import OrthoConfig
+
+__all__ = [
+    "LowRank",
+    "dampened",
+    "weighted_error",
+    "weighted_svd",
+    "weighted_svd_spectrum",
+    "edit_eigenbasis",
+    "random_subspace",
+    "rank_for_bytes",
+    "step_gains",
+    "allocate_ranks",
+]
+
+
+@dataclass
+class LowRank:
+    """L = B @ A of one layer: B [out, r], A [r, in] (float32 while fitting)."""
+
+    B: torch.Tensor
+    A: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.B.shape[0]), int(self.A.shape[1])
+
+    def nbytes(self, dtype_bytes: int = 2) -> int:
+        """Stored size: r·(out + in) values of `dtype_bytes` each (2 at fp16)."""
+        out_features, in_features = self.shape
+        return dtype_bytes * self.rank * (out_features + in_features)
+
+    def to_dense(self) -> torch.Tensor:
+        """L [out, in] float32."""
+        return self.B.float() @ self.A.float()
+
+    def leading(self, r: int) -> "LowRank":
+        """The first r rank-one terms (for weighted_svd and edit_eigenbasis: their rank-r fit)."""
+        return LowRank(self.B[:, :r], self.A[:r])
+
+    @staticmethod
+    def empty(out_features: int, in_features: int) -> "LowRank":
+        """Rank 0: L = 0 [out, in]."""
+        return LowRank(torch.zeros(out_features, 0), torch.zeros(0, in_features))
+
+
+def dampened(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """H_d = H + damp·mean(diag H)·I [in, in] float64 (GPTQ's convention)."""
+    H = H.double()
+    return H + damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+
+
+def weighted_error(E: torch.Tensor, L: LowRank, H: torch.Tensor) -> float:
+    """tr((E − L) H (E − L)ᵀ) for E [out, in], H [in, in] (float64)."""
+    F = E.double() - L.B.double() @ L.A.double()
+    return float(torch.sum((F @ H.double()) * F))
+
+
+def _capped(rank: int, out_features: int, in_features: int) -> int:
+    if rank < 0:
+        raise ValueError(f"rank={rank} must be >= 0")
+    return min(rank, out_features, in_features)  # at min(out, in) every fit is already exact
+
+
+def _balanced(B: torch.Tensor, A: torch.Tensor) -> LowRank:
+    """Rescale each term b_i a_iᵀ so that ‖b_i‖ = ‖a_i‖ (L unchanged); float32."""
+    nb, na = B.norm(dim=0), A.norm(dim=1)
+    g = torch.where(na > 0, torch.sqrt(nb / torch.where(na > 0, na, 1.0)), torch.zeros_like(na))
+    return LowRank((B / torch.where(g > 0, g, 1.0)).float(), (A * g[:, None]).float())
+
+
+def _whitened(E: torch.Tensor, Hs: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(G, √s, U): Hs_d = U diag(s) Uᵀ, G = E U diag(√s) [out, in] float64."""
+    s, U = torch.linalg.eigh(dampened(Hs, damp))
+    # With damp = 0 a singular Hs has directions the objective never sees; keep 1/√s finite there.
+    s = s.clamp_min(torch.finfo(s.dtype).eps * float(s.max().clamp_min(1e-300)))
+    root_s = s.sqrt()
+    return (E.double() @ U) * root_s[None, :], root_s, U
+
+
+def weighted_svd_spectrum(E: torch.Tensor, Hs: torch.Tensor, damp: float = OrthoConfig.damp) -> torch.Tensor:
+    """σ_i² [min(out, in)] float64, descending: the objective's drop from rank i−1 to i of (b)."""
+    G, _, _ = _whitened(E, Hs, damp)
+    return torch.linalg.svdvals(G).square()
+
+
+def weighted_svd(E: torch.Tensor, Hs: torch.Tensor, rank: int, damp: float = OrthoConfig.damp) -> LowRank:
+    """Fit (b): argmin_{rank L ≤ r} tr((E − L) Hs_d (E − L)ᵀ). E [out, in], Hs [in, in] PSD."""
+    r = _capped(rank, *E.shape)
+    G, root_s, U = _whitened(E, Hs, damp)
+    P, sigma, Qt = torch.linalg.svd(G, full_matrices=False)
+    B = P[:, :r] * sigma[None, :r]  # P_r Σ_r
+    A = (Qt[:r] / root_s[None, :]) @ U.t()  # Q_rᵀ diag(1/√s) Uᵀ
+    return _balanced(B, A)
+
+
+def _generalized_eigenbasis(H_priv: torch.Tensor, H_prime: torch.Tensor, damp: float):
+    """(μ descending, U, C): H'_d = C Cᵀ, C⁻¹ H_priv C⁻ᵀ = U diag(μ) Uᵀ (float64)."""
+    C, info = torch.linalg.cholesky_ex(dampened(H_prime, damp))
+    if info != 0:
+        raise ValueError("H' is not positive definite; give damp > 0")
+    Ci_H = torch.linalg.solve_triangular(C, H_priv.double(), upper=False)  # C⁻¹ H_priv
+    H_hat = torch.linalg.solve_triangular(C, Ci_H.t(), upper=False)  # C⁻¹ H_priv C⁻ᵀ (H_priv symmetric)
+    mu, U = torch.linalg.eigh((H_hat + H_hat.t()) / 2)
+    return mu.flip(0), U.flip(1), C
+
+
+def edit_eigenbasis(
+    delta: torch.Tensor,
+    H_priv: torch.Tensor,
+    H_prime: torch.Tensor,
+    rank: int,
+    damp: float = OrthoConfig.damp,
+) -> LowRank:
+    """Fit (a): L = Δ H'_d V_r V_rᵀ, the top-r components of the edit in the generalized
+    eigenbasis of (H_priv, H'_d).
+
+    delta: Δ = W_ft − W* [out, in]; H_priv [in, in]: the private curvature (any positive multiple:
+    V does not depend on its scale; for forget_source "free", the pull term); H_prime: H' [in, in]
+    undampened, as `FitTarget.H` (dampened here with the damp forget.py solved W* with, so that
+    r ≥ rank H_priv gives L = Δ).
+    """
+    r = _capped(rank, *delta.shape)
+    _, U, C = _generalized_eigenbasis(H_priv, H_prime, damp)
+    U_r = U[:, :r]
+    B = delta.double() @ (C @ U_r)  # Δ H'_d V_r = Δ C U_r
+    A = torch.linalg.solve_triangular(C.t(), U_r, upper=True).t()  # V_rᵀ = (C⁻ᵀ U_r)ᵀ
+    return _balanced(B, A)
+
+
+def random_subspace(
+    E: torch.Tensor,
+    Hs: torch.Tensor,
+    rank: int,
+    generator: torch.Generator,
+    damp: float = OrthoConfig.damp,
+) -> LowRank:
+    """Control (c): A random orthonormal [r, in], B = E Hs_d Aᵀ (A Hs_d Aᵀ)⁻¹ [out, r]: the best L
+    with rows in a random r-dimensional subspace."""
+    r = _capped(rank, *E.shape)
+    Q, _ = torch.linalg.qr(torch.randn(E.shape[1], r, generator=generator, dtype=torch.float64))
+    A = Q.t().to(E.device)
+    Hs_d = dampened(Hs, damp)
+    HA = Hs_d @ A.t()  # Hs_d Aᵀ [in, r]
+    B = torch.linalg.solve(A @ HA, (E.double() @ HA).t()).t()  # (A Hs_d Aᵀ) symmetric
+    return _balanced(B, A)
+
+
+def rank_for_bytes(out_features: int, in_features: int, nbytes: int, dtype_bytes: int = 2) -> int:
+    """The largest r with r·(out + in)·dtype_bytes ≤ nbytes, capped at min(out, in)."""
+    return min(max(0, nbytes) // (dtype_bytes * (out_features + in_features)), out_features, in_features)
+
+
+def step_gains(spectrum: torch.Tensor, step: int) -> list[float]:
+    """gains[k] = Σ σ_i² over ranks k·step < i ≤ (k+1)·step: the objective's drop of step k (the
+    last step may be partial)."""
+    return [float(chunk.sum()) for chunk in spectrum.double().split(step)]
+
+
+def allocate_ranks(
+    gains: dict[Hashable, list[float]],
+    costs: dict[Hashable, int],
+    budget_bytes: int,
+    step: int = 16,
+) -> dict[Hashable, int]:
+    """Greedy global ranks: repeatedly give one step of `step` ranks to the layer whose next step
+    reduces the objective most per byte, while it fits in the budget.
+
+    gains[key][k]: the objective's drop from rank k·step to (k+1)·step (`step_gains`);
+    costs[key]: bytes of one rank of that layer (dtype_bytes·(out + in)), so a step costs step·costs[key].
+    Returns the rank per key (a multiple of `step`; a fit caps it at min(out, in)), with
+    Σ rank·costs ≤ budget_bytes. Optimal among step allocations when each layer's gains do not
+    increase (the weighted SVD's do not) and the steps' costs are equal; greedy otherwise.
+    Ties go to the key listed first.
+    """
+    order = {key: i for i, key in enumerate(gains)}
+    steps = {key: 0 for key in gains}
+    heap: list[tuple[float, int, Hashable]] = []
+
+    def push(key: Hashable) -> None:
+        k = steps[key]
+        if k < len(gains[key]) and gains[key][k] > 0:
+            heapq.heappush(heap, (-gains[key][k] / (step * costs[key]), order[key], key))
+
+    for key in gains:
+        push(key)
+    left = budget_bytes
+    while heap:
+        _, _, key = heapq.heappop(heap)
+        if step * costs[key] > left:
+            continue  # its later steps cost as much: this layer is done
+        left -= step * costs[key]
+        steps[key] += 1
+        push(key)
+    return {key: k * step for key, k in steps.items()}
