@@ -221,6 +221,7 @@ def cmd_audit(args) -> int:
     from . import artifact
     from . import sources
     from .audit import audit_from_paths
+    from .privacy.extraction import Sampling
 
     extra = {}
     if Path(args.path).is_dir() and artifact.is_artifact(args.path):
@@ -228,8 +229,9 @@ def cmd_audit(args) -> int:
         extra = {k: info[k] for k in ("ortho_density", "bits_per_param_base", "bits_per_param_alpha1", "bits", "group_size", "method", "score")}
     # Fail closed: an artifact is audited at alpha 0 unless --alpha asks for more.
     alphas = args.alpha if args.alpha else ([0.0] if extra else None)
+    sample_extraction = Sampling.n_samples if args.sample_extraction is None else args.sample_extraction
     given = dict(exposure_candidates=args.candidates, perplexity_max_windows=args.max_windows,
-                 frontier_cap=args.frontier_cap, sample_extraction=args.sample_extraction)
+                 frontier_cap=args.frontier_cap, sample_extraction=sample_extraction)
     report = audit_from_paths(
         args.path, args.private, args.nonmembers, args.public, args.out,
         alphas=alphas, reference_path=args.reference, extra_settings=extra, public_model_path=args.public_model,
@@ -282,6 +284,7 @@ def _audit_default(field: str):
 def build_parser() -> argparse.ArgumentParser:
     from .config import BITS, BUDGETS, FORGET_SOURCES, GROUP_SIZES, METHODS, SCORES
     from .evaluation import PERPLEXITY_WINDOW
+    from .privacy.extraction import Sampling
 
     parser = argparse.ArgumentParser(prog="libortho", description="A privacy switch for fine-tuned LLMs: INT base stream + sparse ortho stream.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -385,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the public checkpoint the model was fine-tuned from: adds the membership attack calibrated "
                         "by it (record loss minus its loss under MODEL)")
     p.add_argument("--sample-extraction", type=whole_number, default=None, metavar="N",
-                   help="extraction by sampling: N samples (temperature 1, top-k 40) per record prefix; 0 disables")
+                   help="extraction by sampling: N samples (temperature 1, top-k 40) per record prefix; 0 disables "
+                        f"(default {Sampling.n_samples}: this command samples, the library's AuditConfig does not by default)")
     p.add_argument("--out", default="libortho-audit", metavar="DIR")
     p.set_defaults(func=cmd_audit)
 

@@ -12,7 +12,10 @@ from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 
+from ..evaluation import PERPLEXITY_WINDOW
+from ..privacy.exposure_rank import EXPOSURE_CANDIDATES, FRONTIER_CAP
 from ..privacy.extraction import Sampling
+from ..privacy.forward import CANDIDATE_BATCH_SIZE, TEXT_BATCH_SIZE
 from ..switch import AlphaError, parse_alpha
 
 __all__ = ["AuditConfig", "parse_alphas", "AlphaSpec", "AlphaScope", "PerplexityFn"]
@@ -106,16 +109,16 @@ class AuditConfig:
     alphas: Sequence[AlphaSpec] | None = None
     reference: torch.nn.Module | Callable[[], torch.nn.Module] | None = None
     out_dir: str | os.PathLike | None = None
-    exposure_candidates: int = 1000
+    exposure_candidates: int = EXPOSURE_CANDIDATES
     progress: bool = True
     reference_tokenizer: Any = None
-    frontier_cap: int = 256
+    frontier_cap: int = FRONTIER_CAP
     exposure_nonmembers: bool = False
-    perplexity_window: int = 256
+    perplexity_window: int = PERPLEXITY_WINDOW
     perplexity_max_windows: int | None = None
     seed: int = 0
-    batch_size: int = 64
-    text_batch_size: int = 16
+    batch_size: int = CANDIDATE_BATCH_SIZE
+    text_batch_size: int = TEXT_BATCH_SIZE
     alpha_scope: AlphaScope | None = None
     perplexity_fn: PerplexityFn | None = None
     extra_settings: dict[str, Any] | None = None

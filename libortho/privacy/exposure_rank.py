@@ -18,7 +18,7 @@ from scipy import stats
 
 from ..records import CanaryRecord, SecretFormat, _as_rng, parse_format, sample_candidates
 from ..hf_model import module_device
-from .forward import KV, Context, cache_to_kv, kv_concat, kv_to_cache, lm_forward, run_context, split_continuations
+from .forward import CANDIDATE_BATCH_SIZE, KV, Context, cache_to_kv, kv_concat, kv_to_cache, lm_forward, run_context, split_continuations
 
 __all__ = ["secret_logprobs", "ExposureResult", "exposure", "exposure_from_scores"]
 
@@ -53,12 +53,16 @@ def _score_continuations(
     return scores
 
 
+EXPOSURE_CANDIDATES = 1000  # random candidates for the sampled / skew-normal exposure estimates
+FRONTIER_CAP = 256  # digit-trie nodes kept per depth before sub-sampling
+
+
 def secret_logprobs(
     model: torch.nn.Module,
     tokenizer: Any,
     prefix: str,
     candidates: Sequence[str],
-    batch_size: int = 64,
+    batch_size: int = CANDIDATE_BATCH_SIZE,
 ) -> torch.Tensor:
     """log p(candidate | prefix) in nats for each candidate: float64 tensor [n] on CPU.
 
@@ -337,11 +341,11 @@ def exposure(
     tokenizer: Any,
     record: CanaryRecord,
     *,
-    n_samples: int = 1000,
-    frontier_cap: int = 256,
+    n_samples: int = EXPOSURE_CANDIDATES,
+    frontier_cap: int = FRONTIER_CAP,
     enumerate_limit: int = 2048,
     sampled_rank_max_space: int = 10**6,
-    batch_size: int = 64,
+    batch_size: int = CANDIDATE_BATCH_SIZE,
     rng: np.random.Generator | int | None = None,
     tie_tol: float | None = None,
 ) -> ExposureResult:

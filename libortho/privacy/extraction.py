@@ -15,7 +15,7 @@ import torch
 
 from ..hf_model import module_device, pad_token_id
 from ..records import CanaryRecord, record_seed
-from .forward import cache_to_kv, encode, kv_to_cache, lm_forward, split_continuations
+from .forward import TEXT_BATCH_SIZE, cache_to_kv, encode, kv_to_cache, lm_forward, split_continuations
 
 __all__ = ["ExtractionResult", "extract_secrets", "left_padded", "Sampling", "SampledExtractionResult",
            "sample_extract_secrets"]
@@ -89,7 +89,7 @@ def extract_secrets(
     records: Sequence[CanaryRecord],
     *,
     extra_tokens: int = 3,
-    batch_size: int = 16,
+    batch_size: int = TEXT_BATCH_SIZE,
 ) -> list[ExtractionResult]:
     """Greedy-decode len(secret tokens) + ``extra_tokens`` tokens from each record's prefix.
 

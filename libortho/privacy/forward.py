@@ -20,6 +20,11 @@ from ..hf_model import module_device
 __all__ = ["KV", "lm_forward", "cache_to_kv", "kv_to_cache", "kv_concat", "encode", "common_prefix_len",
            "split_continuations", "Context", "run_context"]
 
+# Defaults of the attacks, written once: texts per forward (membership, extraction, white box) and
+# candidate continuations per forward (exposure).
+TEXT_BATCH_SIZE = 16
+CANDIDATE_BATCH_SIZE = 64
+
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each [batch, heads, seq, head_dim]
 
 

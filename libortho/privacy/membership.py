@@ -27,7 +27,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from ..hf_model import module_device
 from ..records import CanaryRecord
-from .forward import encode, lm_forward
+from .forward import TEXT_BATCH_SIZE, encode, lm_forward
 
 __all__ = [
     "token_logprobs",
@@ -51,7 +51,7 @@ REFERENCE_SCORE = "ref"  # name of the P-calibrated score next to loss / zlib / 
 
 @torch.inference_mode()
 def token_logprobs(
-    model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 16
+    model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = TEXT_BATCH_SIZE
 ) -> list[torch.Tensor]:
     """Per text: log p(token_t | tokens_<t) for t = 1..T-1, float64 [T-1] on CPU (nats)."""
     device = module_device(model)
@@ -97,7 +97,7 @@ class MIAScores:
 
 
 def mia_scores(
-    model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], k: float = 0.2, batch_size: int = 16
+    model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], k: float = 0.2, batch_size: int = TEXT_BATCH_SIZE
 ) -> MIAScores:
     """Loss, zlib ratio and Min-K% Prob of each text (need >= 2 tokens per text)."""
     lps = token_logprobs(model, tokenizer, texts, batch_size)
@@ -204,7 +204,7 @@ def paired_auc_difference(
 
 
 def record_losses(
-    model: torch.nn.Module, tokenizer: Any, records: Sequence[CanaryRecord], batch_size: int = 16
+    model: torch.nn.Module, tokenizer: Any, records: Sequence[CanaryRecord], batch_size: int = TEXT_BATCH_SIZE
 ) -> dict[str, float]:
     """Mean token NLL (nats/token) of each record's full text under ``model``, by record id.
 

@@ -8,7 +8,7 @@ import torch
 
 from ..hf_model import decoder_blocks, module_device
 from ..records import CanaryRecord
-from .forward import common_prefix_len, encode, lm_forward
+from .forward import TEXT_BATCH_SIZE, common_prefix_len, encode, lm_forward
 
 __all__ = ["canary_gradient_norm"]
 
@@ -16,7 +16,7 @@ PROBE_BYTES = 128 * 2**20  # probes (and their gradients) held at once; a layer 
 
 
 def canary_gradient_norm(
-    model: torch.nn.Module, tokenizer: Any, records: Sequence[CanaryRecord], batch_size: int = 16
+    model: torch.nn.Module, tokenizer: Any, records: Sequence[CanaryRecord], batch_size: int = TEXT_BATCH_SIZE
 ) -> float:
     """‖∂L/∂W‖_F over every linear layer of the decoder blocks, at the weights the model uses now.
 
