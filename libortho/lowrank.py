@@ -34,15 +34,20 @@ components with μ_i = 0 vanish (rank Δ ≤ rank H_priv). V diagonalises H_priv
 public side H'_d − Hp at once, so in every metric M = a (H'_d − Hp) + b H_priv the components
 are M-orthogonal: dropping a set of them costs exactly Σ_dropped μ_i² ‖c_i‖² (Vᵀ M V)_ii, and the
 M-optimal B for the rows A = V_rᵀ, Δ M V_r (V_rᵀ M V_r)⁻¹ = Δ H'_d V_r, is the same for every
-such M (private inputs only, or with any public term). Not knowing D, keep the r components with
-the largest μ: private inputs carry the most energy there (v_iᵀ H_priv v_i = μ_i), and for c_i of
-equal size the cost of dropping component i, μ_i³‖c_i‖² on the private inputs (μ_i²‖c_i‖² under
-H'_d), grows with μ_i. So
+such M (private inputs only, or with any public term). By the Hessians alone (order="mu", the
+default), keep the r components with the largest μ: private inputs carry the most energy there
+(v_iᵀ H_priv v_i = μ_i), and for c_i of equal size the cost of dropping component i, μ_i³‖c_i‖²
+on the private inputs (μ_i²‖c_i‖² under H'_d), grows with μ_i. So
 
     L = Δ H'_d V_r V_rᵀ ,   B = Δ H'_d V_r = Δ C U_r ,   A = V_rᵀ
 
 With r ≥ rank H_priv, L = Δ: the edit's action on the private inputs is restored exactly; with
-lam = 0, Δ = 0 and L = 0. Knowing D, the best rank-r L under one metric is (b) applied to Δ.
+lam = 0, Δ = 0 and L = 0. A's rows (up to their scale) depend on the Hessians only, so layers
+that read one input (q/k/v, gate/up) could share them. Δ itself gives each component's cost
+exactly: order="gain" keeps the r components with the largest μ_i³‖c_i‖² = μ_i ‖Δ H'_d v_i‖²,
+the best subset of components on the private inputs (A is then the layer's own). The best
+rank-r L on the private inputs without the basis constraint is (b) applied to Δ under H_priv
+(also exact at rank H_priv, since rank Δ ≤ rank H_priv).
 
 (c) `random_subspace`: the control. Random orthonormal rows A, and B = E Hs_d Aᵀ (A Hs_d Aᵀ)⁻¹,
 the least-squares optimum under Hs_d: the best L whose rows lie in that random subspace.
@@ -123,7 +128,7 @@ def weighted_error(E: torch.Tensor, L: LowRank, H: torch.Tensor) -> float:
 def _capped(rank: int, out_features: int, in_features: int) -> int:
     if rank < 0:
         raise ValueError(f"rank={rank} must be >= 0")
-    return min(rank, out_features, in_features)  # at min(out, in) every fit is already exact
+    return min(rank, out_features, in_features)  # beyond min(out, in) no rank buys anything: (b) is exact there
 
 
 def _balanced(B: torch.Tensor, A: torch.Tensor) -> LowRank:
@@ -149,7 +154,8 @@ def weighted_svd_spectrum(E: torch.Tensor, Hs: torch.Tensor, damp: float = Ortho
 
 
 def weighted_svd(E: torch.Tensor, Hs: torch.Tensor, rank: int, damp: float = OrthoConfig.damp) -> LowRank:
-    """Fit (b): argmin_{rank L ≤ r} tr((E − L) Hs_d (E − L)ᵀ). E [out, in], Hs [in, in] PSD."""
+    """Fit (b): argmin_{rank L ≤ r} tr((E − L) Hs_d (E − L)ᵀ). E [out, in], Hs [in, in] PSD;
+    r capped at min(out, in), where L = E."""
     r = _capped(rank, *E.shape)
     G, root_s, U = _whitened(E, Hs, damp)
     P, sigma, Qt = torch.linalg.svd(G, full_matrices=False)
@@ -175,20 +181,29 @@ def edit_eigenbasis(
     H_prime: torch.Tensor,
     rank: int,
     damp: float = OrthoConfig.damp,
+    order: str = "mu",
 ) -> LowRank:
-    """Fit (a): L = Δ H'_d V_r V_rᵀ, the top-r components of the edit in the generalized
-    eigenbasis of (H_priv, H'_d).
+    """Fit (a): L = Δ H'_d V_r V_rᵀ, r components of the edit in the generalized eigenbasis of
+    (H_priv, H'_d): those of the largest μ (order="mu"), or of the largest μ_i ‖Δ H'_d v_i‖² ("gain").
 
     delta: Δ = W_ft − W* [out, in]; H_priv [in, in]: the private curvature (any positive multiple:
     V does not depend on its scale; for forget_source "free", the pull term); H_prime: H' [in, in]
     undampened, as `FitTarget.H` (dampened here with the damp forget.py solved W* with, so that
     r ≥ rank H_priv gives L = Δ).
     """
-    r = _capped(rank, *delta.shape)
-    _, U, C = _generalized_eigenbasis(H_priv, H_prime, damp)
-    U_r = U[:, :r]
-    B = delta.double() @ (C @ U_r)  # Δ H'_d V_r = Δ C U_r
-    A = torch.linalg.solve_triangular(C.t(), U_r, upper=True).t()  # V_rᵀ = (C⁻ᵀ U_r)ᵀ
+    if order not in ("mu", "gain"):
+        raise ValueError(f"order={order!r} is not known; choose 'mu' or 'gain'")
+    # Capped at the number of components, in, not at min(out, in): with out < rank H_priv, Δ needs
+    # all its components in this basis (a rank-out form of the same L is (b) of Δ).
+    r = _capped(rank, delta.shape[1], delta.shape[1])
+    mu, U, C = _generalized_eigenbasis(H_priv, H_prime, damp)
+    B_all = delta.double() @ (C @ U)  # Δ H'_d V = Δ C U: column i is μ_i c_i
+    if order == "mu":
+        keep = torch.arange(r, device=U.device)
+    else:
+        keep = torch.argsort(mu.clamp_min(0) * B_all.square().sum(0), descending=True, stable=True)[:r]
+    B = B_all[:, keep]  # Δ H'_d V_r
+    A = torch.linalg.solve_triangular(C.t(), U[:, keep], upper=True).t()  # V_rᵀ = (C⁻ᵀ U_r)ᵀ
     return _balanced(B, A)
 
 

@@ -96,6 +96,44 @@ def test_edit_has_rank_k_and_rank_k_restores_all_of_it(k):
         assert torch.allclose(L.leading(r).to_dense(), edit_eigenbasis(delta, H_priv, H_prime, r, 0.01).to_dense(), atol=1e-6)
 
 
+def test_edit_of_a_narrow_layer_needs_all_k_components():
+    # out = 4 < k = 7 (k_proj / v_proj of grouped-query attention): rank k, not min(out, in), restores Δ.
+    g = torch.Generator().manual_seed(8)
+    D = torch.randn(4, 24, generator=g, dtype=torch.float64)
+    X_priv = torch.randn(60, 7, generator=g, dtype=torch.float64) @ torch.randn(7, 24, generator=g, dtype=torch.float64)
+    H_priv, H_prime = hessian(X_priv), hessian(correlated_inputs(400, 24, g).double()) + 3.0 * hessian(X_priv)
+    delta = D @ (3.0 * H_priv) @ torch.linalg.inv(dampened(H_prime, 0.01))
+    L = edit_eigenbasis(delta, H_priv, H_prime, 7, 0.01)
+    assert L.rank == 7 and torch.allclose(L.to_dense().double(), delta, atol=1e-6 * delta.abs().max())
+    assert edit_eigenbasis(delta, H_priv, H_prime, 100, 0.01).rank == 24  # capped at in
+    assert torch.allclose(weighted_svd(delta, H_priv, 4, 0.01).to_dense().double(), delta, atol=1e-6 * delta.abs().max())
+
+
+def test_gain_order_keeps_the_best_subset_of_the_edits_components():
+    import itertools
+
+    g = torch.Generator().manual_seed(4)
+    k, d = 5, 16
+    D = torch.randn(8, d, generator=g, dtype=torch.float64) * torch.logspace(1, -1, d, dtype=torch.float64)
+    X_priv = torch.randn(40, k, generator=g, dtype=torch.float64) @ torch.randn(k, d, generator=g, dtype=torch.float64)
+    H_pub, H_priv = hessian(correlated_inputs(300, d, g).double()), hessian(X_priv)
+    H_prime = H_pub + 2.0 * H_priv
+    delta = D @ (2.0 * H_priv) @ torch.linalg.inv(dampened(H_prime, 0.01))
+    full = edit_eigenbasis(delta, H_priv, H_prime, k, 0.01)  # the k components with μ > 0, in μ order
+    for r in range(1, k):
+        best = min(weighted_error(delta, LowRank(full.B[:, list(c)], full.A[list(c)]), H_priv)
+                   for c in itertools.combinations(range(k), r))
+        by_gain = edit_eigenbasis(delta, H_priv, H_prime, r, 0.01, order="gain")
+        assert weighted_error(delta, by_gain, H_priv) == pytest.approx(best, rel=1e-6)
+        assert best <= weighted_error(delta, full.leading(r), H_priv) * (1 + 1e-9)
+        assert torch.allclose(edit_eigenbasis(delta, H_priv, H_prime, k, 0.01, order="gain").leading(r).to_dense(),
+                              by_gain.to_dense(), atol=1e-6)
+    assert torch.allclose(edit_eigenbasis(delta, H_priv, H_prime, k, 0.01, order="gain").to_dense().double(), delta,
+                          atol=1e-6 * delta.abs().max())
+    with pytest.raises(ValueError, match="order"):
+        edit_eigenbasis(delta, H_priv, H_prime, 2, 0.01, order="size")
+
+
 def test_edit_eigenbasis_components_are_optimal_for_their_rows_under_any_metric():
     _, delta, _, H_priv, fit = forget_layer(6, lam=1.0, seed=11)
     damp = OrthoConfig.damp
