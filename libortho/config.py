@@ -22,6 +22,7 @@ GROUP_SIZES = (32, 64, 128)
 #   free       no texts: lam·H_priv is replaced by mu·mean(diag H_pub)·I, pulling the base toward P
 #              wherever public text does not look.
 FORGET_SOURCES = ("none", "records", "lookalikes", "free")
+LOWRANK_FITS = ("svd", "edit", "random")
 
 
 @dataclass
@@ -53,6 +54,16 @@ class OrthoConfig:
     # The sieve and its refit run under H_pub + lam_s·H_priv (lam_s relative like forget_lambda), so
     # that alpha = 1 restores what the base dropped on the private inputs; 0 = public curvature only.
     sieve_private_weight: float = 0.0
+    # The ortho stream's budget in bytes, as a fraction of the base's bytes (ortho_split.py); when set
+    # it wins over ortho_ratio and splits the bytes between the sparse part S and a low-rank part
+    # L = B·A: lowrank_share of them to L, ranks in steps of lowrank_step, fitted by lowrank_fit
+    # ("svd": H-weighted SVD of the residual, "edit": the forget edit in the eigenbasis of
+    # (H_priv, H'), "random": the random-subspace control), before the sieve (lowrank_first) or after it.
+    ortho_budget: float | None = None
+    lowrank_share: float = 0.5
+    lowrank_fit: str = "svd"
+    lowrank_first: bool = True
+    lowrank_step: int = 16
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -66,6 +77,15 @@ class OrthoConfig:
             )
         if self.sieve_private_weight > 0 and self.forget_source in ("none", "free"):
             raise ValueError("sieve_private_weight needs private texts: set forget_source to 'records' or 'lookalikes'")
+        _choose("lowrank_fit", self.lowrank_fit, LOWRANK_FITS)
+        if self.ortho_budget is not None and not 0.0 <= self.ortho_budget < float("inf"):
+            raise ValueError(f"ortho_budget={self.ortho_budget} is a fraction of the base's bytes (0.25 = 25 %), >= 0")
+        if not 0.0 <= self.lowrank_share <= 1.0:
+            raise ValueError(f"lowrank_share={self.lowrank_share} must lie in [0, 1] (the low-rank part's share of the bytes)")
+        if self.lowrank_step < 1:
+            raise ValueError(f"lowrank_step={self.lowrank_step} must be >= 1")
+        if self.lowrank_fit == "edit" and self.forget_source not in ("records", "lookalikes"):
+            raise ValueError("lowrank_fit='edit' fits the forget edit: set forget_source to 'records' or 'lookalikes'")
         if self.calib_tokens < 1 or self.seq_len < 1 or self.batch_size < 1:
             raise ValueError("calib_tokens, seq_len and batch_size must be positive")
         if self.include is not None:

@@ -40,6 +40,7 @@ from .config import OrthoConfig
 from .forget import ForgetObjective
 from .hf_model import decoder_blocks, linear_weight, module_device, replace_submodule, target_linears
 from .layer import OrthoLinear, ortho_layers
+from .ortho_split import OrthoParts, split_model
 from .state import OrthoState, attach, state_of
 from .switch import AlphaState
 from .quantize import QuantizedWeight, gptq, hinv_upper, rtn
@@ -65,6 +66,7 @@ class DecompositionStats:
     layer_output_error: dict[str, float] = field(default_factory=dict)  # ||W_ft X - W_base X||² / ||W_ft X||², public X
     # ||W_P X - W_base X||² / ||W_P X||² on the forget texts' inputs: how closely the base acts like P there
     layer_private_error: dict[str, float] = field(default_factory=dict)
+    ortho_bytes: dict = field(default_factory=dict)  # with an ortho_budget: the split (ortho_split.split_budget)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -159,6 +161,7 @@ class LayerParts:
     R: torch.Tensor
     H: torch.Tensor | None
     bias: torch.Tensor | None
+    edit: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (W_ft − W*, lam·H_priv, H'): fit (a) only
 
 
 def quantize_model(
@@ -200,7 +203,10 @@ def quantize_model(
             W_base = base.dequantize()
             bias = getattr(module, "bias", None)
             bias = None if bias is None else bias.detach().float().cpu()
-            parts[(b, name)] = LayerParts(base, (W - W_base).contiguous(), H_sieve, bias)
+            edit = None
+            if config.ortho_budget is not None and config.lowrank_fit == "edit" and name in H_priv:
+                edit = (W - fit.W, *objective.edit_curvatures(H_pub[name], H_priv[name]))
+            parts[(b, name)] = LayerParts(base, (W - W_base).contiguous(), H_sieve, bias, edit)
             if name in H_pub:
                 stats.layer_output_error[f"{b}.{name}"] = relative_output_error(W, W_base, H_pub[name])
             if name in H_priv and W_P is not None:
@@ -267,19 +273,23 @@ class _LayerScores:
 def install(
     model: nn.Module,
     parts: dict[tuple[int, str], LayerParts],
-    orthos: dict[tuple[int, str], OrthoCSR],
+    orthos: dict[tuple[int, str], OrthoCSR | OrthoParts],
     config: OrthoConfig,
     alpha: float = 0.0,
 ) -> int:
     """Put the final OrthoLinear layers into `model` sharing one alpha switch; returns the ortho nnz.
+    orthos: each layer's sparse part, or both parts (ortho_split.OrthoParts).
 
     The switch starts at `alpha` = 0 (fail closed): the ortho stream only joins when asked for."""
     _, blocks = decoder_blocks(model)
     n_ortho = 0
     for (b, name), p in parts.items():
-        layer = OrthoLinear.from_parts(p.base, orthos[(b, name)], p.bias).to(module_device(blocks[b]))
+        ortho = orthos[(b, name)]
+        sparse, low = (ortho.sparse, ortho.lowrank) if isinstance(ortho, OrthoParts) else (ortho, None)
+        lowrank = None if low is None or low.rank == 0 else (low.B, low.A)
+        layer = OrthoLinear.from_parts(p.base, sparse, p.bias, lowrank).to(module_device(blocks[b]))
         replace_submodule(blocks[b], name, layer)
-        n_ortho += orthos[(b, name)].nnz
+        n_ortho += sparse.nnz
     attach(model, OrthoState(AlphaState(default=alpha), config, provenance=dict(libortho_version=__version__)),
            ortho_layers(model))
     return n_ortho
@@ -307,7 +317,10 @@ def decompose(
     start = time.perf_counter()
     plan = plan_decomposition(model, tokenizer, calibration_text, config, public_model, forget_texts)
     parts, stats = quantize_model(model, plan, config, progress)
-    orthos = sieve_model(parts, config)
+    if config.ortho_budget is None:
+        orthos = sieve_model(parts, config)
+    else:
+        orthos, stats.ortho_bytes = split_model(parts, config, sieve_model)
     stats.n_ortho = install(model, parts, orthos, config)
     stats.seconds = time.perf_counter() - start
     state_of(model).stats = stats.to_dict()

@@ -1,0 +1,122 @@
+"""The ortho stream's two parts under one budget in bytes: the sparse S and the low-rank L = B·A.
+
+    Y = W_base X + alpha (S X + B (A X))
+
+The budget is a fraction of the base's bytes (`OrthoConfig.ortho_budget`): the packed codes plus
+the fp16 scales and zeros of every decomposed layer. `lowrank_share` of it is L's, the rest S's
+(bytes L cannot use, once every layer is at full rank, are not moved to S):
+
+    bytes(L) = Σ_layers 2 r (out + in)          (fp16 B and A)
+    bytes(S) = Σ_layers 6 nnz + 4 (out + 1)     (fp16 value + int32 column per entry, int32 row pointers)
+
+Ranks are handed out across layers in steps of `lowrank_step`, greedily by the drop of the layer
+objective tr((R − L) H (R − L)ᵀ) per byte, read off the H-weighted spectrum of each layer's residual
+(lowrank.allocate_ranks); the same ranks serve every fit, so the fits are compared at equal bytes.
+The rest of the bytes become a global sparse ratio, nnz / Σ out·in, for the existing sieve.
+
+Order (`lowrank_first`): L is fitted to R, then the sieve chooses and refits S on what L leaves,
+R − L; or the sieve runs first and L is fitted to R − S. The fits (`lowrank_fit`):
+  svd     (b) the H-weighted truncated SVD of the residual it is given, H = the sieve's curvature;
+  edit    (a) the forget edit Δ = W_ft − W* in the generalized eigenbasis of (H_priv, H')
+          (needs a forget source with texts; falls back to (b) where a layer has no edit);
+  random  (c) the control: the best L whose rows lie in a random subspace of the same rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .config import OrthoConfig
+from .csr import OrthoCSR
+from .lowrank import LowRank, allocate_ranks, edit_eigenbasis, random_subspace, step_gains, weighted_svd, weighted_svd_spectrum
+from .packing import codes_per_byte, n_groups
+
+SPARSE_ENTRY_BYTES = 6  # fp16 value + int32 column
+LOWRANK_VALUE_BYTES = 2  # fp16
+
+
+@dataclass
+class OrthoParts:
+    """One layer's ortho stream: the sparse part S (CSR) and the low-rank part L (rank 0 for none)."""
+
+    sparse: OrthoCSR
+    lowrank: LowRank
+
+
+def base_bytes(shape: tuple[int, int], bits: int, group_size: int) -> int:
+    """Stored bytes of one layer's base [out, in]: packed codes + fp16 scales and zeros."""
+    out_features, in_features = shape
+    packed = out_features * -(-in_features // codes_per_byte(bits))
+    return packed + 2 * 2 * out_features * n_groups(in_features, group_size)
+
+
+def sparse_bytes(nnz: int, out_features: int) -> int:
+    return SPARSE_ENTRY_BYTES * nnz + 4 * (out_features + 1)
+
+
+def split_budget(parts: dict, config: OrthoConfig) -> tuple[dict, float, dict]:
+    """(rank per layer, global sparse ratio, the split's bytes) for `config.ortho_budget`."""
+    shapes = {key: tuple(p.R.shape) for key, p in parts.items()}
+    total_base = sum(base_bytes(s, config.bits, config.group_size) for s in shapes.values())
+    budget = config.ortho_budget * total_base
+    lowrank_budget = int(config.lowrank_share * budget)
+    ranks = _allocate(parts, shapes, lowrank_budget, config) if lowrank_budget > 0 else {k: 0 for k in parts}
+    lowrank_used = sum(LOWRANK_VALUE_BYTES * ranks[k] * sum(s) for k, s in shapes.items())
+    pointers = sum(4 * (s[0] + 1) for s in shapes.values())
+    nnz = max(0, int((budget - lowrank_budget - pointers) // SPARSE_ENTRY_BYTES))
+    n_weights = sum(s[0] * s[1] for s in shapes.values())
+    bytes_ = dict(base=total_base, budget=int(budget), lowrank=lowrank_used, sparse=SPARSE_ENTRY_BYTES * nnz + pointers)
+    return ranks, min(1.0, nnz / n_weights), bytes_
+
+
+def _allocate(parts: dict, shapes: dict, budget_bytes: int, config: OrthoConfig) -> dict:
+    gains = {key: step_gains(weighted_svd_spectrum(p.R, _curvature(p), config.damp), config.lowrank_step)
+             for key, p in parts.items()}
+    costs = {key: LOWRANK_VALUE_BYTES * sum(s) for key, s in shapes.items()}
+    ranks = allocate_ranks(gains, costs, budget_bytes, config.lowrank_step)
+    return {key: min(r, *shapes[key]) for key, r in ranks.items()}
+
+
+def _curvature(p) -> torch.Tensor:
+    """The layer's metric for L: the sieve's curvature, or the identity without calibration."""
+    return p.H if p.H is not None else torch.eye(p.R.shape[1])
+
+
+def fit_lowrank(p, E: torch.Tensor, rank: int, config: OrthoConfig, generator: torch.Generator) -> LowRank:
+    """One layer's L of `rank` fitted to the residual E [out, in] by config.lowrank_fit."""
+    if rank == 0:
+        return LowRank.empty(*E.shape)
+    if config.lowrank_fit == "random":
+        return random_subspace(E, _curvature(p), rank, generator, config.damp)
+    if config.lowrank_fit == "edit" and p.edit is not None:
+        delta, H_priv, H_prime = p.edit
+        return edit_eigenbasis(delta, H_priv, H_prime, rank, config.damp)
+    return weighted_svd(E, _curvature(p), rank, config.damp)
+
+
+def split_model(parts: dict, config: OrthoConfig, sieve) -> tuple[dict, dict]:
+    """Every layer's OrthoParts under config.ortho_budget, and the split's bytes.
+
+    sieve(parts, config) -> {key: OrthoCSR} is the sparse stage (decompose.sieve_model), run on
+    what L leaves (or first, with lowrank_first=False) with the ratio the split leaves it."""
+    ranks, ratio, bytes_ = split_budget(parts, config)
+    sparse_config = replace(config, ortho_ratio=ratio, budget="global", ortho_budget=None)
+    generator = torch.Generator().manual_seed(config.seed)
+    ortho_dtype = getattr(torch, config.ortho_dtype)
+    if config.lowrank_first:
+        lowranks = {key: fit_lowrank(p, p.R, ranks[key], config, generator) for key, p in parts.items()}
+        left = {key: replace(p, R=p.R - lowranks[key].to_dense()) for key, p in parts.items()}
+        sparse = sieve(left, sparse_config)
+    else:
+        sparse = sieve(parts, sparse_config)
+        lowranks = {key: fit_lowrank(p, p.R - sparse[key].to_dense().float(), ranks[key], config, generator)
+                    for key, p in parts.items()}
+    stored = {key: _stored(lowranks[key], ortho_dtype) for key in parts}
+    bytes_["sparse"] = sum(sparse_bytes(sparse[k].nnz, sparse[k].shape[0]) for k in parts)
+    bytes_["ranks"] = {f"{b}.{name}": r for (b, name), r in ranks.items()}
+    return {key: OrthoParts(sparse[key], stored[key]) for key in parts}, bytes_
+
+
+def _stored(L: LowRank, dtype: torch.dtype) -> LowRank:
+    return LowRank(L.B.to(dtype).contiguous(), L.A.to(dtype).contiguous())

@@ -1,0 +1,70 @@
+"""The ortho stream's two parts under one byte budget (ortho_split.py), on a tiny Llama."""
+import copy
+
+import pytest
+import torch
+
+import libortho
+from libortho.layer import ortho_layers
+from libortho.ortho_split import LOWRANK_VALUE_BYTES, sparse_bytes
+from conftest import TEXT, tiny_model
+
+BASE = dict(calib_tokens=1024, seq_len=128, group_size=32)
+
+
+@pytest.fixture(scope="module")
+def finetuned():
+    return tiny_model("llama")
+
+
+def _decomposed(model, tokenizer, **overrides):
+    model = copy.deepcopy(model)
+    stats = libortho.decompose(model, tokenizer, TEXT, libortho.OrthoConfig(**BASE, **overrides), progress=False)
+    return model, stats
+
+
+def _weights(model):
+    return {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n}
+
+
+def test_full_rank_and_no_sparse_budget_give_back_the_fine_tuned_weights(finetuned, tokenizer):
+    W = _weights(finetuned)
+    model, stats = _decomposed(finetuned, tokenizer, ortho_budget=100.0, lowrank_share=1.0, lowrank_step=8)
+    assert stats.n_ortho == 0
+    for name, layer in ((n, m) for n, m in model.named_modules() if m in ortho_layers(model)):
+        assert layer.ortho_rank == min(layer.in_features, layer.out_features)
+        restored = layer.base_weight() + layer.ortho_weight()
+        assert torch.allclose(restored, W[name], atol=2e-3, rtol=1e-2), name  # fp16 B and A: rounding only
+
+
+def test_the_split_keeps_to_its_bytes_and_alpha_zero_is_untouched(finetuned, tokenizer):
+    plain, _ = _decomposed(finetuned, tokenizer)
+    model, stats = _decomposed(finetuned, tokenizer, ortho_budget=0.25, lowrank_share=0.5, lowrank_step=8)
+    split = stats.ortho_bytes
+    assert split["lowrank"] <= split["budget"] // 2 and split["lowrank"] + split["sparse"] <= split["budget"]
+    layers = ortho_layers(model)
+    assert any(layer.ortho_rank > 0 for layer in layers) and all(layer.ortho_rank % 8 == 0 for layer in layers)
+    stored = sum(LOWRANK_VALUE_BYTES * l.ortho_rank * (l.in_features + l.out_features) for l in layers)
+    stored += sum(sparse_bytes(l.ortho_nnz, l.out_features) for l in layers)
+    assert stored == split["lowrank"] + split["sparse"]
+    for a, b in zip(ortho_layers(plain), layers):  # the base is the same bits as without a budget
+        assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scales, b.scales)
+    ids = tokenizer(TEXT[:64], return_tensors="pt").input_ids
+    with libortho.alpha(plain, 0.0), libortho.alpha(model, 0.0), torch.no_grad():
+        assert torch.equal(plain(ids).logits, model(ids).logits)
+
+
+def test_the_weighted_svd_restores_more_than_the_random_control_at_equal_ranks(finetuned, tokenizer):
+    W = _weights(finetuned)
+    err = {}
+    for fit in ("svd", "random"):
+        model, stats = _decomposed(finetuned, tokenizer, ortho_budget=0.5, lowrank_share=1.0, lowrank_step=8,
+                                   lowrank_fit=fit)
+        ids = tokenizer(TEXT[:256], return_tensors="pt").input_ids
+        with libortho.alpha(model, 1.0), torch.no_grad():
+            logits = model(ids).logits
+        with torch.no_grad():
+            err[fit] = float((logits - finetuned(ids).logits).square().mean())
+        err[fit + "_ranks"] = stats.ortho_bytes["ranks"]
+    assert err["svd_ranks"] == err["random_ranks"]  # the same bytes for both
+    assert err["svd"] < err["random"]
