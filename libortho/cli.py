@@ -73,7 +73,8 @@ def cmd_decompose(args) -> int:
 
 # `decompose` flags that set an OrthoConfig field of the same name; None = the preset's value.
 CONFIG_FLAGS = ("bits", "group_size", "method", "act_order", "score", "ortho_ratio", "budget", "calib_tokens",
-                "seq_len", "include", "seed", "forget_lambda", "sieve_private_weight")
+                "seq_len", "include", "seed", "forget_lambda", "sieve_private_weight", "ortho_budget", "lowrank_share",
+                "lowrank_fit")
 
 
 def decompose_config(args, source: str):
@@ -179,7 +180,9 @@ def artifact_info(path: str | Path, verify_ortho: bool = False) -> dict:
         + s["out_features"] * -(-s["in_features"] // s["group_size"]) * 32  # fp16 scale + fp16 zero
         for s in layers.values()
     )
-    ortho_bits = sum(s["ortho_nnz"] * (16 + 32) + (s["out_features"] + 1) * 32 for s in layers.values())
+    sparse_bits = sum(s["ortho_nnz"] * (16 + 32) + (s["out_features"] + 1) * 32 for s in layers.values())
+    lowrank_bits = sum(16 * s["ortho_rank"] * (s["in_features"] + s["out_features"]) for s in layers.values())
+    ortho_bits = sparse_bits + lowrank_bits
     cfg = manifest.get("config") or {}
     files = {
         name: dict(sha256=sha, bytes=(Path(path) / name).stat().st_size if (Path(path) / name).exists() else None,
@@ -193,6 +196,8 @@ def artifact_info(path: str | Path, verify_ortho: bool = False) -> dict:
         n_ortho=n_ortho, ortho_density=n_ortho / max(n_weights, 1),
         bits_per_param_base=base_bits / max(n_weights, 1),
         bits_per_param_alpha1=(base_bits + ortho_bits) / max(n_weights, 1),
+        base_bytes=base_bits // 8, sparse_bytes=sparse_bits // 8, lowrank_bytes=lowrank_bits // 8,
+        lowrank_ranks=sorted({s["ortho_rank"] for s in layers.values()}),
         base_only=manifest["ortho"] is None, ortho_base_sha256=(manifest["ortho"] or {}).get("base_sha256"),
         files=files, provenance=manifest.get("provenance"), stats=manifest.get("stats"),
     )
@@ -209,6 +214,10 @@ def cmd_info(args) -> int:
     print(f"layers          {info['n_layers']} ({info['n_weights']:,} weights)")
     print(f"ortho density   {100 * info['ortho_density']:.3f} % ({info['n_ortho']:,} entries)")
     print(f"bits/param      {info['bits_per_param_base']:.3f} (alpha 0), {info['bits_per_param_alpha1']:.3f} (alpha 1, with ortho)")
+    base = max(info["base_bytes"], 1)
+    print(f"ortho bytes     sparse S {info['sparse_bytes']:,} ({100 * info['sparse_bytes'] / base:.1f} % of the base), "
+          f"low-rank L {info['lowrank_bytes']:,} ({100 * info['lowrank_bytes'] / base:.1f} %, ranks "
+          f"{', '.join(map(str, info['lowrank_ranks']))})")
     for name, f in info["files"].items():
         size = "missing" if f["bytes"] is None else f"{f['bytes'] / 2**20:.1f} MiB"
         print(f"{name:<24}{size:>12}  sha256 {f['sha256'][:16]}…  {f['status']}")
@@ -282,7 +291,7 @@ def _audit_default(field: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import BITS, BUDGETS, FORGET_SOURCES, GROUP_SIZES, METHODS, SCORES
+    from .config import BITS, BUDGETS, FORGET_SOURCES, GROUP_SIZES, LOWRANK_FITS, METHODS, SCORES
     from .evaluation import PERPLEXITY_WINDOW
     from .privacy.extraction import Sampling
 
@@ -303,6 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score", default=None, choices=SCORES, help=f"sieve score ({_preset_default('score')})")
     p.add_argument("--ortho-ratio", type=ratio_value, default=None,
                    help=f"ortho budget as a fraction of decomposed weights ({_preset_default('ortho_ratio')})")
+    p.add_argument("--ortho-budget", type=nonnegative_float, default=None, metavar="FRACTION",
+                   help="ortho bytes as a fraction of the base's bytes (0.25 = 25 %%), split between the sparse part S "
+                        "(what INT4 dropped) and a low-rank part L = B·A (what undoes the forget edit); wins over "
+                        f"--ortho-ratio ({_preset_default('ortho_budget')}: sparse only)")
+    p.add_argument("--lowrank-share", type=ratio_value, default=None, metavar="SHARE",
+                   help=f"the low-rank part's share of --ortho-budget's bytes ({_preset_default('lowrank_share')})")
+    p.add_argument("--lowrank-fit", default=None, choices=LOWRANK_FITS,
+                   help="how L is fitted: svd (H-weighted SVD of the residual), edit (the forget edit in the "
+                        f"eigenbasis of (H_priv, H')), random (a control) ({_preset_default('lowrank_fit')})")
     p.add_argument("--budget", default=None, choices=[b for b in BUDGETS if b != "threshold"],
                    help=f"budget across all layers or per layer ({_preset_default('budget')})")
     p.add_argument("--calib-tokens", type=positive_int, default=None, metavar="N",
