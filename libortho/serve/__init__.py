@@ -3,9 +3,11 @@ key's privilege sets the highest alpha it may use, and requests of different alp
 
 Modules (each one concept):
   config         ServeConfig: every server setting and its default
-  keys           KEYS.json: SHA-256-hashed API keys with max_alpha / default_alpha
+  keys           KEYS.json: SHA-256-hashed API keys with max_alpha / default_alpha; add, list, revoke, set
+  keywatch       KEYS.json changes picked up while the server runs (polled, and on SIGHUP)
   gate           who is calling (401), and which alpha a request is served at (400 / 403)
-  schema         the OpenAI request bodies: supported, accepted-and-ignored, unknown (400)
+  schema         the OpenAI request bodies: supported, accepted-and-ignored, unknown (400); body limits
+  prompts        the prompt as token ids (completion text, chat template), refused early when too long
   sampling       per-row greedy / temperature / top-p sampling with per-row generators
   text           incremental detokenization and stop strings
   kvbatch        a left-padded batch of rows with one KV cache, joinable at step boundaries

@@ -25,8 +25,12 @@ def create_app(state: ServerState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         state.engine.start()
+        if state.keys_watcher is not None:
+            state.keys_watcher.start()
         yield
         # uvicorn calls this after the last connection closed: nothing is left to serve
+        if state.keys_watcher is not None:
+            await asyncio.to_thread(state.keys_watcher.stop)
         await asyncio.to_thread(state.engine.stop)
 
     app = FastAPI(title="libortho serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)

@@ -6,10 +6,13 @@ and checks every value, so defaults and checks live in one place (`config.py`).
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 
-from ..cli_args import alpha_value
+from ..cli_args import UserError, alpha_value
 from .config import DEVICES, LOG_LEVELS, ServeConfig
+
+SERVE_MODULES = ("fastapi", "uvicorn", "pydantic")  # what the `serve` extra installs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,19 +47,34 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_keys(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("keys", help="manage API keys for libortho serve")
+    p = sub.add_parser("keys", help="manage API keys for libortho serve (a running server picks up changes)")
     keys_sub = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     k = keys_sub.add_parser("add", help="add a random key; prints it once on stdout")
     k.add_argument("keys_file", metavar="KEYS.json", help="created if missing")
-    k.add_argument("name", metavar="NAME")
+    k.add_argument("name", metavar="NAME", help="1 to 64 characters from A-Z a-z 0-9 . _ -")
     k.add_argument("--max-alpha", type=alpha_value, required=True, metavar="A", help="highest alpha this key may use")
     k.add_argument("--default-alpha", type=alpha_value, default=None, metavar="A",
                    help="alpha when a request asks for none (default 0; must be <= --max-alpha)")
     k.set_defaults(func=run_keys_add)
+    k = keys_sub.add_parser("list", help="the keys' names and alphas, one per line (never the keys)")
+    k.add_argument("keys_file", metavar="KEYS.json")
+    k.set_defaults(func=run_keys_list)
+    k = keys_sub.add_parser("revoke", help="remove a key; a running server refuses it from the next poll (1 s)")
+    k.add_argument("keys_file", metavar="KEYS.json")
+    k.add_argument("name", metavar="NAME")
+    k.set_defaults(func=run_keys_revoke)
+    k = keys_sub.add_parser("set", help="change a key's alphas; a running server applies it from the next poll")
+    k.add_argument("keys_file", metavar="KEYS.json")
+    k.add_argument("name", metavar="NAME")
+    k.add_argument("--max-alpha", type=alpha_value, default=None, metavar="A", help="new highest alpha")
+    k.add_argument("--default-alpha", type=alpha_value, default=None, metavar="A",
+                   help="new alpha when a request asks for none (must be <= the max)")
+    k.set_defaults(func=run_keys_set)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     config = ServeConfig.from_options(vars(args))  # checked before the slow imports below
+    _require_serve_extra()
 
     from .server import serve
 
@@ -65,9 +83,47 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_serve_extra() -> None:
+    """UserError naming the install command when a module of the `serve` extra is missing."""
+    for name in SERVE_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise UserError(f"serving needs {name}, which is not installed: pip install 'libortho[serve]' "
+                            "(in a checkout: pip install -e '.[serve]')") from None
+
+
 def run_keys_add(args: argparse.Namespace) -> int:
     from .keys import add_key
 
     key = add_key(args.keys_file, args.name, args.max_alpha, args.default_alpha)
     print(key)  # the only line on stdout, so `KEY=$(libortho keys add ...)` works
     return 0
+
+
+def run_keys_list(args: argparse.Namespace) -> int:
+    from .keys import list_keys
+
+    for entry in list_keys(args.keys_file):
+        print(_described(entry))
+    return 0
+
+
+def run_keys_revoke(args: argparse.Namespace) -> int:
+    from .keys import revoke_key
+
+    revoke_key(args.keys_file, args.name)
+    print(f"revoked {args.name}")
+    return 0
+
+
+def run_keys_set(args: argparse.Namespace) -> int:
+    from .keys import set_key
+
+    print(_described(set_key(args.keys_file, args.name, args.max_alpha, args.default_alpha)))
+    return 0
+
+
+def _described(entry) -> str:
+    """One key as a line of `keys list`: name, max_alpha and default_alpha (every digit), tab-separated."""
+    return f"{entry.name}\tmax_alpha={entry.max_alpha!r}\tdefault_alpha={entry.default_alpha!r}"

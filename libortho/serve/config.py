@@ -40,6 +40,16 @@ class ServeConfig:
     log_level: str = "info"
     shutdown_grace_s: float = 5.0  # after the drain, how long uvicorn waits for open connections to close
     stop_timeout_s: float = 30.0  # at shutdown, how long the engine may take to finish its queued and running rows
+    keys_poll_s: float = 1.0  # how often KEYS.json is checked for changes (a changed file is re-read)
+    # limits on what one request may ask for, so that no client can hold the server up
+    max_body_bytes: int = 4 * 1024 * 1024  # a larger request body gets 413, whether Content-Length says so or not
+    # JSON values in a body (about: commas, brackets and strings); parsing holds the interpreter for
+    # time in proportion (2 million numbers: 0.4 s), which would stall every other request
+    max_json_values: int = 65536
+    prompt_chars_per_token: int = 16  # a prompt of more characters per context token is refused before tokenizing
+    max_messages: int = 256  # chat messages per request
+    max_stops: int = 4  # stop strings per request (OpenAI's limit)
+    max_stop_chars: int = 256  # characters per stop string
 
     @classmethod
     def from_options(cls, options: Mapping[str, object]) -> "ServeConfig":
@@ -64,6 +74,12 @@ class ServeConfig:
         _check_choice("log_level", self.log_level, LOG_LEVELS)
         _check_duration("shutdown_grace_s", self.shutdown_grace_s)
         _check_duration("stop_timeout_s", self.stop_timeout_s)
+        _check_duration("keys_poll_s", self.keys_poll_s)
+        if self.keys_poll_s == 0:  # a watcher that never sleeps would spin on a core
+            raise ServeConfigError(f"{_label('keys_poll_s')} must be a number > 0, got 0")
+        for name in ("max_body_bytes", "max_json_values", "prompt_chars_per_token", "max_messages", "max_stops",
+                     "max_stop_chars"):
+            _check_int(name, getattr(self, name), 1)
 
 
 def _label(name: str) -> str:

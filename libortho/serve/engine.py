@@ -31,7 +31,7 @@ from ..hf_model import pad_token_id
 from .config import ServeConfig
 from .kvbatch import KVBatch
 from .metrics import Metrics
-from .sampling import SamplingParams, sample
+from .sampling import RowFailed, SamplingParams, sample
 from .text import TextStream
 
 log = logging.getLogger("libortho.serve")
@@ -158,7 +158,7 @@ class Engine:
                 log.exception("batch failed")
                 running = {id(r.job) for r in self._rows}
                 for job in [r.job for r in self._rows] + [j for j in admitted if id(j) not in running]:
-                    job.sink(Event("error", message=f"generation failed: {type(err).__name__}: {err}"))
+                    job.sink(Event("error", message=_one_line(f"generation failed: {type(err).__name__}: {err}")))
                 self._rows, self._batch = [], None
 
     def _wait_for_work(self) -> list[Job] | None:
@@ -209,14 +209,29 @@ class Engine:
         tokens = sample(logits, [r.job.params for r in self._rows])
         self._after_sampling(list(range(len(self._rows))), tokens)
 
-    def _after_sampling(self, indices: list[int], tokens: list[int]) -> None:
-        """Hand out text, finish rows that are done, drop finished and cancelled rows from the batch."""
+    def _after_sampling(self, indices: list[int], tokens: list[int | RowFailed]) -> None:
+        """Hand out text, finish rows that are done, drop finished and cancelled rows from the batch.
+        A row that failed (sampling, detokenizing) ends with an error; its neighbours go on."""
         now = time.monotonic()
         for i, token in zip(indices, tokens):
             row = self._rows[i]
-            if not (row.job.cancelled.is_set() or row.finished):
+            if row.job.cancelled.is_set() or row.finished:
+                continue
+            if isinstance(token, RowFailed):
+                self._fail(row, token.reason)
+                continue
+            try:
                 self._take_token(row, token, now)
+            except Exception as err:  # e.g. a token the tokenizer cannot decode: this row's trouble only
+                self._fail(row, f"decoding failed: {type(err).__name__}: {err}")
         self._drop_finished_rows()
+
+    def _fail(self, row: _Row, reason: str) -> None:
+        """End one row with an error (HTTP 500 for its request); the batch goes on without it."""
+        reason = _one_line(reason)
+        log.warning("row failed after %d tokens (alpha=%s): %s", row.generated, row.job.alpha, reason)
+        row.job.sink(Event("error", message=reason))
+        row.finished = True
 
     def _take_token(self, row: _Row, token: int, now: float) -> None:
         """Record the row's new token (`now`: time.monotonic()); send its text, and its end if it ends."""
@@ -254,6 +269,11 @@ class Engine:
             self._rows = [self._rows[i] for i in keep]
         else:
             self._rows, self._batch = [], None
+
+
+def _one_line(text: str) -> str:
+    """An error message as one line: exception texts (torch's among them) may span several."""
+    return " ".join(text.split())
 
 
 def _eos_ids(model: nn.Module, tokenizer) -> set[int]:

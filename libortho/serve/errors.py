@@ -26,6 +26,11 @@ class APIError(Exception):
         return cls(err.status, err.message, err.type, param=param, code=err.code)
 
 
+def one_line(err: BaseException | str) -> str:
+    """An error's text as one line: exception texts (a template's, torch's) may span several."""
+    return " ".join(str(err).split())
+
+
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 

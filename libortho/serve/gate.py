@@ -51,6 +51,13 @@ class Grant:
     key_name: str
 
 
+def shown(alpha: float) -> str:
+    """Alpha as text that reads back as the same float: short when that is exact ("0.5", "1"),
+    every digit needed when not ("0.50000001" is not shown as "0.5")."""
+    short = format(alpha, "g")
+    return short if float(short) == alpha else repr(alpha)
+
+
 def bearer_key(authorization: str | None) -> str | None:
     """The key of an `Authorization: Bearer KEY` header, or None."""
     if not authorization:
@@ -103,19 +110,20 @@ class AlphaGate:
     def _check_allowed(self, caller: Caller, asked: float) -> None:
         """GateError 403 unless the caller may use `asked` and the server can serve it."""
         if self.keys is None and asked > 0:
-            raise GateError(403, f"alpha {asked:g} refused: this server runs in base-only mode (started without "
+            raise GateError(403, f"alpha {shown(asked)} refused: this server runs in base-only mode (started without "
                                  "--keys) and serves alpha 0 only", "permission_error", "alpha_not_allowed")
         if asked > caller.max_alpha:
-            raise GateError(403, f"alpha {asked:g} refused: the key {caller.name!r} may use alpha up to "
-                                 f"{caller.max_alpha:g}", "permission_error", "alpha_not_allowed")
+            raise GateError(403, f"alpha {shown(asked)} refused: the key {caller.name!r} may use alpha up to "
+                                 f"{shown(caller.max_alpha)}", "permission_error", "alpha_not_allowed")
         if asked > self.servable_max:
-            raise GateError(403, f"alpha {asked:g} refused: this server has no ortho stream loaded and serves "
+            raise GateError(403, f"alpha {shown(asked)} refused: this server has no ortho stream loaded and serves "
                                  "alpha 0 only", "permission_error", "alpha_not_allowed")
 
 
 def _one_asked_alpha(header: float | None, body: float | None) -> float | None:
     """The alpha asked for by the header or the body; GateError 400 if both are given and differ."""
     if header is not None and body is not None and header != body:
-        raise GateError(400, f"the X-Libortho-Alpha header ({header:g}) and the body's 'alpha' ({body:g}) disagree; "
-                             "send one, or the same value in both", "invalid_request_error", "conflicting_alpha")
+        raise GateError(400, f"the X-Libortho-Alpha header ({shown(header)}) and the body's 'alpha' ({shown(body)}) "
+                             "disagree; send one, or the same value in both", "invalid_request_error",
+                        "conflicting_alpha")
     return header if header is not None else body

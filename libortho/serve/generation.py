@@ -1,9 +1,14 @@
 """One generation request, from HTTP to the engine and back.
 
-In order: refused while draining (503), authenticated (401), its body validated (400), its alpha
-granted (400 / 403), its model checked (404), its prompt tokenized and its token budget fitted to
-the context (400), then submitted (429 when the queue is full) and answered at once or streamed.
-Every refusal is counted in the metrics, with the alpha when one was granted.
+In order: refused while draining (503), authenticated (401), its body read up to
+`config.max_body_bytes` (413), validated (400), its alpha granted (400 / 403), its model checked
+(404), its prompt tokenized and its token budget fitted to the context (400), then submitted (429
+when the queue is full) and answered at once or streamed. Every refusal is counted in the metrics,
+with the alpha when one was granted.
+
+Parsing and tokenizing run in worker threads, never on the event loop, so one large request does
+not stall the others (nor /health). A client that goes away is noticed while it waits, streamed
+or not: its job is cancelled and the request counted with status 499.
 """
 from __future__ import annotations
 
@@ -15,15 +20,18 @@ from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
+from .config import ServeConfig
 from .engine import EngineStopped, Event, Job, QueueFull
 from .errors import APIError
-from .gate import ALPHA_HEADER, Caller, GateError, Grant
+from .gate import ALPHA_HEADER, Caller, GateError, Grant, shown
+from .prompts import prompt_ids
 from .responses import Reply
 from .sampling import SamplingParams
 from .schema import ChatRequest, CompletionRequest, RequestError, parse_body
 from .state import ServerState
-from .streaming import EventStream, Finisher, collect, event_sink, stream
+from .streaming import CLIENT_GONE, EventStream, Finisher, collect, event_sink, stream
 
 log = logging.getLogger("libortho.serve")
 
@@ -61,14 +69,14 @@ async def generate(request: Request, state: ServerState, endpoint: str) -> Respo
               req.stop_list(), alpha, event_sink(loop, events))
     _submit(state, job, endpoint)
     reply = Reply(ID_PREFIXES[endpoint] + uuid.uuid4().hex[:24], state.model_name, endpoint, alpha)
-    log.info("request %s %s key=%s alpha=%g prompt_tokens=%d max_tokens=%d stream=%s", reply.rid, endpoint,
-             admitted.grant.key_name, alpha, len(job.prompt_ids), job.max_tokens, req.stream)
+    log.info("request %s %s key=%s alpha=%s prompt_tokens=%d max_tokens=%d stream=%s", reply.rid, endpoint,
+             admitted.grant.key_name, shown(alpha), len(job.prompt_ids), job.max_tokens, req.stream)
     finished = Finisher(state, job, reply, started)
-    headers = {"X-Libortho-Alpha": format(alpha, "g")}
+    headers = {"X-Libortho-Alpha": shown(alpha)}
     if req.stream:
         chunks = stream(events, reply, req.include_usage(), finished)
         return EventStream(chunks, finished, media_type="text/event-stream", headers=headers)
-    return await _answer_at_once(events, reply, finished, headers)
+    return await _answer_at_once(request, events, reply, finished, headers)
 
 
 async def _admit(request: Request, state: ServerState, endpoint: str) -> Admitted:
@@ -79,19 +87,45 @@ async def _admit(request: Request, state: ServerState, endpoint: str) -> Admitte
             raise APIError(503, "the server is shutting down; retry on another instance", "server_error",
                            code="shutting_down")
         caller = authenticate(request, state)
-        req = _parse(await request.body(), endpoint)
+        raw = await read_body(request, state.config.max_body_bytes)
+        req = await asyncio.to_thread(_parse, raw, endpoint, state.config)
         grant = _grant(request, state, caller, req.alpha)
         _check_model(req.model, state.model_name)
-        prompt_ids = _prompt_ids(req, endpoint, state)
-        return Admitted(req, grant, prompt_ids, _max_tokens(req, endpoint, len(prompt_ids), state.engine.context_len))
+        engine = state.engine
+        ids = await asyncio.to_thread(prompt_ids, req, endpoint, engine.tokenizer, engine.context_len, state.config,
+                                      state.chat_problem)
+        return Admitted(req, grant, ids, _max_tokens(req, endpoint, len(ids), engine.context_len))
     except APIError as err:
         state.metrics.request_done(grant.alpha if grant is not None else None, endpoint, err.status)
         raise
 
 
-def _parse(raw: bytes, endpoint: str) -> CompletionRequest | ChatRequest:
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, or APIError 413 as soon as it is known to exceed `limit` bytes: from its
+    Content-Length before reading anything, else (chunked) while reading."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and (len(declared) > 18 or int(declared) > limit):  # 18 digits: no int() of a huge text
+        raise _too_large(limit)
+    chunks, size = [], 0
     try:
-        req, _ignored = parse_body(raw, BODIES[endpoint])
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise APIError(CLIENT_GONE, "the client closed the connection before sending the whole body") from None
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is larger than {limit} bytes, the most this server reads",
+                    param=None, code="request_too_large")
+
+
+def _parse(raw: bytes, endpoint: str, limits: ServeConfig) -> CompletionRequest | ChatRequest:
+    try:
+        req, _ignored = parse_body(raw, BODIES[endpoint], limits)
     except RequestError as err:
         raise APIError(400, err.message, param=err.param) from None
     return req
@@ -110,27 +144,6 @@ def _check_model(asked: str, served: str) -> None:
                        "not_found_error", "model", "model_not_found")
 
 
-def _prompt_ids(req: CompletionRequest | ChatRequest, endpoint: str, state: ServerState) -> list[int]:
-    """The prompt's token ids (chat: through the tokenizer's chat template); APIError 400 if it is
-    empty or fills the whole context."""
-    tokenizer, context_len = state.engine.tokenizer, state.engine.context_len
-    if endpoint == "completions":
-        ids = tokenizer(req.prompt_text())["input_ids"]
-    else:
-        if not getattr(tokenizer, "chat_template", None):
-            raise APIError(400, f"the model {state.model_name!r} has no chat template; use /v1/completions",
-                           param="messages")
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise APIError(400, "the prompt is empty", param="prompt" if endpoint == "completions" else "messages")
-    if len(ids) >= context_len:
-        raise APIError(400, f"the prompt has {len(ids)} tokens; this model's context holds {context_len} "
-                            "(prompt plus completion)", param="prompt", code="context_length_exceeded")
-    return list(ids)
-
-
 def _max_tokens(req: CompletionRequest | ChatRequest, endpoint: str, prompt_len: int, context_len: int) -> int:
     """How many tokens to generate at most (all lengths in tokens); APIError 400 if the asked
     number does not fit the context after the prompt."""
@@ -139,8 +152,9 @@ def _max_tokens(req: CompletionRequest | ChatRequest, endpoint: str, prompt_len:
     if asked is None:
         return min(DEFAULT_COMPLETION_TOKENS, room) if endpoint == "completions" else room
     if asked > room:
-        raise APIError(400, f"max_tokens {asked} is too large: the prompt has {prompt_len} tokens and the context "
-                            f"holds {context_len}, so at most {room} can be generated",
+        shown_asked = asked if asked < 10**9 else f"of {len(str(asked))} digits"  # a 4000-digit number is no message
+        raise APIError(400, f"max_tokens {shown_asked} is too large: the prompt has {prompt_len} tokens and the "
+                            f"context holds {context_len}, so at most {room} can be generated",
                        param="max_tokens", code="context_length_exceeded")
     return asked
 
@@ -158,13 +172,34 @@ def _submit(state: ServerState, job: Job, endpoint: str) -> None:
         raise APIError(503, str(err), "server_error", code="shutting_down") from None
 
 
-async def _answer_at_once(events: asyncio.Queue[Event], reply: Reply, finished: Finisher,
-                          headers: dict[str, str]) -> JSONResponse:
-    done: Event | None = None
+async def _answer_at_once(request: Request, events: asyncio.Queue[Event], reply: Reply, finished: Finisher,
+                          headers: dict[str, str]) -> Response:
+    answer: tuple[str, Event] | None = None
     try:
-        text, done = await collect(events)
-    finally:  # done stays None if the handler was cancelled (client gone)
-        finished(done)
+        answer = await _until_done_or_gone(request, events)
+    finally:  # answer stays None if the client went away (or the handler was cancelled)
+        finished(answer[1] if answer is not None else None)
+    if answer is None:
+        return Response(status_code=CLIENT_GONE)  # nobody reads it: the connection is closed
+    text, done = answer
     if done.kind == "error":
         raise APIError(500, done.message, "server_error")
     return JSONResponse(reply.full_body(text, done), headers=headers)
+
+
+async def _until_done_or_gone(request: Request, events: asyncio.Queue[Event]) -> tuple[str, Event] | None:
+    """(all the text, the last event) of the job, or None as soon as the client disconnects."""
+    answer = asyncio.ensure_future(collect(events))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        answer.cancel()  # a no-op when it is done
+    return answer.result() if answer.done() and not answer.cancelled() else None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has closed the connection (the body was read: nothing else comes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

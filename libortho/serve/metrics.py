@@ -14,8 +14,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # rows
 
 
 def alpha_label(alpha: float) -> str:
-    """Alpha as a stable label value: 0, 0.5, 1."""
-    return format(alpha, "g")
+    """Alpha as a label value rounded to one decimal ("0", "0.1", ..., "1"): eleven values at
+    most, so clients asking for many different alphas cannot grow the metrics without bound."""
+    return format(round(alpha, 1) + 0.0, "g")  # + 0.0: -0.0 (or a tiny negative rounded) is "0"
 
 
 class _Histogram:

@@ -10,10 +10,11 @@ import time
 from dataclasses import dataclass
 
 from .engine import Event
+from .gate import shown
 
 
 def fingerprint(alpha: float) -> str:
-    return f"libortho:alpha={alpha:g}"
+    return f"libortho:alpha={shown(alpha)}"
 
 
 def usage(event: Event) -> dict:

@@ -6,18 +6,28 @@ Three kinds of field:
   * accepted and ignored, with a warning in the log (IGNORED_*): the client may send them, the
     answer is what it would be without them;
   * anything else: 400, as are wrong types (strict: "5" is not a number, 1.0 is not an integer).
+
+A body is refused (400, never 500) when it is not JSON in any way Python's parser can fail: nested
+too deeply, an integer of more digits than Python converts, or a lone UTF-16 surrogate in a string
+the server uses. Counts are checked against the server's limits (`ServeConfig.max_messages`,
+`max_stops`, `max_stop_chars`) before the body is validated, so a huge list costs no validation.
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .. import jsontext
+from .config import ServeConfig
+
 log = logging.getLogger("libortho.serve")
 
-MAX_STOP = 4  # OpenAI's limit on stop sequences
+SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's "\ud800" escapes parse to these, which no encoder accepts
 
 IGNORED_COMPLETION = ("best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "presence_penalty",
                       "suffix", "user")
@@ -67,14 +77,18 @@ class _Sampling(BaseModel):
     @classmethod
     def _stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
         stops = [stop] if isinstance(stop, str) else (stop or [])
-        if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
         return stop
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def texts(self) -> Iterator[tuple[str, str]]:
+        """(param, text) of every string the server uses: it must be encodable text."""
+        yield "model", self.model
+        for s in self.stop_list():
+            yield "stop", s
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -103,6 +117,10 @@ class CompletionRequest(_Sampling):
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def texts(self) -> Iterator[tuple[str, str]]:
+        yield "prompt", self.prompt_text()
+        yield from super().texts()
 
 
 class TextPart(BaseModel):
@@ -152,15 +170,20 @@ class ChatRequest(_Sampling):
         """max_completion_tokens (the newer name) wins over max_tokens."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def texts(self) -> Iterator[tuple[str, str]]:
+        for m in self.messages:
+            yield "messages", m.text()
+            if m.name is not None:
+                yield "messages", m.name
+        yield from super().texts()
 
-def parse_body(raw: bytes, model_cls: type[_Sampling]) -> tuple[_Sampling, list[str]]:
+
+def parse_body(raw: bytes, model_cls: type[_Sampling], limits: ServeConfig) -> tuple[_Sampling, list[str]]:
     """(validated request, names of the ignored fields it set), or RequestError."""
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RequestError(f"the request body is not valid JSON: {err}") from None
+    data = _json(raw, limits.max_json_values)
     if not isinstance(data, dict):
         raise RequestError("the request body must be a JSON object")
+    _check_counts(data, limits)
     try:
         req = model_cls.model_validate(data)
     except ValidationError as err:
@@ -171,8 +194,60 @@ def parse_body(raw: bytes, model_cls: type[_Sampling]) -> tuple[_Sampling, list[
         else:
             message = f"invalid value for {param!r}: {first['msg']}" if param else first["msg"]
         raise RequestError(message, param) from None
+    _check_text(req)
     ignored_names = IGNORED_COMPLETION if model_cls is CompletionRequest else IGNORED_CHAT
     ignored = [name for name in ignored_names if name in data]
     if ignored:
         log.warning("ignoring unsupported fields %s", ", ".join(ignored))
     return req, ignored
+
+
+def json_values(raw: bytes, limit: int) -> int:
+    """About how many values json.loads would build from `raw` (commas, brackets and braces outside
+    strings, or strings): exact enough to bound the parser's work, found by byte scans alone, so
+    that counting costs far less than parsing. Counts above `limit` may stop early (still > limit)."""
+    quick = raw.count(b",") + raw.count(b"[") + raw.count(b"{") + 1  # strings' commas too: an overestimate
+    if quick <= limit:
+        return quick
+    plain = raw.replace(b"\\\\", b"").replace(b'\\"', b"")  # escapes gone, every quote left opens or closes a string
+    strings = plain.count(b'"') // 2
+    if strings > limit:
+        return strings
+    outside = b"".join(plain.split(b'"')[0::2])
+    return max(strings, outside.count(b",") + outside.count(b"[") + outside.count(b"{") + 1)
+
+
+def _json(raw: bytes, limit: int) -> object:
+    """The parsed body, or RequestError for every way the parser fails (jsontext: nesting too deep)."""
+    if json_values(raw, limit) > limit:
+        raise RequestError(f"the request body has more than {limit} JSON values, the most this server parses")
+    try:
+        return jsontext.loads(raw)
+    except json.JSONDecodeError as err:
+        raise RequestError(f"the request body is not valid JSON: {err}") from None
+    except UnicodeDecodeError as err:
+        raise RequestError(f"the request body is not UTF-8 text: {err.reason} at byte {err.start}") from None
+    except ValueError:  # int() refuses numbers of more digits than sys.get_int_max_str_digits()
+        raise RequestError("the request body holds an integer of too many digits to read") from None
+
+
+def _check_counts(data: dict, limits: ServeConfig) -> None:
+    """RequestError when the body has more messages or stop strings, or longer stop strings, than the
+    server allows. Values of the wrong type are left to the schema, which names the type it expects."""
+    messages = data.get("messages")
+    if isinstance(messages, list) and len(messages) > limits.max_messages:
+        raise RequestError(f"at most {limits.max_messages} messages per request, got {len(messages)}", "messages")
+    stop = data.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    if len(stops) > limits.max_stops:
+        raise RequestError(f"at most {limits.max_stops} stop sequences, got {len(stops)}", "stop")
+    if any(isinstance(s, str) and len(s) > limits.max_stop_chars for s in stops):
+        raise RequestError(f"a stop sequence may have at most {limits.max_stop_chars} characters", "stop")
+
+
+def _check_text(req: _Sampling) -> None:
+    """RequestError when a string the server uses holds a lone surrogate, which is not text."""
+    for param, text in req.texts():
+        if not text.isascii() and (found := SURROGATE.search(text)):
+            raise RequestError(f"invalid value for {param!r}: it holds a lone surrogate (U+{ord(found.group()):04X}), "
+                               "which is not a character", param)

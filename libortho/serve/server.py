@@ -2,12 +2,18 @@
 
 Drain: the first SIGTERM (or SIGINT) turns the server to draining: new generation requests get
 503 and /health answers 503, requests in flight run to the end; once none is left, uvicorn
-shuts down and the process exits 0. A second signal exits at once.
+shuts down and the process exits 0. A second signal ends the process at once with status 128 +
+the signal's number (143 for SIGTERM, 130 for SIGINT): the connections of the requests still in
+flight close without an answer, and the status says the exit was cut short, never the 0 of a full
+drain. SIGHUP re-reads KEYS.json (see keywatch).
 """
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -19,10 +25,12 @@ from fastapi import FastAPI
 
 from .. import artifact, artifact_format
 from .app import create_app
-from .config import ServeConfig
+from .config import ServeConfig, ServeConfigError
 from .engine import Engine
 from .gate import AlphaGate
 from .keys import KeyStore
+from .keywatch import KeysWatcher, signature
+from .prompts import chat_template_problem
 from .state import ServerState, state_of
 
 log = logging.getLogger("libortho.serve")
@@ -56,8 +64,11 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame) -> None:
         if self.state.draining:  # second signal: stop now
-            self.should_exit = self.force_exit = True
-            return
+            log.warning("signal %d again: exiting now with status %d, cutting off %d requests in flight", sig,
+                        128 + sig, self.state.in_flight)
+            sys.stderr.flush()
+            # not uvicorn's force_exit: that cancels the handlers mid-await, and every one logs a traceback
+            os._exit(128 + sig)
         log.info("signal %d: draining (in flight: %d, queued: %d)", sig, self.state.in_flight,
                  self.state.engine.queued)
         self.state.draining = True  # not recorded in _captured_signals: a drained exit is a clean exit
@@ -72,20 +83,55 @@ class DrainingServer(uvicorn.Server):
 def build(path: str | Path, config: ServeConfig | None = None) -> FastAPI:
     """The app serving the artifact at `path`, not yet running; its ServerState is `state_of(app)`."""
     config = config or ServeConfig()
-    keys = KeyStore.load(config.keys_path) if config.keys_path is not None else None
+    check_device(config.device)
+    keys, seen = None, None
+    if config.keys_path is not None:
+        seen = signature(Path(config.keys_path))  # before reading: a change while loading is then picked up
+        keys = KeyStore.load(config.keys_path)
     model, tok, servable_max = load_for_serving(path, keys, config.device)
     named = replace(config, model_name=config.model_name or Path(path).resolve().name)
-    return create_app(ServerState(Engine(model, tok, named), AlphaGate(keys, servable_max), named))
+    gate = AlphaGate(keys, servable_max)
+    state = ServerState(Engine(model, tok, named), gate, named, chat_problem=_chat_problem(tok, named.model_name))
+    if config.keys_path is not None:
+        state.keys_watcher = KeysWatcher(config.keys_path, gate, config.keys_poll_s, seen)
+    return create_app(state)
+
+
+def check_device(device: str) -> None:
+    """ServeConfigError (before any model loads) when the device cannot run here."""
+    if device == "cuda" and not torch.cuda.is_available():
+        why = "this torch was built without CUDA" if torch.version.cuda is None else "torch finds no CUDA device"
+        raise ServeConfigError(f"device (--device) cuda is not available: {why} (torch {torch.__version__}); "
+                               "use --device cpu")
+
+
+def _chat_problem(tokenizer, model_name: str) -> str | None:
+    """Why chat cannot be served, logged once at start-up (None: it can)."""
+    tokenizer("warm-up")  # settles the tokenizer's padding/truncation state before threads share it
+    problem = chat_template_problem(tokenizer, model_name)
+    if problem is not None:
+        log.warning("/v1/chat/completions will answer 400: %s", problem)
+    return problem
 
 
 def serve(path: str | Path, config: ServeConfig | None = None) -> None:
     """Serve the artifact at `path` until drained by a signal (blocks; signals are handled when
-    called from the main thread)."""
+    called from the main thread, and a second one ends the process, see above)."""
     config = config or ServeConfig()
+    check_device(config.device)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     app = build(path, config)
-    DrainingServer(_uvicorn_config(app, config.port, config.log_level), state_of(app)).run()
+    state = state_of(app)
+    if state.keys_watcher is not None:
+        _reload_keys_on_sighup(state.keys_watcher)
+    DrainingServer(_uvicorn_config(app, config.port, config.log_level), state).run()
+
+
+def _reload_keys_on_sighup(watcher: KeysWatcher) -> None:
+    """SIGHUP re-reads KEYS.json (signal handlers can only be set from the main thread, on POSIX)."""
+    if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGHUP, lambda _sig, _frame: watcher.reload_soon())
 
 
 def _uvicorn_config(app: FastAPI, port: int, log_level: str) -> uvicorn.Config:

@@ -13,6 +13,7 @@ from .config import ServeConfig
 if TYPE_CHECKING:
     from .engine import Engine
     from .gate import AlphaGate
+    from .keywatch import KeysWatcher
     from .metrics import Metrics
 
 
@@ -25,6 +26,8 @@ class ServerState:
     engine: Engine
     gate: AlphaGate
     config: ServeConfig
+    chat_problem: str | None = None  # why chat cannot be served (no template, or a failing one); None: it can
+    keys_watcher: KeysWatcher | None = None  # keeps the gate's keys in step with KEYS.json (None: no key store)
     created: int = field(default_factory=lambda: int(time.time()))  # Unix seconds, /v1/models' `created`
     draining: bool = False
     in_flight: int = 0

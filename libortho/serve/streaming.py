@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from .engine import Event, Job
 from .errors import error_body
+from .gate import shown
 from .responses import SSE_DONE, Reply, sse, usage
 from .state import ServerState
 
@@ -55,8 +56,8 @@ class Finisher:
         status, finish, tokens = _outcome(event)
         self.state.metrics.request_done(self.reply.alpha, self.reply.endpoint, status, latency,
                                         len(self.job.prompt_ids), tokens)
-        log.info("done %s alpha=%g status=%d finish=%s completion_tokens=%d latency=%.3fs", self.reply.rid,
-                 self.reply.alpha, status, finish, tokens, latency)
+        log.info("done %s alpha=%s status=%d finish=%s completion_tokens=%d latency=%.3fs", self.reply.rid,
+                 shown(self.reply.alpha), status, finish, tokens, latency)
 
 
 def _outcome(event: Event | None) -> tuple[int, str, int]:

@@ -13,6 +13,7 @@ class TextStream:
     def __init__(self, tokenizer, stops: list[str]) -> None:
         self.tokenizer = tokenizer
         self.stops = [s for s in stops if s]
+        self._matchers = [StopMatcher(s) for s in self.stops]
         self.ids: list[int] = []
         self._prefix = 0  # ids[_prefix:_read] were decoded last time, as context for the next delta
         self._read = 0
@@ -34,7 +35,7 @@ class TextStream:
         after = self._decode(self.ids[self._prefix:])
         if after.endswith("\ufffd") or len(after) < len(before):
             return self._release(final=False)  # an incomplete character: wait for the next token
-        self.text += after[len(before):]
+        self._append(after[len(before):])
         self._prefix, self._read = self._read, len(self.ids)
         return self._release(final=False)
 
@@ -42,16 +43,18 @@ class TextStream:
         """The stream ends (EOS, length, cancel): release what was held back for stop matching."""
         return self._release(final=True)
 
-    def _release(self, final: bool) -> str:
-        start = max(0, self.released - max((len(s) for s in self.stops), default=0))
-        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+    def _append(self, delta: str) -> None:
+        """Add decoded text; at the first stop string in it, cut the text there and stop."""
+        start = len(self.text)
+        self.text += delta
+        hits = [hit for hit in (m.feed(delta, start) for m in self._matchers) if hit is not None]
         if hits:
-            cut = min(hits)
-            self.text = self.text[:cut]
+            self.text = self.text[:min(hits)]
             self.stopped = True
-            final = True
+
+    def _release(self, final: bool) -> str:
         end = len(self.text)
-        if not final:
+        if not (final or self.stopped):
             end -= self._held_back()
         delta = self.text[self.released:end] if end > self.released else ""
         self.released = max(self.released, end)
@@ -59,10 +62,42 @@ class TextStream:
 
     def _held_back(self) -> int:
         """Length of the longest tail of the text that is a proper prefix of a stop string."""
-        best = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(self.text)), best, -1):
-                if self.text.endswith(s[:n]):
-                    best = n
-                    break
-        return best
+        return max((m.matched for m in self._matchers), default=0)
+
+
+class StopMatcher:
+    """Finds one stop string in text fed piece by piece (Knuth-Morris-Pratt): each character costs
+    O(1) amortised, so the work per token does not grow with the stop string's length."""
+
+    def __init__(self, stop: str) -> None:
+        self.stop = stop
+        self._fallback = _prefix_function(stop)
+        self.matched = 0  # the longest prefix of the stop string that the text fed so far ends with
+
+    def feed(self, text: str, offset: int) -> int | None:
+        """Feed the next characters (`offset`: where `text` starts in the whole text); the start of
+        the first complete match in the whole text, or None."""
+        stop, fallback, k = self.stop, self._fallback, self.matched
+        for j, char in enumerate(text):
+            while k and stop[k] != char:
+                k = fallback[k - 1]
+            if stop[k] == char:
+                k += 1
+            if k == len(stop):
+                self.matched = k
+                return offset + j + 1 - k
+        self.matched = k
+        return None
+
+
+def _prefix_function(text: str) -> list[int]:
+    """pi[i]: the length of the longest proper prefix of text[:i + 1] that is also its suffix."""
+    pi = [0] * len(text)
+    k = 0
+    for i in range(1, len(text)):
+        while k and text[i] != text[k]:
+            k = pi[k - 1]
+        if text[i] == text[k]:
+            k += 1
+        pi[i] = k
+    return pi
