@@ -286,9 +286,13 @@ SERVER_CASES = [
     Case("temperature 1e-45 is greedy, streamed", streamed(completion(temperature=1e-45)), 200),
     Case("all-NaN logits fail that row alone", post(completion(temperature=POISON_TEMPERATURE)), 500,
          "no finite logit"),
-    Case("body of 5 MiB with Content-Length", post(completion(user="u" * (5 << 20))), 413, "larger than 4194304 bytes"),
+    Case("prompt of 5 MiB, Content-Length", post(completion(prompt="p" * (5 << 20))), 413, "larger than 4194304 bytes"),
     Case("body of 5 MiB chunked", post(content=chunked(completion(user="u" * (5 << 20)))), 413,
          "larger than 4194304 bytes"),
+    Case("200k chat messages", post(chat([{"role": "user", "content": ""}] * 200_000), path="/v1/chat/completions"),
+         413, "larger than 4194304 bytes"),
+    Case("120k chat messages in 3.9 MB", post(chat([{"role": "user", "content": ""}] * 120_000),
+                                              path="/v1/chat/completions"), 400, "JSON values"),
     Case("1.3 million JSON numbers in 3.9 MB", post(completion(user=[0] * 1_300_000)), 400, "JSON values"),
     Case("prompt past 16 characters per context token", post(completion(prompt=ONE_PAST_THE_CHAR_LIMIT)), 400,
          "at most 4096 characters", "prompt"),
@@ -352,7 +356,7 @@ def test_hostile_request_beside_normal_ones(case: Case, hostile_server: Server):
 
 
 def test_the_server_table_covers_every_case():
-    assert len(SERVER_CASES) == 28
+    assert len(SERVER_CASES) == 30
 
 
 def test_health_stays_responsive_during_maximum_size_requests(hostile_server: Server):
