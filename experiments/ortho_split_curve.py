@@ -57,6 +57,9 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.1, 0.25, 0.5])
     ap.add_argument("--compare-at", type=float, default=0.25, help="the budget at which the fits are compared")
     ap.add_argument("--sieve-private-weight", type=float, default=30.0)
+    ap.add_argument("--alloc", choices=("global", "layer"), default="global", help="lowrank_alloc")
+    ap.add_argument("--parts", nargs="+", default=list(SHARES), choices=list(SHARES), help="which splits to sweep")
+    ap.add_argument("--no-fits", action="store_true", help="skip the comparison of fits at --compare-at")
     ap.add_argument("--quick", action="store_true", help="the quick scenario (a smoke run)")
     ap.add_argument("--device", default=None, help="where models run (sets LIBORTHO_DEVICE)")
     ap.add_argument("--out", default=None)
@@ -72,7 +75,7 @@ def main() -> None:
             pins_by_k.setdefault(str(r.k), []).append(r)
     heldout, calib = scenario.read_split("heldout"), scenario.read_split("calibration")
     out_path = Path(args.out or DOCS / f"ortho_split_curve_seed{args.seed}_{args.mode}.json")
-    result = dict(scenario=scenario.config.to_dict(), mode=args.mode, measure=dict(MEASURE, perplexity_windows=PPL_WINDOWS),
+    result = dict(scenario=scenario.config.to_dict(), mode=args.mode, lowrank_alloc=args.alloc, measure=dict(MEASURE, perplexity_windows=PPL_WINDOWS),
                   sieve_private_weight=args.sieve_private_weight, rows=[])
 
     def save() -> None:
@@ -87,15 +90,16 @@ def main() -> None:
     torch.manual_seed(0)
     # lowrank_fit="edit" while quantizing keeps each layer's edit, so that fit (a) can run later.
     config = preset("privacy", calib_tokens=8192, forget_source=args.mode, sieve_private_weight=args.sieve_private_weight,
-                    ortho_budget=args.compare_at, lowrank_fit="edit")
+                    ortho_budget=args.compare_at, lowrank_fit="edit", lowrank_alloc=args.alloc)
     model, _ = sources.load_model(scenario.finetuned)
     public, _ = sources.load_model(scenario.public_model)
     plan = plan_decomposition(model, tok, calib, config, public, forget_texts(args.mode, members, args.seed))
     del public
     parts, _ = quantize_model(model, plan, config, progress=False)
-    variants = [(b, name, dict(lowrank_share=share, lowrank_fit="svd")) for b in args.budgets for name, share in SHARES.items()]
-    variants += [(args.compare_at, f"S+L {fit}", dict(lowrank_share=0.5, lowrank_fit=fit)) for fit in ("edit", "random")]
-    variants += [(args.compare_at, "S+L sieve first", dict(lowrank_share=0.5, lowrank_fit="svd", lowrank_first=False))]
+    variants = [(b, name, dict(lowrank_share=SHARES[name], lowrank_fit="svd")) for b in args.budgets for name in args.parts]
+    if not args.no_fits:
+        variants += [(args.compare_at, f"S+L {fit}", dict(lowrank_share=0.5, lowrank_fit=fit)) for fit in ("edit", "random")]
+        variants += [(args.compare_at, "S+L sieve first", dict(lowrank_share=0.5, lowrank_fit="svd", lowrank_first=False))]
     for budget, name, overrides in variants:
         t0 = time.perf_counter()
         cfg = dataclasses.replace(config, ortho_budget=budget, **overrides)

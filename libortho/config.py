@@ -23,6 +23,7 @@ GROUP_SIZES = (32, 64, 128)
 #              wherever public text does not look.
 FORGET_SOURCES = ("none", "records", "lookalikes", "free")
 LOWRANK_FITS = ("svd", "edit", "random")
+LOWRANK_ALLOCS = ("global", "layer")
 
 
 @dataclass
@@ -64,6 +65,7 @@ class OrthoConfig:
     lowrank_fit: str = "svd"
     lowrank_first: bool = True
     lowrank_step: int = 16
+    lowrank_alloc: str = "global"  # ranks across layers by marginal gain per byte, or "layer": each layer its share
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -78,6 +80,7 @@ class OrthoConfig:
         if self.sieve_private_weight > 0 and self.forget_source in ("none", "free"):
             raise ValueError("sieve_private_weight needs private texts: set forget_source to 'records' or 'lookalikes'")
         _choose("lowrank_fit", self.lowrank_fit, LOWRANK_FITS)
+        _choose("lowrank_alloc", self.lowrank_alloc, LOWRANK_ALLOCS)
         if self.ortho_budget is not None and not 0.0 <= self.ortho_budget < float("inf"):
             raise ValueError(f"ortho_budget={self.ortho_budget} is a fraction of the base's bytes (0.25 = 25 %), >= 0")
         if not 0.0 <= self.lowrank_share <= 1.0:

@@ -11,7 +11,8 @@ the fp16 scales and zeros of every decomposed layer. `lowrank_share` of it is L'
 
 Ranks are handed out across layers in steps of `lowrank_step`, greedily by the drop of the layer
 objective tr((R − L) H (R − L)ᵀ) per byte, read off the H-weighted spectrum of each layer's residual
-(lowrank.allocate_ranks); the same ranks serve every fit, so the fits are compared at equal bytes.
+(lowrank.allocate_ranks; `lowrank_alloc="global"`), or each layer gets the rank its own share of
+the bytes buys ("layer"); the same ranks serve every fit, so the fits are compared at equal bytes.
 The rest of the bytes become a global sparse ratio, nnz / Σ out·in, for the existing sieve.
 
 Order (`lowrank_first`): L is fitted to R, then the sieve chooses and refits S on what L leaves,
@@ -29,7 +30,10 @@ import torch
 
 from .config import OrthoConfig
 from .csr import OrthoCSR
-from .lowrank import LowRank, allocate_ranks, edit_eigenbasis, random_subspace, step_gains, weighted_svd, weighted_svd_spectrum
+from .lowrank import (
+    LowRank, allocate_ranks, edit_eigenbasis, random_subspace, rank_for_bytes, step_gains, weighted_svd,
+    weighted_svd_spectrum,
+)
 from .packing import codes_per_byte, n_groups
 
 SPARSE_ENTRY_BYTES = 6  # fp16 value + int32 column
@@ -60,14 +64,29 @@ def split_budget(parts: dict, config: OrthoConfig) -> tuple[dict, float, dict]:
     shapes = {key: tuple(p.R.shape) for key, p in parts.items()}
     total_base = sum(base_bytes(s, config.bits, config.group_size) for s in shapes.values())
     budget = config.ortho_budget * total_base
-    lowrank_budget = int(config.lowrank_share * budget)
-    ranks = _allocate(parts, shapes, lowrank_budget, config) if lowrank_budget > 0 else {k: 0 for k in parts}
+    pointers = sum(4 * (s[0] + 1) for s in shapes.values())  # the CSR row pointers are stored even when empty
+    lowrank_budget = int(config.lowrank_share * max(0.0, budget - pointers))
+    if lowrank_budget == 0:
+        ranks = {k: 0 for k in parts}
+    elif config.lowrank_alloc == "layer":
+        ranks = _per_layer(shapes, lowrank_budget / total_base, config)
+    else:
+        ranks = _allocate(parts, shapes, lowrank_budget, config)
     lowrank_used = sum(LOWRANK_VALUE_BYTES * ranks[k] * sum(s) for k, s in shapes.items())
-    pointers = sum(4 * (s[0] + 1) for s in shapes.values())
-    nnz = max(0, int((budget - lowrank_budget - pointers) // SPARSE_ENTRY_BYTES))
+    nnz = max(0, int((budget - pointers - lowrank_budget) // SPARSE_ENTRY_BYTES))
     n_weights = sum(s[0] * s[1] for s in shapes.values())
     bytes_ = dict(base=total_base, budget=int(budget), lowrank=lowrank_used, sparse=SPARSE_ENTRY_BYTES * nnz + pointers)
     return ranks, min(1.0, nnz / n_weights), bytes_
+
+
+def _per_layer(shapes: dict, fraction: float, config: OrthoConfig) -> dict:
+    """Each layer the rank its own `fraction` of its base's bytes buys, in whole steps."""
+    ranks = {}
+    for key, s in shapes.items():
+        nbytes = fraction * base_bytes(s, config.bits, config.group_size)
+        r = rank_for_bytes(*s, int(nbytes), LOWRANK_VALUE_BYTES)
+        ranks[key] = r - r % config.lowrank_step if r >= config.lowrank_step else r
+    return ranks
 
 
 def _allocate(parts: dict, shapes: dict, budget_bytes: int, config: OrthoConfig) -> dict:
