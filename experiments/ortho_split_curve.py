@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.1, 0.25, 0.5])
     ap.add_argument("--compare-at", type=float, default=0.25, help="the budget at which the fits are compared")
     ap.add_argument("--sieve-private-weight", type=float, default=30.0)
-    ap.add_argument("--alloc", choices=("global", "layer"), default="global", help="lowrank_alloc")
+    ap.add_argument("--alloc", choices=("global", "layer"), default="global", help="lowrank_alloc (the first runs used global)")
     ap.add_argument("--parts", nargs="+", default=list(SHARES), choices=list(SHARES), help="which splits to sweep")
     ap.add_argument("--no-fits", action="store_true", help="skip the comparison of fits at --compare-at")
     ap.add_argument("--quick", action="store_true", help="the quick scenario (a smoke run)")

@@ -65,7 +65,7 @@ class OrthoConfig:
     lowrank_fit: str = "svd"
     lowrank_first: bool = True
     lowrank_step: int = 16
-    lowrank_alloc: str = "global"  # ranks across layers by marginal gain per byte, or "layer": each layer its share
+    lowrank_alloc: str = "layer"  # each layer the rank its share buys, or "global": by marginal gain per byte (docs/RESULTS.md)
     seed: int = 0
 
     def __post_init__(self) -> None:

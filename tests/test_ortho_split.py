@@ -40,7 +40,8 @@ def test_full_rank_and_no_sparse_budget_give_back_the_fine_tuned_weights(finetun
 
 def test_the_split_keeps_to_its_bytes_and_alpha_zero_is_untouched(finetuned, tokenizer):
     plain, _ = _decomposed(finetuned, tokenizer)
-    model, stats = _decomposed(finetuned, tokenizer, ortho_budget=0.25, lowrank_share=0.5, lowrank_step=8)
+    model, stats = _decomposed(finetuned, tokenizer, ortho_budget=0.25, lowrank_share=0.5, lowrank_step=8,
+                               lowrank_alloc="global")
     split = stats.ortho_bytes
     assert split["lowrank"] <= split["budget"] // 2 and split["lowrank"] + split["sparse"] <= split["budget"]
     layers = ortho_layers(model)
@@ -72,3 +73,16 @@ def test_the_weighted_svd_beats_the_random_control_on_the_layer_objective_at_equ
                              for k, p in parts.items())
     assert ranks["svd"] == ranks["random"] and any(ranks["svd"].values())
     assert objective["svd"] < objective["random"]
+
+
+def test_per_layer_ranks_spend_each_layers_share(finetuned, tokenizer):
+    from libortho.ortho_split import base_bytes
+
+    model, stats = _decomposed(finetuned, tokenizer, ortho_budget=0.5, lowrank_share=1.0, lowrank_step=4)
+    split = stats.ortho_bytes
+    assert split["lowrank"] + split["sparse"] <= split["budget"]
+    for layer in ortho_layers(model):
+        share = 0.5 * base_bytes((layer.out_features, layer.in_features), layer.bits, layer.group_size)
+        cost = LOWRANK_VALUE_BYTES * (layer.in_features + layer.out_features)
+        # whole steps of 4 within the layer's share (a little less: the row pointers are paid first)
+        assert layer.ortho_rank % 4 == 0 and layer.ortho_rank * cost <= share < (layer.ortho_rank + 8) * cost
