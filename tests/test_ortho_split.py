@@ -84,5 +84,7 @@ def test_per_layer_ranks_spend_each_layers_share(finetuned, tokenizer):
     for layer in ortho_layers(model):
         share = 0.5 * base_bytes((layer.out_features, layer.in_features), layer.bits, layer.group_size)
         cost = LOWRANK_VALUE_BYTES * (layer.in_features + layer.out_features)
-        # whole steps of 4 within the layer's share (a little less: the row pointers are paid first)
-        assert layer.ortho_rank % 4 == 0 and layer.ortho_rank * cost <= share < (layer.ortho_rank + 8) * cost
+        # whole steps of 4 (or less than one step) within the layer's share, a little less than half its
+        # base: the row pointers are paid first
+        assert layer.ortho_rank % 4 == 0 or layer.ortho_rank < 4
+        assert layer.ortho_rank * cost <= share < (layer.ortho_rank + 8) * cost
