@@ -37,7 +37,7 @@ from libortho.config import OrthoConfig
 from libortho.csr import csr_from_flat_indices
 from libortho.forget import ForgetObjective
 from libortho.hf_model import decoder_blocks
-from libortho.lowrank import LowRank, edit_eigenbasis, random_subspace, weighted_svd
+from libortho.lowrank import edit_eigenbasis, random_subspace, weighted_svd
 from libortho.scenario import public_corpus
 from libortho.sieve import impact, refit_values
 

@@ -24,5 +24,5 @@ from .dispatch import available, dual_stream_linear, interpret_mode, prepare, su
 from .layout import KernelLayout, get_layout  # noqa: F401 (public: the kernel-side layout)
 from .reference import dequantize, ortho_dense, reference_dual_stream
 
-__all__ = ["available", "dual_stream_linear", "prepare", "reference_dual_stream",
+__all__ = ["available", "dual_stream_linear", "prepare", "supports", "interpret_mode", "reference_dual_stream",
            "torch_dual_stream", "dequantize", "ortho_dense"]
