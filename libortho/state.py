@@ -32,7 +32,7 @@ STATE_ATTRIBUTE = "libortho_state"
 class OrthoState:
     """alpha: the model's switch, shared by its OrthoLinear layers. config: the decomposition's
     settings (None when an artifact did not record them). provenance / stats: the manifest's keys
-    of the same names (stats: timings and host data only)."""
+    of the same names (stats: the decomposition's counts and errors, and the only timings)."""
 
     alpha: "AlphaState"
     config: "OrthoConfig | None" = None
