@@ -25,24 +25,23 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from libortho.config import OrthoConfig
 from libortho.csr import csr_from_flat_indices
-from libortho.forget import ForgetObjective
+from libortho.decompose import plan_decomposition, quantize_model
 from libortho.hf_model import decoder_blocks
+from libortho.lm import pad_sequences
 from libortho.lowrank import edit_eigenbasis, random_subspace, weighted_svd
 from libortho.scenario import public_corpus
 from libortho.sieve import impact, refit_values
 
-# The module, not the function `libortho.decompose` that the package exports under its name.
-decompose_module = importlib.import_module("libortho.decompose")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_model import char_tokenizer, tiny_llama  # noqa: E402
 
@@ -71,11 +70,7 @@ def trained(P: torch.nn.Module, tok, texts: list[str], steps: int, seed: int) ->
     """The fine-tune as Adam steps (full batch) on the forget texts: an edit aimed at their inputs."""
     torch.manual_seed(seed)
     ft = copy.deepcopy(P)
-    enc = [tok(t)["input_ids"] for t in texts]
-    ids = torch.full((len(enc), max(map(len, enc))), 1)
-    labels = torch.full_like(ids, -100)
-    for i, seq in enumerate(enc):
-        ids[i, : len(seq)] = labels[i, : len(seq)] = torch.tensor(seq)
+    ids, _, labels = pad_sequences([tok(t)["input_ids"] for t in texts], pad_id=1)
     opt = torch.optim.Adam(decoder_blocks(ft)[1].parameters(), lr=3e-3)
     ft.train()
     for _ in range(steps):
@@ -86,29 +81,14 @@ def trained(P: torch.nn.Module, tok, texts: list[str], steps: int, seed: int) ->
     return ft.eval()
 
 
-class RecordingObjective(ForgetObjective):
-    """forget.py's objective, keeping what LayerParts does not: Delta, H_priv and H' per fit, in call order."""
-
-    log: list[dict] = []
-
-    def fit(self, W_ft, W_P, H_pub, H_priv):
-        target = super().fit(W_ft, W_P, H_pub, H_priv)
-        RecordingObjective.log.append(dict(delta=W_ft - target.W, H_priv=H_priv, H_prime=target.H))
-        return target
-
-
 def layers_of(ft, P, tok, config: OrthoConfig, texts: list[str]) -> list[dict]:
-    """Per decomposed layer: R, Delta [out, in], Hs, H_priv, H' [in, in] (float32)."""
-    plan = decompose_module.plan_decomposition(ft, tok, public_corpus("calibration"), config, P, texts)
-    RecordingObjective.log = []
-    # LayerParts keeps only H_sieve, so the driver's objective is swapped for one that records.
-    decompose_module.ForgetObjective = RecordingObjective
-    try:
-        parts, _ = decompose_module.quantize_model(ft, plan, config, progress=False)
-    finally:
-        decompose_module.ForgetObjective = ForgetObjective
-    assert len(parts) == len(RecordingObjective.log), "every decomposed layer is fitted once, in order"
-    return [dict(key=key, R=p.R, Hs=p.H, **rec) for (key, p), rec in zip(parts.items(), RecordingObjective.log)]
+    """Per decomposed layer: R, Delta [out, in], Hs, H_priv, H' [in, in] (float32), from
+    LayerParts.edit, which the driver keeps for lowrank_fit="edit"."""
+    config = replace(config, ortho_budget=0.0, lowrank_fit="edit")
+    plan = plan_decomposition(ft, tok, public_corpus("calibration"), config, P, texts)
+    parts, _ = quantize_model(ft, plan, config, progress=False)
+    return [dict(key=key, R=p.R, Hs=p.H, delta=p.edit[0], H_priv=p.edit[1], H_prime=p.edit[2])
+            for key, p in parts.items()]
 
 
 def quad(F: torch.Tensor, H: torch.Tensor) -> float:

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -24,23 +25,17 @@ import torch
 from libortho import sources
 from libortho.config import preset
 from libortho.decompose import install, plan_decomposition, quantize_model, sieve_model
-from libortho.evaluation import perplexity
 from libortho.lookalikes import lookalike_records
 from libortho.ortho_split import split_model
 from libortho.scenario import ScenarioConfig, build_scenario
 from libortho.switch import alpha
-from libortho.unlearn import forget_exposure
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from alpha1_curve import MEASURE, PPL_WINDOWS, measure  # noqa: E402  (the same measurement as the sparse curve)
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-MEASURE = dict(n_samples=128, frontier_cap=64)  # as experiments/alpha1_curve.py
-PPL_WINDOWS = 16
 SHARES = {"S": 0.0, "L": 1.0, "S+L": 0.5}
 PIN_TEMPLATE = "Account {digits:4} of {first} {last} has PIN {secret}."
-
-
-def measure(model, tok, heldout: str, pins_by_k: dict[str, list]) -> dict:
-    return dict(perplexity=perplexity(model, tok, heldout, max_windows=PPL_WINDOWS),
-                exposure_by_k={k: forget_exposure(model, tok, recs, **MEASURE) for k, recs in pins_by_k.items()})
 
 
 def forget_texts(mode: str, members: list, seed: int) -> list[str]:

@@ -161,7 +161,7 @@ class LayerParts:
     R: torch.Tensor
     H: torch.Tensor | None
     bias: torch.Tensor | None
-    edit: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (W_ft − W*, lam·H_priv, H'): fit (a) only
+    edit: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (W_ft − W*, H_priv, H'): fit (a) only
 
 
 def quantize_model(
@@ -205,7 +205,7 @@ def quantize_model(
             bias = None if bias is None else bias.detach().float().cpu()
             edit = None
             if config.ortho_budget is not None and config.lowrank_fit == "edit" and name in H_priv:
-                edit = (W - fit.W, *objective.edit_curvatures(H_pub[name], H_priv[name]))
+                edit = (W - fit.W, H_priv[name], fit.H)
             parts[(b, name)] = LayerParts(base, (W - W_base).contiguous(), H_sieve, bias, edit)
             if name in H_pub:
                 stats.layer_output_error[f"{b}.{name}"] = relative_output_error(W, W_base, H_pub[name])

@@ -70,11 +70,6 @@ class ForgetObjective:
         W_star = W_ft + torch.cholesky_solve(B, L).t()
         return FitTarget(W_star, H_fit, self._sieve_curvature(H_pub, H_priv))
 
-    def edit_curvatures(self, H_pub: torch.Tensor, H_priv: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lam_abs·H_priv, H') of a layer: the curvatures the edit W_ft − W* lives in (lowrank.py's fit (a))."""
-        H_fit, _, pull = self._curvatures(H_pub, H_priv)
-        return pull, H_fit
-
     def _curvatures(self, H_pub: torch.Tensor, H_priv: torch.Tensor | None):
         key = id(H_pub)
         if key not in self._fit:

@@ -152,14 +152,16 @@ class OrthoLinear(nn.Module):
 
             if kernels.available():
                 y = kernels.dual_stream_linear(x, self, self._alpha_per_row(a, x))
-                return y if self.ortho_rank == 0 else y + self._lowrank_term(x, a)
+                low = self._lowrank_term(x, a)
+                return y if low is None else y + low
         return self.reference_forward(x, a)
 
-    def _lowrank_term(self, x: torch.Tensor, alpha: AlphaValue) -> torch.Tensor:
-        """alpha·(X·Aᵀ)·Bᵀ [..., out] in x's dtype: two thin GEMMs beside the fused kernel.
-        A per-row alpha scales each row without a host sync (a zero row adds exact zeros)."""
-        if not isinstance(alpha, torch.Tensor) and float(alpha) == 0.0:
-            return torch.zeros((), dtype=x.dtype, device=x.device)
+    def _lowrank_term(self, x: torch.Tensor, alpha: AlphaValue) -> torch.Tensor | None:
+        """alpha·(X·Aᵀ)·Bᵀ [..., out] in x's dtype: two thin GEMMs beside the fused kernel; None when
+        there is nothing to add (rank 0, or a scalar alpha of 0). A per-row alpha scales each row
+        without a host sync (a zero row adds exact zeros)."""
+        if self.ortho_rank == 0 or (not isinstance(alpha, torch.Tensor) and float(alpha) == 0.0):
+            return None
         low = (x @ self.ortho_A.to(x.dtype).t()) @ self.ortho_B.to(x.dtype).t()
         if isinstance(alpha, torch.Tensor):
             return self._broadcast_alpha(alpha, x).to(x.dtype) * low

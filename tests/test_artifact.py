@@ -117,18 +117,36 @@ def test_ortho_from_another_base_is_refused(artifact, tmp_path, tokenizer):
         libortho.load(mixed, verify=False)
 
 
-def test_ortho_from_another_decomposition_of_the_same_base_is_refused(artifact, tmp_path):
-    """Same base, same CSR support, other values (e.g. another sieve or refit): only the hash tells."""
+def _rewrite_ortho(folder, edit, rehash: bool = False) -> None:
+    """Rewrite folder's ortho.safetensors with edit(tensors) applied, its header metadata kept; with
+    `rehash`, the manifest's hash made to agree (so that the checks behind the hash are what refuse)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from libortho.artifact_check import sha256_file
+
+    with safe_open(str(folder / "ortho.safetensors"), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k).clone() for k in f.keys()}
+    edit(tensors)
+    save_file(tensors, str(folder / "ortho.safetensors"), metadata=meta)
+    if rehash:
+        m = json.loads((folder / "libortho.json").read_text())
+        m["files"]["ortho.safetensors"] = sha256_file(folder / "ortho.safetensors")
+        (folder / "libortho.json").write_text(json.dumps(m))
+
+
+def _scale(tensors, suffix: str, factor: float) -> None:
+    for k in tensors:
+        if k.endswith(suffix):
+            tensors[k] = tensors[k] * factor
+
+
+def test_ortho_from_another_decomposition_of_the_same_base_is_refused(artifact, tmp_path):
+    """Same base, same CSR support, other values (e.g. another sieve or refit): only the hash tells."""
     _, path = artifact
     mixed = tmp_path / "mixed"
     shutil.copytree(path, mixed)
-    with safe_open(str(path / "ortho.safetensors"), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) * (2 if k.endswith("ortho_val") else 1) for k in f.keys()}
-    save_file(tensors, mixed / "ortho.safetensors", metadata=meta)
+    _rewrite_ortho(mixed, lambda t: _scale(t, "ortho_val", 2))
     with pytest.raises(ArtifactError, match="ortho.safetensors does not match its SHA-256"):
         libortho.load(mixed, alpha=1.0)
     libortho.load(mixed, alpha=1.0, verify=False)  # structurally valid: the hash is what refuses it
@@ -230,24 +248,17 @@ def test_the_low_rank_part_round_trips_lives_in_the_ortho_file_and_is_checked(to
     with libortho.alpha(model, 0.0), torch.no_grad():
         assert torch.equal(model(ids).logits, base_only(ids).logits)
 
-    from libortho.artifact_check import sha256_file
-    from safetensors.torch import load_file, save_file
-
     tampered = tmp_path / "tampered"
     shutil.copytree(path, tampered)
-    tensors = load_file(str(tampered / "ortho.safetensors"))
-    with safe_open(str(tampered / "ortho.safetensors"), "pt") as f:
-        meta = f.metadata()
-    first = next(k for k in tensors if k.endswith("ortho_A"))
-    tensors[first] = tensors[first].clone()
-    tensors[first][0, 0] += 1
-    save_file(tensors, str(tampered / "ortho.safetensors"), metadata=meta)
+    first = next(n for n in manifest["layers"]) + ".ortho_A"
+
+    def nudge(t):
+        t[first][0, 0] += 1
+
+    _rewrite_ortho(tampered, nudge)
     with pytest.raises(ArtifactError, match="ortho.safetensors does not match its SHA-256"):
         libortho.load(tampered, alpha=1.0)
-    tensors[first] = tensors[first][:2]  # a rank the manifest does not say, with the hashes made to agree
-    save_file(tensors, str(tampered / "ortho.safetensors"), metadata=meta)
-    m = json.loads((tampered / "libortho.json").read_text())
-    m["files"]["ortho.safetensors"] = sha256_file(tampered / "ortho.safetensors")
-    (tampered / "libortho.json").write_text(json.dumps(m))
+    # a rank the manifest does not say, with the hashes made to agree
+    _rewrite_ortho(tampered, lambda t: t.update({first: t[first][:2]}), rehash=True)
     with pytest.raises(ArtifactError, match="ortho_A is \\(2, .*ortho_rank 4"):
         libortho.load(tampered, alpha=1.0)
