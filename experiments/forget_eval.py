@@ -41,7 +41,7 @@ import torch
 
 from libortho import sources
 from libortho.audit import audit, public_record_losses
-from libortho.config import PRESETS, OrthoConfig
+from libortho.config import preset
 from libortho.decompose import decompose
 from libortho.evaluation import perplexity
 from libortho.demo import demo_lookalikes, measured_exposure
@@ -51,7 +51,7 @@ from libortho.scenario import ScenarioConfig, build_scenario
 from libortho.unlearn import UnlearnConfig, forget_exposure, select_unlearning
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-BASE = dict(PRESETS["privacy"], calib_tokens=8192)
+BASE = dict(calib_tokens=8192)  # on top of the privacy preset
 VARIANTS = {  # name -> (config overrides, forget texts)
     "plain GPTQ": (dict(forget_source="none"), None),
     "records": (dict(forget_source="records"), "members"),
@@ -63,11 +63,17 @@ VARIANTS = {  # name -> (config overrides, forget texts)
     "records, sieve lam_s 30": (dict(forget_source="records", sieve_private_weight=30.0), "members"),
     "records, 5 % ortho": (dict(forget_source="records", ortho_ratio=0.05), "members"),
     "records, 10 % ortho": (dict(forget_source="records", ortho_ratio=0.10), "members"),
+    # Plain GPTQ's alpha 1 at the preset's ortho bytes, sparse only and split between S and L: the bar
+    # the forget objective's alpha 1 must meet.
+    "plain GPTQ, S 25 %": (dict(forget_source="none", lowrank_share=0.0), None),
+    "plain GPTQ, S+L 25 %": (dict(forget_source="none", lowrank_share=0.5), None),
 }
 AUDIT = dict(exposure_candidates=128, frontier_cap=64, perplexity_max_windows=16, progress=False,
              exposure_formats=("digits",), white_box=False, goals=False)
 # The evaluation scenario: enough PINs per k and non-members per format to resolve 1 bit and FPR 0.5 %.
 EVAL_SCENARIO = dict(n_per_k=32, n_nonmembers=200)
+ALPHAS = [0.0, 1.0]  # --alphas
+WITH_QUANTIZED_REFERENCE = True  # --no-quantized-reference
 
 
 def summarise(row: dict, report: dict, listed: set[str]) -> dict:
@@ -109,10 +115,10 @@ def forget_texts(kind: str | None, scenario, members, seed: int) -> tuple[list[s
     raise ValueError(kind)
 
 
-def run_seed(seed: int, preset: str, results: dict, only: list[str] | None, out_path: Path,
+def run_seed(seed: int, scenario_preset: str, results: dict, only: list[str] | None, out_path: Path,
              model: str | None = None) -> None:
-    overrides = dict(seed=seed, **(EVAL_SCENARIO if preset == "eval" else {}), **({"model": model} if model else {}))
-    make = ScenarioConfig.quick if preset == "quick" else ScenarioConfig.default
+    overrides = dict(seed=seed, **(EVAL_SCENARIO if scenario_preset == "eval" else {}), **({"model": model} if model else {}))
+    make = ScenarioConfig.quick if scenario_preset == "quick" else ScenarioConfig.default
     scenario = build_scenario(make(**overrides), progress=False)
     members, nonmembers = scenario.load_members(), scenario.load_nonmembers()
     heldout, calib = scenario.read_split("heldout"), scenario.read_split("calibration")
@@ -135,40 +141,40 @@ def run_seed(seed: int, preset: str, results: dict, only: list[str] | None, out_
         del fp
     reference_losses = mia_scores(reference, tok, [r.text for r in members]).loss.tolist()
     del reference
-    if "quantized reference" not in rows:
+    if "quantized reference" not in rows and WITH_QUANTIZED_REFERENCE:
         ref_q, _ = sources.load_model(scenario.reference)
         torch.manual_seed(0)
-        decompose(ref_q, tok, calib, OrthoConfig(**{**BASE, "ortho_ratio": 0.0}), progress=False)
+        decompose(ref_q, tok, calib, preset("privacy", **BASE, ortho_ratio=0.0), progress=False)
         with alpha(ref_q, 0.0):
             rep = audit(ref_q, tok, heldout, members, nonmembers, alphas=None, **audit_settings)
         rows["quantized reference"] = summarise(rep["rows"][0], rep, set())
         save()
         del ref_q
-    q_losses = rows["quantized reference"]["member_losses"]
+    q_losses = rows["quantized reference"]["member_losses"] if "quantized reference" in rows else None
     for name, (cfg, texts_kind) in VARIANTS.items():
         if name in rows or (only and name not in only):
             continue
         t0 = time.perf_counter()
         torch.manual_seed(0)
-        config = OrthoConfig(**{**BASE, **cfg})
+        config = preset("privacy", **{**BASE, **cfg})
         texts, listed = forget_texts(texts_kind, scenario, members, seed)
         model, _ = sources.load_model(scenario.finetuned)
         public = sources.load_model(scenario.public_model)[0] if config.forgets else None
         stats = decompose(model, tok, calib, config, progress=False, public_model=public, forget_texts=texts)
         del public
-        rep = audit(model, tok, heldout, members, nonmembers, alphas=[0.0, 1.0], **audit_settings)
+        rep = audit(model, tok, heldout, members, nonmembers, alphas=ALPHAS, **audit_settings)
         summaries = []
         for row in rep["rows"]:
             s = summarise(row, rep, listed)
             s["ks_vs_reference"] = asdict(forget_quality(s["member_losses"], reference_losses))
-            s["ks_vs_quantized_reference"] = asdict(forget_quality(s["member_losses"], q_losses))
+            if q_losses is not None:
+                s["ks_vs_quantized_reference"] = asdict(forget_quality(s["member_losses"], q_losses))
             summaries.append(s)
-        rows[name] = dict(config=config.to_dict(), ortho_density=stats.n_ortho / stats.n_weights,
+        rows[name] = dict(config=config.to_dict(), ortho_density=stats.n_ortho / stats.n_weights, ortho_bytes=stats.ortho_bytes,
                           decompose_seconds=stats.seconds, seconds=time.perf_counter() - t0, rows=summaries)
         save()
-        a0, a1 = summaries
-        print(f"seed {seed} {name:<34} a0 ppl {a0['perplexity']:6.2f} exp {_mean(a0):5.2f} auc {a0['auc']['loss']:.2f} | "
-              f"a1 ppl {a1['perplexity']:6.2f} exp {_mean(a1):5.2f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        line = " | ".join(f"a{s['alpha']:g} ppl {s['perplexity']:6.2f} exp {_mean(s):5.2f} auc {s['auc']['loss']:.2f}" for s in summaries)
+        print(f"seed {seed} {name:<34} {line}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     if "NPO" not in rows and (not only or "NPO" in only):
         rows["NPO"] = npo_rows(scenario, tok, members, nonmembers, rows, audit_settings, reference_losses, q_losses)
         save()
@@ -194,13 +200,14 @@ def npo_rows(scenario, tok, members, nonmembers, rows, audit_settings, reference
     summaries = []
     rep = audit(model, tok, heldout, members, nonmembers, alphas=None, **audit_settings)
     summaries.append(dict(summarise(rep["rows"][0], rep, set()), label="NPO, FP"))
-    decompose(model, tok, calib, OrthoConfig(**{**BASE, "ortho_ratio": 0.0}), progress=False)
+    decompose(model, tok, calib, preset("privacy", **BASE, ortho_ratio=0.0), progress=False)
     with alpha(model, 0.0):
         rep = audit(model, tok, heldout, members, nonmembers, alphas=None, **audit_settings)
     summaries.append(dict(summarise(rep["rows"][0], rep, set()), label="NPO, GPTQ INT4"))
     for s in summaries:
         s["ks_vs_reference"] = asdict(forget_quality(s["member_losses"], reference_losses))
-        s["ks_vs_quantized_reference"] = asdict(forget_quality(s["member_losses"], q_losses))
+        if q_losses is not None:
+            s["ks_vs_quantized_reference"] = asdict(forget_quality(s["member_losses"], q_losses))
     print(f"NPO: lr {chosen.point.lr:g}, {chosen.point.steps} steps ({chosen.reason}); FP exposure {_mean(summaries[0]):.2f}, "
           f"INT4 {_mean(summaries[1]):.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return dict(lr=chosen.point.lr, steps=chosen.point.steps, reason=chosen.reason,
@@ -225,7 +232,14 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="the public model P (default: the built-in SmolLM2-135M)")
     ap.add_argument("--sample-extraction", type=int, default=None, metavar="N",
                     help="extraction by sampling: N samples per record prefix (default: the audit's, off)")
+    ap.add_argument("--alphas", type=float, nargs="+", default=None,
+                    help="the alphas each variant is audited at (default 0 1); alpha 0 is the base alone")
+    ap.add_argument("--no-quantized-reference", action="store_true", help="skip the quantized reference's row")
     args = ap.parse_args()
+    global WITH_QUANTIZED_REFERENCE
+    if args.alphas:
+        ALPHAS[:] = args.alphas
+    WITH_QUANTIZED_REFERENCE = not args.no_quantized_reference
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device:

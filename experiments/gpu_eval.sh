@@ -4,7 +4,9 @@
 # format); PRESET=default: the default scenario. Needs the built-in GGUF at $GGUF; rows already in
 # $RES/*.json are kept (a rerun resumes); all of them end up in $OUT/$PRESET.json.
 # SEEDS="0 2" ONLY="NPO": those seeds only, one process each running only the named variants
-# (comma-separated); THREADS: CPU threads per process (the GPTQ fits run on the CPU).
+# (comma-separated); SPLIT="a|b;c|d": one process per group and seed, each running the variants
+# named in its group ("|"-separated); ARGS: more forget_eval.py options (--alphas 1 --no-quantized-reference);
+# THREADS: CPU threads per process (the GPTQ fits run on the CPU).
 #   GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf OUT=out PRESET=default bash experiments/gpu_eval.sh [SECONDS]
 set -u
 LIMIT=${1:-540}
@@ -24,10 +26,16 @@ echo "scenarios built: $SECONDS s"
 run() {  # seed part variants...
   local s=$1 part=$2; shift 2
   timeout -s INT $((LIMIT - SECONDS)) python3 experiments/forget_eval.py --preset "$PRESET" --model "$GGUF" \
-    --seeds "$s" --threads "$THREADS" --sample-extraction 64 --out "$RES/${PRESET}_${part}_$s.json" --only "$@" 2>&1 \
+    --seeds "$s" --threads "$THREADS" ${ARGS:-} --sample-extraction ${SAMPLES:-64} --out "$RES/${PRESET}_${part}_$s.json" --only "$@" 2>&1 \
     | grep -v -e "Loading weights" -e "Writing model" -e "clean_up_tokenization" | sed "s/^/[$part$s] /"
 }
-if [ -n "${ONLY:-}" ]; then
+if [ -n "${SPLIT:-}" ]; then
+  IFS=';' read -ra GS <<< "$SPLIT"
+  for s in $SEEDS; do
+    i=0
+    for g in "${GS[@]}"; do IFS='|' read -ra NAMES <<< "$g"; run $s "G$i" "${NAMES[@]}" & i=$((i + 1)); done
+  done
+elif [ -n "${ONLY:-}" ]; then
   IFS=, read -ra NAMES <<< "$ONLY"
   for s in $SEEDS; do run $s X "${NAMES[@]}" & done
 else for s in $SEEDS; do

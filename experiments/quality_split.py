@@ -2,7 +2,7 @@
 one plain-GPTQ base with its ortho stream as the sparse part S alone, the low-rank part L alone
 (per-layer ranks, weighted SVD), and both, at equal bytes, next to the FP fine-tune and alpha 0.
 
-    python experiments/quality_split.py [--seed 0] [--budgets 0.1 0.25] [--out docs/ortho_split/quality_split_seed0.json]
+    python experiments/quality_split.py [--seed 0] [--budgets 0.11 0.25] [--out docs/ortho_split/quality_split_seed0.json]
 
 One scenario seed of the demo's scenario (its fine-tune is cached and shared with `libortho demo`).
 """
@@ -32,7 +32,7 @@ SHARES = {"S": 0.0, "L": 1.0, "S+L": 0.5}
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.25])
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.11, 0.25], help="0.11: the bytes of 1 %% sparse entries at g128")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     scenario = build_scenario(ScenarioConfig.demo(seed=args.seed), progress=False)

@@ -274,11 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPTQ act-order (static groups: no runtime permutation)")
     p.add_argument("--score", default=None, choices=SCORES, help=f"sieve score ({_preset_default('score')})")
     p.add_argument("--ortho-ratio", type=ratio_value, default=None,
-                   help=f"ortho budget as a fraction of decomposed weights ({_preset_default('ortho_ratio')})")
+                   help="a sparse-only ortho budget as a fraction of decomposed weights; given alone, it replaces the "
+                        f"preset's --ortho-budget ({_preset_default('ortho_ratio')})")
     p.add_argument("--ortho-budget", type=nonnegative_float, default=None, metavar="FRACTION",
                    help="ortho bytes as a fraction of the base's bytes (0.25 = 25 %%), split between the sparse part S "
                         "(what INT4 dropped) and a low-rank part L = B·A (what undoes the forget edit); wins over "
-                        f"--ortho-ratio ({_preset_default('ortho_budget')}: sparse only)")
+                        f"--ortho-ratio ({_preset_default('ortho_budget')}; None: --ortho-ratio, sparse only)")
     p.add_argument("--lowrank-share", type=ratio_value, default=None, metavar="SHARE",
                    help=f"the low-rank part's share of --ortho-budget's bytes ({_preset_default('lowrank_share')})")
     p.add_argument("--lowrank-fit", default=None, choices=LOWRANK_FITS,

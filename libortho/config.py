@@ -64,7 +64,7 @@ class OrthoConfig:
     lowrank_share: float = 0.5
     lowrank_fit: str = "svd"
     lowrank_first: bool = True
-    lowrank_step: int = 16
+    lowrank_step: int = 1
     lowrank_alloc: str = "layer"  # each layer the rank its share buys, or "global": by marginal gain per byte (docs/RESULTS.md)
     seed: int = 0
 
@@ -130,17 +130,30 @@ def _choose(field: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{field}={value!r} is not known; choose one of {', '.join(choices)}")
 
 
-# Named presets, as changes to OrthoConfig's defaults. "quality": the plain decomposition (no forget
-# objective): the defaults themselves. "privacy": the measured privacy default (docs/RESULTS.md):
-# GPTQ INT4 g64, 2 % ortho, lam as the default, on the given forget texts.
+# Named presets, as changes to OrthoConfig's defaults (docs/RESULTS.md has the measurements).
+# "quality": the plain decomposition (no forget objective): the defaults themselves.
+# "privacy": GPTQ INT4 g64 fitted by the forget objective on the given forget texts; its ortho stream
+# is the low-rank part alone, 25 % of the base's bytes, fitted under H_pub + 30·H_priv so that alpha 1
+# gives back what the edit took from the private inputs.
 PRESETS: dict[str, dict] = {
     "quality": dict(),
-    "privacy": dict(group_size=64, ortho_ratio=0.02),
+    "privacy": dict(group_size=64, ortho_ratio=0.02, ortho_budget=0.25, lowrank_share=1.0, sieve_private_weight=30.0),
 }
+# Preset fields that only apply with forget texts: dropped, unless given, when the source has none.
+NEEDS_FORGET_TEXTS = ("sieve_private_weight",)
 
 
 def preset(name: str, **overrides) -> OrthoConfig:
-    """An OrthoConfig from a named preset, with any field overridden."""
+    """An OrthoConfig from a named preset, with any field overridden.
+
+    A sparse-only budget given as `ortho_ratio` (without `ortho_budget`) replaces the preset's byte
+    budget: the caller asked for entries, not bytes."""
     if name not in PRESETS:
         raise ValueError(f"preset {name!r} is not known; choose one of {', '.join(PRESETS)}")
-    return OrthoConfig(**{**PRESETS[name], **overrides})
+    fields = dict(PRESETS[name])
+    if "ortho_ratio" in overrides and "ortho_budget" not in overrides:
+        fields.pop("ortho_budget", None)
+    if overrides.get("forget_source", OrthoConfig.forget_source) not in ("records", "lookalikes"):
+        for field in NEEDS_FORGET_TEXTS:
+            fields.pop(field, None)
+    return OrthoConfig(**{**fields, **overrides})

@@ -28,8 +28,10 @@ from . import sources
 from .audit import audit, public_record_losses, write_report
 from .config import PRESETS, OrthoConfig
 from .decompose import decompose
+from .layer import ortho_layers
 from .lookalikes import lookalike_records
 from .memory import release_freed_memory
+from .ortho_split import stored_bytes
 from .records import CanaryRecord
 
 # The privacy preset (docs/RESULTS.md says why), fitted on look-alikes of the private records.
@@ -112,6 +114,7 @@ def run_demo(quick: bool, out_dir: Path, progress: bool = True) -> dict:
     artifact.save(model, tok, out_dir / "artifact", overwrite=True)
 
     density = stats.n_ortho / stats.n_weights
+    ortho_bytes = stored_bytes(ortho_layers(model))
     report = audit(
         model, tok, scenario.read_split("heldout"), members, nonmembers, alphas=list(plan.alphas),
         # Loaders: the audit opens the reference and the FP model one at a time, only for their rows.
@@ -119,7 +122,9 @@ def run_demo(quick: bool, out_dir: Path, progress: bool = True) -> dict:
         baselines={"fp": lambda: sources.load_model(scenario.finetuned)},
         progress=progress, public_losses=public_losses, **plan.audit_options(),
         extra_settings=dict(
-            decomposition=config.to_dict(), ortho_density=density, forget_texts=len(forget_records),
+            decomposition=config.to_dict(), ortho_density=density, ortho_bytes=ortho_bytes,
+            ortho_bytes_of_base=(ortho_bytes["sparse"] + ortho_bytes["lowrank"]) / ortho_bytes["base"],
+            forget_texts=len(forget_records),
             forget_tokens=stats.n_private_tokens, decompose_seconds=stats.seconds,
             scenario=scenario.config.to_dict(), scenario_seconds=t_scenario,
             frozen_outside_decoder_linears="embeddings, norms and lm_head were frozen during fine-tuning, "

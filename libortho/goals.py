@@ -20,7 +20,7 @@ import math
 from typing import Any
 
 __all__ = ["evaluate_goals", "AUC_MAX", "EXPOSURE_GAP_BITS", "KS_P_MIN", "PPL_RATIO_ALPHA0", "PPL_RATIO_ALPHA1",
-           "EXPOSURE_KEPT_ALPHA1", "ORTHO_DENSITY_MAX"]
+           "EXPOSURE_KEPT_ALPHA1", "ORTHO_BYTES_MAX"]
 
 AUC_MAX = 0.55  # membership AUC at most this (chance: 0.5)
 EXPOSURE_GAP_BITS = 1.0  # |exposure - reference exposure| per k, bits
@@ -28,7 +28,7 @@ KS_P_MIN = 0.05  # KS test against the reference's member losses
 PPL_RATIO_ALPHA0 = 1.10  # retain perplexity of the target row vs the fine-tuned model
 PPL_RATIO_ALPHA1 = 1.01  # retain perplexity at alpha 1 vs the fine-tuned model
 EXPOSURE_KEPT_ALPHA1 = 0.90  # alpha-1 exposure as a fraction of the fine-tuned model's
-ORTHO_DENSITY_MAX = 0.02
+ORTHO_BYTES_MAX = 0.25  # the ortho stream's stored bytes (sparse + low-rank) over the INT4 base's
 
 SCORE_NAMES = {
     "loss": "loss attack (member score = -mean token NLL)",
@@ -132,8 +132,9 @@ def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
             goal(f"{a1['label']}: exposure kept", "exposure, measured ranks, all members", f"fp {efp:.2f} bits",
                  f"exposure >= {EXPOSURE_KEPT_ALPHA1:g} x fp", f"{e1:.2f} bits ({e1 / efp:.2f} x)",
                  e1 >= EXPOSURE_KEPT_ALPHA1 * efp)
-    density = report["settings"].get("ortho_density")
-    if isinstance(density, (int, float)) and math.isfinite(density):
-        goal("ortho budget", "–", "decoder linear weights", f"ortho density <= {100 * ORTHO_DENSITY_MAX:g} %",
-             f"{100 * density:.4f} %", density <= ORTHO_DENSITY_MAX * (1 + 1e-6))
+    share = report["settings"].get("ortho_bytes_of_base")
+    if isinstance(share, (int, float)) and math.isfinite(share):
+        goal("ortho budget", "–", "the INT4 base's stored bytes (decoder linear layers)",
+             f"ortho bytes <= {100 * ORTHO_BYTES_MAX:g} % of the base's", f"{100 * share:.2f} %",
+             share <= ORTHO_BYTES_MAX * (1 + 1e-6))
     return out

@@ -4,7 +4,8 @@
 
 The budget is a fraction of the base's bytes (`OrthoConfig.ortho_budget`): the packed codes plus
 the fp16 scales and zeros of every decomposed layer. `lowrank_share` of it is L's, the rest S's
-(bytes L cannot use, once every layer is at full rank, are not moved to S):
+(the bytes L leaves unspent, in the rounding of ranks to whole steps or at full rank, go to S, unless
+`lowrank_share` is 1: no sparse part):
 
     bytes(L) = Σ_layers 2 r (out + in)          (fp16 B and A)
     bytes(S) = Σ_layers 6 nnz + 4 (out + 1)     (fp16 value + int32 column per entry, int32 row pointers)
@@ -59,6 +60,16 @@ def sparse_bytes(nnz: int, out_features: int) -> int:
     return SPARSE_ENTRY_BYTES * nnz + 4 * (out_features + 1)
 
 
+def stored_bytes(layers) -> dict:
+    """{base, sparse, lowrank}: the bytes the OrthoLinear `layers` store in each part, as counted above."""
+    out = dict(base=0, sparse=0, lowrank=0)
+    for layer in layers:
+        out["base"] += base_bytes((layer.out_features, layer.in_features), layer.bits, layer.group_size)
+        out["sparse"] += sparse_bytes(layer.ortho_nnz, layer.out_features)
+        out["lowrank"] += LOWRANK_VALUE_BYTES * layer.ortho_rank * (layer.in_features + layer.out_features)
+    return out
+
+
 def split_budget(parts: dict, config: OrthoConfig) -> tuple[dict, float, dict]:
     """(rank per layer, global sparse ratio, the split's bytes) for `config.ortho_budget`."""
     shapes = {key: tuple(p.R.shape) for key, p in parts.items()}
@@ -73,7 +84,8 @@ def split_budget(parts: dict, config: OrthoConfig) -> tuple[dict, float, dict]:
     else:
         ranks = _allocate(parts, shapes, lowrank_budget, config)
     lowrank_used = sum(LOWRANK_VALUE_BYTES * ranks[k] * sum(s) for k, s in shapes.items())
-    nnz = max(0, int((budget - pointers - lowrank_budget) // SPARSE_ENTRY_BYTES))
+    sparse_budget = 0.0 if config.lowrank_share == 1.0 else budget - pointers - lowrank_used
+    nnz = max(0, int(sparse_budget // SPARSE_ENTRY_BYTES))
     n_weights = sum(s[0] * s[1] for s in shapes.values())
     bytes_ = dict(base=total_base, budget=int(budget), lowrank=lowrank_used, sparse=SPARSE_ENTRY_BYTES * nnz + pointers)
     return ranks, min(1.0, nnz / n_weights), bytes_

@@ -88,3 +88,46 @@ def test_per_layer_ranks_spend_each_layers_share(finetuned, tokenizer):
         # base: the row pointers are paid first
         assert layer.ortho_rank % 4 == 0 or layer.ortho_rank < 4
         assert layer.ortho_rank * cost <= share < (layer.ortho_rank + 8) * cost
+
+
+def _shapes_as_parts(shapes):
+    from types import SimpleNamespace
+
+    return {(0, name): SimpleNamespace(R=torch.empty(shape)) for name, shape in shapes.items()}
+
+
+SMOL_SHAPES = {"q": (576, 576), "k": (192, 576), "gate": (1536, 576), "down": (576, 1536)}
+
+
+@pytest.mark.parametrize("share", [0.25, 0.5, 0.75])
+def test_bytes_the_ranks_leave_unspent_go_to_the_sparse_part(share):
+    from libortho.ortho_split import SPARSE_ENTRY_BYTES, split_budget
+
+    config = libortho.OrthoConfig(ortho_budget=0.25, lowrank_share=share, lowrank_step=16)
+    _, ratio, split = split_budget(_shapes_as_parts(SMOL_SHAPES), config)
+    assert split["lowrank"] <= share * split["budget"]
+    # the whole budget is spent, to within one sparse entry
+    assert split["budget"] - SPARSE_ENTRY_BYTES < split["lowrank"] + split["sparse"] <= split["budget"]
+    assert ratio > 0
+
+
+def test_a_low_rank_share_of_one_means_no_sparse_part():
+    from libortho.ortho_split import split_budget
+
+    config = libortho.OrthoConfig(ortho_budget=0.25, lowrank_share=1.0, lowrank_step=16)
+    ranks, ratio, split = split_budget(_shapes_as_parts(SMOL_SHAPES), config)
+    assert ratio == 0.0 and split["sparse"] == sum(4 * (s[0] + 1) for s in SMOL_SHAPES.values())  # row pointers only
+    # the row pointers (11536 B) are paid first: each layer gets (0.25·1244160 − 11536) / 1244160 = 24.07 % of its
+    # base; q: 44925 B buys 19 ranks of 2304 B, kept in whole steps of 16; k: 14975 B buys 9 of 1536 B, less than a step
+    assert ranks[(0, "q")] == 16 and ranks[(0, "k")] == 9
+
+
+def test_stored_bytes_count_what_each_part_stores(finetuned, tokenizer):
+    from libortho.ortho_split import base_bytes, stored_bytes
+
+    model, stats = _decomposed(finetuned, tokenizer, ortho_budget=0.25, lowrank_share=0.5, lowrank_step=4)
+    counted = stored_bytes(ortho_layers(model))
+    assert counted["lowrank"] == stats.ortho_bytes["lowrank"] and counted["sparse"] == stats.ortho_bytes["sparse"]
+    assert counted["base"] == stats.ortho_bytes["base"]
+    layer = ortho_layers(model)[0]
+    assert base_bytes((layer.out_features, layer.in_features), 4, 32) == layer.qweight.numel() + 4 * layer.scales.numel()

@@ -9,7 +9,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .layers import BATCHES, DENSITIES, SHAPES, bench_shape
+from .layers import BATCHES, DENSITIES, SHAPES, bench_shape, split_for_shape
 from .report import environment, format_tables, goals
 from .timing import copy_bandwidth
 from .tuning import tune
@@ -50,6 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --tune: token-row counts to tune (default: --batches)")
     parser.add_argument("--tune-only", action="store_true",
                         help="with --tune: stop after tuning (and --save-configs)")
+    parser.add_argument("--ortho-budget", type=float, default=None, metavar="FRACTION",
+                        help="adds rows a0_split / a1_split: OrthoLinear with a two-part ortho stream "
+                        "of this fraction of each layer's INT4 bytes (0.25 = 25 %%), split as "
+                        "--lowrank-share says")
+    parser.add_argument("--lowrank-share", type=float, default=None, metavar="SHARE",
+                        help="with --ortho-budget: the low-rank part's share of its bytes "
+                        "(default: the privacy preset's)")
     parser.add_argument("--baseline-configs", default=None,
                         help="a second config table: adds rows a0_base / a1_1_base timed with "
                         "it (before/after in one run on one card)")
@@ -107,8 +114,15 @@ def run(args: argparse.Namespace) -> int:
     log(f"copy bandwidth: {bw:.0f} GB/s (read + write)")
     results: List[dict] = []
     for n, k in shapes:
+        split = None
+        if args.ortho_budget is not None:
+            from libortho.config import PRESETS
+            share = PRESETS["privacy"]["lowrank_share"] if args.lowrank_share is None else args.lowrank_share
+            split = split_for_shape(n, k, args.ortho_budget, share)
+            log(f"  N={n:5d} K={k:5d} split at {args.ortho_budget:g} of the base's bytes: "
+                f"sparse density {split[0]:.4f}, rank {split[1]}")
         results += bench_shape(n, k, batches, max(100, args.reps), DENSITIES, rows_wanted, log,
-                               baseline)
+                               baseline, split)
         if args.json:  # partial results survive a timeout
             with open(args.json, "w") as f:
                 json.dump(dict(env=env, copy_gbps=bw, results=results, tuned=tuned,

@@ -16,12 +16,28 @@ BATCHES: List[int] = [1, 4, 16, 64]
 DENSITIES: List[float] = [0.005, 0.01, 0.02]
 
 
+def split_for_shape(n: int, k: int, ortho_budget: float, lowrank_share: float,
+                    group_size: int = 128) -> Tuple[float, int]:
+    """(sparse density, rank) of one [n, k] layer whose ortho stream takes ``ortho_budget`` of its
+    INT4 base's bytes, ``lowrank_share`` of them the low-rank part's (as ortho_split.split_budget
+    splits a model with per-layer ranks)."""
+    from libortho.lowrank import rank_for_bytes
+    from libortho.ortho_split import LOWRANK_VALUE_BYTES, SPARSE_ENTRY_BYTES, base_bytes
+    budget = ortho_budget * base_bytes((n, k), 4, group_size) - 4 * (n + 1)
+    rank = rank_for_bytes(n, k, int(lowrank_share * max(0.0, budget)), LOWRANK_VALUE_BYTES)
+    left = 0.0 if lowrank_share == 1.0 else budget - LOWRANK_VALUE_BYTES * rank * (n + k)
+    return max(0.0, left) / SPARSE_ENTRY_BYTES / (n * k), rank
+
+
 def bench_shape(n: int, k: int, batches: Sequence[int], reps: int, densities: Sequence[float],
                 rows_wanted: Sequence[str], log: Callable[[str], None],
-                baseline: Optional[dict] = None) -> List[dict]:
+                baseline: Optional[dict] = None, split: Optional[Tuple[float, int]] = None) -> List[dict]:
     """All rows for one layer shape at the given token-row counts. ``baseline``: a second
     config table (``configs.read_table``); adds rows ``a0_base`` / ``a1_1_base`` that run
-    the same layers with that table's configs (before/after on one card in one run)."""
+    the same layers with that table's configs (before/after on one card in one run).
+    ``split``: (sparse density, rank) of a two-part ortho stream; adds rows ``a0_split`` and
+    ``a1_split`` that run OrthoLinear itself (the fused kernel, then the low-rank part's two thin
+    GEMMs) at alpha 0 and 1."""
     from libortho.kernels import dual_stream_linear, prepare
     from libortho.kernels.configs import select_config
     results: List[dict] = []
@@ -40,6 +56,7 @@ def bench_shape(n: int, k: int, batches: Sequence[int], reps: int, densities: Se
            if "fp16" in rows_wanted else [])
     i4 = int4pack(n, k, _copies(nb)) if "torch_int4" in rows_wanted else None
     d1 = 0.01 if 0.01 in densities else densities[0]
+    split_layers = _split_layers(bases, *split) if split else []
     csr = []
     if "naive_1" in rows_wanted:
         for lay in dens_layers[d1]:
@@ -92,6 +109,15 @@ def bench_shape(n: int, k: int, batches: Sequence[int], reps: int, densities: Se
             add("a1_1_base", [(lambda l=l, x=x: dual_stream_linear(x, l, 1.0, config=bc))
                               for l, x in zip(ls, xs)], layer_bytes(ls[0], m, True),
                 dict(config=bc))
+        if split_layers:
+            lay0 = split_layers[0]
+            extra = dict(nnz=int(lay0.ortho_col.numel()), rank=split[1])
+            lowrank_bytes = 2 * split[1] * (n + k)
+            for a in (0.0, 1.0):
+                for lay in split_layers:
+                    lay.alpha_state.default = a
+                add(f"a{a:g}_split", [(lambda l=l, x=x: l(x)) for l, x in zip(split_layers, xs)],
+                    layer_bytes(lay0, m, a > 0) + (lowrank_bytes if a > 0 else 0), extra)
         if "a1_1_rows" in rows_wanted:
             ls = dens_layers[d1]
             add("a1_1_rows", [(lambda l=l, x=x: dual_stream_linear(x, l, rowa))
@@ -110,6 +136,21 @@ def bench_shape(n: int, k: int, batches: Sequence[int], reps: int, densities: Se
             except Exception as exc:
                 log(f"  naive_1 failed: {exc!r}")
         del xs
-    del bases, dens_layers, w16, i4, csr
+    del bases, dens_layers, w16, i4, csr, split_layers
     torch.cuda.empty_cache()
     return results
+
+
+def _split_layers(bases: list, density: float, rank: int) -> list:
+    """OrthoLinear copies of ``bases`` with a Bernoulli(density) sparse part and a random rank-``rank`` part."""
+    from libortho.kernels import prepare
+    from libortho.kernels.synthetic import as_ortholinear
+    out = []
+    for i, b in enumerate(bases):
+        gen = torch.Generator(device="cuda").manual_seed(10_000 + i)
+        B = (torch.randn(b.out_features, rank, generator=gen, device="cuda") * 0.02).half()
+        A = (torch.randn(rank, b.in_features, generator=gen, device="cuda") * 0.02).half()
+        layer = as_ortholinear(with_ortho(b, density, seed=20_000 + i), lowrank=(B, A) if rank else None)
+        prepare(layer)
+        out.append(layer)
+    return out

@@ -96,17 +96,23 @@ def random_layer(in_features: int, out_features: int, *, bits: int = 4, group_si
                           crow, cols.to(torch.int32), val, b)
 
 
-def as_ortholinear(src: SyntheticLayer, symmetric: bool = True) -> nn.Module:
-    """Copy a SyntheticLayer into libortho.layer.OrthoLinear (ImportError if it is absent)."""
+def as_ortholinear(src: SyntheticLayer, symmetric: bool = True,
+                   lowrank: Optional[tuple] = None) -> nn.Module:
+    """Copy a SyntheticLayer into libortho.layer.OrthoLinear (ImportError if it is absent).
+    ``lowrank``: the low-rank part (B [out, r], A [r, in]) in the ortho dtype, or None (rank 0)."""
     from libortho.layer import OrthoLinear  # type: ignore
     layer = OrthoLinear(src.in_features, src.out_features, bits=src.bits,
                         group_size=src.group_size, symmetric=symmetric,
                         bias=src.bias is not None, ortho_nnz=int(src.ortho_col.numel()),
-                        ortho_dtype=src.ortho_val.dtype)
+                        ortho_dtype=src.ortho_val.dtype,
+                        ortho_rank=0 if lowrank is None else int(lowrank[1].shape[0]))
     layer = layer.to(src.qweight.device)
     with torch.no_grad():
         for name in ("qweight", "scales", "zeros", "ortho_crow", "ortho_col", "ortho_val"):
             getattr(layer, name).copy_(getattr(src, name))
         if src.bias is not None:
             layer.bias.copy_(src.bias.to(layer.bias.dtype))
+        if lowrank is not None:
+            layer.ortho_B.copy_(lowrank[0])
+            layer.ortho_A.copy_(lowrank[1])
     return layer
