@@ -51,9 +51,14 @@ def cmd_decompose(args) -> int:
     from .decompose import decompose
     from .fsutil import check_output_dir
     from .state import state_of
+    from .workfolder import WorkFolder, WorkFolderError, work_folder_for
 
     out = Path(args.out_dir)
     check_output_dir(out)  # before hours of work, not after
+    work = work_folder_for(out)
+    if work.exists() and not args.resume:
+        raise UserError(f"{work} holds an unfinished decomposition into {out} "
+                        f"({unfinished_summary(work)}): add --resume to continue it, or remove {work} to start over")
     calib = read_text(args.calib)
     source, forget_texts = _forget_source(args)
     config = decompose_config(args, source)
@@ -61,11 +66,21 @@ def cmd_decompose(args) -> int:
     model, tok = sources.load_model(None if args.model == "default" else args.model)
     public_model = None
     if args.public_model is not None:
-        public_model = sources.load_model(None if args.public_model == "default" else args.public_model)[0]
-    stats = decompose(model, tok, calib, config, progress=True, public_model=public_model, forget_texts=forget_texts)
+        # Only P's weights are read (each as a float32 copy while its layer is fitted): as stored is exact.
+        public_model = sources.load_model(None if args.public_model == "default" else args.public_model, dtype="auto")[0]
+    try:
+        stats = decompose(model, tok, calib, config, progress=True, public_model=public_model, forget_texts=forget_texts,
+                          work_dir=work)
+    except WorkFolderError as err:
+        raise UserError(str(err)) from None
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {unfinished_summary(work)} in {work}; run the same command with --resume to continue",
+              file=sys.stderr)
+        raise
     del public_model
     state_of(model).provenance["source"] = str(args.model)
     artifact.save(model, tok, out, ortho_mode=None if args.ortho_follow_umask else 0o600)
+    WorkFolder(work).remove()
     print(f"decomposed {stats.n_layers} layers ({stats.n_weights:,} weights) in {stats.seconds:.1f} s; "
           f"ortho {stats.n_ortho:,} entries ({100 * stats.n_ortho / stats.n_weights:.2f} %) -> {out}")
     return 0
@@ -164,8 +179,25 @@ def _check_context(model, prompt_tokens: int, max_new_tokens: int) -> None:
         )
 
 
+def unfinished_summary(work: Path) -> str:
+    """'k of n decoder blocks done', from a work folder's progress."""
+    from .workfolder import WorkFolder, WorkFolderError
+
+    try:
+        progress = WorkFolder(work).progress()
+    except WorkFolderError as err:
+        return str(err)
+    return "no block done yet" if progress is None else f"{progress.done} of {progress.n_blocks} decoder blocks done"
+
+
 def cmd_info(args) -> int:
     from .artifact_info import artifact_info
+    from .workfolder import work_folder_for
+
+    work = work_folder_for(args.path)
+    if not Path(args.path).exists() and work.is_dir():
+        raise UserError(f"{args.path} is an unfinished decomposition ({unfinished_summary(work)}, kept in {work}): "
+                        "run the same `libortho decompose` command with --resume to finish it")
 
     info = artifact_info(args.path, verify_ortho=args.verify_ortho)
     if args.json:
@@ -292,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=positive_int, default=None, help=f"tokens per calibration window ({_preset_default('seq_len')})")
     p.add_argument("--include", type=regex_value, default=None, metavar="REGEX", help="only linear layers whose name inside a block matches")
     p.add_argument("--seed", type=seed_value, default=None, help=f"({_preset_default('seed')})")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run into OUT_DIR after its last finished decoder block (the work folder "
+                        ".OUT_DIR.libortho-work beside it, removed on success); refused if the inputs or flags changed")
     p.add_argument("--ortho-follow-umask", action="store_true",
                    help="create ortho.safetensors with the umask's mode like the other files, instead of 0600 "
                         "(owner only: it carries what alpha 0 hides)")

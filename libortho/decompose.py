@@ -9,8 +9,8 @@ keeps and frees:
 
   plan      reads the tokenizer, the calibration text, the forget texts and the public model P.
             Keeps the token batches, the model's decoder blocks and their target linears, and a
-            float32 copy of W_P for every target (forget objective only; P itself is no longer
-            needed after this stage and the caller may free it).
+            handle on P's decoder blocks (forget objective only): each W_P is read, as a float32
+            copy, only while its layer is fitted.
   quantize  block by block. Captures block 0's inputs once (public, and private for the forget
             texts) and carries them from block to block. Per block: accumulates H_pub (and
             H_priv), fits each layer's base (forget.py's W* under H', GPTQ) and replaces the
@@ -19,9 +19,16 @@ keeps and frees:
             residual R = W_ft - W_base, the curvature H the sieve uses, the bias); frees the
             block's Hessians, the Cholesky factors and the block's dense weight caches before the
             next block.
-  sieve     reads every layer's R and H (a global budget compares scores across all layers:
-            they are recomputed per pass rather than held) and returns the CSR ortho stream per
+  finish    when each layer's ortho stream depends on that layer alone (`layer_local`: per-layer
+            ranks with no sparse part, or a per-layer sparse budget), quantize fits it as the layer's
+            base is done and frees that layer's R, H and edit at once: the parts keep only the base,
+            the bias and the ortho stream.
+  sieve     otherwise, reads every layer's R and H (a global budget compares scores across all
+            layers: they are recomputed per pass rather than held) and returns the ortho stream per
             layer. R and H stay in the parts: one base can be sieved several ways.
+  (work)    with a work folder (`decompose(..., work_dir=...)`, the CLI always), quantize saves each
+            finished block there and a later call with the same inputs reads the blocks done back
+            instead of fitting them again (workfolder.py).
   install   reads the parts and the ortho streams, builds the final OrthoLinear layers and the
             model's OrthoState (config, provenance, the alpha switch at 0). The caller drops
             the parts afterwards; `decompose` does so by returning only the stats.
@@ -29,7 +36,9 @@ keeps and frees:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -40,9 +49,10 @@ from .config import OrthoConfig
 from .forget import ForgetObjective
 from .hf_model import decoder_blocks, linear_weight, module_device, replace_submodule, target_linears
 from .layer import OrthoLinear, ortho_layers
-from .ortho_split import OrthoParts, split_model
+from .ortho_split import LayerFinisher, OrthoParts, split_model
 from .state import OrthoState, attach, state_of
 from .switch import AlphaState
+from .workfolder import WorkFolder, fingerprint
 from .quantize import QuantizedWeight, gptq, hinv_upper, rtn
 from .csr import OrthoCSR, csr_from_flat_indices
 from .sieve import (
@@ -80,7 +90,7 @@ class DecompositionPlan:
     private_batches: list[tuple[torch.Tensor, torch.Tensor]]  # forget texts, padded [B, T] + token mask
     blocks: nn.ModuleList  # the model's decoder blocks
     targets: list[dict[str, nn.Module]]  # per decoder block: the linears to decompose, by name
-    public_weights: dict[LayerKey, torch.Tensor]  # W_P [out, in] per target (forget objective only)
+    public_weights: PublicWeights | dict[LayerKey, torch.Tensor]  # W_P [out, in] per target, read on demand (forget objective only)
 
 
 def plan_decomposition(
@@ -112,14 +122,25 @@ def plan_decomposition(
     return DecompositionPlan(calibrate.window_batches(windows, config.batch_size), private, blocks, targets, public_weights)
 
 
-def _public_weights(public_model: nn.Module, targets: list[dict[str, nn.Module]]) -> dict[LayerKey, torch.Tensor]:
+class PublicWeights:
+    """W_P of every target, checked against the fine-tuned model's shapes up front and read one layer at a
+    time as a float32 CPU copy (`get`), so that no float32 copy of the whole public model is ever held."""
+
+    def __init__(self, public_blocks: nn.ModuleList) -> None:
+        self.blocks = public_blocks
+
+    def get(self, key: LayerKey) -> torch.Tensor:
+        b, name = key
+        return linear_weight(self.blocks[b].get_submodule(name)).float().cpu().clone()
+
+
+def _public_weights(public_model: nn.Module, targets: list[dict[str, nn.Module]]) -> PublicWeights:
     _, public_blocks = decoder_blocks(public_model)
     if len(public_blocks) != len(targets):
         raise ValueError(
             f"public_model has {len(public_blocks)} decoder blocks and the fine-tuned model {len(targets)}: "
             "pass the checkpoint the model was fine-tuned from"
         )
-    weights = {}
     for b, block_targets in enumerate(targets):
         for name, module in block_targets.items():
             try:
@@ -132,8 +153,7 @@ def _public_weights(public_model: nn.Module, targets: list[dict[str, nn.Module]]
                     f"public_model's {b}.{name} is {tuple(W_P.shape)}, the fine-tuned model's {tuple(W_ft.shape)}: "
                     "pass the checkpoint the model was fine-tuned from"
                 )
-            weights[(b, name)] = W_P.float().cpu().clone()
-    return weights
+    return PublicWeights(public_blocks)
 
 
 def quantize_base(
@@ -155,24 +175,41 @@ def relative_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor)
 class LayerParts:
     """One decomposed layer before the sieve: base stream, residual R = W_ft - W_base [out, in],
     the curvature H [in, in] the sieve scores and refits under (H_pub, or H_pub + lam_s·H_priv;
-    None without calibration) and bias."""
+    None without calibration) and bias. A layer finished in place (`layer_local`) has its `ortho`
+    stream and no longer R, H or edit."""
 
     base: QuantizedWeight
-    R: torch.Tensor
+    R: torch.Tensor | None
     H: torch.Tensor | None
     bias: torch.Tensor | None
     edit: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (W_ft − W*, H_priv, H'): fit (a) only
+    ortho: OrthoCSR | OrthoParts | None = None
+
+
+FinishLayer = Callable[[LayerKey, LayerParts], "OrthoCSR | OrthoParts"]
+
+
+def layer_local(config: OrthoConfig) -> bool:
+    """Whether every layer's ortho stream depends on that layer alone, so that it can be fitted as soon
+    as the layer's base is: per-layer ranks and no sparse part, or a sparse-only per-layer budget."""
+    if config.ortho_budget is not None:
+        return config.lowrank_alloc == "layer" and config.lowrank_share == 1.0
+    return config.budget in ("layer", "threshold")
 
 
 def quantize_model(
-    model: nn.Module, plan: DecompositionPlan, config: OrthoConfig, progress: bool = True
+    model: nn.Module, plan: DecompositionPlan, config: OrthoConfig, progress: bool = True,
+    finish: FinishLayer | None = None, work: tuple[WorkFolder, int] | None = None,
 ) -> tuple[dict[LayerKey, LayerParts], DecompositionStats]:
     """Quantize the base stream block by block; chosen linears become base-only OrthoLinear in place.
 
     Per block: collect H_pub on the calibration batches (and H_priv on the forget texts), fit each
     layer's base to its target (plain GPTQ of W_ft, or the forget objective's W* under H'), then
     run both sets of inputs through the quantized block for the next one. Returns every layer's
-    parts, keyed by (block index, name inside the block), so one base can be sieved in several ways.
+    parts, keyed by (block index, name inside the block), so one base can be sieved in several ways;
+    with `finish`, each layer's ortho stream is fitted as its base is done and its R, H and edit freed.
+    `work` = (work folder, blocks already done): each finished block is saved there, and the blocks
+    already done are read back instead of fitted again (workfolder.py).
     """
     start = time.perf_counter()
     stats = DecompositionStats()
@@ -184,7 +221,11 @@ def quantize_model(
     stats.n_private_tokens = sum(int(mask.sum()) for _, mask in plan.private_batches)
 
     parts: dict[LayerKey, LayerParts] = {}
-    for b, (block, targets) in enumerate(tqdm(list(zip(blocks, plan.targets)), desc="decompose", unit="block", disable=not progress)):
+    folder, done = work if work is not None else (None, 0)
+    if done:
+        _restore(folder, done, plan, config, parts, stats, public, private, finish)
+    for b in tqdm(range(done, len(blocks)), desc="decompose", unit="block", disable=not progress, initial=done, total=len(blocks)):
+        block, targets = blocks[b], plan.targets[b]
         H_pub = _block_hessians(block, targets, public) if needs_h else {}
         H_priv = _block_hessians(block, targets, private) if needs_h and private is not None else {}
         objective = ForgetObjective(config)
@@ -206,7 +247,10 @@ def quantize_model(
             edit = None
             if config.ortho_budget is not None and config.lowrank_fit == "edit" and name in H_priv:
                 edit = (W - fit.W, H_priv[name], fit.H)
-            parts[(b, name)] = LayerParts(base, (W - W_base).contiguous(), H_sieve, bias, edit)
+            part = LayerParts(base, (W - W_base).contiguous(), H_sieve, bias, edit)
+            if finish is not None:
+                part = LayerParts(base, None, None, bias, ortho=finish((b, name), part))
+            parts[(b, name)] = part
             if name in H_pub:
                 stats.layer_output_error[f"{b}.{name}"] = relative_output_error(W, W_base, H_pub[name])
             if name in H_priv and W_P is not None:
@@ -220,9 +264,40 @@ def quantize_model(
         for module in block.modules():
             if isinstance(module, OrthoLinear):
                 module.clear_cache()  # a dense copy of every base would double the memory
+        if folder is not None:
+            folder.save_block(b, {name: parts[(b, name)] for name in targets}, _carry(public, private, finish), stats.to_dict())
     stats.n_layers = len(parts)
     stats.seconds = time.perf_counter() - start
     return parts, stats
+
+
+def _carry(public: calibrate.BlockInputs, private: calibrate.BlockInputs | None, finish) -> dict[str, torch.Tensor]:
+    """What the next block needs that is not in the finished blocks: its inputs, and the fits' random state."""
+    carry = {f"public.{i}": h for i, h in enumerate(public.hidden)}
+    carry.update({f"private.{i}": h for i, h in enumerate(private.hidden if private is not None else [])})
+    if getattr(finish, "generator", None) is not None:
+        carry["generator"] = finish.generator.get_state()
+    return carry
+
+
+def _restore(folder: WorkFolder, done: int, plan: DecompositionPlan, config: OrthoConfig, parts: dict, stats: DecompositionStats,
+             public: calibrate.BlockInputs, private: calibrate.BlockInputs | None, finish) -> None:
+    """Put blocks < done back as a run that fitted them would have left them: their layers as base-only
+    OrthoLinear in the model, their parts, the stats, and the inputs and random state of block `done`."""
+    for b in range(done):
+        for name, part in folder.load_block(b, config).items():
+            parts[(b, name)] = part
+            replace_submodule(plan.blocks[b], name, _base_only_layer(part.base, part.bias, plan.targets[b][name]))
+    saved = folder.stats()
+    stats.n_weights = saved["n_weights"]
+    stats.layer_output_error.update(saved["layer_output_error"])
+    stats.layer_private_error.update(saved["layer_private_error"])
+    carry = folder.load_carry()
+    public.hidden = [carry[f"public.{i}"].to(h.device) for i, h in enumerate(public.hidden)]
+    if private is not None:
+        private.hidden = [carry[f"private.{i}"].to(h.device) for i, h in enumerate(private.hidden)]
+    if "generator" in carry:
+        finish.generator.set_state(carry["generator"])
 
 
 def _block_hessians(block: nn.Module, targets: dict[str, nn.Module], inputs: calibrate.BlockInputs) -> dict[str, torch.Tensor]:
@@ -239,20 +314,30 @@ def _block_hessians(block: nn.Module, targets: dict[str, nn.Module], inputs: cal
 
 def sieve_model(parts: dict[LayerKey, LayerParts], config: OrthoConfig) -> dict[LayerKey, OrthoCSR]:
     """Choose each layer's ortho entries (global or per-layer budget, or threshold) and their values."""
-    ortho_dtype = getattr(torch, config.ortho_dtype)
     spec = config.sieve_spec
     scores = _LayerScores(parts, spec)
     threshold = global_threshold(scores, spec.ortho_ratio) if spec.budget == "global" else None
-    orthos = {}
-    for key, p in parts.items():
-        s = scores[key]
-        idx = select_at_or_above(s, threshold) if threshold is not None else select_layer(s, spec)
-        del s
-        csr = csr_from_flat_indices(idx, p.R, torch.float32 if config.ortho_refit else ortho_dtype)
-        if config.ortho_refit and p.H is not None:
-            csr = refit_values(csr, p.R, p.H, spec.damp)
-        orthos[key] = OrthoCSR(csr.crow, csr.col, csr.val.to(ortho_dtype), csr.shape)
-    return orthos
+    return {key: sieve_layer(p, config, threshold, scores[key]) for key, p in parts.items()}
+
+
+def sieve_layer(p: LayerParts, config: OrthoConfig, threshold: float | None = None,
+                score: torch.Tensor | None = None) -> OrthoCSR:
+    """One layer's ortho entries: those scoring at or above a global `threshold`, else the layer's own
+    budget (per-layer ratio or threshold); values refit under p.H when config.ortho_refit."""
+    ortho_dtype = getattr(torch, config.ortho_dtype)
+    spec = config.sieve_spec
+    s = impact(p.R, p.H, spec.score, spec.damp) if score is None else score
+    idx = select_at_or_above(s, threshold) if threshold is not None else select_layer(s, spec)
+    del s
+    csr = csr_from_flat_indices(idx, p.R, torch.float32 if config.ortho_refit else ortho_dtype)
+    if config.ortho_refit and p.H is not None:
+        csr = refit_values(csr, p.R, p.H, spec.damp)
+    return OrthoCSR(csr.crow, csr.col, csr.val.to(ortho_dtype), csr.shape)
+
+
+def plan_shapes(plan: DecompositionPlan) -> dict[LayerKey, tuple[int, int]]:
+    """[out, in] of every target, from the plan (before any weight is fitted)."""
+    return {(b, name): tuple(linear_weight(m).shape) for b, targets in enumerate(plan.targets) for name, m in targets.items()}
 
 
 class _LayerScores:
@@ -303,6 +388,7 @@ def decompose(
     progress: bool = True,
     public_model: nn.Module | None = None,
     forget_texts: list[str] | None = None,
+    work_dir: str | Path | None = None,
 ) -> DecompositionStats:
     """Replace the linear layers of `model`'s decoder blocks by OrthoLinear layers, in place.
 
@@ -310,17 +396,30 @@ def decompose(
     With config.forget_source set (see forget.py), `public_model` is the public checkpoint P the
     model was fine-tuned from, and `forget_texts` the texts whose inputs the base must treat like
     P (the records to hide, or look-alikes of them; none for forget_source="free").
+    `work_dir`: a folder where each finished block is saved; a call with the same inputs and config
+    continues after the last block saved there (workfolder.py), and the caller removes it when done.
     Returns timing and per-layer statistics; the model's alpha starts at 0 (ask for more with
     ``libortho.alpha`` or ``libortho.set_alpha``).
     """
     config = config or OrthoConfig()
     start = time.perf_counter()
     plan = plan_decomposition(model, tokenizer, calibration_text, config, public_model, forget_texts)
-    parts, stats = quantize_model(model, plan, config, progress)
-    if config.ortho_budget is None:
-        orthos = sieve_model(parts, config)
+    work = None
+    if work_dir is not None:
+        folder = WorkFolder(work_dir)
+        key = fingerprint(config, calibration_text, forget_texts, [model, public_model])
+        work = (folder, folder.start(key, len(plan.blocks)))
+    if layer_local(config):
+        finisher = LayerFinisher(config, plan_shapes(plan), sieve_layer)
+        parts, stats = quantize_model(model, plan, config, progress, finish=finisher, work=work)
+        orthos = {key: p.ortho for key, p in parts.items()}
+        stats.ortho_bytes = finisher.bytes(orthos) if config.ortho_budget is not None else {}
     else:
-        orthos, stats.ortho_bytes = split_model(parts, config, sieve_model)
+        parts, stats = quantize_model(model, plan, config, progress, work=work)
+        if config.ortho_budget is None:
+            orthos = sieve_model(parts, config)
+        else:
+            orthos, stats.ortho_bytes = split_model(parts, config, sieve_model)
     stats.n_ortho = install(model, parts, orthos, config)
     stats.seconds = time.perf_counter() - start
     state_of(model).stats = stats.to_dict()

@@ -72,7 +72,12 @@ def stored_bytes(layers) -> dict:
 
 def split_budget(parts: dict, config: OrthoConfig) -> tuple[dict, float, dict]:
     """(rank per layer, global sparse ratio, the split's bytes) for `config.ortho_budget`."""
-    shapes = {key: tuple(p.R.shape) for key, p in parts.items()}
+    return split_for_shapes({key: tuple(p.R.shape) for key, p in parts.items()}, config, parts)
+
+
+def split_for_shapes(shapes: dict, config: OrthoConfig, parts: dict | None = None) -> tuple[dict, float, dict]:
+    """split_budget from the layers' [out, in] shapes alone; `parts` (with R and H) only for the global
+    allocator, which reads each layer's spectrum."""
     total_base = sum(base_bytes(s, config.bits, config.group_size) for s in shapes.values())
     budget = config.ortho_budget * total_base
     pointers = sum(4 * (s[0] + 1) for s in shapes.values())  # the CSR row pointers are stored even when empty
@@ -82,6 +87,8 @@ def split_budget(parts: dict, config: OrthoConfig) -> tuple[dict, float, dict]:
     elif config.lowrank_alloc == "layer":
         ranks = _per_layer(shapes, lowrank_budget / total_base, config)
     else:
+        if parts is None:
+            raise ValueError("lowrank_alloc='global' reads every layer's residual: pass the parts")
         ranks = _allocate(parts, shapes, lowrank_budget, config)
     lowrank_used = sum(LOWRANK_VALUE_BYTES * ranks[k] * sum(s) for k, s in shapes.items())
     sparse_budget = 0.0 if config.lowrank_share == 1.0 else budget - pointers - lowrank_used
@@ -147,6 +154,38 @@ def split_model(parts: dict, config: OrthoConfig, sieve) -> tuple[dict, dict]:
     bytes_["sparse"] = sum(sparse_bytes(sparse[k].nnz, sparse[k].shape[0]) for k in parts)
     bytes_["ranks"] = {f"{b}.{name}": r for (b, name), r in ranks.items()}
     return {key: OrthoParts(sparse[key], stored[key]) for key in parts}, bytes_
+
+
+class LayerFinisher:
+    """Each layer's ortho stream fitted as soon as its base is done (decompose's finish stage), for a
+    config whose streams are layer-local (decompose.layer_local): per-layer ranks with no sparse part, or
+    a sparse-only per-layer budget. Gives what split_model / the sieve give for the same layers, fitted in
+    the same order, without holding any other layer's residual.
+
+    shapes: [out, in] of every layer, known before any fit (the ranks depend on the total bytes);
+    sieve_layer(parts, config) -> OrthoCSR: one layer's sparse stage (decompose.sieve_layer)."""
+
+    def __init__(self, config: OrthoConfig, shapes: dict, sieve_layer) -> None:
+        self.config, self.shapes, self.sieve_layer = config, shapes, sieve_layer
+        self.ranks, self.split = {}, {}
+        if config.ortho_budget is not None:
+            self.ranks, _, self.split = split_for_shapes(shapes, config)
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+    def __call__(self, key, p) -> "OrthoCSR | OrthoParts":
+        if self.config.ortho_budget is None:
+            return self.sieve_layer(p, self.config)
+        if self.config.lowrank_share != 1.0:
+            raise ValueError("a layer-local split has no sparse part: lowrank_share must be 1")
+        lowrank = _stored(fit_lowrank(p, p.R, self.ranks[key], self.config, self.generator), getattr(torch, self.config.ortho_dtype))
+        return OrthoParts(OrthoCSR.empty(tuple(p.R.shape), getattr(torch, self.config.ortho_dtype)), lowrank)
+
+    def bytes(self, orthos: dict) -> dict:
+        """The split's bytes, as split_model reports them."""
+        out = dict(self.split)
+        out["sparse"] = sum(sparse_bytes(o.sparse.nnz, o.sparse.shape[0]) for o in orthos.values())
+        out["ranks"] = {f"{b}.{name}": r for (b, name), r in self.ranks.items()}
+        return out
 
 
 def _stored(L: LowRank, dtype: torch.dtype) -> LowRank:

@@ -70,13 +70,14 @@ def default_model_source() -> str:
 
 def load_model(
     source: str | Path | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     cache: bool = True,
     device: str | torch.device | None = None,
 ):
     """(model, tokenizer) from a local HF folder or a .gguf file; None = the built-in default.
 
-    ``device=None``: :func:`default_device` (``$LIBORTHO_DEVICE``, else the CPU).
+    ``device=None``: :func:`default_device` (``$LIBORTHO_DEVICE``, else the CPU). ``dtype="auto"``: the
+    dtype the weights are stored in (a GGUF file is de-quantized to float32).
 
     A GGUF file is de-quantized by transformers once and cached as safetensors under cache_dir().
     Code shipped in the folder is never run: a model that needs it (auto_map) is refused.
@@ -105,7 +106,7 @@ def load_model(
             _drop_gguf_quant_config(model)
             if cache:
                 _atomic_save_pretrained(model, tok, cached)
-            return model.to(device=device or default_device(), dtype=dtype).eval(), tok
+            return model.to(device=device or default_device(), dtype=torch.float32 if dtype == "auto" else dtype).eval(), tok
     if not any(source.iterdir()):
         raise ArtifactError(f"{source} is an empty folder, not a model")
     if not (source / "config.json").is_file():

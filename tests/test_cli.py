@@ -125,3 +125,32 @@ def test_lookalikes_writes_records_that_avoid_the_excluded_secrets(tmp_path, cap
     capsys.readouterr()
     assert main(["lookalikes", "PIN of {first} is {secret}", "--format", "digits:6", "--n", "3"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 3
+
+
+def test_an_interrupted_decompose_says_so_and_resumes_to_the_same_artifact(artifact, hf_folder, text_file, tmp_path, monkeypatch, capsys):
+    from libortho.workfolder import WorkFolder, work_folder_for
+
+    out = tmp_path / "art"
+    cmd = ["decompose", str(hf_folder), str(out), "--calib", str(text_file), "--group-size", "32",
+           "--calib-tokens", "1024", "--seq-len", "128", "--ortho-ratio", "0.02"]
+    save_block = WorkFolder.save_block
+
+    def interrupt_after_block_0(self, b, *args):
+        save_block(self, b, *args)
+        raise KeyboardInterrupt  # Ctrl-C once block 0 is on disk
+
+    monkeypatch.setattr(WorkFolder, "save_block", interrupt_after_block_0)
+    assert main(cmd) == 130
+    assert "1 of 2 decoder blocks done" in capsys.readouterr().err and not out.exists()
+    monkeypatch.setattr(WorkFolder, "save_block", save_block)
+    assert main(["info", str(out)]) != 0
+    assert "unfinished decomposition (1 of 2 decoder blocks done" in capsys.readouterr().err
+    assert main(cmd) != 0  # a second run without --resume would silently throw the work away
+    assert "add --resume to continue it" in capsys.readouterr().err
+    assert main(cmd[:5] + ["--resume", "--group-size", "64"] + cmd[7:]) != 0  # other flags
+    assert "other inputs or another config" in capsys.readouterr().err
+    assert main(cmd + ["--resume"]) == 0
+    assert not work_folder_for(out).exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in artifact.iterdir())
+    for name in ("base.safetensors", "ortho.safetensors"):
+        assert (out / name).read_bytes() == (artifact / name).read_bytes(), name

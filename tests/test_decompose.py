@@ -1,3 +1,4 @@
+import json
 import pytest
 import torch
 
@@ -149,3 +150,94 @@ def test_lambda_zero_is_plain_gptq_bit_for_bit(tokenizer):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(ortho_budget=0.25, lowrank_share=1.0),  # the privacy preset's split: L alone, ranks per layer
+    dict(budget="layer", ortho_ratio=0.02),  # a sparse-only per-layer budget
+])
+def test_layers_finished_as_their_block_is_done_equal_the_staged_stages(overrides, tokenizer):
+    """decompose() fits a layer-local ortho stream as each layer's base is done and frees R and H at once;
+    the artifact equals quantize -> split / sieve -> install run as separate stages."""
+    import copy
+
+    from libortho.decompose import install, layer_local, plan_decomposition, quantize_model, sieve_model
+    from libortho.ortho_split import split_model
+
+    config = libortho.OrthoConfig(calib_tokens=1024, seq_len=128, group_size=32, **overrides)
+    assert layer_local(config)
+    reference = tiny_model("llama")
+    finished = copy.deepcopy(reference)
+    stats = libortho.decompose(finished, tokenizer, TEXT, config, progress=False)
+    staged = copy.deepcopy(reference)
+    plan = plan_decomposition(staged, tokenizer, TEXT, config)
+    parts, _ = quantize_model(staged, plan, config, progress=False)
+    assert all(p.R is not None for p in parts.values())
+    if config.ortho_budget is None:
+        orthos, split = sieve_model(parts, config), {}
+    else:
+        orthos, split = split_model(parts, config, sieve_model)
+    install(staged, parts, orthos, config)
+    assert stats.ortho_bytes == split
+    a, b = finished.state_dict(), staged.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(ortho_budget=0.25, lowrank_share=1.0, lowrank_fit="random"),  # finished in the block (and a random state)
+    dict(ortho_ratio=0.02),  # the staged path: R and H of every block saved for the global sieve
+])
+def test_a_run_stopped_after_a_block_and_resumed_equals_an_uninterrupted_one(overrides, tokenizer, tmp_path, monkeypatch):
+    import copy
+
+    from libortho import artifact
+    from libortho.workfolder import WorkFolder
+
+    config = libortho.OrthoConfig(calib_tokens=1024, seq_len=128, group_size=32, **overrides)
+    reference = tiny_model("llama")
+    whole = copy.deepcopy(reference)
+    libortho.decompose(whole, tokenizer, TEXT, config, progress=False)
+    artifact.save(whole, tokenizer, tmp_path / "whole")
+
+    work = tmp_path / "work"
+    save_block = WorkFolder.save_block
+
+    def stop_after_block_0(self, b, *args):
+        save_block(self, b, *args)
+        raise _Stop  # the machine is lost after block 0 is on disk
+
+    monkeypatch.setattr(WorkFolder, "save_block", stop_after_block_0)
+    with pytest.raises(_Stop):
+        libortho.decompose(copy.deepcopy(reference), tokenizer, TEXT, config, progress=False, work_dir=work)
+    monkeypatch.setattr(WorkFolder, "save_block", save_block)
+    assert WorkFolder(work).progress().done == 1
+    resumed = copy.deepcopy(reference)
+    libortho.decompose(resumed, tokenizer, TEXT, config, progress=False, work_dir=work)
+    artifact.save(resumed, tokenizer, tmp_path / "resumed")
+    for name in ("base.safetensors", "ortho.safetensors"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+    a, b = (json.loads((tmp_path / d / "libortho.json").read_text()) for d in ("whole", "resumed"))
+    a.pop("stats"), b.pop("stats")
+    assert a == b  # the manifest, file hashes included, but for the timings
+
+
+def test_resuming_with_other_inputs_or_another_config_is_refused(tokenizer, tmp_path):
+    import copy
+
+    from libortho.workfolder import WorkFolderError
+
+    config = libortho.OrthoConfig(calib_tokens=1024, seq_len=128, group_size=32)
+    reference = tiny_model("llama")
+    work = tmp_path / "work"
+    libortho.decompose(copy.deepcopy(reference), tokenizer, TEXT, config, progress=False, work_dir=work)
+    with pytest.raises(WorkFolderError, match="unfinished decomposition of other inputs or another config"):
+        libortho.decompose(copy.deepcopy(reference), tokenizer, TEXT, libortho.OrthoConfig(calib_tokens=1024, seq_len=128, group_size=64),
+                           progress=False, work_dir=work)
+    with pytest.raises(WorkFolderError, match="remove .*work to start over"):
+        libortho.decompose(copy.deepcopy(reference), tokenizer, TEXT + " One more line.", config, progress=False, work_dir=work)

@@ -1,0 +1,182 @@
+"""The work folder of a resumable decomposition: every finished decoder block's layers and the inputs
+of the next block, so that a run stopped anywhere (Ctrl-C, an out-of-memory error, a lost machine)
+continues after its last finished block and gives the same artifact as an uninterrupted run.
+
+Layout, next to the output folder OUT (`.OUT.libortho-work/`, `work_folder_for`):
+
+    progress.json             the fingerprint of the inputs and the config, the blocks done, the stats so far
+    block_00000.safetensors   per finished block, per layer: the base (codes, scales, zeros), the bias, and
+                              either the ortho stream (a layer-local config finishes layers in the block) or
+                              the residual R and curvature H that the later sieve reads
+    carry.safetensors         the hidden states entering the next block (public, private), the random state
+
+A block counts as done once progress.json says so; every file is written to a temporary name and renamed,
+progress.json last, so a run killed mid-write resumes from the previous block. The fingerprint is a SHA-256
+of the config, the calibration and forget texts, and every tensor of the fine-tuned and public models:
+resuming with any of them changed is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import OrthoConfig
+from .csr import OrthoCSR
+from .lowrank import LowRank
+from .quantize import QuantizedWeight
+
+PROGRESS, CARRY = "progress.json", "carry.safetensors"
+
+
+class WorkFolderError(ValueError):
+    """A work folder that cannot be resumed: other inputs, another config, or not a work folder."""
+
+
+def work_folder_for(out_dir: str | Path) -> Path:
+    """The work folder of a decomposition into `out_dir`: beside it, hidden."""
+    out = Path(out_dir)
+    return out.parent / f".{out.name}.libortho-work"
+
+
+def fingerprint(config: OrthoConfig, calibration_text: str, forget_texts: list[str] | None, models: list) -> str:
+    """SHA-256 of what determines the artifact: the config, the texts, every tensor of `models` (name, dtype,
+    shape, bytes)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(config.to_dict(), sort_keys=True).encode())
+    h.update(calibration_text.encode())
+    h.update(json.dumps(list(forget_texts or [])).encode())
+    for model in models:
+        if model is None:
+            h.update(b"none")
+            continue
+        for name, t in model.state_dict().items():
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Progress:
+    fingerprint: str
+    n_blocks: int
+    done: int
+    stats: dict
+
+
+class WorkFolder:
+    """Saves and restores the per-block state of `decompose.quantize_model` (see the module docstring)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # ---- progress ----------------------------------------------------------------------------
+    def progress(self) -> Progress | None:
+        file = self.path / PROGRESS
+        if not file.is_file():
+            return None
+        try:
+            return Progress(**json.loads(file.read_text()))
+        except (ValueError, TypeError) as err:
+            raise WorkFolderError(f"{file} is not a libortho work folder's progress file ({err}); remove {self.path}") from None
+
+    def start(self, fingerprint_: str, n_blocks: int) -> int:
+        """Open the folder for a run with these inputs; returns the number of blocks already done (0 for a new run)."""
+        done = self.progress()
+        if done is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.mkdir(mode=0o700, exist_ok=True)  # it holds what alpha 0 hides
+            self._write_progress(Progress(fingerprint_, n_blocks, 0, {}))
+            return 0
+        if done.fingerprint != fingerprint_ or done.n_blocks != n_blocks:
+            raise WorkFolderError(
+                f"{self.path} holds an unfinished decomposition of other inputs or another config ({done.done} of "
+                f"{done.n_blocks} blocks done): resume it with the same model, public model, texts and flags, or "
+                f"remove {self.path} to start over"
+            )
+        return done.done
+
+    def stats(self) -> dict:
+        p = self.progress()
+        return {} if p is None else p.stats
+
+    def _write_progress(self, progress: Progress) -> None:
+        tmp = self.path / (PROGRESS + ".tmp")
+        tmp.write_text(json.dumps(progress.__dict__, indent=1))
+        os.replace(tmp, self.path / PROGRESS)
+
+    # ---- blocks ------------------------------------------------------------------------------
+    def save_block(self, b: int, layers: dict, carry: dict[str, torch.Tensor], stats: dict) -> None:
+        """Block b is done: its layers {name: LayerParts}, the tensors carried to block b+1, the stats so far."""
+        tensors, meta = {}, {}
+        for name, p in layers.items():
+            meta[name] = _layer_tensors(name, p, tensors)
+        _save(self.path / f"block_{b:05d}.safetensors", tensors, dict(layers=json.dumps(meta)))
+        _save(self.path / CARRY, carry, {})
+        progress = self.progress()
+        self._write_progress(Progress(progress.fingerprint, progress.n_blocks, b + 1, stats))
+
+    def load_block(self, b: int, config: OrthoConfig) -> dict:
+        """{name: LayerParts} of finished block b."""
+        from .decompose import LayerParts
+        from .ortho_split import OrthoParts
+
+        file = self.path / f"block_{b:05d}.safetensors"
+        from safetensors import safe_open
+
+        with safe_open(str(file), "pt") as f:
+            meta = json.loads(f.metadata()["layers"])
+        t = load_file(str(file))
+        layers = {}
+        for name, kind in meta.items():
+            base = QuantizedWeight(t[f"{name}.codes"], t[f"{name}.scales"], t[f"{name}.zeros"], config.quant_spec)
+            bias = t.get(f"{name}.bias")
+            if kind == "staged":
+                edit = tuple(t[f"{name}.edit.{i}"] for i in range(3)) if f"{name}.edit.0" in t else None
+                layers[name] = LayerParts(base, t[f"{name}.R"], t.get(f"{name}.H"), bias, edit)
+                continue
+            sparse = OrthoCSR(t[f"{name}.crow"], t[f"{name}.col"], t[f"{name}.val"], tuple(base.codes.shape))
+            ortho = OrthoParts(sparse, LowRank(t[f"{name}.B"], t[f"{name}.A"])) if kind == "parts" else sparse
+            layers[name] = LayerParts(base, None, None, bias, ortho=ortho)
+        return layers
+
+    def load_carry(self) -> dict[str, torch.Tensor]:
+        return load_file(str(self.path / CARRY))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _layer_tensors(name: str, p, out: dict) -> str:
+    """Put one layer's tensors into `out`; returns its kind: 'parts', 'csr' (finished) or 'staged'."""
+    from .ortho_split import OrthoParts
+
+    out[f"{name}.codes"], out[f"{name}.scales"], out[f"{name}.zeros"] = p.base.codes, p.base.scales, p.base.zeros
+    if p.bias is not None:
+        out[f"{name}.bias"] = p.bias
+    if p.ortho is None:
+        out[f"{name}.R"] = p.R
+        if p.H is not None:
+            out[f"{name}.H"] = p.H
+        for i, e in enumerate(p.edit or ()):
+            out[f"{name}.edit.{i}"] = e
+        return "staged"
+    sparse = p.ortho.sparse if isinstance(p.ortho, OrthoParts) else p.ortho
+    out[f"{name}.crow"], out[f"{name}.col"], out[f"{name}.val"] = sparse.crow, sparse.col, sparse.val
+    if isinstance(p.ortho, OrthoParts):
+        out[f"{name}.B"], out[f"{name}.A"] = p.ortho.lowrank.B, p.ortho.lowrank.A
+        return "parts"
+    return "csr"
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    # Tensors that share storage (q/k/v share H) are written as separate copies.
+    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
