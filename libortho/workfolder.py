@@ -58,7 +58,7 @@ def fingerprint(config: OrthoConfig, calibration_text: str, forget_texts: list[s
             continue
         for name, t in model.state_dict().items():
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+            h.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
     return h.hexdigest()
 
 
