@@ -63,14 +63,15 @@ def cmd_decompose(args) -> int:
     source, forget_texts = _forget_source(args)
     config = decompose_config(args, source)
     torch.manual_seed(config.seed)
-    model, tok = sources.load_model(None if args.model == "default" else args.model)
+    # The decoder blocks are read from disk one at a time as the decomposition reaches them.
+    model, tok, block_loader = sources.open_streamed_model(None if args.model == "default" else args.model)
     public_model = None
     if args.public_model is not None:
-        # Only P's weights are read (each as a float32 copy while its layer is fitted): as stored is exact.
-        public_model = sources.load_model(None if args.public_model == "default" else args.public_model, dtype="auto")[0]
+        # Only P's weights are read, one layer at a time from its safetensors, while that layer is fitted.
+        public_model = sources.public_checkpoint(None if args.public_model == "default" else args.public_model)
     try:
         stats = decompose(model, tok, calib, config, progress=True, public_model=public_model, forget_texts=forget_texts,
-                          work_dir=work)
+                          work_dir=work, block_loader=block_loader)
     except WorkFolderError as err:
         raise UserError(str(err)) from None
     except KeyboardInterrupt:

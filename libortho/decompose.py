@@ -54,6 +54,8 @@ from .state import OrthoState, attach, state_of
 from .switch import AlphaState
 from .workfolder import WorkFolder, fingerprint
 from .quantize import QuantizedWeight, gptq, hinv_upper, rtn
+from .shards import ShardedCheckpoint
+from .streaming import BlockLoader
 from .csr import OrthoCSR, csr_from_flat_indices
 from .sieve import (
     global_threshold,
@@ -91,6 +93,7 @@ class DecompositionPlan:
     blocks: nn.ModuleList  # the model's decoder blocks
     targets: list[dict[str, nn.Module]]  # per decoder block: the linears to decompose, by name
     public_weights: PublicWeights | dict[LayerKey, torch.Tensor]  # W_P [out, in] per target, read on demand (forget objective only)
+    block_loader: BlockLoader | None = None  # a streamed model: reads block b's weights when quantize reaches it
 
 
 def plan_decomposition(
@@ -98,10 +101,12 @@ def plan_decomposition(
     tokenizer,
     calibration_text: str,
     config: OrthoConfig,
-    public_model: nn.Module | None = None,
+    public_model: nn.Module | ShardedCheckpoint | None = None,
     forget_texts: list[str] | None = None,
+    block_loader: BlockLoader | None = None,
 ) -> DecompositionPlan:
-    """Check the inputs against the config and gather everything the later stages read."""
+    """Check the inputs against the config and gather everything the later stages read. `block_loader`:
+    the model's decoder blocks are still on disk (streaming.open_streamed) and are read one at a time."""
     if config.forgets and public_model is None:
         raise ValueError(
             f"forget_source={config.forget_source!r} needs public_model: the public checkpoint the model was fine-tuned from"
@@ -118,24 +123,28 @@ def plan_decomposition(
     private = calibrate.text_batches(tokenizer, list(forget_texts), max_len=config.seq_len) if forget_texts else []
     if forget_texts and not private:
         raise ValueError("every forget text is shorter than 2 tokens; nothing to fit the base against")
-    public_weights = _public_weights(public_model, targets) if config.forgets else {}
-    return DecompositionPlan(calibrate.window_batches(windows, config.batch_size), private, blocks, targets, public_weights)
+    public_weights = _public_weights(public_model, model, targets) if config.forgets else {}
+    return DecompositionPlan(calibrate.window_batches(windows, config.batch_size), private, blocks, targets, public_weights,
+                             block_loader)
 
 
 class PublicWeights:
     """W_P of every target, checked against the fine-tuned model's shapes up front and read one layer at a
-    time as a float32 CPU copy (`get`), so that no float32 copy of the whole public model is ever held."""
+    time as a float32 CPU copy (`get`), so that no float32 copy of the whole public model is ever held.
+    `read(key)` gives W_P [out, in] in its stored dtype."""
 
-    def __init__(self, public_blocks: nn.ModuleList) -> None:
-        self.blocks = public_blocks
+    def __init__(self, read: Callable[[LayerKey], torch.Tensor]) -> None:
+        self.read = read
 
     def get(self, key: LayerKey) -> torch.Tensor:
-        b, name = key
-        return linear_weight(self.blocks[b].get_submodule(name)).float().cpu().clone()
+        return self.read(key).float().cpu().clone()
 
 
-def _public_weights(public_model: nn.Module, targets: list[dict[str, nn.Module]]) -> PublicWeights:
-    _, public_blocks = decoder_blocks(public_model)
+def _public_weights(public: nn.Module | ShardedCheckpoint, model: nn.Module, targets: list[dict[str, nn.Module]]) -> PublicWeights:
+    """W_P for every target, from P as a model or as a checkpoint folder read tensor by tensor."""
+    if isinstance(public, ShardedCheckpoint):
+        return _public_weights_from_shards(public, model, targets)
+    _, public_blocks = decoder_blocks(public)
     if len(public_blocks) != len(targets):
         raise ValueError(
             f"public_model has {len(public_blocks)} decoder blocks and the fine-tuned model {len(targets)}: "
@@ -147,13 +156,41 @@ def _public_weights(public_model: nn.Module, targets: list[dict[str, nn.Module]]
                 W_P = linear_weight(public_blocks[b].get_submodule(name))
             except AttributeError:
                 raise ValueError(f"public_model has no layer {b}.{name}: pass the checkpoint the model was fine-tuned from") from None
-            W_ft = linear_weight(module)
-            if W_P.shape != W_ft.shape:
-                raise ValueError(
-                    f"public_model's {b}.{name} is {tuple(W_P.shape)}, the fine-tuned model's {tuple(W_ft.shape)}: "
-                    "pass the checkpoint the model was fine-tuned from"
-                )
-    return PublicWeights(public_blocks)
+            _check_public_shape(b, name, tuple(W_P.shape), module)
+    return PublicWeights(lambda key: linear_weight(public_blocks[key[0]].get_submodule(key[1])))
+
+
+def _public_weights_from_shards(ckpt: ShardedCheckpoint, model: nn.Module, targets: list[dict[str, nn.Module]]) -> PublicWeights:
+    """P's tensors are named as the fine-tuned model's: the same architecture, saved the same way."""
+    qualified = {id(m): name for name, m in model.named_modules()}
+    tensor_names, transposed = {}, set()
+    for b, block_targets in enumerate(targets):
+        for name, module in block_targets.items():
+            tensor = f"{qualified[id(module)]}.weight"
+            if tensor not in ckpt:
+                raise ValueError(f"the public model {ckpt.folder} has no tensor {tensor}: pass the checkpoint the "
+                                 "model was fine-tuned from")
+            shape = ckpt.shape(tensor)
+            if not isinstance(module, nn.Linear):  # Conv1D keeps [in, out]
+                shape = shape[::-1]
+                transposed.add((b, name))
+            _check_public_shape(b, name, shape, module)
+            tensor_names[(b, name)] = tensor
+
+    def read(key: LayerKey) -> torch.Tensor:
+        W = ckpt.get(tensor_names[key])
+        return W.t() if key in transposed else W
+
+    return PublicWeights(read)
+
+
+def _check_public_shape(b: int, name: str, shape: tuple, module: nn.Module) -> None:
+    ft_shape = tuple(linear_weight(module).shape)
+    if shape != ft_shape:
+        raise ValueError(
+            f"public_model's {b}.{name} is {shape}, the fine-tuned model's {ft_shape}: "
+            "pass the checkpoint the model was fine-tuned from"
+        )
 
 
 def quantize_base(
@@ -226,6 +263,8 @@ def quantize_model(
         _restore(folder, done, plan, config, parts, stats, public, private, finish)
     for b in tqdm(range(done, len(blocks)), desc="decompose", unit="block", disable=not progress, initial=done, total=len(blocks)):
         block, targets = blocks[b], plan.targets[b]
+        if plan.block_loader is not None:
+            plan.block_loader.load(b)
         H_pub = _block_hessians(block, targets, public) if needs_h else {}
         H_priv = _block_hessians(block, targets, private) if needs_h and private is not None else {}
         objective = ForgetObjective(config)
@@ -285,6 +324,8 @@ def _restore(folder: WorkFolder, done: int, plan: DecompositionPlan, config: Ort
     """Put blocks < done back as a run that fitted them would have left them: their layers as base-only
     OrthoLinear in the model, their parts, the stats, and the inputs and random state of block `done`."""
     for b in range(done):
+        if plan.block_loader is not None:
+            plan.block_loader.load(b)  # the layers outside the targets (norms), and the targets' devices
         for name, part in folder.load_block(b, config).items():
             parts[(b, name)] = part
             replace_submodule(plan.blocks[b], name, _base_only_layer(part.base, part.bias, plan.targets[b][name]))
@@ -386,28 +427,30 @@ def decompose(
     calibration_text: str,
     config: OrthoConfig | None = None,
     progress: bool = True,
-    public_model: nn.Module | None = None,
+    public_model: nn.Module | ShardedCheckpoint | None = None,
     forget_texts: list[str] | None = None,
     work_dir: str | Path | None = None,
+    block_loader: BlockLoader | None = None,
 ) -> DecompositionStats:
     """Replace the linear layers of `model`'s decoder blocks by OrthoLinear layers, in place.
 
     calibration_text: public text only (never the secrets you will test for).
     With config.forget_source set (see forget.py), `public_model` is the public checkpoint P the
-    model was fine-tuned from, and `forget_texts` the texts whose inputs the base must treat like
+    model was fine-tuned from (a model, or its folder as a `ShardedCheckpoint`, read one tensor at a time), and `forget_texts` the texts whose inputs the base must treat like
     P (the records to hide, or look-alikes of them; none for forget_source="free").
-    `work_dir`: a folder where each finished block is saved; a call with the same inputs and config
+    `block_loader`: `model` came from streaming.open_streamed, its decoder blocks still on disk; each is
+    read when the decomposition reaches it. `work_dir`: a folder where each finished block is saved; a call with the same inputs and config
     continues after the last block saved there (workfolder.py), and the caller removes it when done.
     Returns timing and per-layer statistics; the model's alpha starts at 0 (ask for more with
     ``libortho.alpha`` or ``libortho.set_alpha``).
     """
     config = config or OrthoConfig()
     start = time.perf_counter()
-    plan = plan_decomposition(model, tokenizer, calibration_text, config, public_model, forget_texts)
+    plan = plan_decomposition(model, tokenizer, calibration_text, config, public_model, forget_texts, block_loader)
     work = None
     if work_dir is not None:
         folder = WorkFolder(work_dir)
-        key = fingerprint(config, calibration_text, forget_texts, [model, public_model])
+        key = fingerprint(config, calibration_text, forget_texts, [block_loader or model, public_model])
         work = (folder, folder.start(key, len(plan.blocks)))
     if layer_local(config):
         finisher = LayerFinisher(config, plan_shapes(plan), sieve_layer)

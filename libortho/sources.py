@@ -70,14 +70,13 @@ def default_model_source() -> str:
 
 def load_model(
     source: str | Path | None = None,
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype = torch.float32,
     cache: bool = True,
     device: str | torch.device | None = None,
 ):
     """(model, tokenizer) from a local HF folder or a .gguf file; None = the built-in default.
 
-    ``device=None``: :func:`default_device` (``$LIBORTHO_DEVICE``, else the CPU). ``dtype="auto"``: the
-    dtype the weights are stored in (a GGUF file is de-quantized to float32).
+    ``device=None``: :func:`default_device` (``$LIBORTHO_DEVICE``, else the CPU).
 
     A GGUF file is de-quantized by transformers once and cached as safetensors under cache_dir().
     Code shipped in the folder is never run: a model that needs it (auto_map) is refused.
@@ -106,16 +105,73 @@ def load_model(
             _drop_gguf_quant_config(model)
             if cache:
                 _atomic_save_pretrained(model, tok, cached)
-            return model.to(device=device or default_device(), dtype=torch.float32 if dtype == "auto" else dtype).eval(), tok
+            return model.to(device=device or default_device(), dtype=dtype).eval(), tok
+    _check_model_folder(source)
+    with _clear_errors(source):
+        tok = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=True, trust_remote_code=False)
+    return model.to(device or default_device()).eval(), tok
+
+
+def _check_model_folder(source: Path) -> None:
     if not any(source.iterdir()):
         raise ArtifactError(f"{source} is an empty folder, not a model")
     if not (source / "config.json").is_file():
         raise ArtifactError(f"{source} has no config.json: it is not a Hugging Face model folder")
     refuse_custom_code(source)
-    with _clear_errors(source):
-        tok = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=True, trust_remote_code=False)
-    return model.to(device or default_device()).eval(), tok
+
+
+def open_streamed_model(source: str | Path | None = None):
+    """(model, tokenizer, block loader) for a decomposition that reads the decoder blocks from disk one at a
+    time (streaming.open_streamed): a Hugging Face folder of safetensors, or a .gguf file through its cached
+    conversion. A model that cannot be built that way is loaded whole (block loader None)."""
+    from transformers import AutoTokenizer
+
+    from .shards import ShardedCheckpoint
+    from .streaming import StreamingUnsupported, open_streamed
+
+    path = Path(source) if source is not None else Path(default_model_source())
+    if path.suffix == ".gguf" and path.is_file():
+        if not (_gguf_cache_path(path) / "config.json").is_file():
+            load_model(path)  # converts once and caches the safetensors folder
+        path = _gguf_cache_path(path)
+    if not (path.is_dir() and not is_artifact(path)):
+        return (*load_model(path), None)  # load_model says what is wrong with it
+    _check_model_folder(path)
+    with _clear_errors(path):
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    try:
+        ShardedCheckpoint(path)
+        with _clear_errors(path):
+            model, loader = open_streamed(path, device=default_device())
+    except StreamingUnsupported:
+        return (*load_model(path), None)
+    except ArtifactError:
+        if any(path.glob("*.safetensors")):
+            raise
+        return (*load_model(path), None)  # no safetensors: transformers reads what it can, whole
+    return model, tok, loader
+
+
+def public_checkpoint(source: str | Path | None = None):
+    """The public model P as weights only (shards.ShardedCheckpoint): a Hugging Face folder of safetensors,
+    or a .gguf file (None = the built-in default) through its cached safetensors conversion."""
+    from .shards import ShardedCheckpoint
+
+    path = Path(source) if source is not None else Path(default_model_source())
+    if not path.exists():
+        raise ArtifactError(f"model path {path} does not exist; pass a Hugging Face model folder or a .gguf file")
+    if path.is_dir() and is_artifact(path):
+        raise ArtifactError(f"{path} is a libortho artifact; the public model is the checkpoint the model was fine-tuned from")
+    if path.suffix == ".gguf":
+        if not (_gguf_cache_path(path) / "config.json").is_file():
+            load_model(path)  # converts once and caches the safetensors folder
+        path = _gguf_cache_path(path)
+    elif path.is_dir():
+        refuse_custom_code(path)
+    else:
+        raise ArtifactError(f"{path} is a file but not a .gguf model; pass a Hugging Face model folder or a .gguf file")
+    return ShardedCheckpoint(path)
 
 
 @contextlib.contextmanager

@@ -56,6 +56,9 @@ def fingerprint(config: OrthoConfig, calibration_text: str, forget_texts: list[s
         if model is None:
             h.update(b"none")
             continue
+        if hasattr(model, "hash_into"):  # a checkpoint read tensor by tensor (shards.ShardedCheckpoint)
+            model.hash_into(h)
+            continue
         for name, t in model.state_dict().items():
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
             h.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy())  # the buffer itself, no copy

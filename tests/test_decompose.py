@@ -241,3 +241,38 @@ def test_resuming_with_other_inputs_or_another_config_is_refused(tokenizer, tmp_
                            progress=False, work_dir=work)
     with pytest.raises(WorkFolderError, match="remove .*work to start over"):
         libortho.decompose(copy.deepcopy(reference), tokenizer, TEXT + " One more line.", config, progress=False, work_dir=work)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_public_checkpoint_read_tensor_by_tensor_gives_the_same_base_as_the_model(arch, tokenizer, tmp_path):
+    """P from its safetensors folder, one tensor at a time (GPT-2's Conv1D transposed), equals P in memory."""
+    import copy
+
+    from libortho.shards import ShardedCheckpoint
+
+    public = tiny_model(arch)
+    model = tiny_model(arch)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.01)
+    public.save_pretrained(tmp_path / "public", max_shard_size="100KB")  # several shards and an index
+    assert (tmp_path / "public" / "model.safetensors.index.json").is_file()
+    config = libortho.OrthoConfig(calib_tokens=1024, seq_len=128, group_size=32, forget_source="records")
+    texts = ["Account 1234 of Ada Lovelace has PIN 987654.", "Account 4321 of Alan Turing has PIN 123456."]
+    in_memory, from_disk = copy.deepcopy(model), copy.deepcopy(model)
+    libortho.decompose(in_memory, tokenizer, TEXT, config, progress=False, public_model=public, forget_texts=texts)
+    libortho.decompose(from_disk, tokenizer, TEXT, config, progress=False, public_model=ShardedCheckpoint(tmp_path / "public"),
+                       forget_texts=texts)
+    a, b = in_memory.state_dict(), from_disk.state_dict()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_a_public_checkpoint_of_another_shape_is_refused(tokenizer, tmp_path):
+    from libortho.shards import ShardedCheckpoint
+
+    tiny_model("gpt2").save_pretrained(tmp_path / "other")
+    config = libortho.OrthoConfig(calib_tokens=1024, seq_len=128, group_size=32, forget_source="records")
+    with pytest.raises(ValueError, match="has no tensor model.layers.0.self_attn.q_proj.weight: pass the checkpoint"):
+        libortho.decompose(tiny_model("llama"), tokenizer, TEXT, config, progress=False, public_model=ShardedCheckpoint(tmp_path / "other"),
+                           forget_texts=["Account 1234 has PIN 987654."])

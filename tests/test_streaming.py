@@ -1,0 +1,54 @@
+"""A model decomposed block by block from its safetensors shards (streaming.py) equals the model decomposed whole."""
+import copy
+
+import pytest
+import torch
+
+import libortho
+from conftest import TEXT, tiny_model
+from libortho.streaming import open_streamed
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_streamed_decomposition_equals_the_in_memory_one(arch, tokenizer, tmp_path):
+    model = tiny_model(arch)
+    model.save_pretrained(tmp_path / "ft", max_shard_size="100KB")
+    streamed, loader = open_streamed(tmp_path / "ft")
+    assert all(p.is_meta for block in loader.blocks for p in block.parameters())  # nothing of the blocks read yet
+    assert not any(p.is_meta for n, p in streamed.named_parameters() if not any(n.startswith(q + ".") for q in loader.prefixes))
+    config = libortho.OrthoConfig(calib_tokens=1024, seq_len=128, group_size=32, ortho_budget=0.25, lowrank_share=1.0)
+    whole = copy.deepcopy(model)
+    libortho.decompose(whole, tokenizer, TEXT, config, progress=False)
+    libortho.decompose(streamed, tokenizer, TEXT, config, progress=False, block_loader=loader)
+    a, b = whole.state_dict(), streamed.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    ids = tokenizer(TEXT[:64], return_tensors="pt").input_ids
+    with libortho.alpha(whole, 1.0), libortho.alpha(streamed, 1.0), torch.no_grad():
+        assert torch.equal(whole(ids).logits, streamed(ids).logits)
+
+
+def test_a_streamed_run_resumes_after_a_block(tokenizer, tmp_path, monkeypatch):
+    from libortho.workfolder import WorkFolder
+
+    tiny_model("llama").save_pretrained(tmp_path / "ft", max_shard_size="100KB")
+    config = libortho.OrthoConfig(calib_tokens=1024, seq_len=128, group_size=32)
+    whole, loader = open_streamed(tmp_path / "ft")
+    libortho.decompose(whole, tokenizer, TEXT, config, progress=False, block_loader=loader)
+    save_block = WorkFolder.save_block
+
+    def stop(self, b, *args):
+        save_block(self, b, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(WorkFolder, "save_block", stop)
+    with pytest.raises(KeyboardInterrupt):
+        m, loader = open_streamed(tmp_path / "ft")
+        libortho.decompose(m, tokenizer, TEXT, config, progress=False, block_loader=loader, work_dir=tmp_path / "work")
+    monkeypatch.setattr(WorkFolder, "save_block", save_block)
+    resumed, loader = open_streamed(tmp_path / "ft")
+    libortho.decompose(resumed, tokenizer, TEXT, config, progress=False, block_loader=loader, work_dir=tmp_path / "work")
+    a, b = whole.state_dict(), resumed.state_dict()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
