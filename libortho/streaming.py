@@ -56,7 +56,8 @@ def open_streamed(folder: str | Path, dtype: torch.dtype = torch.float32,
         if id(module) not in block_ids:
             _materialize(module, names[id(module)], checkpoint, dtype, device, recurse=False)
     model.tie_weights()
-    left = [n for n, p in model.named_parameters() if p.is_meta and not _in_blocks(n, loader.prefixes)]
+    # Every tensor the blocks will need must be stored under the model's own name (no key renames).
+    left = [n for n, p in model.named_parameters() if p.is_meta and not (_in_blocks(n, loader.prefixes) and n in checkpoint)]
     if left:
         raise StreamingUnsupported(f"{folder} stores no tensor for {', '.join(left[:3])}: load the model whole")
     return model.eval(), loader

@@ -52,3 +52,16 @@ def test_a_streamed_run_resumes_after_a_block(tokenizer, tmp_path, monkeypatch):
     a, b = whole.state_dict(), resumed.state_dict()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_a_checkpoint_whose_names_differ_from_the_model_is_not_streamed(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from libortho.streaming import StreamingUnsupported
+
+    tiny_model("llama").save_pretrained(tmp_path / "ft")
+    tensors = load_file(str(tmp_path / "ft" / "model.safetensors"))
+    renamed = {k.replace("model.layers.1.", "model.blocks.1."): v for k, v in tensors.items()}  # a legacy layout
+    save_file(renamed, str(tmp_path / "ft" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(StreamingUnsupported, match="stores no tensor for model.layers.1"):
+        open_streamed(tmp_path / "ft")
