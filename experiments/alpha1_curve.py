@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from libortho import sources
-from libortho.config import PRESETS, OrthoConfig
+from libortho.config import preset
 from libortho.decompose import install, plan_decomposition, quantize_model, sieve_model
 from libortho.evaluation import perplexity
 from libortho.scenario import ScenarioConfig, build_scenario
@@ -40,6 +40,24 @@ def measure(model, tok, heldout: str, pins_by_k: dict[str, list]) -> dict:
                 exposure_by_k={k: forget_exposure(model, tok, recs, **MEASURE) for k, recs in pins_by_k.items()})
 
 
+def pins_by_k(members: list) -> dict[str, list]:
+    """The PIN (digit-secret) members, grouped by their repeat count k."""
+    out: dict[str, list] = {}
+    for r in members:
+        if r.secret_format.startswith("digits"):
+            out.setdefault(str(r.k), []).append(r)
+    return out
+
+
+def measure_alphas(model, tok, heldout: str, pins: dict[str, list], with_base: bool) -> dict:
+    """{alpha_1: measure(...)}, and alpha_0 too when `with_base` (the first row: every row shares the base)."""
+    row = {}
+    for a in (0.0, 1.0) if with_base else (1.0,):
+        with alpha(model, a):
+            row[f"alpha_{a:g}"] = measure(model, tok, heldout, pins)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=0)
@@ -57,10 +75,7 @@ def main() -> None:
     make = ScenarioConfig.quick if args.quick else ScenarioConfig.default
     scenario = build_scenario(make(seed=args.seed, **({"model": args.model} if args.model else {})), progress=False)
     members = scenario.load_members()
-    pins_by_k: dict[str, list] = {}
-    for r in members:
-        if r.secret_format.startswith("digits"):
-            pins_by_k.setdefault(str(r.k), []).append(r)
+    pins = pins_by_k(members)
     heldout, calib = scenario.read_split("heldout"), scenario.read_split("calibration")
     out_path = Path(args.out)
     result = dict(scenario=scenario.config.to_dict(), measure=dict(MEASURE, perplexity_windows=PPL_WINDOWS), rows=[])
@@ -69,13 +84,15 @@ def main() -> None:
         out_path.write_text(json.dumps(result, indent=1) + "\n")
 
     fp, tok = sources.load_model(scenario.finetuned)
-    result["fp"] = measure(fp, tok, heldout, pins_by_k)
+    result["fp"] = measure(fp, tok, heldout, pins)
     del fp
     save()
     print("FP", result["fp"], flush=True)
 
     torch.manual_seed(0)
-    config = OrthoConfig(**{**PRESETS["privacy"], "calib_tokens": 8192, "forget_source": "records"})
+    # The sparse stream alone, sieved under H_pub as it was measured (docs/RESULTS.md): the privacy preset's
+    # base, with its byte budget replaced by --ratios and no private weight in the sieve.
+    config = preset("privacy", calib_tokens=8192, forget_source="records", ortho_ratio=0.02, sieve_private_weight=0.0)
     model, _ = sources.load_model(scenario.finetuned)
     public, _ = sources.load_model(scenario.public_model)
     plan = plan_decomposition(model, tok, calib, config, public, [r.text for r in members])
@@ -88,9 +105,7 @@ def main() -> None:
         orthos = sieve_model(parts, cfg)
         nnz = install(model, parts, orthos, cfg)
         row = dict(ortho_ratio=ratio, density=nnz / n_weights, ortho_bytes=csr_bytes(orthos))
-        for a in (0.0, 1.0) if not result["rows"] else (1.0,):  # the base (alpha 0) is the same for every ratio
-            with alpha(model, a):
-                row[f"alpha_{a:g}"] = measure(model, tok, heldout, pins_by_k)
+        row.update(measure_alphas(model, tok, heldout, pins, with_base=not result["rows"]))
         row["seconds"] = time.perf_counter() - t0
         result["rows"].append(row)
         save()

@@ -31,10 +31,9 @@ from libortho.decompose import install, plan_decomposition, quantize_model, siev
 from libortho.lookalikes import lookalike_records
 from libortho.ortho_split import split_model
 from libortho.scenario import ScenarioConfig, build_scenario
-from libortho.switch import alpha
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from alpha1_curve import MEASURE, PPL_WINDOWS, measure  # noqa: E402  (the same measurement as the sparse curve)
+from alpha1_curve import MEASURE, PPL_WINDOWS, measure, measure_alphas, pins_by_k  # noqa: E402  (the same measurement as the sparse curve)
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 SHARES = {"S": 0.0, "L": 1.0, "S+L": 0.5}
@@ -79,10 +78,7 @@ def main() -> None:
     make = ScenarioConfig.quick if args.quick else ScenarioConfig.default
     scenario = build_scenario(make(seed=args.seed), progress=False)
     members = scenario.load_members()
-    pins_by_k: dict[str, list] = {}
-    for r in members:
-        if r.secret_format.startswith("digits"):
-            pins_by_k.setdefault(str(r.k), []).append(r)
+    pins = pins_by_k(members)
     heldout, calib = scenario.read_split("heldout"), scenario.read_split("calibration")
     out_path = Path(args.out or DOCS / f"ortho_split_curve_seed{args.seed}_{args.mode}.json")
     result = dict(scenario=scenario.config.to_dict(), mode=args.mode, lowrank_alloc=args.alloc, measure=dict(MEASURE, perplexity_windows=PPL_WINDOWS),
@@ -92,7 +88,7 @@ def main() -> None:
         out_path.write_text(json.dumps(result, indent=1) + "\n")
 
     fp, tok = sources.load_model(scenario.finetuned)
-    result["fp"] = measure(fp, tok, heldout, pins_by_k)
+    result["fp"] = measure(fp, tok, heldout, pins)
     del fp
     save()
     print("FP", result["fp"], flush=True)
@@ -120,9 +116,7 @@ def main() -> None:
         install(model, parts, orthos, cfg)
         row = dict(variant=name, ortho_budget=budget, **overrides, bytes={k: v for k, v in split.items() if k != "ranks"},
                    ranks=split["ranks"])
-        for a in (0.0, 1.0) if not result["rows"] else (1.0,):  # the base (alpha 0) is the same in every row
-            with alpha(model, a):
-                row[f"alpha_{a:g}"] = measure(model, tok, heldout, pins_by_k)
+        row.update(measure_alphas(model, tok, heldout, pins, with_base=not result["rows"]))
         row["seconds"] = time.perf_counter() - t0
         result["rows"].append(row)
         save()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import artifact
+from .ortho_split import LOWRANK_VALUE_BYTES, sparse_bytes
 
 
 def artifact_info(path: str | Path, verify_ortho: bool = False) -> dict:
@@ -22,8 +23,8 @@ def artifact_info(path: str | Path, verify_ortho: bool = False) -> dict:
         + s["out_features"] * -(-s["in_features"] // s["group_size"]) * 32  # fp16 scale + fp16 zero
         for s in layers.values()
     )
-    sparse_bits = sum(s["ortho_nnz"] * (16 + 32) + (s["out_features"] + 1) * 32 for s in layers.values())
-    lowrank_bits = sum(16 * s["ortho_rank"] * (s["in_features"] + s["out_features"]) for s in layers.values())
+    sparse_bits = 8 * sum(sparse_bytes(s["ortho_nnz"], s["out_features"]) for s in layers.values())
+    lowrank_bits = 8 * sum(LOWRANK_VALUE_BYTES * s["ortho_rank"] * (s["in_features"] + s["out_features"]) for s in layers.values())
     ortho_bits = sparse_bits + lowrank_bits
     cfg = manifest.get("config") or {}
     files = {

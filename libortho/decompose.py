@@ -137,7 +137,7 @@ class PublicWeights:
         self.read = read
 
     def get(self, key: LayerKey) -> torch.Tensor:
-        return self.read(key).float().cpu().clone()
+        return self.read(key).to(device="cpu", dtype=torch.float32, copy=True)  # one copy, never P's own storage
 
 
 def _public_weights(public: nn.Module | ShardedCheckpoint, model: nn.Module, targets: list[dict[str, nn.Module]]) -> PublicWeights:

@@ -132,9 +132,7 @@ def open_streamed_model(source: str | Path | None = None):
 
     path = Path(source) if source is not None else Path(default_model_source())
     if path.suffix == ".gguf" and path.is_file():
-        if not (_gguf_cache_path(path) / "config.json").is_file():
-            load_model(path)  # converts once and caches the safetensors folder
-        path = _gguf_cache_path(path)
+        path = _converted_gguf(path)
     if not (path.is_dir() and not is_artifact(path)):
         return (*load_model(path), None)  # load_model says what is wrong with it
     _check_model_folder(path)
@@ -164,9 +162,7 @@ def public_checkpoint(source: str | Path | None = None):
     if path.is_dir() and is_artifact(path):
         raise ArtifactError(f"{path} is a libortho artifact; the public model is the checkpoint the model was fine-tuned from")
     if path.suffix == ".gguf":
-        if not (_gguf_cache_path(path) / "config.json").is_file():
-            load_model(path)  # converts once and caches the safetensors folder
-        path = _gguf_cache_path(path)
+        path = _converted_gguf(path)
     elif path.is_dir():
         refuse_custom_code(path)
     else:
@@ -185,6 +181,13 @@ def _clear_errors(source: Path):
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ArtifactError(f"cannot load {source} as a causal language model: {first}") from err
+
+
+def _converted_gguf(gguf: Path) -> Path:
+    """The cached safetensors folder of a .gguf file, converted (by load_model) on first use."""
+    if not (_gguf_cache_path(gguf) / "config.json").is_file():
+        load_model(gguf)
+    return _gguf_cache_path(gguf)
 
 
 def _gguf_cache_path(gguf: Path) -> Path:

@@ -180,6 +180,17 @@ def _layer_tensors(name: str, p, out: dict) -> str:
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    # Tensors that share storage (q/k/v share H) are written as separate copies.
-    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    save_file(_unshared(tensors), str(tmp), metadata=metadata)
     os.replace(tmp, path)
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share storage (q/k/v share H): the second and later get a copy."""
+    seen, out = set(), {}
+    for name, t in tensors.items():
+        t = t.detach().contiguous()
+        if t.untyped_storage().data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out
