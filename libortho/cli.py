@@ -64,7 +64,8 @@ def cmd_decompose(args) -> int:
     config = decompose_config(args, source)
     torch.manual_seed(config.seed)
     # The decoder blocks are read from disk one at a time as the decomposition reaches them.
-    model, tok, block_loader = sources.open_streamed_model(None if args.model == "default" else args.model)
+    device = sources.checked_device(args.device, "--device") if args.device is not None else None
+    model, tok, block_loader = sources.open_streamed_model(None if args.model == "default" else args.model, device)
     public_model = None
     if args.public_model is not None:
         # Only P's weights are read, one layer at a time from its safetensors, while that layer is fitted.
@@ -82,7 +83,8 @@ def cmd_decompose(args) -> int:
     state_of(model).provenance["source"] = str(args.model)
     artifact.save(model, tok, out, ortho_mode=None if args.ortho_follow_umask else 0o600)
     WorkFolder(work).remove()
-    print(f"decomposed {stats.n_layers} layers ({stats.n_weights:,} weights) in {stats.seconds:.1f} s; "
+    peak = f", peak {stats.peak_device_bytes / 2**30:.1f} GiB" if stats.peak_device_bytes else ""
+    print(f"decomposed {stats.n_layers} layers ({stats.n_weights:,} weights) in {stats.seconds:.1f} s on {stats.device}{peak}; "
           f"ortho {stats.n_ortho:,} entries ({100 * stats.n_ortho / stats.n_weights:.2f} %) -> {out}")
     return 0
 
@@ -325,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=positive_int, default=None, help=f"tokens per calibration window ({_preset_default('seq_len')})")
     p.add_argument("--include", type=regex_value, default=None, metavar="REGEX", help="only linear layers whose name inside a block matches")
     p.add_argument("--seed", type=seed_value, default=None, help=f"({_preset_default('seed')})")
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="where the model is read to and every stage is fitted: cpu, cuda or cuda:N "
+                        "(default: $LIBORTHO_DEVICE, else cpu)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run into OUT_DIR after its last finished decoder block (the work folder "
                         ".OUT_DIR.libortho-work beside it, removed on success); refused if the inputs or flags changed")

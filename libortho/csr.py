@@ -57,7 +57,7 @@ def csr_from_flat_indices(
     rows = torch.div(flat_idx, in_features, rounding_mode="floor")
     cols = flat_idx % in_features
     counts = torch.bincount(rows, minlength=out_features)
-    crow = torch.zeros(out_features + 1, dtype=torch.int64)
+    crow = torch.zeros(out_features + 1, dtype=torch.int64, device=R.device)
     crow[1:] = torch.cumsum(counts, 0)
     vals = R.reshape(-1)[flat_idx].to(dtype)
     return OrthoCSR(crow.to(torch.int32), cols.to(torch.int32), vals, (out_features, in_features))

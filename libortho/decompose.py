@@ -79,6 +79,9 @@ class DecompositionStats:
     # ||W_P X - W_base X||² / ||W_P X||² on the forget texts' inputs: how closely the base acts like P there
     layer_private_error: dict[str, float] = field(default_factory=dict)
     ortho_bytes: dict = field(default_factory=dict)  # with an ortho_budget: the split (ortho_split.split_budget)
+    device: str = "cpu"  # where the fits ran: the device of the model's decoder blocks
+    stage_seconds: dict = field(default_factory=dict)  # plan, quantize (with each layer's finish), sieve, install
+    peak_device_bytes: int = 0  # CUDA: the most memory torch held at once during the decomposition (0 on the CPU)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -136,8 +139,9 @@ class PublicWeights:
     def __init__(self, read: Callable[[LayerKey], torch.Tensor]) -> None:
         self.read = read
 
-    def get(self, key: LayerKey) -> torch.Tensor:
-        return self.read(key).to(device="cpu", dtype=torch.float32, copy=True)  # one copy, never P's own storage
+    def get(self, key: LayerKey, device: torch.device | str = "cpu") -> torch.Tensor:
+        """W_P [out, in] float32 on `device`: one copy, never P's own storage."""
+        return self.read(key).to(device=device, dtype=torch.float32, copy=True)
 
 
 def _public_weights(public: nn.Module | ShardedCheckpoint, model: nn.Module, targets: list[dict[str, nn.Module]]) -> PublicWeights:
@@ -269,9 +273,10 @@ def quantize_model(
         H_priv = _block_hessians(block, targets, private) if needs_h and private is not None else {}
         objective = ForgetObjective(config)
         factors: dict[int, torch.Tensor] = {}  # one Cholesky factor per distinct H (q/k/v share theirs)
+        on_host: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, module in targets.items():
-            W = linear_weight(module).float().cpu()
-            W_P = plan.public_weights.get((b, name))
+            W = linear_weight(module).float()
+            W_P = plan.public_weights.get((b, name), W.device)
             if name in H_pub:
                 fit = objective.fit(W, W_P, H_pub[name], H_priv.get(name))
                 factor = None
@@ -282,14 +287,14 @@ def quantize_model(
                 base, H_sieve = rtn(W, config.quant_spec), None
             W_base = base.dequantize()
             bias = getattr(module, "bias", None)
-            bias = None if bias is None else bias.detach().float().cpu()
+            bias = None if bias is None else bias.detach().float()
             edit = None
             if config.ortho_budget is not None and config.lowrank_fit == "edit" and name in H_priv:
                 edit = (W - fit.W, H_priv[name], fit.H)
             part = LayerParts(base, (W - W_base).contiguous(), H_sieve, bias, edit)
             if finish is not None:
                 part = LayerParts(base, None, None, bias, ortho=finish((b, name), part))
-            parts[(b, name)] = part
+            parts[(b, name)] = _on_cpu(part, on_host)
             if name in H_pub:
                 stats.layer_output_error[f"{b}.{name}"] = relative_output_error(W, W_base, H_pub[name])
             if name in H_priv and W_P is not None:
@@ -349,8 +354,30 @@ def _block_hessians(block: nn.Module, targets: dict[str, nn.Module], inputs: cal
         calibrate.run_block(block, inputs, collector)
     finally:
         collector.close()
-    on_cpu: dict[int, torch.Tensor] = {}  # moved once per shared H, so sharing survives the move
-    return {name: on_cpu.setdefault(id(H), H.cpu()) for name, H in ((n, collector.hessian(n)) for n in targets)}
+    return {name: collector.hessian(name) for name in targets}
+
+
+def _on_cpu(part: LayerParts, moved: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> LayerParts:
+    """The part as the later stages keep it: in host memory, whichever device fitted it (a no-op on the CPU).
+    `moved`: the block's tensors already copied, by id, so that layers which shared an H on the device (q/k/v)
+    share one copy on the host."""
+
+    def cpu(t):
+        if t is None or t.device.type == "cpu":
+            return t
+        if id(t) not in moved or moved[id(t)][0] is not t:  # an id is reused once its tensor is freed
+            moved[id(t)] = (t, t.cpu())
+        return moved[id(t)][1]
+
+    base = QuantizedWeight(cpu(part.base.codes), cpu(part.base.scales), cpu(part.base.zeros), part.base.spec)
+    edit = None if part.edit is None else tuple(cpu(t) for t in part.edit)
+    ortho = part.ortho
+    if isinstance(ortho, OrthoCSR):
+        ortho = OrthoCSR(cpu(ortho.crow), cpu(ortho.col), cpu(ortho.val), ortho.shape)
+    elif isinstance(ortho, OrthoParts):
+        s, low = ortho.sparse, ortho.lowrank
+        ortho = OrthoParts(OrthoCSR(cpu(s.crow), cpu(s.col), cpu(s.val), s.shape), type(low)(cpu(low.B), cpu(low.A)))
+    return LayerParts(base, cpu(part.R), cpu(part.H), cpu(part.bias), edit, ortho)
 
 
 def sieve_model(parts: dict[LayerKey, LayerParts], config: OrthoConfig) -> dict[LayerKey, OrthoCSR]:
@@ -446,7 +473,11 @@ def decompose(
     """
     config = config or OrthoConfig()
     start = time.perf_counter()
+    device = block_loader.device if block_loader is not None else module_device(model)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     plan = plan_decomposition(model, tokenizer, calibration_text, config, public_model, forget_texts, block_loader)
+    plan_seconds = time.perf_counter() - start
     work = None
     if work_dir is not None:
         folder = WorkFolder(work_dir)
@@ -455,16 +486,25 @@ def decompose(
     if layer_local(config):
         finisher = LayerFinisher(config, plan_shapes(plan), sieve_layer)
         parts, stats = quantize_model(model, plan, config, progress, finish=finisher, work=work)
+        sieve_start = time.perf_counter()
         orthos = {key: p.ortho for key, p in parts.items()}
         stats.ortho_bytes = finisher.bytes(orthos) if config.ortho_budget is not None else {}
     else:
         parts, stats = quantize_model(model, plan, config, progress, work=work)
+        sieve_start = time.perf_counter()
         if config.ortho_budget is None:
             orthos = sieve_model(parts, config)
         else:
             orthos, stats.ortho_bytes = split_model(parts, config, sieve_model)
+    install_start = time.perf_counter()
     stats.n_ortho = install(model, parts, orthos, config)
-    stats.seconds = time.perf_counter() - start
+    end = time.perf_counter()
+    stats.stage_seconds = dict(plan=plan_seconds, quantize=stats.seconds, sieve=install_start - sieve_start,
+                               install=end - install_start)
+    stats.seconds = end - start
+    stats.device = str(device)
+    if device.type == "cuda":
+        stats.peak_device_bytes = int(torch.cuda.max_memory_allocated(device))
     state_of(model).stats = stats.to_dict()
     return stats
 

@@ -75,7 +75,7 @@ class ForgetObjective:
         if key not in self._fit:
             pull = private_pull(H_pub, H_priv, self.config)
             H_fit = H_pub + pull
-            H_d = H_fit + self.config.damp * torch.diag(H_fit).mean() * torch.eye(H_fit.shape[0])
+            H_d = H_fit + self.config.damp * torch.diag(H_fit).mean() * _eye_like(H_fit)
             self._fit[key] = (H_fit, _cholesky(H_d), pull)
         return self._fit[key]
 
@@ -92,7 +92,7 @@ class ForgetObjective:
 def private_pull(H_pub: torch.Tensor, H_priv: torch.Tensor | None, config: OrthoConfig) -> torch.Tensor:
     """The term that pulls the base toward P: lam_abs · H_priv, or mu · mean(diag H_pub) · I [in, in]."""
     if config.forget_source == "free":
-        return config.forget_mu * torch.diag(H_pub).mean() * torch.eye(H_pub.shape[0])
+        return config.forget_mu * torch.diag(H_pub).mean() * _eye_like(H_pub)
     if H_priv is None:
         raise ValueError(f"forget_source={config.forget_source!r} needs the forget texts' Hessians")
     return relative_weight(H_pub, H_priv, config.forget_lambda) * H_priv
@@ -109,10 +109,15 @@ def _cholesky(H: torch.Tensor) -> torch.Tensor:
     mean_diag = torch.diag(H).mean().clamp_min(1e-12)
     for attempt in range(6):
         extra = 0.0 if attempt == 0 else 0.01 * 10 ** (attempt - 1) * mean_diag
-        L, info = torch.linalg.cholesky_ex(H + extra * torch.eye(H.shape[0]))
+        L, info = torch.linalg.cholesky_ex(H + extra * _eye_like(H))
         if info == 0:
             return L
     raise RuntimeError("H' is not positive definite even after heavy dampening; use more calibration data")
+
+
+def _eye_like(H: torch.Tensor) -> torch.Tensor:
+    """The identity of H's size, dtype and device (the fits run where the model's block is)."""
+    return torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
 
 
 def read_forget_texts(path: str | Path) -> list[str]:

@@ -19,7 +19,7 @@ storage sees both factors on one scale). A fit's first terms are its fit at a lo
 
     min_{rank L ≤ r} tr((E − L) Hs_d (E − L)ᵀ) = ‖(E − L) Hs_d^½‖²_F ,   Hs = H_pub + lam_s H_priv
     Hs_d = U diag(s) Uᵀ ,   G = E U diag(√s) = P Σ Qᵀ
-    L = P_r Σ_r Q_rᵀ diag(1/√s) Uᵀ ,   B = P_r Σ_r ,   A = Q_rᵀ diag(1/√s) Uᵀ
+    L = P_r Σ_r Q_rᵀ diag(1/√s) Uᵀ ,   B = P_r Σ_r ,   A = Q_rᵀ diag(1/√s) Uᵀ  (= Σ_r⁻¹ P_rᵀ E)
 
 Eckart–Young in the whitened coordinates G = E Hs_d^½, mapped back. The objective at rank r is
 Σ_{i>r} σ_i²: σ_i² is the gain of the i-th rank (`weighted_svd_spectrum`).
@@ -147,20 +147,42 @@ def _whitened(E: torch.Tensor, Hs: torch.Tensor, damp: float) -> tuple[torch.Ten
     return (E.double() @ U) * root_s[None, :], root_s, U
 
 
+def _top_eigen(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(λ descending, clamped at 0; eigenvectors as columns) of the symmetric M."""
+    lam, V = torch.linalg.eigh((M + M.t()) / 2)
+    return lam.flip(0).clamp_min(0), V.flip(1)
+
+
 def weighted_svd_spectrum(E: torch.Tensor, Hs: torch.Tensor, damp: float = OrthoConfig.damp) -> torch.Tensor:
-    """σ_i² [min(out, in)] float64, descending: the objective's drop from rank i−1 to i of (b)."""
+    """σ_i² [min(out, in)] float64, descending: the objective's drop from rank i−1 to i of (b).
+    The eigenvalues of the smaller Gram matrix of G: E Hs_d Eᵀ [out, out], or GᵀG [in, in]."""
+    if E.shape[0] <= E.shape[1]:
+        return _top_eigen(E.double() @ dampened(Hs, damp) @ E.double().t())[0]
     G, _, _ = _whitened(E, Hs, damp)
-    return torch.linalg.svdvals(G).square()
+    return _top_eigen(G.t() @ G)[0]
 
 
 def weighted_svd(E: torch.Tensor, Hs: torch.Tensor, rank: int, damp: float = OrthoConfig.damp) -> LowRank:
     """Fit (b): argmin_{rank L ≤ r} tr((E − L) Hs_d (E − L)ᵀ). E [out, in], Hs [in, in] PSD;
-    r capped at min(out, in), where L = E."""
+    r capped at min(out, in), where L = E.
+
+    G's singular vectors come from its smaller Gram matrix, never from an SVD of G itself (an SVD of a
+    [4096, 14336] matrix costs seconds on a GPU and minutes on a few cores):
+      out ≤ in:  E Hs_d Eᵀ = G Gᵀ = P Σ² Pᵀ ,  B = P_r Σ_r ,  A = Σ_r⁻¹ P_rᵀ E      (L = P_r P_rᵀ E)
+      out > in:  GᵀG = Q Σ² Qᵀ ,              B = G Q_r ,    A = Q_rᵀ diag(1/√s) Uᵀ
+    """
     r = _capped(rank, *E.shape)
+    if E.shape[0] <= E.shape[1]:
+        sigma2, P = _top_eigen(E.double() @ dampened(Hs, damp) @ E.double().t())
+        sigma = sigma2[:r].sqrt()
+        B = P[:, :r] * sigma[None, :]
+        # A term with σ = 0 adds nothing to L: keep its row at 0 rather than divide by 0.
+        A = (P[:, :r].t() @ E.double()) / torch.where(sigma > 0, sigma, torch.inf)[:, None]
+        return _balanced(B, A)
     G, root_s, U = _whitened(E, Hs, damp)
-    P, sigma, Qt = torch.linalg.svd(G, full_matrices=False)
-    B = P[:, :r] * sigma[None, :r]  # P_r Σ_r
-    A = (Qt[:r] / root_s[None, :]) @ U.t()  # Q_rᵀ diag(1/√s) Uᵀ
+    _, Q = _top_eigen(G.t() @ G)
+    B = G @ Q[:, :r]  # P_r Σ_r
+    A = (Q[:, :r].t() / root_s[None, :]) @ U.t()  # Q_rᵀ diag(1/√s) Uᵀ
     return _balanced(B, A)
 
 

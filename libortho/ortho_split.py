@@ -118,7 +118,7 @@ def _allocate(parts: dict, shapes: dict, budget_bytes: int, config: OrthoConfig)
 
 def _curvature(p) -> torch.Tensor:
     """The layer's metric for L: the sieve's curvature, or the identity without calibration."""
-    return p.H if p.H is not None else torch.eye(p.R.shape[1])
+    return p.H if p.H is not None else torch.eye(p.R.shape[1], device=p.R.device)
 
 
 def fit_lowrank(p, E: torch.Tensor, rank: int, config: OrthoConfig, generator: torch.Generator) -> LowRank:

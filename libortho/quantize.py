@@ -141,13 +141,13 @@ def gptq(
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_features)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_features, device=H.device)
     W = W[:, perm]
     H = H[perm][:, perm]
     group_of_col = torch.div(perm, spec.group_size, rounding_mode="floor")
 
     Hinv = Hinv_upper if Hinv_upper is not None and not act_order else _upper_cholesky_of_inverse(H, damp)
-    codes = torch.zeros(out_features, in_features, dtype=torch.uint8)
+    codes = torch.zeros(out_features, in_features, dtype=torch.uint8, device=W.device)
     # Per column the same float32 arithmetic as quantize_columns and dequantize, with each
     # block's scales and zeros gathered once, and the block held transposed ([cols, out]) so that
     # the rank-1 update of the remaining columns runs over contiguous memory: the column loop is
@@ -188,7 +188,7 @@ def _upper_cholesky_of_inverse(H: torch.Tensor, damp: float) -> torch.Tensor:
     n = H.shape[0]
     mean_diag = torch.diag(H).mean()
     for attempt in range(6):
-        Hd = H + (damp * 10**attempt) * mean_diag * torch.eye(n)
+        Hd = H + (damp * 10**attempt) * mean_diag * torch.eye(n, dtype=H.dtype, device=H.device)
         L, info = torch.linalg.cholesky_ex(Hd)
         if info == 0:
             Hinv = torch.cholesky_inverse(L)
@@ -203,5 +203,5 @@ def inverse_hessian_diag(H: torch.Tensor, damp: float = OrthoConfig.damp) -> tor
     H = H.float().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    Hd = H + damp * torch.diag(H).mean() * torch.eye(H.shape[0])
+    Hd = H + damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     return torch.diag(torch.cholesky_inverse(torch.linalg.cholesky(Hd)))

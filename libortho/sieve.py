@@ -59,7 +59,7 @@ def top_fraction(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     """Flat indices of the ceil-rounded top `ratio` of `scores`."""
     k = int(round(ratio * scores.numel()))
     if k == 0:
-        return torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, dtype=torch.long, device=scores.device)
     return torch.topk(scores.reshape(-1), k, sorted=False).indices
 
 
@@ -131,7 +131,7 @@ def refit_values(csr: OrthoCSR, R: torch.Tensor, H: torch.Tensor, damp: float = 
     if csr.nnz == 0:
         return csr
     H = H.double()
-    Hd = H + damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=torch.float64)
+    Hd = H + damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
     counts = (csr.crow[1:] - csr.crow[:-1]).long()
     starts = csr.crow[:-1].long()
     rows_of_entries = rows_of_crow(csr.crow)
@@ -142,7 +142,7 @@ def refit_values(csr: OrthoCSR, R: torch.Tensor, H: torch.Tensor, damp: float = 
             continue  # a full row: the optimum is the residual itself (already in vals)
         rows = torch.nonzero(counts == k).reshape(-1)
         for chunk in rows.split(max(1, 2**22 // (k * k))):  # bound the [rows, k, k] systems' memory
-            pos = starts[chunk][:, None] + torch.arange(k)[None, :]  # [rows, k] positions in the CSR arrays
+            pos = starts[chunk][:, None] + torch.arange(k, device=starts.device)[None, :]  # [rows, k] positions in the CSR arrays
             idx = csr.col.long()[pos]  # [rows, k] columns
             A = Hd[idx[:, :, None], idx[:, None, :]]  # [rows, k, k], SPD
             b = torch.gather(RH[chunk], 1, idx)  # [rows, k]

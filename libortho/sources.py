@@ -45,15 +45,23 @@ def cache_dir() -> Path:
 def default_device() -> torch.device:
     """Where models are opened: ``$LIBORTHO_DEVICE`` (``cpu``, ``cuda``, ``cuda:1``, ...), else the CPU.
 
-    Forward passes (fine-tuning, calibration, audits) run there; the GPTQ fits run on the CPU.
+    Forward passes (fine-tuning, calibration, audits) run there, and so do a decomposition's fits.
     """
-    name = os.environ.get("LIBORTHO_DEVICE", "cpu").strip() or "cpu"
+    return checked_device(os.environ.get("LIBORTHO_DEVICE", "cpu").strip() or "cpu", "LIBORTHO_DEVICE")
+
+
+def checked_device(name: str, where: str) -> torch.device:
+    """The torch device `name`, refused with a message naming `where` it came from if torch cannot use it."""
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise ArtifactError(f"LIBORTHO_DEVICE={name!r} is not a device name; use cpu, cuda or cuda:N") from err
+        raise ArtifactError(f"{where}={name!r} is not a device name; use cpu, cuda or cuda:N") from err
+    if device.type not in ("cpu", "cuda"):
+        raise ArtifactError(f"{where}={name!r}: libortho runs on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ArtifactError(f"LIBORTHO_DEVICE={name!r} but torch sees no CUDA device; unset it to run on the CPU")
+        raise ArtifactError(f"{where}={name!r} but torch sees no CUDA device (torch {torch.__version__}); use cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ArtifactError(f"{where}={name!r} but torch sees {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -121,10 +129,12 @@ def _check_model_folder(source: Path) -> None:
     refuse_custom_code(source)
 
 
-def open_streamed_model(source: str | Path | None = None):
+def open_streamed_model(source: str | Path | None = None, device: torch.device | None = None):
     """(model, tokenizer, block loader) for a decomposition that reads the decoder blocks from disk one at a
     time (streaming.open_streamed): a Hugging Face folder of safetensors, or a .gguf file through its cached
-    conversion. A model that cannot be built that way is loaded whole (block loader None)."""
+    conversion. A model that cannot be built that way is loaded whole (block loader None).
+    ``device=None``: :func:`default_device`."""
+    device = device or default_device()
     from transformers import AutoTokenizer
 
     from .shards import ShardedCheckpoint
@@ -134,20 +144,20 @@ def open_streamed_model(source: str | Path | None = None):
     if path.suffix == ".gguf" and path.is_file():
         path = _converted_gguf(path)
     if not (path.is_dir() and not is_artifact(path)):
-        return (*load_model(path), None)  # load_model says what is wrong with it
+        return (*load_model(path, device=device), None)  # load_model says what is wrong with it
     _check_model_folder(path)
     with _clear_errors(path):
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     try:
         ShardedCheckpoint(path)
         with _clear_errors(path):
-            model, loader = open_streamed(path, device=default_device())
+            model, loader = open_streamed(path, device=device)
     except StreamingUnsupported:
-        return (*load_model(path), None)
+        return (*load_model(path, device=device), None)
     except ArtifactError:
         if any(path.glob("*.safetensors")):
             raise
-        return (*load_model(path), None)  # no safetensors: transformers reads what it can, whole
+        return (*load_model(path, device=device), None)  # no safetensors: transformers reads what it can, whole
     return model, tok, loader
 
 

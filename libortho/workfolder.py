@@ -188,7 +188,7 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors that share storage (q/k/v share H): the second and later get a copy."""
     seen, out = set(), {}
     for name, t in tensors.items():
-        t = t.detach().contiguous()
+        t = t.detach().to("cpu").contiguous()  # the carried activations live on the fits' device
         if t.untyped_storage().data_ptr() in seen:
             t = t.clone()
         seen.add(t.untyped_storage().data_ptr())
