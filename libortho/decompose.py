@@ -301,6 +301,8 @@ def quantize_model(
                 stats.layer_private_error[f"{b}.{name}"] = relative_output_error(W_P, W_base, H_priv[name])
             stats.n_weights += W.numel()
             replace_submodule(block, name, _base_only_layer(base, bias, module))
+        # The plan now points at the base-only layers: nothing holds the block's fine-tuned weights any more.
+        plan.targets[b] = {name: block.get_submodule(name) for name in targets}
         # What block b+1 sees: the base stream's output.
         public.hidden = calibrate.run_block(block, public)
         if private is not None:
@@ -334,6 +336,7 @@ def _restore(folder: WorkFolder, done: int, plan: DecompositionPlan, config: Ort
         for name, part in folder.load_block(b, config).items():
             parts[(b, name)] = part
             replace_submodule(plan.blocks[b], name, _base_only_layer(part.base, part.bias, plan.targets[b][name]))
+        plan.targets[b] = {name: plan.blocks[b].get_submodule(name) for name in plan.targets[b]}
     saved = folder.stats()
     stats.n_weights = saved["n_weights"]
     stats.layer_output_error.update(saved["layer_output_error"])
