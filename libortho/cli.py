@@ -269,6 +269,16 @@ def cmd_demo(args) -> int:
     return demo.run(args)
 
 
+def cmd_export(args) -> int:
+    from .export import export
+
+    fmt = args.format or "compressed-tensors"
+    out = export(args.path, args.out, format=fmt, lora=args.lora)
+    lora = f"; LoRA adapter (the low-rank ortho part) -> {args.lora}" if args.lora is not None else ""
+    print(f"exported the alpha-0 base of {args.path} as {fmt} -> {out}{lora}")
+    return 0
+
+
 # ---- parser ----------------------------------------------------------------------------------
 def _preset_default(field: str, presets: tuple[str, ...] = ("quality", "privacy")) -> str:
     """'default X' or 'default X (quality preset), Y with a forget source (privacy preset)', from config.py."""
@@ -415,6 +425,18 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {Sampling.n_samples}: this command samples, the library's AuditConfig does not by default)")
     p.add_argument("--out", default="libortho-audit", metavar="DIR")
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("export", help="write the public base (alpha 0) for existing engines (vLLM, transformers)")
+    p.add_argument("path", metavar="ARTIFACT", help="libortho artifact folder")
+    p.add_argument("out", metavar="OUT", help="new folder for the exported model (no byte of the ortho stream is written there)")
+    p.add_argument("--format", default=None, choices=["compressed-tensors"],
+                   help="checkpoint format: compressed-tensors pack-quantized (symmetric INT4/INT8 bases whose group "
+                        "size divides every layer's input width) (default compressed-tensors)")
+    p.add_argument("--lora", default=None, metavar="OUT_ADAPTER",
+                   help="also write the ortho stream's low-rank part B·A as a PEFT LoRA adapter in this new folder; "
+                        "the sparse part S is NOT included, so base + adapter equals alpha 1 only when the ortho "
+                        "stream is low-rank alone (--lowrank-share 1)")
+    p.set_defaults(func=cmd_export)
 
     from . import kernel_bench
 
