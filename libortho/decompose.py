@@ -5,7 +5,8 @@ Block i is calibrated on the output of the already-quantized blocks < i at alpha
 stream is fitted to its own inputs: it has to be a self-consistent model on its own.
 
 The driver's stages, in the order they run, each returning its result, with what each reads,
-keeps and frees:
+keeps and frees. The fits run where the model's decoder blocks are (CPU or CUDA: Hessians, W*, GPTQ
+and the ortho fits alike); what a stage keeps across blocks is kept in host memory.
 
   plan      reads the tokenizer, the calibration text, the forget texts and the public model P.
             Keeps the token batches, the model's decoder blocks and their target linears, and a
@@ -14,8 +15,8 @@ keeps and frees:
   quantize  block by block. Captures block 0's inputs once (public, and private for the forget
             texts) and carries them from block to block. Per block: accumulates H_pub (and
             H_priv), fits each layer's base (forget.py's W* under H', GPTQ) and replaces the
-            nn.Linear by a base-only OrthoLinear, so the fine-tuned weight of that layer is freed
-            with the module. Keeps, per layer, the LayerParts (the base codes, the dense float32
+            nn.Linear by a base-only OrthoLinear and points the plan at it, so the fine-tuned weight
+            of that layer is freed with the module. Keeps, per layer, the LayerParts (the base codes, the dense float32
             residual R = W_ft - W_base, the curvature H the sieve uses, the bias); frees the
             block's Hessians, the Cholesky factors and the block's dense weight caches before the
             next block.
@@ -219,7 +220,7 @@ class LayerParts:
     None without calibration) and bias. A layer finished in place (`layer_local`) has its `ortho`
     stream and no longer R, H or edit."""
 
-    base: QuantizedWeight
+    base: QuantizedWeight | None  # None once a finished layer's codes live only in the model (`_drop_codes`)
     R: torch.Tensor | None
     H: torch.Tensor | None
     bias: torch.Tensor | None
@@ -312,6 +313,8 @@ def quantize_model(
                 module.clear_cache()  # a dense copy of every base would double the memory
         if folder is not None:
             folder.save_block(b, {name: parts[(b, name)] for name in targets}, _carry(public, private, finish), stats.to_dict())
+        if finish is not None:
+            _drop_codes(parts, b, targets)
     stats.n_layers = len(parts)
     stats.seconds = time.perf_counter() - start
     return parts, stats
@@ -337,6 +340,8 @@ def _restore(folder: WorkFolder, done: int, plan: DecompositionPlan, config: Ort
             parts[(b, name)] = part
             replace_submodule(plan.blocks[b], name, _base_only_layer(part.base, part.bias, plan.targets[b][name]))
         plan.targets[b] = {name: plan.blocks[b].get_submodule(name) for name in plan.targets[b]}
+        if finish is not None:
+            _drop_codes(parts, b, plan.targets[b])
     saved = folder.stats()
     stats.n_weights = saved["n_weights"]
     stats.layer_output_error.update(saved["layer_output_error"])
@@ -347,6 +352,13 @@ def _restore(folder: WorkFolder, done: int, plan: DecompositionPlan, config: Ort
         private.hidden = [carry[f"private.{i}"].to(h.device) for i, h in enumerate(private.hidden)]
     if "generator" in carry:
         finish.generator.set_state(carry["generator"])
+
+
+def _drop_codes(parts: dict, b: int, names) -> None:
+    """Block b's layers are finished: the model's base-only layers hold their codes, packed, so the parts let go
+    of the unpacked copy (1 byte per weight on the host); `install` then builds on those layers."""
+    for name in names:
+        parts[(b, name)].base = None
 
 
 def _block_hessians(block: nn.Module, targets: dict[str, nn.Module], inputs: calibrate.BlockInputs) -> dict[str, torch.Tensor]:
@@ -443,7 +455,10 @@ def install(
         ortho = orthos[(b, name)]
         sparse, low = (ortho.sparse, ortho.lowrank) if isinstance(ortho, OrthoParts) else (ortho, None)
         lowrank = None if low is None or low.rank == 0 else (low.B, low.A)
-        layer = OrthoLinear.from_parts(p.base, sparse, p.bias, lowrank).to(module_device(blocks[b]))
+        if p.base is None:  # finished in place: the base-only layer in the model holds the codes
+            layer = blocks[b].get_submodule(name).with_ortho(sparse, lowrank)
+        else:
+            layer = OrthoLinear.from_parts(p.base, sparse, p.bias, lowrank).to(module_device(blocks[b]))
         replace_submodule(blocks[b], name, layer)
         n_ortho += sparse.nnz
     attach(model, OrthoState(AlphaState(default=alpha), config, provenance=dict(libortho_version=__version__)),

@@ -77,15 +77,33 @@ class OrthoLinear(nn.Module):
         layer.qweight.copy_(pack(base.codes, base.spec.bits))
         layer.scales.copy_(base.scales)
         layer.zeros.copy_(base.zeros)
-        layer.ortho_crow.copy_(ortho.crow)
-        layer.ortho_col.copy_(ortho.col)
-        layer.ortho_val.copy_(ortho.val)
-        if lowrank is not None:
-            layer.ortho_B.copy_(lowrank[0])
-            layer.ortho_A.copy_(lowrank[1])
+        layer._fill_ortho(ortho, lowrank)
         if bias is not None:
             layer.bias.copy_(bias.detach())
         return layer
+
+    def with_ortho(self, ortho: OrthoCSR, lowrank: tuple[torch.Tensor, torch.Tensor] | None = None) -> "OrthoLinear":
+        """A layer on this one's device with this one's base stream and bias (the same tensors, not copies) and
+        the given ortho stream: what `from_parts` builds from the unpacked codes, without them."""
+        layer = type(self)(
+            self.in_features, self.out_features, self.bits, self.group_size, self.symmetric,
+            bias=self.bias is not None, ortho_nnz=ortho.nnz, ortho_dtype=ortho.val.dtype,
+            bias_dtype=self.bias.dtype if self.bias is not None else torch.float32,
+            ortho_rank=0 if lowrank is None else int(lowrank[1].shape[0]),
+        )
+        layer.qweight, layer.scales, layer.zeros, layer.bias = None, None, None, None  # replaced below: no copy
+        layer._fill_ortho(ortho, lowrank)
+        layer = layer.to(self.qweight.device)
+        layer.qweight, layer.scales, layer.zeros, layer.bias = self.qweight, self.scales, self.zeros, self.bias
+        return layer
+
+    def _fill_ortho(self, ortho: OrthoCSR, lowrank: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        self.ortho_crow.copy_(ortho.crow)
+        self.ortho_col.copy_(ortho.col)
+        self.ortho_val.copy_(ortho.val)
+        if lowrank is not None:
+            self.ortho_B.copy_(lowrank[0])
+            self.ortho_A.copy_(lowrank[1])
 
     # ---- views of the two streams ---------------------------------------------------------
     @property

@@ -67,52 +67,6 @@ def test_a_checkpoint_whose_names_differ_from_the_model_is_not_streamed(tmp_path
         open_streamed(tmp_path / "ft")
 
 
-_RSS_CHILD = """
-import resource, sys, torch
-import libortho
-from transformers import AutoTokenizer
-from libortho.shards import ShardedCheckpoint
-from libortho.streaming import open_streamed
-torch.set_num_threads(1)
-folder, calib = sys.argv[1], sys.argv[2]
-model, loader = open_streamed(folder)
-config = libortho.preset("privacy", forget_source="records", calib_tokens=512, seq_len=128, group_size=32)
-libortho.decompose(model, AutoTokenizer.from_pretrained(folder), open(calib).read(), config, progress=False,
-                   public_model=ShardedCheckpoint(folder), forget_texts=["Account 1234 of Ann Lee has PIN 902114."],
-                   block_loader=loader)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-"""
-
-
-def test_a_streamed_decompositions_peak_memory_does_not_grow_with_the_models_depth(tokenizer, tmp_path):
-    """Peak RSS (mapped pages touched count) of streamed decompositions of two models that differ only in depth
-    (4 and 16 blocks): a block's float32 weights are read when it is fitted and freed with it, so the deeper
-    model peaks higher only by what the run keeps per block: the INT codes (unpacked for install, 1 byte per
-    weight, and packed in the model, half a byte), L, the scales, and the allocator's slack. Holding the extra
-    blocks' float32 weights would add their whole size on top of that; the bound is that size. Each run is a
-    fresh process. (A first bound of half that size failed at 0.83 of it: the codes are kept twice.)"""
-    import subprocess
-    import sys
-
-    import transformers as tf
-
-    (tmp_path / "calib.txt").write_text(TEXT)
-    peaks, fp32_bytes = {}, {}
-    for blocks in (4, 16):
-        cfg = tf.LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=blocks, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=tokenizer.vocab_size + 8, max_position_embeddings=256)
-        torch.manual_seed(0)
-        model = tf.LlamaForCausalLM(cfg).to(torch.bfloat16)
-        folder = tmp_path / f"ft{blocks}"
-        model.save_pretrained(folder, max_shard_size="5MB")
-        tokenizer.save_pretrained(folder)
-        fp32_bytes[blocks] = 4 * sum(p.numel() for p in model.model.layers.parameters())
-        out = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(folder), str(tmp_path / "calib.txt")],
-                             capture_output=True, text=True, check=True)
-        peaks[blocks] = int(out.stdout.strip().splitlines()[-1])
-    assert peaks[16] - peaks[4] < fp32_bytes[16] - fp32_bytes[4], (peaks, fp32_bytes)
-
-
 def test_no_fine_tuned_weight_outlives_its_block(tokenizer, tmp_path):
     """After a block is fitted, nothing the decomposition keeps refers to its fine-tuned linear layers."""
     import gc
