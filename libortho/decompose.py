@@ -15,15 +15,16 @@ and the ortho fits alike); what a stage keeps across blocks is kept in host memo
   quantize  block by block. Captures block 0's inputs once (public, and private for the forget
             texts) and carries them from block to block. Per block: accumulates H_pub (and
             H_priv), fits each layer's base (forget.py's W* under H', GPTQ) and replaces the
-            nn.Linear by a base-only OrthoLinear and points the plan at it, so the fine-tuned weight
-            of that layer is freed with the module. Keeps, per layer, the LayerParts (the base codes, the dense float32
-            residual R = W_ft - W_base, the curvature H the sieve uses, the bias); frees the
-            block's Hessians, the Cholesky factors and the block's dense weight caches before the
-            next block.
+            nn.Linear by a base-only OrthoLinear and points the plan at it, so the fine-tuned
+            weight of that layer is freed with the module. Keeps, per layer, the LayerParts (the
+            base codes, the dense float32 residual R = W_ft - W_base, the curvature H the sieve
+            uses, the bias); frees the block's Hessians, the Cholesky factors and the block's dense
+            weight caches before the next block.
   finish    when each layer's ortho stream depends on that layer alone (`layer_local`: per-layer
             ranks with no sparse part, or a per-layer sparse budget), quantize fits it as the layer's
-            base is done and frees that layer's R, H and edit at once: the parts keep only the base,
-            the bias and the ortho stream.
+            base is done and frees that layer's R, H and edit at once; once the block is done the
+            parts also let go of the unpacked codes (the model's base-only layer holds them packed,
+            and install builds on it): the parts keep only the bias and the ortho stream.
   sieve     otherwise, reads every layer's R and H (a global budget compares scores across all
             layers: they are recomputed per pass rather than held) and returns the ortho stream per
             layer. R and H stay in the parts: one base can be sieved several ways.
