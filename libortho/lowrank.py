@@ -153,11 +153,17 @@ def _top_eigen(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lam.flip(0).clamp_min(0), V.flip(1)
 
 
+def _row_gram(E: torch.Tensor, Hs: torch.Tensor, damp: float) -> torch.Tensor:
+    """G Gᵀ = E Hs_d Eᵀ [out, out] float64, without forming G."""
+    E = E.double()
+    return E @ dampened(Hs, damp) @ E.t()
+
+
 def weighted_svd_spectrum(E: torch.Tensor, Hs: torch.Tensor, damp: float = OrthoConfig.damp) -> torch.Tensor:
     """σ_i² [min(out, in)] float64, descending: the objective's drop from rank i−1 to i of (b).
     The eigenvalues of the smaller Gram matrix of G: E Hs_d Eᵀ [out, out], or GᵀG [in, in]."""
     if E.shape[0] <= E.shape[1]:
-        return _top_eigen(E.double() @ dampened(Hs, damp) @ E.double().t())[0]
+        return _top_eigen(_row_gram(E, Hs, damp))[0]
     G, _, _ = _whitened(E, Hs, damp)
     return _top_eigen(G.t() @ G)[0]
 
@@ -173,7 +179,7 @@ def weighted_svd(E: torch.Tensor, Hs: torch.Tensor, rank: int, damp: float = Ort
     """
     r = _capped(rank, *E.shape)
     if E.shape[0] <= E.shape[1]:
-        sigma2, P = _top_eigen(E.double() @ dampened(Hs, damp) @ E.double().t())
+        sigma2, P = _top_eigen(_row_gram(E, Hs, damp))
         sigma = sigma2[:r].sqrt()
         B = P[:, :r] * sigma[None, :]
         # A term with σ = 0 adds nothing to L: keep its row at 0 rather than divide by 0.
