@@ -250,17 +250,23 @@ def load(
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
         except Exception as err:  # and for bad tokenizer files (tokenizers' own exception types included)
             raise ArtifactError(f"{path} has broken tokenizer files: {str(err).splitlines()[0]}") from err
-    try:
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    except Exception as err:
-        raise ArtifactError(f"{path / 'config.json'} does not describe a causal language model: {str(err).splitlines()[0]}") from err
-    for name, spec in manifest["layers"].items():
-        _install_layer(model, path, name, spec, with_ortho)
+    # The skeleton is built on the meta device: no random initialisation of weights the files replace
+    # (at 8B that would be 32 GB of host memory and minutes of CPU).
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        except Exception as err:
+            raise ArtifactError(f"{path / 'config.json'} does not describe a causal language model: {str(err).splitlines()[0]}") from err
+        for name, spec in manifest["layers"].items():
+            _install_layer(model, path, name, spec, with_ortho)
     _check_against_model(model, path, base, ortho, with_ortho)
     model.load_state_dict({**base, **ortho}, strict=False, assign=True)
+    del base, ortho  # the model owns the tensors now
     model.tie_weights()
+    _materialize_unstored(model, path)
     _cast_float_params(model, dtype)
-    model.to(device).eval()
+    _to_device(model, device)
+    model.eval()
     switch = AlphaState(default=0.0, ortho_available=with_ortho)
     switch.default = switch.check(alpha)
     attach(model, _state_from_manifest(manifest, switch, path), ortho_layers(model))
@@ -357,6 +363,39 @@ def _check_against_model(model: nn.Module, path: Path, base: dict, ortho: dict, 
         extra = set(ortho) - set(expected)
         if extra:
             raise ArtifactError(f"{path / ORTHO_FILE} holds tensors {sorted(extra)[:3]} of no layer in {MANIFEST}")
+
+
+def _materialize_unstored(model: nn.Module, path: Path) -> None:
+    """Give real tensors to what the files do not store: the empty ortho buffers of a layer loaded without
+    its ortho stream (their built value: zeros) and buffers the model computes (rotary frequencies)."""
+    from .streaming import StreamingUnsupported, rebuild_computed_buffers
+
+    for layer in ortho_layers(model):
+        for name, t in layer._buffers.items():
+            if t is not None and t.is_meta:
+                layer._buffers[name] = torch.zeros(t.shape, dtype=t.dtype)
+    try:
+        rebuild_computed_buffers(model, torch.device("cpu"))
+    except StreamingUnsupported as err:
+        raise ArtifactError(f"{path}: {err}") from None
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise ArtifactError(f"{path / BASE_FILE} holds no tensor for {', '.join(missing[:3])}; the artifact is incomplete")
+
+
+def _to_device(model: nn.Module, device: torch.device) -> None:
+    """Move the model module by module, so that the host lets go of each layer's copy as it goes."""
+    if device.type == "cpu":
+        return
+    moved: dict[int, torch.Tensor] = {}  # tied weights are one tensor: moved once
+    for m in model.modules():
+        for group in (m._parameters, m._buffers):
+            for name, t in group.items():
+                if t is None:
+                    continue
+                if id(t) not in moved:
+                    moved[id(t)] = nn.Parameter(t.data.to(device), requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else t.to(device)
+                group[name] = moved[id(t)]
 
 
 def _ortho_names(model: nn.Module) -> set[str]:

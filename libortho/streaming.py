@@ -84,6 +84,17 @@ def _materialize(module: nn.Module, prefix: str, checkpoint: ShardedCheckpoint, 
             t = checkpoint.get(key)
             m._buffers[bname] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
         if len(stored) < len(meta_buffers):
+            try:
+                _rebuild_buffers(m, name, device)
+            except StreamingUnsupported as err:
+                raise StreamingUnsupported(f"{err}: load the model whole") from None
+
+
+def rebuild_computed_buffers(model: nn.Module, device: torch.device) -> None:
+    """Every buffer still on the meta device (one no checkpoint stores, such as rotary frequencies), rebuilt
+    from the config its module was built from; StreamingUnsupported for a module that cannot be rebuilt."""
+    for name, m in model.named_modules():
+        if any(t is not None and t.is_meta for t in m._buffers.values()):
             _rebuild_buffers(m, name, device)
 
 
@@ -95,7 +106,7 @@ def _rebuild_buffers(m: nn.Module, name: str, device: torch.device) -> None:
             fresh = type(m)(config=config)
     except Exception as err:
         raise StreamingUnsupported(f"cannot rebuild the computed buffers of {name or 'the model'} "
-                                   f"({type(m).__name__}: {err}): load the model whole") from None
+                                   f"({type(m).__name__}: {err})") from None
     for bname, t in list(m._buffers.items()):
         if t is not None and t.is_meta:
             m._buffers[bname] = fresh._buffers[bname]

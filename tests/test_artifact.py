@@ -30,6 +30,33 @@ def test_save_load_forward_bit_identical(artifact, tokenizer):
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in path.iterdir())
 
 
+def test_load_builds_no_weight_it_then_replaces(artifact, monkeypatch):
+    """The model is built on the meta device: no random initialisation runs, every tensor ends up real,
+    and what the files do not store (rotary frequencies, the empty ortho buffers at alpha 0) is as built."""
+    import torch.nn.init as init
+
+    model, path = artifact
+
+    def only_on_meta(real):
+        def init_(tensor, *args, **kwargs):
+            assert tensor.is_meta, "load initialised a real weight randomly"
+            return real(tensor, *args, **kwargs)
+        return init_
+
+    for name in ("uniform_", "normal_", "kaiming_uniform_", "trunc_normal_"):
+        monkeypatch.setattr(init, name, only_on_meta(getattr(init, name)))
+    loaded, _ = libortho.load(path, with_ortho=False)
+    tensors = dict(loaded.named_parameters()) | dict(loaded.named_buffers())
+    assert not [n for n, t in tensors.items() if t.is_meta]
+    built = dict(model.named_buffers())
+    assert any(n.endswith("inv_freq") for n in tensors)
+    for name, t in tensors.items():
+        if name.endswith("inv_freq"):
+            assert torch.equal(t, built[name])
+        if name.endswith(("ortho_crow", "ortho_col", "ortho_val", "ortho_A", "ortho_B")):
+            assert not t.any()
+
+
 def test_load_save_load_keeps_the_manifest_and_the_bytes(artifact, tmp_path):
     """load -> save keeps every field of the manifest but the per-file hashes (config, layer
     table, provenance, stats), and at the stored dtypes on the CPU every tensor file byte for byte."""
