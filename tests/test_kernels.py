@@ -17,12 +17,12 @@ if not torch.cuda.is_available():  # must be set before the kernels are decorate
 triton = pytest.importorskip("triton")
 
 import libortho.kernels.dispatch as K  # noqa: E402
-from libortho.kernels import codes, gemv2, ortho, tile, v1  # noqa: E402
+from libortho.kernels import codes, gemv2, ortho, tc, tile, v1  # noqa: E402
 from libortho.kernels import triton_kernels as TK  # noqa: E402
 from libortho.kernels.synthetic import random_layer  # noqa: E402
 
 if not torch.cuda.is_available():  # re-decorate in interpreter mode if imported earlier
-    for _mod in (codes, tile, ortho, v1, gemv2):  # helpers before their callers
+    for _mod in (codes, tile, ortho, v1, gemv2, tc):  # helpers before their callers
         importlib.reload(_mod)
     TK = importlib.reload(TK)
     K._tk = TK
@@ -203,3 +203,91 @@ def test_default_config_takes_gemv2():
         x = torch.randn(rows, 256, generator=_gen(25 + rows)).to(DEV, torch.float16)
         assert K._v2_supported(cfg, K.get_layout(layer), layer, x)
         _check(layer, x, 1.0)
+
+
+# Kernel v3 (libortho/kernels/tc.py, ``_tc_kernel``): 2–64 token rows on tensor cores. The
+# interpreter runs its fp32-dequantisation path (the fp16x2 inline PTX is GPU only), so these
+# check the indexing: BM 16/32/64 with padded / clamped token rows, rows past N, BK below and
+# above the group size, split-K on whole ortho K blocks, the in-loop ortho walk and its tail
+# (heavy rows), x gathered from x or its transpose (XT), per-row alpha, asymmetric zeros,
+# bf16 x, and the fused low-rank part.
+TC = dict(kernel="tc", BM=16, BN=16, BK=64, num_warps=4, STAGES=2, E=1, SPLIT=2, XT=True)
+
+
+def _spy_tc(monkeypatch):
+    calls = []
+    real = K._launch_tc
+    monkeypatch.setattr(K, "_launch_tc", lambda *a, **kw: (calls.append(a[3]), real(*a, **kw)))
+    return calls
+
+
+@pytest.mark.parametrize("case", [
+    # (cfg, k, n, rows, group, symmetric, bias, density, heavy, alpha kind, x dtype, rank)
+    (TC, 256, 40, 5, 64, True, True, 0.05, 1, "one", torch.float16, 0),
+    (dict(TC, XT=False, SPLIT=3, E=2), 512, 33, 3, 32, False, False, 0.04, 1, "rows",
+     torch.float16, 0),
+    (dict(TC, BK=128, SPLIT=1), 256, 48, 2, 32, True, True, 0.03, 0, "half", torch.bfloat16, 0),
+    (dict(TC, BM=64, BN=32), 512, 40, 33, 128, True, False, 0.02, 2, "rows", torch.float16, 0),
+    (dict(TC, BM=32), 256, 24, 32, 64, True, False, 0.03, 0, "one", torch.float16, 20),
+    (dict(TC, SPLIT=3), 768, 24, 4, 64, True, True, 0.0, 0, "rows", torch.bfloat16, 17),
+])
+def test_tc_matches_reference(case, monkeypatch):
+    cfg, k, n, rows, g, sym, bias, dens, heavy, akind, dt, rank = case
+    calls = _spy_tc(monkeypatch)
+    layer = _layer(k, n, seed=k + n + rows, group_size=g, symmetric=sym, bias=bias,
+                   density=dens, heavy_rows=heavy, rank=rank)
+    gen = _gen(rows + 200)
+    x = torch.randn(rows, k, generator=gen).to(DEV, dt)
+    alpha = {"one": 1.0, "half": 0.5, "rows": torch.rand(rows, generator=gen).to(DEV)}[akind]
+    out = torch.full((rows, n), float("nan"), dtype=dt, device=DEV)
+    y = K.dual_stream_linear(x, layer, alpha, out=out, config=cfg, lowrank=rank > 0)
+    ref = K.reference_dual_stream(x, layer, alpha, lowrank=rank > 0)
+    assert calls, "the tc kernel did not run"
+    assert torch.isfinite(y).all(), "unwritten (NaN) or non-finite outputs"
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    assert err < (1.5e-2 if dt == torch.bfloat16 else 3e-3), err
+
+
+def test_tc_ortho_partition_by_k_block():
+    """layout.kptr: entries of row r with columns in K block b are [kptr[b, r], kptr[b+1, r]),
+    also when the stored CSR is not column-sorted within rows (the layout sorts a copy)."""
+    from libortho.kernels import layout as L
+    layer = _layer(672, 12, seed=31, group_size=32, density=0.2, heavy_rows=1)
+    crow = layer.ortho_crow.long()
+    for r in range(12):  # reverse every row's entries: the stored CSR is no longer sorted
+        a, b = int(crow[r]), int(crow[r + 1])
+        layer.ortho_col[a:b] = layer.ortho_col[a:b].flip(0).clone()
+        layer.ortho_val[a:b] = layer.ortho_val[a:b].flip(0).clone()
+    lay = L.build_layout(layer)
+    assert lay.tc_reason is None and lay.kptr.shape == (3 + 1, 12)  # cdiv(672, 256) = 3
+    for r in range(12):
+        for blk in range(3):
+            lo, hi = int(lay.kptr[blk, r]), int(lay.kptr[blk + 1, r])
+            c = lay.ocol[lo:hi].long()
+            assert ((c >= blk * lay.kb) & (c < (blk + 1) * lay.kb)).all()
+            want = (layer.ortho_col[int(crow[r]):int(crow[r + 1])].long() // lay.kb == blk).sum()
+            assert hi - lo == int(want)
+    x = torch.randn(3, 672, generator=_gen(32)).to(DEV, torch.float16)
+    _check(layer, x, 1.0, dict(TC, SPLIT=3))  # the kernel walks the sorted copy
+
+
+def test_tc_dispatch_and_switch(monkeypatch):
+    """config=None: M = 1 keeps the v2 decode kernel, 2..64 take tc, 65+ the v1 gemm;
+    set_v3(False) restores the previous path; layers tc refuses are refused when prepared."""
+    calls = _spy_tc(monkeypatch)
+    layer = _layer(256, 32, seed=34, group_size=64, density=0.03, bias=True)
+    for rows, want in ((1, 0), (2, 1), (64, 1), (65, 0)):
+        calls.clear()
+        x = torch.randn(rows, 256, generator=_gen(rows)).to(DEV, torch.float16)
+        _check(layer, x, 1.0)
+        assert len(calls) == want, rows
+    monkeypatch.setattr(K, "V3_ENABLED", False)
+    calls.clear()
+    _check(layer, torch.randn(4, 256, generator=_gen(35)).to(DEV, torch.float16), 1.0)
+    assert not calls
+    monkeypatch.setattr(K, "V3_ENABLED", True)
+    eight = _layer(256, 32, seed=36, bits=8, group_size=64, density=0.03)
+    assert K.get_layout(eight).tc_reason is not None
+    _check(eight, torch.randn(4, 256, generator=_gen(37)).to(DEV, torch.float16), 1.0,
+           dict(TC))  # a tc config on a refused layer falls back to the previous path
+    assert not calls

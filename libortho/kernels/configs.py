@@ -63,6 +63,61 @@ def default_config(m: int, n: int, k: int, group_size: int, v2: bool = True) -> 
                 SWAP=False, JOIN=True, ORTHO="tile", SPLIT=0)
 
 
+# ---- kernel v3 (tc.py): a separate small table per (M bucket, N, K) -------------------------
+# Entries hold the fastest config of a tuning race for 2 <= M <= 64: a "tc" config, or the
+# previous path's config when that won (libortho.kernel_bench.tune_tc). Kept apart from the
+# table above so that switching v3 off (LIBORTHO_KERNEL_V3=0) leaves the old path exactly as
+# it was.
+TC_TABLE_PATH = os.path.join(os.path.dirname(__file__), "tc_configs.json")
+TC_TABLE: Dict[Tuple[int, int], List[Tuple[int, Config]]] = {}
+_tc_read = False
+TC_MIN_M, TC_MAX_M = 2, 64
+
+
+def default_tc_config(m: int) -> Config:
+    """Heuristic tc config (no table entry): BM = 16 (tl.dot's minimum, padded) up to 16 token
+    rows, else 32 / 64 (one M tile, so each weight is read once); E = 0: ortho entries per row
+    per K iteration from the density; SPLIT = 0: from the SM count; XT: gather x from a
+    transposed copy (only made when the ortho stream runs)."""
+    bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+    return dict(kernel="tc", BM=bm, BN=64, BK=128, num_warps=4, STAGES=3, E=0, SPLIT=0,
+                XT=True)
+
+
+def set_tc_table(entries: List[dict]) -> None:
+    """Replace the tc table with ``entries`` = [{"m", "n", "k", "config"}, ...]."""
+    global _tc_read
+    _tc_read = True
+    TC_TABLE.clear()
+    for e in entries:
+        TC_TABLE.setdefault((int(e["n"]), int(e["k"])), []).append((int(e["m"]), dict(e["config"])))
+    for rows in TC_TABLE.values():
+        rows.sort(key=lambda r: r[0])
+
+
+def load_tc_table(path: str = TC_TABLE_PATH) -> bool:
+    """Load a tc table (same file format as ``save_table``); False if the file is missing."""
+    global _tc_read
+    _tc_read = True
+    if not os.path.exists(path):
+        TC_TABLE.clear()
+        return False
+    with open(path) as f:
+        set_tc_table(json.load(f).get("entries", []))
+    return True
+
+
+def select_tc_config(m: int, n: int, k: int, group_size: int) -> Config:
+    """Config for 2 <= m <= 64 under v3: the tc table's entry for the smallest tuned M bucket
+    >= m of (n, k), else ``default_tc_config``."""
+    if not _tc_read:
+        load_tc_table()
+    for tm, cfg in TC_TABLE.get((n, k), []):
+        if tm >= m:
+            return dict(cfg)
+    return default_tc_config(m)
+
+
 def set_table(entries: List[dict], info: Optional[Dict[str, object]] = None) -> None:
     """Replace the table with ``entries`` = [{"m", "n", "k", "config"}, ...]."""
     global _table_read

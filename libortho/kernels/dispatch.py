@@ -3,15 +3,23 @@ that the kernel takes the layer's layout (else the PyTorch fallback), sizes spli
 ortho chunk (launch.py) and launches the Triton kernel (triton_kernels.py).
 
 Scalar alpha == 0 takes the base-only kernel variant (the ortho buffers are not read).
+
+Kernel v3 (tc.py) takes 2 <= M <= 64 token rows on layers whose layout accepts it
+(``KernelLayout.tc_reason`` is None), with configs from the tc table (configs.py); batch 1
+keeps the v2 decode kernel. ``LIBORTHO_KERNEL_V3=0`` in the environment (or ``set_v3(False)``)
+restores the previous path for every M, so one process can time both.
 """
 from __future__ import annotations
 
 import functools
+import math
+import os
 from typing import Any, Optional, Union
 
 import torch
 
-from .configs import Config, default_config, select_config
+from .configs import (TC_MAX_M, TC_MIN_M, Config, default_config, select_config,
+                      select_tc_config)
 from .launch import auto_e, choose_split, interpret_mode, split_buffers
 from .layout import KernelLayout, get_layout
 from ..packing import container_bits
@@ -26,6 +34,15 @@ try:  # Triton is optional (CPU-only installs may lack it).
 except Exception:  # pragma: no cover - depends on the environment
     _tk = None
     _HAS_TRITON = False
+
+
+V3_ENABLED = os.environ.get("LIBORTHO_KERNEL_V3", "1") not in ("0", "", "false", "off")
+
+
+def set_v3(enabled: bool) -> None:
+    """Switch kernel v3 (tc.py, 2–64 token rows) on or off for this process."""
+    global V3_ENABLED
+    V3_ENABLED = bool(enabled)
 
 
 def available() -> bool:
@@ -90,7 +107,7 @@ def _check_config(cfg: Config, cbits: int, group_size: int) -> None:
 
 def dual_stream_linear(x: torch.Tensor, layer: Any, alpha: Alpha = 0.0, *,
                        out: Optional[torch.Tensor] = None,
-                       config: Optional[Config] = None) -> torch.Tensor:
+                       config: Optional[Config] = None, lowrank: bool = False) -> torch.Tensor:
     """Y = X·W_baseᵀ + alpha·X·W_orthoᵀ + bias.
 
     x: [..., in_features] fp16/bf16 (fp32 accepted); alpha: float, or a tensor with one value
@@ -101,12 +118,18 @@ def dual_stream_linear(x: torch.Tensor, layer: Any, alpha: Alpha = 0.0, *,
     default for 1–4 fp16 token rows on symmetric 4-bit layers) forms each 32-bit word's 8
     products as fp16 pairs (4 HFMA2 on (c − z)/16, finite for |x| < 32752) before summing them
     in fp32 (docs/kernel_notes.md).
+    lowrank: also add alpha·(X·Aᵀ)·Bᵀ of the layer's low-rank part (``ortho_A`` [r, K],
+    ``ortho_B`` [N, r]; nothing when absent or r = 0): fused into the v3 kernel's epilogue
+    (X·Aᵀ is one thin GEMM before it), two thin GEMMs after the kernel on other paths. False
+    (default): the caller adds it (as OrthoLinear.forward does today).
     """
     k, n = int(layer.in_features), int(layer.out_features)
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features, layer expects {k}")
     if not (available() and supports(layer)):
         y = torch_dual_stream(x, layer, alpha)
+        if lowrank:
+            y = y + _lowrank_torch(x.reshape(-1, k), layer, alpha).reshape(y.shape).to(y.dtype)
         if out is not None:
             out.copy_(y.reshape(out.shape))
             return out.reshape(*x.shape[:-1], n)
@@ -121,13 +144,96 @@ def dual_stream_linear(x: torch.Tensor, layer: Any, alpha: Alpha = 0.0, *,
         return y.reshape(*x.shape[:-1], n)
     use_ortho, avec, ascalar = _alpha_args(alpha, m, x.device)
     use_ortho = use_ortho and lay.nnz > 0
-    cfg = _call_config(config, lay, layer, x2)
+    rank = _rank(layer) if lowrank and (avec is not None or ascalar != 0.0) else 0
+    if config is None and V3_ENABLED and TC_MIN_M <= m <= TC_MAX_M:
+        config = select_tc_config(m, n, k, int(layer.group_size))
     bias = getattr(layer, "bias", None)
+    if config is not None and config.get("kernel") == "tc":
+        if _tc_ok(lay, x2):
+            _launch_tc(x2, layer, lay, dict(config), y, bias, use_ortho, avec, ascalar, rank)
+            return y.reshape(*x.shape[:-1], n)
+        config = None  # layout or call the tc kernel refuses: the previous path's config
+    cfg = _call_config(config, lay, layer, x2)
     if cfg["kernel"] == "gemv2":
         _launch_v2(x2, layer, lay, cfg, y, bias, use_ortho, avec, ascalar)
     else:
         _launch_v1(x2, layer, lay, cfg, y, bias, use_ortho, avec, ascalar)
+    if rank:
+        y += _lowrank_torch(x2, layer, avec if avec is not None else ascalar).to(y.dtype)
     return y.reshape(*x.shape[:-1], n)
+
+
+def _rank(layer: Any) -> int:
+    a = getattr(layer, "ortho_A", None)
+    return 0 if a is None else int(a.shape[0])
+
+
+def _lowrank_torch(x2: torch.Tensor, layer: Any, alpha: Alpha) -> torch.Tensor:
+    """alpha·(X·Aᵀ)·Bᵀ [M, N] with two thin GEMMs (paths without the fused epilogue)."""
+    if _rank(layer) == 0:
+        return torch.zeros(x2.shape[0], int(layer.out_features), dtype=x2.dtype, device=x2.device)
+    low = (x2 @ layer.ortho_A.to(x2.dtype).t()) @ layer.ortho_B.to(x2.dtype).t()
+    if isinstance(alpha, torch.Tensor):
+        return low * alpha.to(low.dtype).reshape(-1, 1)
+    return low * float(alpha)
+
+
+def _tc_ok(lay: KernelLayout, x2: torch.Tensor) -> bool:
+    """The tc kernel takes the call: the layout was accepted when prepared (layout.tc_reason),
+    x is fp16/bf16 with unit column stride, 2 <= M <= 64."""
+    return (lay.tc_reason is None and x2.dtype in (torch.float16, torch.bfloat16)
+            and TC_MIN_M <= x2.shape[0] <= TC_MAX_M)
+
+
+def tc_entries_per_iter(nnz: int, n: int, split: int, iters: int) -> int:
+    """Ortho entries per row per K iteration of the tc kernel: the mean per row per split
+    plus one standard deviation (binomial counts), spread over the split's K iterations,
+    rounded up to a power of two in [1, 8]; rows longer than that go to the tail loop."""
+    mean = nnz / max(1, n) / max(1, split)
+    need = (mean + math.sqrt(mean)) / max(1, iters)
+    e = 1
+    while e < need and e < 8:
+        e *= 2
+    return e
+
+
+def _launch_tc(x2, layer, lay, cfg, y, bias, use_ortho, avec, ascalar, rank) -> None:
+    """Launch ``_tc_kernel`` (tc.py) into y [M, N]; rank > 0 fuses the low-rank part."""
+    m, k = x2.shape
+    n, g = int(layer.out_features), int(layer.group_size)
+    bm, bn, bk = int(cfg["BM"]), int(cfg["BN"]), int(cfg["BK"])
+    if bm not in (16, 32, 64) or not _pow2(bn) or bn < 16 or not _pow2(bk) or bk < 32:
+        raise ValueError(f"tc config needs BM in 16/32/64, BN >= 16 and BK >= 32 powers of two: {cfg}")
+    while k % bk:  # K tiles need no masks (K % 32 == 0 is checked when the layer is prepared)
+        bk //= 2
+    m_tiles, n_tiles = triton.cdiv(m, bm), triton.cdiv(n, bn)
+    unit = max(bk, lay.kb) if use_ortho else bk  # split boundaries on whole ortho K blocks
+    split = choose_split(cfg.get("SPLIT", 0), m_tiles * n_tiles, k, unit, x2.device)
+    kps = triton.cdiv(triton.cdiv(k, split), unit) * unit
+    split = triton.cdiv(k, kps)
+    ws, cnt = split_buffers(m_tiles * n_tiles, split, bm, bn, y, x2.device)
+    eo = int(cfg.get("E", 0)) or tc_entries_per_iter(lay.nnz, n, split, kps // bk)
+    if not _pow2(eo):
+        raise ValueError(f"tc config E={eo} must be a power of two (or 0 = automatic)")
+    xt = x2.t().contiguous() if use_ortho and bool(cfg.get("XT", True)) else x2
+    t, lb = y, y
+    if rank:
+        t = x2 @ layer.ortho_A.to(x2.dtype).t()  # [M, R]: the thin GEMM before the launch
+        lb = layer.ortho_B if layer.ortho_B.is_contiguous() else layer.ortho_B.contiguous()
+    z = float(lay.zconst) if lay.zconst is not None else 0.0
+    h2 = (x2.dtype == torch.float16 and lay.zconst is not None and z.is_integer() and 0 <= z <= 15
+          and bool(cfg.get("H2", True)) and not interpret_mode())  # inline PTX: GPU only
+    _tk._tc_kernel[(m_tiles, n_tiles, split)](
+        x2, xt, lay.qw, layer.scales, layer.zeros, bias if bias is not None else y,
+        lay.kptr, lay.ocol, lay.oval, avec if avec is not None else y, t, lb, y, ws, cnt,
+        ascalar, z, _ONEBITS, _half2_bits(-(64.0 + z / 16.0)), _half2_bits(-(4.0 + z / 16.0)),
+        m, n, lay.kw, int(layer.scales.shape[1]), rank, x2.stride(0), y.stride(0), kps, split,
+        max(1, lay.kb),
+        BM=bm, BN=bn, BK=bk, GS=g, ZCONST=lay.zconst is not None, H2=h2,
+        HAS_BIAS=bias is not None, HAS_ORTHO=use_ortho, HAS_LR=rank > 0,
+        ALPHA_VEC=avec is not None, EO=eo, XT=xt is not x2, EVEN_M=m % bm == 0,
+        USE_SPLIT=split > 1, DOT_F32=interpret_mode() and x2.dtype == torch.bfloat16,
+        STAGES=int(cfg.get("STAGES", 3)), num_warps=int(cfg["num_warps"]), num_stages=1)
 
 
 def _call_config(config: Optional[Config], lay: KernelLayout, layer: Any, x2: torch.Tensor) -> Config:

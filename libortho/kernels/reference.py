@@ -24,8 +24,9 @@ def dequantize(layer: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
                              int(layer.in_features), dtype)
 
 
-def ortho_dense(layer: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """W_ortho [out, in] as a dense matrix in ``dtype`` (CSR scattered into zeros)."""
+def ortho_dense(layer: Any, dtype: torch.dtype = torch.float32, lowrank: bool = False) -> torch.Tensor:
+    """W_ortho [out, in] as a dense matrix in ``dtype`` (CSR scattered into zeros); lowrank:
+    plus the low-rank part B·A (``ortho_B`` [out, r] · ``ortho_A`` [r, in]) when present."""
     n, k = int(layer.out_features), int(layer.in_features)
     crow = layer.ortho_crow.to(torch.int64)
     w = torch.zeros(n, k, dtype=dtype, device=layer.ortho_val.device)
@@ -33,12 +34,16 @@ def ortho_dense(layer: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     if nnz:
         rows = torch.repeat_interleave(torch.arange(n, device=crow.device), crow[1:] - crow[:-1])
         w[rows, layer.ortho_col.to(torch.int64)] = layer.ortho_val.to(dtype)
+    a = getattr(layer, "ortho_A", None)
+    if lowrank and a is not None and a.shape[0] > 0:
+        w += layer.ortho_B.to(dtype) @ a.to(dtype)
     return w
 
 
 def reference_dual_stream(x: torch.Tensor, layer: Any, alpha: Alpha = 0.0,
-                          dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Y = X W_base^T + alpha * X W_ortho^T + bias, computed in ``dtype``.
+                          dtype: torch.dtype = torch.float64, lowrank: bool = False) -> torch.Tensor:
+    """Y = X W_base^T + alpha * X W_ortho^T + bias, computed in ``dtype``; W_ortho is the CSR
+    part, plus B·A when ``lowrank`` (as ``dual_stream_linear(..., lowrank=True)``).
 
     x: [..., in]; alpha: float or tensor with one value per flattened row; returns [..., out]
     in ``dtype`` (cast the result yourself).
@@ -49,9 +54,10 @@ def reference_dual_stream(x: torch.Tensor, layer: Any, alpha: Alpha = 0.0,
     bias = None if bias is None else bias.to(dtype)
     if isinstance(alpha, torch.Tensor):
         a = alpha.to(dtype).reshape(-1, 1) if alpha.dim() > 0 else alpha.to(dtype)
-        y = dual_stream(x2, dequantize(layer, dtype), ortho_dense(layer, dtype), a, bias)
+        y = dual_stream(x2, dequantize(layer, dtype), ortho_dense(layer, dtype, lowrank), a, bias)
     elif float(alpha) != 0.0:
-        y = dual_stream(x2, dequantize(layer, dtype), ortho_dense(layer, dtype), float(alpha), bias)
+        y = dual_stream(x2, dequantize(layer, dtype), ortho_dense(layer, dtype, lowrank), float(alpha),
+                        bias)
     else:
         y = dual_stream(x2, dequantize(layer, dtype), bias=bias)
     return y.reshape(*x.shape[:-1], n)

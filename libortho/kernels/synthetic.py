@@ -21,7 +21,8 @@ class SyntheticLayer(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
                  qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor,
-                 bias: Optional[torch.Tensor] = None) -> None:
+                 bias: Optional[torch.Tensor] = None,
+                 lowrank: Optional[tuple] = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
@@ -31,6 +32,9 @@ class SyntheticLayer(nn.Module):
         self.register_buffer("ortho_crow", crow)
         self.register_buffer("ortho_col", col)
         self.register_buffer("ortho_val", val)
+        r = 0 if lowrank is None else int(lowrank[1].shape[0])  # low-rank part B·A, as OrthoLinear
+        self.register_buffer("ortho_A", lowrank[1] if r else val.new_zeros(0, in_features))
+        self.register_buffer("ortho_B", lowrank[0] if r else val.new_zeros(out_features, 0))
         if bias is not None:
             self.register_buffer("bias", bias)
         else:
@@ -51,8 +55,9 @@ def random_layer(in_features: int, out_features: int, *, bits: int = 4, group_si
                  symmetric: bool = True, bias: bool = False, density: float = 0.01,
                  heavy_rows: int = 0, val_dtype: torch.dtype = torch.float16,
                  scale: float = 0.02, device: str | torch.device = "cpu",
-                 generator: Optional[torch.Generator] = None) -> SyntheticLayer:
-    """A random layer. ``heavy_rows`` rows get every column in the ortho stream.
+                 generator: Optional[torch.Generator] = None, rank: int = 0) -> SyntheticLayer:
+    """A random layer. ``heavy_rows`` rows get every column in the ortho stream; ``rank`` > 0
+    adds a low-rank part B [out, rank], A [rank, in] ~ N(0, scale) in ``val_dtype``.
 
     Scales ~ U(0.5, 1.5)·scale/2^(bits-1) (fp16); zeros 2^(bits-1) when symmetric, else
     U(0, 2^bits - 1) floats (fp16); ortho values ~ N(0, scale) in ``val_dtype``; bias ~ N(0, 1)
@@ -92,8 +97,12 @@ def random_layer(in_features: int, out_features: int, *, bits: int = 4, group_si
     crow[1:] = counts.cumsum(0).to(torch.int32)
     val = (torch.randn(rows.numel(), generator=g, device=dev) * scale).to(val_dtype)
     b = torch.randn(out_features, generator=g, device=dev).half() if bias else None
+    low = None
+    if rank:
+        low = ((torch.randn(out_features, rank, generator=g, device=dev) * scale).to(val_dtype),
+               (torch.randn(rank, in_features, generator=g, device=dev) * scale).to(val_dtype))
     return SyntheticLayer(in_features, out_features, bits, group_size, qweight, scales, zeros,
-                          crow, cols.to(torch.int32), val, b)
+                          crow, cols.to(torch.int32), val, b, low)
 
 
 def as_ortholinear(src: SyntheticLayer, symmetric: bool = True,

@@ -15,6 +15,9 @@ tools use:
 * ``_gemm_kernel`` (v1.py, FMA=False) — several rows (decode batch ≥ 3, prefill). Dequantizes
   in the inner loop to the activation dtype and feeds ``tl.dot`` (fp32 accumulation).
   The two v1 kernels are one program compiled twice (one parameter list, one launch path).
+* ``_tc_kernel`` (tc.py) — kernel v3, decode batches of 2–64 token rows on nibble-coded
+  layers: weights as the tensor-core M operand, dequantised in registers, the ortho stream
+  walked inside the K loop from a per-K-block partition of the CSR, low-rank part fused.
 
 Operands (all device tensors, see libortho/kernels/layout.py):
 
@@ -35,6 +38,7 @@ Operands (all device tensors, see libortho/kernels/layout.py):
 from __future__ import annotations
 
 from .gemv2 import _gemv2_kernel
+from .tc import _tc_kernel
 from .v1 import _gemm_kernel, _gemv_kernel
 
-__all__ = ["_gemm_kernel", "_gemv_kernel", "_gemv2_kernel"]
+__all__ = ["_gemm_kernel", "_gemv_kernel", "_gemv2_kernel", "_tc_kernel"]
