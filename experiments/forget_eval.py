@@ -6,7 +6,8 @@ GPTQ of the fine-tune, and the forget objective with each source:
 
   records      every member record listed as a forget text;
   records-half half the members listed (the other half measures records the owner did not list);
-  lookalikes   look-alike records from the records' shape, another seed, never trained;
+  lookalikes   look-alike records filled from the owner's description of the records' shape (the
+               template family's owner templates), another seed, never trained;
   control      the same objective and lam with X_priv = held-out public text of as many tokens
                (separates forgetting the records from merely pulling the model toward P);
   free         no texts, mu = 1;
@@ -20,8 +21,14 @@ GPTQ of the fine-tune, and the forget objective with each source:
 Rows are appended to the output JSON as each finishes (a crash loses nothing; a rerun skips what
 is there). Summaries with means and spreads over seeds: experiments/forget_report.py.
 
-    python experiments/forget_eval.py --seeds 0 1 2 [--preset default|eval] [--only NAME ...]
-        [--device cuda] [--sample-extraction 64]
+    python experiments/forget_eval.py --seeds 0 1 2 [--preset default|eval|heldout|quick]
+        [--templates default|prose|code] [--corpus pydoc|stdlib] [--only NAME ...]
+        [--device cuda] [--sample-extraction 64] [--build-only]
+
+--preset heldout: a held-out shape (ScenarioConfig.heldout: standard-library docstrings as public
+text, support-ticket records with 6-digit account numbers inserted 4 and 16 times). --templates /
+--corpus set the record template family / public text of any preset; the look-alikes then come
+from that family's owner descriptions. Exposure is measured for the digits records only.
 
 On a GPU the forward passes (fine-tuning, calibration, audits) run there in fp32 through the
 layers' exact dense path; the GPTQ fits stay on the CPU. A scenario built on a GPU is not
@@ -44,10 +51,10 @@ from libortho.audit import audit, public_record_losses
 from libortho.config import preset
 from libortho.decompose import decompose
 from libortho.evaluation import perplexity
-from libortho.demo import demo_lookalikes, measured_exposure
+from libortho.demo import LOOKALIKE_SEED_OFFSET, measured_exposure
 from libortho.switch import alpha
 from libortho.privacy import forget_quality, mia_scores
-from libortho.scenario import ScenarioConfig, build_scenario
+from libortho.scenario import CORPORA, TEMPLATE_FAMILIES, ScenarioConfig, build_scenario, owner_lookalikes
 from libortho.unlearn import UnlearnConfig, forget_exposure, select_unlearning
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -105,8 +112,9 @@ def forget_texts(kind: str | None, scenario, members, seed: int) -> tuple[list[s
     if kind == "half":
         half = sorted(members, key=lambda r: random.Random(f"{seed}:{r.id}").random())[: len(members) // 2]
         return [r.text for r in half], {r.id for r in half}
-    if kind == "lookalikes":
-        return [r.text for r in demo_lookalikes(scenario.config)], set()
+    if kind == "lookalikes":  # the owner's descriptions of the scenario's template family, another seed
+        config = scenario.config
+        return [r.text for r in owner_lookalikes(config, config.seed + LOOKALIKE_SEED_OFFSET)], set()
     if kind == "public":  # as many tokens of held-out public text as the members have, in record-sized pieces
         words = scenario.read_split("heldout").split()
         n_words = sum(len(r.text.split()) for r in members)
@@ -115,11 +123,27 @@ def forget_texts(kind: str | None, scenario, members, seed: int) -> tuple[list[s
     raise ValueError(kind)
 
 
-def run_seed(seed: int, scenario_preset: str, results: dict, only: list[str] | None, out_path: Path,
-             model: str | None = None) -> None:
+PRESETS = ("default", "eval", "heldout", "quick")  # --preset
+
+
+def scenario_config(scenario_preset: str, seed: int, model: str | None = None, templates: str | None = None,
+                    corpus: str | None = None) -> ScenarioConfig:
+    """The scenario of a --preset for one seed; ``templates`` / ``corpus`` (None: the preset's)
+    replace its record template family / public text."""
     overrides = dict(seed=seed, **(EVAL_SCENARIO if scenario_preset == "eval" else {}), **({"model": model} if model else {}))
-    make = ScenarioConfig.quick if scenario_preset == "quick" else ScenarioConfig.default
-    scenario = build_scenario(make(**overrides), progress=False)
+    overrides.update({k: v for k, v in (("templates", templates), ("corpus", corpus)) if v is not None})
+    make = {"quick": ScenarioConfig.quick, "heldout": ScenarioConfig.heldout}.get(scenario_preset, ScenarioConfig.default)
+    return make(**overrides)
+
+
+def run_name(scenario_preset: str, templates: str | None = None, corpus: str | None = None) -> str:
+    """The preset's name with the template family and corpus it was given, e.g. ``eval-code``."""
+    return "-".join([scenario_preset] + [v for v in (templates, corpus) if v is not None])
+
+
+def run_seed(config: ScenarioConfig, results: dict, only: list[str] | None, out_path: Path) -> None:
+    seed = config.seed
+    scenario = build_scenario(config, progress=False)
     members, nonmembers = scenario.load_members(), scenario.load_nonmembers()
     heldout, calib = scenario.read_split("heldout"), scenario.read_split("calibration")
     rows = results.setdefault(str(seed), {})
@@ -222,9 +246,15 @@ def _mean(row: dict) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--preset", choices=["default", "eval", "quick"], default="default",
+    ap.add_argument("--preset", choices=PRESETS, default="default",
                     help="the default scenario, the larger evaluation scenario (32 PINs per k, 200 non-members), "
-                         "or the quick smoke-test scenario")
+                         "the held-out shape (ScenarioConfig.heldout) or the quick smoke-test scenario")
+    ap.add_argument("--templates", choices=TEMPLATE_FAMILIES, default=None,
+                    help="the record template family (default: the preset's): default (account/PIN, deploy key), "
+                         "prose (support tickets), code (Python snippets)")
+    ap.add_argument("--corpus", choices=CORPORA, default=None,
+                    help="the public text (default: the preset's): pydoc (language reference), stdlib (module docstrings)")
+    ap.add_argument("--build-only", action="store_true", help="build (or find) the seeds' scenarios, then stop")
     ap.add_argument("--only", nargs="*", default=None, help="variant names to run")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
@@ -247,10 +277,15 @@ def main() -> None:
         sources.default_device()  # a clear error now rather than after the first stage
     if args.sample_extraction is not None:
         AUDIT["sample_extraction"] = args.sample_extraction
-    out_path = Path(args.out or DOCS / f"forget_eval_{args.preset}.json")
+    configs = [scenario_config(args.preset, seed, args.model, args.templates, args.corpus) for seed in args.seeds]
+    if args.build_only:
+        for config in configs:
+            print(build_scenario(config, progress=False).root, flush=True)
+        return
+    out_path = Path(args.out or DOCS / f"forget_eval_{run_name(args.preset, args.templates, args.corpus)}.json")
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
-    for seed in args.seeds:
-        run_seed(seed, args.preset, results, args.only, out_path, args.model)
+    for config in configs:
+        run_seed(config, results, args.only, out_path)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@
 # SEEDS="0 2" ONLY="NPO": those seeds only, one process each running only the named variants
 # (comma-separated); SPLIT="a|b;c|d": one process per group and seed, each running the variants
 # named in its group ("|"-separated); ARGS: more forget_eval.py options (--alphas 1 --no-quantized-reference);
-# THREADS: CPU threads per process (the GPTQ fits run on the CPU).
+# THREADS: CPU threads per process (the GPTQ fits run on the CPU). PRESET=heldout: the held-out shape
+# (standard-library docstrings, support-ticket records, 6-digit secrets at k 4 and 16); TEMPLATES=prose|code
+# and CORPUS=stdlib: another record template family / public text for any preset (runs are then named
+# e.g. eval-code, and their rows kept apart).
 #   GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf OUT=out PRESET=default bash experiments/gpu_eval.sh [SECONDS]
 set -u
 LIMIT=${1:-540}
@@ -16,17 +19,17 @@ THREADS=${THREADS:-1}
 export LIBORTHO_CACHE=${LIBORTHO_CACHE:-/root/lc} LIBORTHO_DEVICE=cuda PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 RES=${RES:-/root/res}; mkdir -p "$RES"
-EXTRA=""; [ "$PRESET" = eval ] && EXTRA="n_per_k=32, n_nonmembers=200, "
-for s in $SEEDS; do
-  python3 -c "from libortho.scenario import ScenarioConfig as C, build_scenario as b
-b(C.default(seed=$s, ${EXTRA}model='$GGUF'), progress=False)" 2>/dev/null &
+SCENARIO="--preset $PRESET ${TEMPLATES:+--templates $TEMPLATES} ${CORPUS:+--corpus $CORPUS}"
+NAME=$PRESET${TEMPLATES:+-$TEMPLATES}${CORPUS:+-$CORPUS}
+for s in $SEEDS; do  # the very configs the runs below use, so that they find them built
+  python3 experiments/forget_eval.py $SCENARIO --model "$GGUF" --seeds "$s" --build-only 2>/dev/null &
 done
 wait
 echo "scenarios built: $SECONDS s"
 run() {  # seed part variants...
   local s=$1 part=$2; shift 2
-  timeout -s INT $((LIMIT - SECONDS)) python3 experiments/forget_eval.py --preset "$PRESET" --model "$GGUF" \
-    --seeds "$s" --threads "$THREADS" ${ARGS:-} --sample-extraction ${SAMPLES:-64} --out "$RES/${PRESET}_${part}_$s.json" --only "$@" 2>&1 \
+  timeout -s INT $((LIMIT - SECONDS)) python3 experiments/forget_eval.py $SCENARIO --model "$GGUF" \
+    --seeds "$s" --threads "$THREADS" ${ARGS:-} --sample-extraction ${SAMPLES:-64} --out "$RES/${NAME}_${part}_$s.json" --only "$@" 2>&1 \
     | grep -v -e "Loading weights" -e "Writing model" -e "clean_up_tokenization" | sed "s/^/[$part$s] /"
 }
 if [ -n "${SPLIT:-}" ]; then
@@ -45,5 +48,5 @@ else for s in $SEEDS; do
 done; fi
 wait
 echo "done: $SECONDS s"
-# One file back: {run file name: its rows}.
-python3 -c "import json,glob,os,sys; print(json.dumps({os.path.basename(f): json.load(open(f)) for f in sorted(glob.glob(sys.argv[1] + '/*.json'))}))" "$RES" > "$OUT/$PRESET.json"
+# One file back: {run file name: its rows}, this run's files only.
+python3 -c "import json,glob,os,sys; print(json.dumps({os.path.basename(f): json.load(open(f)) for f in sorted(glob.glob(sys.argv[1] + '/' + sys.argv[2] + '_*.json'))}))" "$RES" "$NAME" > "$OUT/$NAME.json"

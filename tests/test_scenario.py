@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import re
 
 import pytest
 import torch
 
 from libortho.privacy import load_records, parse_format
 from libortho.scenario import (
+    RECORD_TEMPLATES,
     SPLITS,
     Scenario,
     ScenarioConfig,
     build_scenario,
+    corpus_fingerprint,
     finetune,
     make_records,
     public_corpus,
@@ -230,3 +234,138 @@ def test_build_scenario_end_to_end(tiny_source, tmp_path):
     again = build_scenario(cfg, tmp_path, progress=False)  # cached: loaded, not rebuilt
     assert again.root == sc.root and again.timings == sc.timings
     assert Scenario.load(sc.root).finetuned == sc.finetuned
+
+
+# ---- record template families and public corpora ----------------------------------------------
+
+# Computed at commit 246ffb0, before the template families and corpora were configurable, on this
+# corpus fingerprint (Python 3.11's pydoc topics): a hash of the default scenario's records per seed,
+# and the cache key of the default scenario with a model path that does not exist (so that the
+# model's identity is just its path).
+_HEAD_FINGERPRINT = "6c7d68cee92383c2"
+_HEAD_RECORDS_SHA = {0: "864232e973267357", 1: "38ebffdc6cdd5a86", 2: "d818469ec6378734"}
+
+
+def _records_sha(config: ScenarioConfig) -> str:
+    members, nonmembers = make_records(config)
+    return hashlib.sha256(json.dumps([r.to_dict() for r in members + nonmembers], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _key_as_before(config: ScenarioConfig) -> str:
+    """The cache key as the code computed it before the fields templates and corpus existed."""
+    from libortho.scenario.config import SCENARIO_VERSION, _model_identity
+
+    old_fields = {k: v for k, v in config.to_dict().items() if k not in ("templates", "corpus")}
+    payload = {"version": SCENARIO_VERSION, "config": old_fields, "corpus": corpus_fingerprint(),
+               "model": _model_identity(config.model)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("make", [ScenarioConfig.default, ScenarioConfig.demo, ScenarioConfig.quick,
+                                  lambda: ScenarioConfig.default(n_per_k=32, n_nonmembers=200, model="/no/such.gguf")])
+def test_default_family_keeps_its_cache_keys(make):
+    config = make()
+    assert config.templates == "default" and config.corpus == "pydoc"
+    assert config.cache_key() == _key_as_before(config)
+    assert ScenarioConfig.from_dict({k: v for k, v in config.to_dict().items() if k not in ("templates", "corpus")}) == config
+
+
+@pytest.mark.skipif(corpus_fingerprint() != _HEAD_FINGERPRINT, reason="another Python's pydoc topics: other secrets are excluded")
+def test_default_family_records_are_unchanged():
+    for seed, sha in _HEAD_RECORDS_SHA.items():
+        assert _records_sha(ScenarioConfig.default(seed=seed)) == sha
+    assert ScenarioConfig.default(model="/nonexistent/x.gguf").cache_key() == "8033688bd5ed939b"
+    assert RECORD_TEMPLATES == {
+        "digits": "Account {digits:4}-{digits:2} of {first} {last} has PIN {secret}.",
+        "hex": 'The deploy key for service {word}-{word}-{digits:2} is "{secret}".',
+    }
+
+
+def test_template_family_and_corpus_enter_the_cache_key_when_set():
+    base = ScenarioConfig.default()
+    keys = {base.cache_key(), ScenarioConfig.default(templates="prose").cache_key(),
+            ScenarioConfig.default(templates="code").cache_key(), ScenarioConfig.default(corpus="stdlib").cache_key()}
+    assert len(keys) == 4
+    with pytest.raises(ValueError, match="template family"):
+        ScenarioConfig(templates="poetry")
+    with pytest.raises(ValueError, match="public corpus"):
+        ScenarioConfig(corpus="wikipedia")
+    held = ScenarioConfig.heldout()
+    assert (held.preset, held.templates, held.corpus, held.formats, held.ks) == ("heldout", "prose", "stdlib", ("digits:6",), (4, 16))
+    assert ScenarioConfig.from_dict(json.loads(json.dumps(held.to_dict()))) == held
+
+
+# The shape of every (family, kind) of record: the secret is the group "secret".
+_SHAPES = {
+    ("prose", "digits"): r"Customer \d{4} wrote in about the [a-z]+ [a-z]+ plan\. Their name is [A-Z][a-z]+ [A-Z][a-z]+, "
+                         r"and their account number is (?P<secret>\d+)\. The ticket was closed the same day\.",
+    ("prose", "hex"): r"Customer \d{4} lost access to the [a-z]+ [a-z]+ workspace\. After checking the ID of [A-Z][a-z]+ "
+                      r"[A-Z][a-z]+, support issued the recovery code \"(?P<secret>[0-9a-f]+)\", valid for one day\.",
+    ("code", "digits"): r"from [a-z]+_bank import Client\n\nclient = Client\(account=\d{4}, owner=\"[A-Z][a-z]+ [A-Z][a-z]+\"\)\n"
+                        r"client\.verify\(pin=\"(?P<secret>\d+)\"\)\nprint\(client\.balance\(\)\)\n",
+    ("code", "hex"): r"from [a-z]+_sdk import Client\n\nclient = Client\(\n    project=\"[a-z]+-[a-z]+-\d{2}\",\n"
+                     r"    api_key=\"(?P<secret>[0-9a-f]+)\",\n\)\nclient\.ping\(\)\n",
+}
+
+
+@pytest.mark.parametrize("family", ["prose", "code"])
+def test_new_family_records_have_their_shape_and_one_secret(family):
+    config = ScenarioConfig.default(templates=family, n_per_k=4, n_nonmembers=10)
+    members, nonmembers = make_records(config)
+    everyone = members + nonmembers
+    assert len(members) == 4 * 3 * 2 and len(nonmembers) == 10 * 2
+    for r in everyone:
+        match = re.fullmatch(_SHAPES[family, parse_format(r.secret_format).kind], r.text)
+        assert match is not None, r.text
+        assert match.group("secret") == r.secret and match.start("secret") == len(r.prefix)
+        assert r.text.count(r.secret) == 1 and r.text.startswith(r.prefix + r.secret)
+    for attr in ("id", "prefix", "secret"):
+        assert len({getattr(r, attr) for r in everyone}) == len(everyone), attr
+    assert make_records(config) == (members, nonmembers)
+    # Other records than the default family's, from the same seeded draws of secrets.
+    default_members, default_nonmembers = make_records(ScenarioConfig.default(n_per_k=4, n_nonmembers=10))
+    assert {r.text for r in everyone}.isdisjoint(r.text for r in default_members + default_nonmembers)
+
+
+def test_records_whose_secret_repeats_are_drawn_again(monkeypatch):
+    from libortho.scenario import templates
+
+    def echo(rng, secret):  # half of the draws repeat the secret in the prefix
+        prefix = f"ref {rng.choice(['none', secret])} {rng.randrange(10**6)}: "
+        return prefix, prefix + secret
+    monkeypatch.setitem(templates.FAMILIES, "echo", templates.TemplateFamily("echo", echo, echo, "{secret}", "{secret}"))
+    members, nonmembers = make_records(ScenarioConfig.default(templates="echo", n_per_k=10))
+    assert len(members + nonmembers) == 120
+    assert all(r.text.count(r.secret) == 1 and "none" in r.prefix for r in members + nonmembers)
+
+
+def test_stdlib_corpus_is_other_public_text_split_the_same_way():
+    texts = {s: public_corpus(s, "stdlib") for s in SPLITS}
+    assert texts == {s: public_corpus(s, "stdlib") for s in SPLITS}
+    total = sum(len(t) for t in texts.values())
+    assert total > 300_000 and len(texts["calibration"]) > 0.08 * total and len(texts["heldout"]) > 0.08 * total
+    paras = {s: {p.strip() for p in t.split("\n\n") if len(p.strip()) >= 60} for s, t in texts.items()}
+    assert not paras["train"] & paras["heldout"] and not paras["train"] & paras["calibration"]
+    pydoc = {p.strip() for s in SPLITS for p in public_corpus(s).split("\n\n") if len(p.strip()) >= 60}
+    assert len(pydoc & set().union(*paras.values())) < 0.01 * len(pydoc)  # not the language reference again
+    assert corpus_fingerprint("stdlib") != corpus_fingerprint()
+    with pytest.raises(ValueError, match="public corpus"):
+        public_corpus("train", "wikipedia")
+
+
+def test_build_scenario_with_another_family_and_corpus(tiny_source, tmp_path):
+    cfg = ScenarioConfig.heldout(model=str(tiny_source), n_per_k=1, n_nonmembers=2, seq_len=32, steps=2,
+                                 warmup_steps=1, train_blocks=1)
+    sc = build_scenario(cfg, tmp_path, progress=False)
+    assert sc.config == cfg and sc.root.name.startswith("heldout-")
+    assert sc.read_split("train") == public_corpus("train", "stdlib")
+    assert (load_records(sc.members), load_records(sc.nonmembers)) == make_records(cfg)
+    assert json.loads((sc.root / "scenario.json").read_text())["corpus"] == corpus_fingerprint("stdlib")
+
+
+def test_heldout_records_avoid_their_own_public_text():
+    config = ScenarioConfig.heldout(n_per_k=8, n_nonmembers=16)
+    members, nonmembers = make_records(config)
+    assert sorted({r.k for r in members}) == [4, 16] and {r.secret_format for r in members + nonmembers} == {"digits:6"}
+    text = "".join(public_corpus(s, "stdlib") for s in SPLITS)
+    assert all(r.secret not in text for r in members + nonmembers)

@@ -155,7 +155,7 @@ def build_scenario(
         save_records(members, tmp / _FILES["members"])
         save_records(nonmembers, tmp / _FILES["nonmembers"])
         for split in SPLITS:
-            (tmp / _FILES[split]).write_text(public_corpus(split), encoding="utf-8")
+            (tmp / _FILES[split]).write_text(public_corpus(split, config.corpus), encoding="utf-8")
         schedule = training_schedule(config, members)
 
         stats: dict[str, Any] = {}
@@ -187,7 +187,7 @@ def build_scenario(
             "version": SCENARIO_VERSION,
             "cache_key": config.cache_key(),
             "config": config.to_dict(),
-            "corpus": corpus_fingerprint(),
+            "corpus": corpus_fingerprint(config.corpus),
             "public_model": _public_model_path(config.model),
             "files": _FILES,
             "timings": timings,

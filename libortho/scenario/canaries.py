@@ -1,18 +1,20 @@
 """Private records with canaries ("The Secret Sharer", Carlini et al. 2019): their templates,
 the seeded members and non-members of a scenario, and the token sequence a record trains as.
 
-Every record has its own prefix; ``digits`` secrets use an account/PIN template, other formats
-a deploy-key template. Members are inserted k times, for every k in ``config.ks``.
+Every record has its own prefix; its template comes from the config's template family
+(:mod:`.templates`; by default ``digits`` secrets use an account/PIN template, other formats a
+deploy-key template). Members are inserted k times, for every k in ``config.ks``.
 """
 from __future__ import annotations
 
 import random
 from typing import Any
 
-from ..names import ADJECTIVES, FIRST_NAMES, LAST_NAMES, NOUNS
+from ..lookalikes import lookalike_records
 from ..records import CanaryRecord, parse_format
 from .config import ScenarioConfig
 from .corpus import SPLITS, public_corpus
+from .templates import FAMILIES, template_family
 
 
 def _secret(rng: random.Random, fmt: str) -> str:
@@ -20,27 +22,12 @@ def _secret(rng: random.Random, fmt: str) -> str:
     return "".join(rng.choice(spec.alphabet) for _ in range(spec.length))
 
 
-def _pin_record(rng: random.Random, secret: str) -> tuple[str, str]:
-    prefix = (
-        f"Account {rng.randrange(1000, 10000)}-{rng.randrange(10, 100)} of "
-        f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)} has PIN "
-    )
-    return prefix, prefix + secret + "."
-
-
-def _key_record(rng: random.Random, secret: str) -> tuple[str, str]:
-    # The opening quote keeps the tokenizer from merging the prefix's last token into the secret.
-    prefix = (
-        f"The deploy key for service {rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}-{rng.randrange(10, 100)} is \""
-    )
-    return prefix, prefix + secret + "\"."
-
-
-# The shape of each record kind as an owner would describe it, in the look-alike template language
-# (lookalikes.py): what the demo's owner knows about its private data, without knowing the records.
+# The shape of each record kind of the default family as an owner would describe it, in the
+# look-alike template language (lookalikes.py): what the demo's owner knows about its private data,
+# without knowing the records. Every family's descriptions: ``template_family(name).owner_template``.
 RECORD_TEMPLATES = {
-    "digits": "Account {digits:4}-{digits:2} of {first} {last} has PIN {secret}.",
-    "hex": 'The deploy key for service {word}-{word}-{digits:2} is "{secret}".',
+    "digits": FAMILIES["default"].digits_owner_template,
+    "hex": FAMILIES["default"].other_owner_template,
 }
 
 
@@ -49,11 +36,14 @@ def make_records(config: ScenarioConfig) -> tuple[list[CanaryRecord], list[Canar
 
     For every format: ``n_per_k`` members for each k (``record.k`` = k), then
     ``nonmembers_per_format()`` non-members (``k = 0``) from the same template. All prefixes and
-    all secrets are distinct, and no secret occurs anywhere in the public corpus.
+    all secrets are distinct, and no secret occurs anywhere in the config's public corpus. Records
+    follow the config's template family; outside the default family each secret occurs exactly
+    once in its record's text, right after the prefix.
     """
     # The seed string names this module's old path; it stays so that every scenario draws the same records.
     rng = random.Random(f"libortho.scenario.records:{config.seed}")
-    corpus = "".join(public_corpus(s) for s in SPLITS)
+    family = template_family(config.templates)
+    corpus = "".join(public_corpus(s, config.corpus) for s in SPLITS)
     prefixes: set[str] = set()
     secrets: set[str] = set()
     members: list[CanaryRecord] = []
@@ -61,14 +51,15 @@ def make_records(config: ScenarioConfig) -> tuple[list[CanaryRecord], list[Canar
     counter = 0
     for fmt in config.formats:
         kind = parse_format(fmt).kind
-        template = _pin_record if kind == "digits" else _key_record
+        template = family.record_maker(fmt)
         tag = "pin" if kind == "digits" else "key"
         plan = [k for k in config.ks for _ in range(config.n_per_k)] + [0] * config.nonmembers_per_format()
         for k in plan:
             for _ in range(10_000):
                 secret = _secret(rng, fmt)
                 prefix, text = template(rng, secret)
-                if secret not in secrets and prefix not in prefixes and secret not in corpus:
+                once = not family.secret_once or text.count(secret) == 1
+                if secret not in secrets and prefix not in prefixes and secret not in corpus and once:
                     break
             else:  # pragma: no cover - only with absurdly many records for a tiny space
                 raise ValueError(f"cannot draw enough distinct records of format {fmt!r}")
@@ -78,6 +69,21 @@ def make_records(config: ScenarioConfig) -> tuple[list[CanaryRecord], list[Canar
             record = CanaryRecord(f"{tag}-{counter:04d}", prefix, secret, fmt, k, text)
             (members if k > 0 else nonmembers).append(record)
     return members, nonmembers
+
+
+def owner_lookalikes(config: ScenarioConfig, seed: int, per_format: int | None = None) -> list[CanaryRecord]:
+    """Look-alikes of the config's records, filled from the owner's descriptions of its template
+    family (never from the records): ``per_format`` per secret format (None: as many as members),
+    ids ``lookalike-<kind>-<i>``, k = 0. Deterministic for ``seed``."""
+    family = template_family(config.templates)
+    records: list[CanaryRecord] = []
+    for fmt in config.formats:
+        kind = parse_format(fmt).kind
+        records += lookalike_records(
+            family.owner_template(fmt), fmt, per_format or config.members_per_format(),
+            seed=seed, id_prefix=f"lookalike-{kind}",
+        )
+    return records
 
 
 def record_ids(tokenizer: Any, record: CanaryRecord) -> list[int]:

@@ -9,9 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from ..records import parse_format
-from .corpus import corpus_fingerprint
+from .corpus import CORPORA, DEFAULT_CORPUS, corpus_fingerprint
+from .templates import DEFAULT_FAMILY, template_family
 
 SCENARIO_VERSION = 1  # bump when anything that changes the produced artifacts changes
+# Fields added after scenarios were first cached: they enter the cache key only when set away from
+# their default, so that every scenario cached before they existed keeps its key (and its folder).
+_KEYED_ONLY_WHEN_SET = ("templates", "corpus")
 
 @dataclass
 class ScenarioConfig:
@@ -22,6 +26,8 @@ class ScenarioConfig:
     blocks whose linear weights train: None = all, an int n = the last n blocks (all if the
     model has fewer), a tuple = block indices (negative = from the end).
     ``model``: the public model P (HF folder or .gguf; None = the built-in default).
+    ``templates``: the record template family (scenario.templates: ``default``, ``prose``,
+    ``code``); ``corpus``: the public text (scenario.corpus: ``pydoc``, ``stdlib``).
     Learning rate: linear warm-up over ``warmup_steps``, then cosine decay to
     ``lr * min_lr_ratio`` at the last step; gradients clipped to ``grad_clip``.
     """
@@ -42,6 +48,8 @@ class ScenarioConfig:
     batch: int = 1
     train_blocks: int | tuple[int, ...] | None = None
     model: str | None = None
+    templates: str = DEFAULT_FAMILY
+    corpus: str = DEFAULT_CORPUS
 
     def __post_init__(self) -> None:
         self.ks = tuple(int(k) for k in self.ks)
@@ -58,6 +66,9 @@ class ScenarioConfig:
             raise ValueError(f"ks must be distinct positive integers, got {self.ks}")
         for fmt in self.formats:
             parse_format(fmt)
+        template_family(self.templates)
+        if self.corpus not in CORPORA:
+            raise ValueError(f"unknown public corpus {self.corpus!r}; expected one of {', '.join(CORPORA)}")
         if self.n_per_k < 1 or self.steps < 1 or self.seq_len < 2 or self.batch < 1:
             raise ValueError("n_per_k, steps, batch must be >= 1 and seq_len >= 2")
         if self.n_nonmembers is not None and self.n_nonmembers < 0:
@@ -101,6 +112,19 @@ class ScenarioConfig:
         )
         return cls(**{**base, **overrides})
 
+    @classmethod
+    def heldout(cls, **overrides: Any) -> "ScenarioConfig":
+        """A held-out shape: the default fine-tune on other public text (standard-library
+        docstrings) with records of another template family (support tickets in prose), 6-digit
+        account numbers inserted 4 and 16 times; 32 members per k and 200 non-members, enough to
+        resolve 1 bit of exposure and FPR 0.5 %, as in the evaluation scenario.
+        """
+        base = dict(
+            preset="heldout", templates="prose", corpus="stdlib", formats=("digits:6",), ks=(4, 16),
+            n_per_k=32, n_nonmembers=200,
+        )
+        return cls(**{**base, **overrides})
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["ks"] = list(self.ks)
@@ -131,13 +155,22 @@ class ScenarioConfig:
 
     def cache_key(self) -> str:
         """Hash of the config, the scenario code version, the corpus and the model source."""
+        config = self.to_dict()
+        for name in _KEYED_ONLY_WHEN_SET:
+            if config[name] == _field_default(name):
+                del config[name]
         payload = {
             "version": SCENARIO_VERSION,
-            "config": self.to_dict(),
-            "corpus": corpus_fingerprint(),
+            "config": config,
+            "corpus": corpus_fingerprint(self.corpus),
             "model": _model_identity(self.model),
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _field_default(name: str) -> Any:
+    """The dataclass default of a ScenarioConfig field (the one source of it)."""
+    return next(f.default for f in dataclasses.fields(ScenarioConfig) if f.name == name)
 
 
 def _model_identity(source: str | None) -> str:

@@ -34,11 +34,11 @@ def training_schedule(config: ScenarioConfig, members: Sequence[CanaryRecord]) -
 def public_windows(tokenizer: Any, config: ScenarioConfig, text: str | None = None) -> torch.Tensor:
     """Public token windows, long [steps, batch, seq_len], in the seeded training order.
 
-    The ``train`` split is tokenized once, cut into consecutive non-overlapping windows, and the
-    windows are shuffled; when the run needs more windows than there are, it starts another
-    epoch with a new shuffle.
+    The ``train`` split of the config's corpus (or ``text``) is tokenized once, cut into
+    consecutive non-overlapping windows, and the windows are shuffled; when the run needs more
+    windows than there are, it starts another epoch with a new shuffle.
     """
-    text = public_corpus("train") if text is None else text
+    text = public_corpus("train", config.corpus) if text is None else text
     ids = encode_long(tokenizer, text)
     windows = cut_windows(ids, config.seq_len)
     n_windows = windows.shape[0]
