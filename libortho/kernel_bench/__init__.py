@@ -8,6 +8,9 @@ Rows, per layer shape (N = out, K = in) and token rows M:
 * ``a1_<d>``      libortho, alpha = 1 with d % ortho density (0.5, 1, 2)
 * ``a1_1_rows``   libortho, per-row alpha tensor, 1 % ortho
 * ``naive_1``     libortho alpha = 0 + a separate torch.sparse CSR product (1 %)
+* ``a1_lr``       libortho alpha = 1, 1 % sparse + a rank-64 low-rank part (``lowrank=True``)
+* ``*_prev``      a0 / a1_1 / a1_2 / a1_lr with kernel v3 switched off (M >= 2): the previous
+                  kernels in the same run (``a1_lr_prev``: low-rank part as two thin GEMMs)
 
 Timing: every call of a row is captured in one CUDA graph that walks through enough copies of
 the weights (and inputs) to exceed the L2 several times; the graph is replayed after warm-up
@@ -18,7 +21,9 @@ read, ortho stream, x, y) and is shown next to the card's measured copy bandwidt
 (device-to-device copy of 1 GiB, bytes read + written).
 
 ``--tune`` first sweeps tile configs per (M, N, K) and uses the fastest (``--save-configs``
-writes them as the table libortho.kernels.configs loads).
+writes them as the table libortho.kernels.configs loads). ``--tune-tc`` races kernel v3
+configs against the previous path for 2 <= M <= 64 and fills the tc table
+(``--save-tc-configs``; ``--tc-configs`` loads one).
 """
 from __future__ import annotations
 
@@ -27,9 +32,9 @@ from .layers import BATCHES, DENSITIES, SHAPES, bench_shape
 from .operands import ROTATE_BYTES, base_layers, int4pack, layer_bytes, with_ortho
 from .report import environment, format_tables, goals
 from .timing import copy_bandwidth, time_calls
-from .tuning import candidate_configs, candidate_configs_v2, tune
+from .tuning import candidate_configs, candidate_configs_tc, candidate_configs_v2, tune, tune_tc
 
 __all__ = ["add_arguments", "main", "run", "BATCHES", "DENSITIES", "SHAPES", "bench_shape",
            "ROTATE_BYTES", "base_layers", "int4pack", "layer_bytes", "with_ortho", "environment",
            "format_tables", "goals", "copy_bandwidth", "time_calls", "candidate_configs",
-           "candidate_configs_v2", "tune"]
+           "candidate_configs_v2", "tune", "candidate_configs_tc", "tune_tc"]

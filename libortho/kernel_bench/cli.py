@@ -12,7 +12,7 @@ import torch
 from .layers import BATCHES, DENSITIES, SHAPES, bench_shape, split_for_shape
 from .report import environment, format_tables, goals
 from .timing import copy_bandwidth
-from .tuning import tune
+from .tuning import tune, tune_tc
 
 
 def _parse_shapes(text: str) -> List[Tuple[int, int]]:
@@ -31,10 +31,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated OUTxIN layer shapes (default: the six benchmark "
                         "shapes)")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)),
-                        help="comma-separated token-row counts (default 1,4,16,64)")
+                        help="comma-separated token-row counts (default 1,2,4,8,16,32,64)")
     parser.add_argument("--reps", type=int, default=100, help="timed graph replays (>= 100)")
-    parser.add_argument("--rows", default="fp16,torch_int4,a0,a1,a1_1_rows,naive_1",
-                        help="which rows to run")
+    parser.add_argument("--rows", default="fp16,torch_int4,a0,a1,a1_1_rows,naive_1,a1_lr",
+                        help="which rows to run (also: a0_prev, a1_1_prev, a1_2_prev, "
+                        "a1_lr_prev: kernel v3 switched off)")
+    parser.add_argument("--tune-tc", action="store_true",
+                        help="race kernel v3 (tc) configs against the previous path for "
+                        "2 <= M <= 64 first (alpha = 1, 1 %% ortho) and use the winners")
+    parser.add_argument("--tune-tc-budget-s", type=float, default=None,
+                        help="with --tune-tc: stop tuning new shapes after this many seconds")
+    parser.add_argument("--save-tc-configs", default=None,
+                        help="with --tune-tc: write the tc table (JSON) here")
+    parser.add_argument("--tc-configs", default=None, help="load a tc config table (JSON)")
     parser.add_argument("--tune", action="store_true",
                         help="sweep tile configs per shape first and use the fastest")
     parser.add_argument("--tune-extra-shapes", default="",
@@ -84,6 +93,20 @@ def run(args: argparse.Namespace) -> int:
 
     if args.configs:
         configs.load_table(args.configs)
+    if args.tc_configs:
+        configs.load_tc_table(args.tc_configs)
+    if args.tune_tc:
+        log("tuning kernel v3 (tc) ...")
+        tb = [int(b) for b in args.tune_batches.split(",")] if args.tune_batches else batches
+        entries = tune_tc(shapes, tb, log, budget_s=args.tune_tc_budget_s)
+        configs.set_tc_table(entries)
+        if args.save_tc_configs:
+            configs.save_table(args.save_tc_configs, entries, dict(
+                device=env["device"], torch=env["torch"], triton=env["triton"], date=env["date"],
+                note="kernel v3 table: fastest of libortho.kernel_bench.tc_trials (previous path "
+                     "and candidate_configs_tc) at alpha=1, 1% ortho, fp16, g=128"))
+        if args.tune_only:
+            return 0
     tuned = None
     if args.tune:
         log("tuning ...")

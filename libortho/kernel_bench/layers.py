@@ -7,13 +7,31 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .operands import _copies, base_layers, int4pack, layer_bytes, with_ortho
+from .operands import _copies, base_layers, int4pack, layer_bytes, with_lowrank, with_ortho
 from .timing import time_calls
 
 SHAPES: List[Tuple[int, int]] = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096),
                                  (4096, 14336), (8192, 8192)]
-BATCHES: List[int] = [1, 4, 16, 64]
+BATCHES: List[int] = [1, 2, 4, 8, 16, 32, 64]
 DENSITIES: List[float] = [0.005, 0.01, 0.02]
+LR_RANK = 64  # rank of the low-rank part in the a1_lr rows (next to 1 % sparse)
+PREV_ROWS = ("a0_prev", "a1_1_prev", "a1_2_prev", "a1_lr_prev")
+
+
+def _prev_path(fn):
+    """fn run with kernel v3 switched off (dispatch.V3_ENABLED): the previous kernels and
+    table, timed in the same process on the same layers. The dispatch decision is taken
+    when the graph is captured, so the switch only has to hold during the call."""
+    from libortho.kernels import dispatch
+
+    def call():
+        old = dispatch.V3_ENABLED
+        dispatch.V3_ENABLED = False
+        try:
+            return fn()
+        finally:
+            dispatch.V3_ENABLED = old
+    return call
 
 
 def split_for_shape(n: int, k: int, ortho_budget: float, lowrank_share: float,
@@ -37,7 +55,11 @@ def bench_shape(n: int, k: int, batches: Sequence[int], reps: int, densities: Se
     the same layers with that table's configs (before/after on one card in one run).
     ``split``: (sparse density, rank) of a two-part ortho stream; adds rows ``a0_split`` and
     ``a1_split`` that run OrthoLinear itself (the fused kernel, then the low-rank part's two thin
-    GEMMs) at alpha 0 and 1."""
+    GEMMs) at alpha 0 and 1.
+    ``a1_lr``: alpha 1, 1 % sparse plus a rank-``LR_RANK`` part through
+    ``dual_stream_linear(..., lowrank=True)`` (fused into kernel v3 for 2 <= M <= 64).
+    ``*_prev`` rows (``PREV_ROWS``, M >= 2): the same calls with kernel v3 switched off (the
+    previous kernels; ``a1_lr_prev`` adds the low-rank part with two thin GEMMs after them)."""
     from libortho.kernels import dual_stream_linear, prepare
     from libortho.kernels.configs import select_config
     results: List[dict] = []
@@ -56,6 +78,9 @@ def bench_shape(n: int, k: int, batches: Sequence[int], reps: int, densities: Se
            if "fp16" in rows_wanted else [])
     i4 = int4pack(n, k, _copies(nb)) if "torch_int4" in rows_wanted else None
     d1 = 0.01 if 0.01 in densities else densities[0]
+    want_lr = "a1_lr" in rows_wanted or "a1_lr_prev" in rows_wanted
+    lr_layers = ([with_lowrank(l, LR_RANK, seed=30_000 + i) for i, l in enumerate(dens_layers[d1])]
+                 if want_lr else [])
     split_layers = _split_layers(bases, *split) if split else []
     csr = []
     if "naive_1" in rows_wanted:
@@ -67,7 +92,12 @@ def bench_shape(n: int, k: int, batches: Sequence[int], reps: int, densities: Se
         rowa = torch.rand(m, device="cuda")
 
         def add(row: str, calls, nbytes: Optional[int], extra: Optional[dict] = None):
-            r = time_calls(calls, reps=reps)
+            try:
+                r = time_calls(calls, reps=reps)
+            except Exception as exc:  # e.g. a Triton compile error: log it, keep going
+                log(f"  N={n:5d} K={k:5d} M={m:3d} {row:12s} FAILED {exc!r}"[:2000])
+                results.append(dict(row=row, n=n, k=k, m=m, error=repr(exc)[:2000]))
+                return
             r.update(row=row, n=n, k=k, m=m, copies=len(calls))
             if nbytes:
                 r["bytes"] = nbytes
@@ -93,6 +123,28 @@ def bench_shape(n: int, k: int, batches: Sequence[int], reps: int, densities: Se
         if "a0" in rows_wanted:
             add("a0", [(lambda l=l, x=x: dual_stream_linear(x, l, 0.0))
                        for l, x in zip(bases, xs)], layer_bytes(bases[0], m, False))
+        lr_bytes = 2 * LR_RANK * (n + k)
+        if "a1_lr" in rows_wanted:
+            add("a1_lr", [(lambda l=l, x=x: dual_stream_linear(x, l, 1.0, lowrank=True))
+                          for l, x in zip(lr_layers, xs)],
+                layer_bytes(lr_layers[0], m, True) + lr_bytes,
+                dict(nnz=int(lr_layers[0].ortho_col.numel()), rank=LR_RANK))
+        if m >= 2:  # batch 1 takes the same path with v3 on or off
+            if "a0_prev" in rows_wanted:
+                add("a0_prev", [_prev_path(lambda l=l, x=x: dual_stream_linear(x, l, 0.0))
+                                for l, x in zip(bases, xs)], layer_bytes(bases[0], m, False))
+            for d in (0.01, 0.02):
+                name = f"a1_{d * 100:g}_prev"
+                if name in rows_wanted and d in dens_layers:
+                    ls = dens_layers[d]
+                    add(name, [_prev_path(lambda l=l, x=x: dual_stream_linear(x, l, 1.0))
+                               for l, x in zip(ls, xs)], layer_bytes(ls[0], m, True),
+                        dict(nnz=int(ls[0].ortho_col.numel())))
+            if "a1_lr_prev" in rows_wanted:
+                add("a1_lr_prev", [_prev_path(lambda l=l, x=x: dual_stream_linear(
+                    x, l, 1.0, lowrank=True)) for l, x in zip(lr_layers, xs)],
+                    layer_bytes(lr_layers[0], m, True) + lr_bytes,
+                    dict(nnz=int(lr_layers[0].ortho_col.numel()), rank=LR_RANK))
         for d in densities:
             name = f"a1_{d * 100:g}"
             if name in rows_wanted or "a1" in rows_wanted:
@@ -136,7 +188,7 @@ def bench_shape(n: int, k: int, batches: Sequence[int], reps: int, densities: Se
             except Exception as exc:
                 log(f"  naive_1 failed: {exc!r}")
         del xs
-    del bases, dens_layers, w16, i4, csr, split_layers
+    del bases, dens_layers, w16, i4, csr, split_layers, lr_layers
     torch.cuda.empty_cache()
     return results
 

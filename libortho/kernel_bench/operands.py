@@ -38,6 +38,20 @@ def with_ortho(base: Any, density: float, seed: int) -> Any:
                           base.zeros, crow, cols.to(torch.int32), val, base.bias)
 
 
+def with_lowrank(layer: Any, rank: int, seed: int, scale: float = 0.02) -> Any:
+    """A layer sharing ``layer``'s base and CSR buffers plus a random low-rank part
+    B [N, rank], A [rank, K] ~ N(0, scale) in the ortho dtype."""
+    from libortho.kernels.synthetic import SyntheticLayer
+    n, k = layer.out_features, layer.in_features
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    dt = layer.ortho_val.dtype
+    b = (torch.randn(n, rank, generator=gen, device="cuda") * scale).to(dt)
+    a = (torch.randn(rank, k, generator=gen, device="cuda") * scale).to(dt)
+    return SyntheticLayer(k, n, layer.bits, layer.group_size, layer.qweight, layer.scales,
+                          layer.zeros, layer.ortho_crow, layer.ortho_col, layer.ortho_val,
+                          layer.bias, (b, a))
+
+
 def layer_bytes(layer: Any, m: int, with_ortho: bool, col_bytes: int = 2) -> int:
     """Bytes a fused call must move: base (+ zeros unless symmetric constant) (+ ortho)."""
     from libortho.kernels.layout import get_layout

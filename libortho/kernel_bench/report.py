@@ -10,6 +10,7 @@ import torch
 
 def goals(results: List[dict], copy_gbps: float) -> List[dict]:
     """Evaluate the kernel speed goals from the rows (batch 1 unless stated)."""
+    results = [r for r in results if "us" in r]  # rows that failed carry "error" instead
     t = {(r["row"], r["n"], r["k"], r["m"]): r for r in results}
     out = []
 
@@ -35,6 +36,10 @@ def goals(results: List[dict], copy_gbps: float) -> List[dict]:
         if a1_16 and f16_16:
             out.append(dict(goal="batch 16: alpha1(1%) faster than fp16", n=n, k=k, m=16,
                             value=f16_16 / a1_16, met=a1_16 < f16_16))
+        a0_4, i4_4 = get("a0", n, k, 4), get("torch_int4", n, k, 4)
+        if a0_4 and i4_4:
+            out.append(dict(goal="batch 4: alpha0 faster than torch int4", n=n, k=k, m=4,
+                            value=i4_4 / a0_4, met=a0_4 < i4_4))
         if rows and a1:
             out.append(dict(goal="per-row alpha <= 1.03 x scalar alpha1", n=n, k=k, m=1,
                             value=rows / a1, met=rows / a1 <= 1.03))
@@ -48,7 +53,9 @@ def goals(results: List[dict], copy_gbps: float) -> List[dict]:
 
 def format_tables(results: List[dict], copy_gbps: float) -> str:
     """Markdown tables: µs per row, and GB/s (% of copy bandwidth) for the libortho rows."""
-    rows_order = ["fp16", "torch_int4", "a0_base", "a1_1_base", "a0", "a1_0.5", "a1_1", "a1_2",
+    results = [r for r in results if "us" in r]
+    rows_order = ["fp16", "torch_int4", "a0_base", "a1_1_base", "a0_prev", "a0", "a1_0.5",
+                  "a1_1_prev", "a1_1", "a1_2_prev", "a1_2", "a1_lr_prev", "a1_lr",
                   "a1_1_rows", "naive_1"]
     present = [r for r in rows_order if any(x["row"] == r for x in results)]
     keyed = {(x["row"], x["n"], x["k"], x["m"]): x for x in results}

@@ -2,7 +2,8 @@
 fastest per (M, N, K) (alpha = 1, 1 % ortho)."""
 from __future__ import annotations
 
-from typing import Callable, List, Sequence, Tuple
+import time
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -94,6 +95,71 @@ def tune(shapes: Sequence[Tuple[int, int]], batches: Sequence[int], log: Callabl
                     entries[-1]["us_previous_entry"] = cur_us
                 log(f"  tuned N={n} K={k} M={m}: {best[0]:.2f} us {best[1]}"
                     + (f" (previous entry {cur_us:.2f} us)" if cur_us is not None else ""))
+        del bases, layers
+        torch.cuda.empty_cache()
+    return entries
+
+
+def candidate_configs_tc(m: int) -> List[dict]:
+    """Kernel v3 (tc.py) configs raced per token-row count (2 <= m <= 64): BN, warps, cp.async
+    stages and the split factor (0 = automatic from the SM count). BM follows m (16 padded up
+    to 16 rows, else 32 / 64: one M tile). E = 0: entries per K iteration from the density."""
+    bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+    c = []
+    for bn, w, st, sp in ((64, 4, 3, 0), (128, 4, 3, 0), (64, 4, 4, 0), (128, 8, 3, 0),
+                          (64, 4, 3, 2), (128, 4, 4, 1)):
+        c.append(dict(kernel="tc", BM=bm, BN=bn, BK=128, num_warps=w, STAGES=st, E=0,
+                      SPLIT=sp, XT=True))
+    return c
+
+
+def tc_trials(m: int, n: int, k: int) -> List[dict]:
+    """Trials of one (m, n, k) in ``tune_tc``: the previous path's config (the table of
+    configs.py, what v3-off runs) first, then ``candidate_configs_tc``."""
+    from libortho.kernels.configs import select_config
+    return [select_config(m, n, k, 128)] + candidate_configs_tc(m)
+
+
+def tune_tc(shapes: Sequence[Tuple[int, int]], batches: Sequence[int], log: Callable[[str], None],
+            reps: int = 20, budget_s: Optional[float] = None, density: float = 0.01) -> List[dict]:
+    """The tc table (configs.TC_TABLE format): per (M, N, K) with 2 <= M <= 64, the fastest of
+    ``tc_trials`` at alpha = 1 with ``density`` ortho (fp16, g = 128). The previous path's
+    config stays the entry where it wins, so the table never makes a shape slower than v3-off
+    (as timed here). ``budget_s``: stop starting new (M, N, K) after this many seconds (the
+    entries not tuned fall back to configs.default_tc_config)."""
+    from libortho.kernels import dispatch, dual_stream_linear
+    t_end = None if budget_s is None else time.time() + budget_s
+    entries = []
+    for n, k in shapes:
+        bases = base_layers(n, k, _copies(n * k // 2), seed=7)
+        layers = [with_ortho(b, density, seed=i) for i, b in enumerate(bases)]
+        for m in batches:
+            if not 2 <= m <= 64:
+                continue
+            if t_end is not None and time.time() > t_end:
+                log(f"  tune_tc: budget spent, N={n} K={k} M={m} not tuned")
+                continue
+            xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in layers]
+            best, times = None, []
+            for c in tc_trials(m, n, k):
+                old = dispatch.V3_ENABLED
+                dispatch.V3_ENABLED = c["kernel"] == "tc"
+                try:
+                    r = time_calls([(lambda l=l, x=x, c=c: dual_stream_linear(x, l, 1.0, config=c))
+                                    for l, x in zip(layers, xs)], reps=reps, warmup=3)
+                except Exception as exc:
+                    log(f"  config {c} failed: {exc!r}"[:2000])
+                    continue
+                finally:
+                    dispatch.V3_ENABLED = old
+                times.append(dict(config=c, us=r["us"]))
+                if best is None or r["us"] < best[0]:
+                    best = (r["us"], c)
+            if best:
+                entries.append(dict(m=m, n=n, k=k, config=dict(best[1]), us_alpha1=best[0],
+                                    trials=times))
+                log(f"  tuned tc N={n} K={k} M={m}: {best[0]:.2f} us {best[1]} (previous path "
+                    f"{times[0]['us'] if times and times[0]['config']['kernel'] != 'tc' else float('nan'):.2f} us)")
         del bases, layers
         torch.cuda.empty_cache()
     return entries

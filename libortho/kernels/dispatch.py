@@ -204,6 +204,8 @@ def _launch_tc(x2, layer, lay, cfg, y, bias, use_ortho, avec, ascalar, rank) -> 
     bm, bn, bk = int(cfg["BM"]), int(cfg["BN"]), int(cfg["BK"])
     if bm not in (16, 32, 64) or not _pow2(bn) or bn < 16 or not _pow2(bk) or bk < 32:
         raise ValueError(f"tc config needs BM in 16/32/64, BN >= 16 and BK >= 32 powers of two: {cfg}")
+    if not cfg.get("WIDE", False):  # one group per K tile: Triton 3.6 failed to compile
+        bk = min(bk, g)                # per-word scales into a wgmma operand (kernel_notes v2)
     while k % bk:  # K tiles need no masks (K % 32 == 0 is checked when the layer is prepared)
         bk //= 2
     m_tiles, n_tiles = triton.cdiv(m, bm), triton.cdiv(n, bn)

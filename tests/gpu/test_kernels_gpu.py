@@ -8,7 +8,10 @@ race). Covers decode/prefill kernels, odd K/N, group 32/64/128, symmetric/asymme
 empty ortho, heavy rows, scalar/per-row/0-d alpha, fp16/bf16 activations, bf16 ortho values,
 2/3/8-bit codes, default and forced split-K configs, and the v2 decode kernel (forced
 configs: register / cp.async pipelines, BM 1/2/4, rows past N and M, 3-bit, g 32/64,
-|x| ~ 3000 for the fp16 half2 chains, fp32-math variant, fallback for asymmetric zeros).
+|x| ~ 3000 for the fp16 half2 chains, fp32-math variant, fallback for asymmetric zeros),
+and kernel v3 (``tc …`` cases: M = 2..64, ortho density 0 / 1 / 2 %, the fused low-rank
+part, per-row alpha, forced configs BM 16/32/64, BN 64/128, XT on/off, split-K, heavy rows,
+bf16 x and asymmetric zeros on its fp32 path, and the default dispatch).
 
 As a pytest module (skipped without CUDA), one test per case with a fixed seed::
 
@@ -110,6 +113,36 @@ def cases():
            "one", dict(v2, OPF=True, STAGES=3, SPLIT=8))
     yield ("v2 asym falls back to v1", dict(k=4096, n=512, group_size=128, symmetric=False,
                                             density=0.01), 1, torch.float16, "one", v2)
+    # kernel v3 (tc.py): default dispatch (tc table / heuristics) and forced configs
+    tc = dict(kernel="tc", BM=16, BN=64, BK=128, num_warps=4, STAGES=3, E=0, SPLIT=0, XT=True)
+    for m in (2, 3, 4, 8, 16, 32, 64):
+        for dens in (0.0, 0.01, 0.02):
+            yield (f"tc 4096x4096 m{m} d{dens:g}", dict(k=4096, n=4096, group_size=128,
+                                                         symmetric=True, density=dens), m,
+                   torch.float16, "rows" if m % 2 else "one", None)
+    for m in (2, 5, 16, 33, 64):
+        yield (f"tc lowrank r40 m{m} rows", dict(k=4096, n=1536, group_size=128, symmetric=True,
+                                                 density=0.01, rank=40, bias=True), m,
+               torch.float16, "rows", None)
+    yield ("tc lowrank r64 d0 m8 one", dict(k=2048, n=1024, group_size=128, symmetric=True,
+                                            density=0.0, rank=64), 8, torch.float16, "one", tc)
+    yield ("tc BN128 w8 split3 m16", dict(k=8192, n=8192, **sym), 16, torch.float16, "half",
+           dict(tc, BN=128, num_warps=8, SPLIT=3))
+    yield ("tc BM32 STAGES4 m24 rows", dict(k=4096, n=1000, bias=True, **sym), 24,
+           torch.float16, "rows", dict(tc, BM=32, STAGES=4, SPLIT=4))
+    yield ("tc BM64 XT off m50", dict(k=4096, n=1000, **sym), 50, torch.float16, "rows",
+           dict(tc, BM=64, XT=False, SPLIT=2))
+    yield ("tc heavy rows E1 m4", dict(k=4096, n=256, density=0.001, heavy_rows=8,
+                                       group_size=128), 4, torch.float16, "one",
+           dict(tc, E=1, SPLIT=4))
+    yield ("tc g32 bf16 m6", dict(k=2048, n=768, group_size=32, symmetric=True,
+                                      density=0.01, bias=True), 6, torch.bfloat16, "rows", tc)
+    yield ("tc asym g64 m12", dict(k=2048, n=768, group_size=64, symmetric=False,
+                                   density=0.02), 12, torch.float16, "one", tc)
+    yield ("tc 3-bit m8", dict(k=2048, n=768, bits=3, group_size=64, symmetric=True,
+                               density=0.01), 8, torch.float16, "one", tc)
+    yield ("tc m2 |x| ~ 3000", dict(k=4096, n=4096, xscale=3000.0, **sym), 2, torch.float16,
+           "one", tc)
     yield ("forced gemm tile-ortho", dict(k=4096, n=1000, density=0.02, heavy_rows=2), 40,
            torch.bfloat16, "rows", dict(gemm, BM=64, SWAP=False, ORTHO="tile", E=64, SPLIT=3))
 
@@ -121,6 +154,7 @@ def run_case(case, gen: torch.Generator) -> dict:
     kw = dict(kw)
     k, n = kw.pop("k"), kw.pop("n")
     xscale = kw.pop("xscale", 1.0)
+    lowrank = kw.get("rank", 0) > 0
     layer = random_layer(k, n, device="cuda", generator=gen, **kw)
     x = (torch.randn(m, k, device="cuda", generator=gen) * xscale).to(dt)
     alpha = {"one": 1.0, "half": 0.5, "zero": 0.0,
@@ -129,10 +163,10 @@ def run_case(case, gen: torch.Generator) -> dict:
     outs = []
     for _ in range(2):
         out = torch.full((m, n), float("nan"), dtype=dt, device="cuda")
-        dual_stream_linear(x, layer, alpha, out=out, config=cfg)
+        dual_stream_linear(x, layer, alpha, out=out, config=cfg, lowrank=lowrank)
         outs.append(out)
     torch.cuda.synchronize()
-    ref = reference_dual_stream(x, layer, alpha)
+    ref = reference_dual_stream(x, layer, alpha, lowrank=lowrank)
     err = ((outs[0].double() - ref).norm() / ref.norm()).item()
     finite = bool(torch.isfinite(outs[0]).all())
     same = bool(torch.equal(outs[0], outs[1]))
@@ -154,6 +188,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--only", default="", help="run only the cases whose name starts with this")
     ap.add_argument("--part", default="0/1", help="i/P: run every P-th case from the i-th "
                     "(P processes in parallel compile P times faster)")
     args = ap.parse_args()
@@ -162,10 +197,15 @@ def main() -> int:
     gen = torch.Generator(device="cuda").manual_seed(seed)
     print(f"seed {seed}, device {torch.cuda.get_device_name(0)}", flush=True)
     results, failures = [], 0
-    for idx, case in enumerate(cases()):
+    for idx, case in enumerate(c for c in cases() if c[0].startswith(args.only)):
         if idx % parts != part:
             continue
-        r = run_case(case, gen)
+        try:
+            r = run_case(case, gen)
+        except Exception as exc:  # e.g. a Triton compile error: record it, go on
+            r = dict(name=case[0], m=case[2], err=float("nan"), finite=False, repeat_equal=False,
+                     ok=False, dt=case[3], error=repr(exc)[:2000])
+            print(f"ERROR {case[0]}: {exc!r}"[:3000], flush=True)
         failures += not r["ok"]
         results.append(r)
         print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['name']:36s} rel.err {r['err']:.2e} "
