@@ -107,7 +107,7 @@ def candidate_configs_tc(m: int) -> List[dict]:
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
     c = []
     for bn, w, st, sp in ((64, 4, 3, 0), (128, 4, 3, 0), (64, 4, 4, 0), (128, 8, 3, 0),
-                          (64, 4, 3, 2), (128, 4, 4, 1)):
+                          (64, 4, 4, 8), (128, 4, 3, 8)):
         c.append(dict(kernel="tc", BM=bm, BN=bn, BK=128, num_warps=w, STAGES=st, E=0,
                       SPLIT=sp, XT=True))
     return c

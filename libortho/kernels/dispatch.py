@@ -210,7 +210,7 @@ def _launch_tc(x2, layer, lay, cfg, y, bias, use_ortho, avec, ascalar, rank) -> 
         bk //= 2
     m_tiles, n_tiles = triton.cdiv(m, bm), triton.cdiv(n, bn)
     unit = max(bk, lay.kb) if use_ortho else bk  # split boundaries on whole ortho K blocks
-    split = choose_split(cfg.get("SPLIT", 0), m_tiles * n_tiles, k, unit, x2.device)
+    split = choose_split(cfg.get("SPLIT", 0), m_tiles * n_tiles, k, bk, x2.device)
     kps = triton.cdiv(triton.cdiv(k, split), unit) * unit
     split = triton.cdiv(k, kps)
     ws, cnt = split_buffers(m_tiles * n_tiles, split, bm, bn, y, x2.device)

@@ -115,13 +115,15 @@ def _tc_weights(q, s_ptr, z_ptr, rnc, mn, k0, rw, G, zc, onebits, zb0, zb1, BN: 
 
 @triton.jit
 def _tc_gather(xg_ptr, stride_c, stride_m, rmx, col_ptr, val_ptr, p, pm):
-    """Σ over the E entries p [BN, E] (mask pm) of val·x[m, col] -> fp32 [BN, BM]: the
-    shared helper for one chunk of CSR slices (in the K loop and in its tail)."""
+    """Σ over the E entries p [BN, E, 1] (mask pm) of val·x[m, col] -> fp32 [BN, BM]: the
+    shared helper for one chunk of CSR slices (in the K loop and in its tail). Everything is
+    built in 3-D from the start, so the gathered [BN, E, BM] tile and the accumulator keep one
+    layout (2-D col/val expanded to 3-D cost a shared-memory layout change per K tile in
+    the SASS of Triton 3.6)."""
     col = tl.load(col_ptr + p, mask=pm, other=0).to(tl.int32)
     val = tl.load(val_ptr + p, mask=pm, other=0.0).to(tl.float32)
-    xg = tl.load(xg_ptr + col[:, :, None] * stride_c + rmx[None, None, :] * stride_m,
-                 mask=pm[:, :, None], other=0.0)
-    return tl.sum(val[:, :, None] * xg.to(tl.float32), axis=1)
+    xg = tl.load(xg_ptr + col * stride_c + rmx[None, None, :] * stride_m, mask=pm, other=0.0)
+    return tl.sum(val * xg.to(tl.float32), axis=1)
 
 
 @triton.jit
@@ -172,7 +174,9 @@ def _tc_kernel(x_ptr, xt_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, kptr_ptr, col_ptr, va
         hi = tl.load(kptr_ptr + tl.minimum((k_lo + KPS) // KB, nbk) * N + rnc)
         hi = tl.where(mn, hi, lo)  # rows past N: empty
         o = tl.zeros((BN, BM), dtype=tl.float32)
-        re = tl.arange(0, EO)
+        re = tl.arange(0, EO)[None, :, None]  # [1, EO, 1]
+        lo3 = lo[:, None, None]
+        hi3 = hi[:, None, None]
     for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
         q = tl.load(q_ptrs + k0 // 8)
         w = _tc_weights(q, s_ptr, z_ptr, rnc, mn, k0, rw, G, zc, onebits, zb0, zb1, BN, BK,
@@ -180,17 +184,16 @@ def _tc_kernel(x_ptr, xt_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, kptr_ptr, col_ptr, va
         xk = tl.load(xk_ptrs + k0 * stride_c).to(wdt)
         acc = tl.dot(w.to(wdt), xk, acc)
         if HAS_ORTHO:  # EO entries of each row per K iteration, beside the weight stream
-            p = lo[:, None] + ((k0 - k_lo) // BK) * EO + re[None, :]
-            o += _tc_gather(xg_ptr, stride_c, stride_m, rmx, col_ptr, val_ptr, p,
-                            p < hi[:, None])
+            p = lo3 + ((k0 - k_lo) // BK) * EO + re
+            o += _tc_gather(xg_ptr, stride_c, stride_m, rmx, col_ptr, val_ptr, p, p < hi3)
     if HAS_ORTHO or HAS_LR:
         side = tl.zeros((BN, BM), dtype=tl.float32)
         if HAS_ORTHO:  # tail: rows with more entries in this split than the loop took
             st = lo + ((k_hi - k_lo + BK - 1) // BK) * EO
+            st3 = st[:, None, None]
             for j0 in range(0, tl.max(hi - st, axis=0), EO):
-                p = st[:, None] + j0 + re[None, :]
-                o += _tc_gather(xg_ptr, stride_c, stride_m, rmx, col_ptr, val_ptr, p,
-                                p < hi[:, None])
+                p = st3 + j0 + re
+                o += _tc_gather(xg_ptr, stride_c, stride_m, rmx, col_ptr, val_ptr, p, p < hi3)
             side += o
         if HAS_LR:  # B·t over this split's share of the rank, RB columns per dot
             RB: tl.constexpr = 16
