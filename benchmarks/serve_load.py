@@ -2,12 +2,18 @@
 concurrent clients with mixed alphas, against the same requests sent one at a time.
 
     python benchmarks/serve_load.py ARTIFACT [--requests 256] [--concurrency 64] [--max-tokens 32]
-                                    [--alphas 0 1] [--serial 16] [--max-batch 64] [--json out.json]
+                                    [--alphas 0 1] [--serial 16] [--max-batch 64] [--stream]
+                                    [--in-process] [--device cuda] [--json out.json]
 
 Starts the server itself (a subprocess on a free 127.0.0.1 port, with a temporary KEYS.json whose
-key may use alpha 1), or drives a running one with --url and --key. Reports requests/s, generated
-tokens/s, p50/p99 latency for both phases, the decode batch sizes reached (from /metrics), and the
-error count. Every request has a timeout, so the run always ends.
+key may use alpha 1), or drives a running one with --url and --key. With --in-process there is no
+HTTP at all: the artifact is loaded here and the requests go straight to the serving Engine from
+client threads (no FastAPI, uvicorn, pydantic or httpx needed), which measures the engine alone.
+
+Reports requests/s, generated tokens/s, p50/p99 latency for both phases, p50/p90 time to first
+token (streamed requests, `--stream`; in-process always), the decode batch sizes reached (from
+/metrics, or the engine's metrics), and the error count. Every request has a timeout, so the run
+always ends.
 """
 from __future__ import annotations
 
@@ -19,10 +25,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
-
-import httpx
 
 PROMPTS = [
     "The quick brown fox", "Python is a programming language that", "Lists, tuples and dictionaries",
@@ -37,23 +42,49 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))] if ordered else float("nan")
 
 
-async def one(client: httpx.AsyncClient, model: str, i: int, alpha: float, max_tokens: int) -> tuple[float, int, str | None]:
-    """(latency s, completion tokens, error or None) of request i."""
+# one request's outcome: (latency s, time to first token s or None, completion tokens, error or None)
+Outcome = tuple[float, float | None, int, str | None]
+
+
+async def one(client, model: str, i: int, alpha: float, max_tokens: int, stream: bool) -> Outcome:
+    """Request i, streamed or not (`client`: an httpx.AsyncClient)."""
+    import httpx
+
     body = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0,
             "alpha": alpha}
     t0 = time.perf_counter()
     try:
-        r = await client.post("/v1/completions", json=body)
-        latency = time.perf_counter() - t0
-        if r.status_code != 200:
-            return latency, 0, f"HTTP {r.status_code}: {r.text[:200]}"
-        return latency, int(r.json()["usage"]["completion_tokens"]), None
+        if not stream:
+            r = await client.post("/v1/completions", json=body)
+            latency = time.perf_counter() - t0
+            if r.status_code != 200:
+                return latency, None, 0, f"HTTP {r.status_code}: {r.text[:200]}"
+            return latency, None, int(r.json()["usage"]["completion_tokens"]), None
+        body.update(stream=True, stream_options={"include_usage": True})
+        first, tokens = None, 0
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return time.perf_counter() - t0, None, 0, f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return time.perf_counter() - t0, first, tokens, f"stream error: {chunk['error']}"
+                if first is None and any(c.get("text") for c in chunk.get("choices", [])):
+                    first = time.perf_counter() - t0
+                if chunk.get("usage"):
+                    tokens = int(chunk["usage"]["completion_tokens"])
+        return time.perf_counter() - t0, first, tokens, None
     except httpx.HTTPError as err:
-        return time.perf_counter() - t0, 0, f"{type(err).__name__}: {err}"
+        return time.perf_counter() - t0, None, 0, f"{type(err).__name__}: {err}"
 
 
-async def phase(url: str, key: str, model: str, n: int, concurrency: int, alphas: list[float], max_tokens: int) -> dict:
-    """n requests, at most `concurrency` in flight; alphas cycle over the requests."""
+async def phase(url: str, key: str, model: str, n: int, concurrency: int, alphas: list[float], max_tokens: int,
+                stream: bool = False) -> dict:
+    """n requests over HTTP, at most `concurrency` in flight; alphas cycle over the requests."""
+    import httpx
+
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600,
                                  limits=limits) as client:
@@ -61,22 +92,109 @@ async def phase(url: str, key: str, model: str, n: int, concurrency: int, alphas
 
         async def run(i: int):
             async with gate:
-                return await one(client, model, i, alphas[i % len(alphas)], max_tokens)
+                return await one(client, model, i, alphas[i % len(alphas)], max_tokens, stream)
 
         t0 = time.perf_counter()
         results = await asyncio.gather(*(run(i) for i in range(n)))
         wall = time.perf_counter() - t0
-    latencies = [r[0] for r in results if r[2] is None]
-    tokens = sum(r[1] for r in results)
-    errors = [r[2] for r in results if r[2] is not None]
+    return summary(results, n, concurrency, wall)
+
+
+def summary(results: list[Outcome], n: int, concurrency: int, wall: float) -> dict:
+    latencies = [r[0] for r in results if r[3] is None]
+    firsts = [r[1] for r in results if r[3] is None and r[1] is not None]
+    tokens = sum(r[2] for r in results)
+    errors = [r[3] for r in results if r[3] is not None]
     return dict(requests=n, concurrency=concurrency, wall_s=wall, requests_per_s=n / wall, tokens=tokens,
                 tokens_per_s=tokens / wall, p50_s=percentile(latencies, 50), p99_s=percentile(latencies, 99),
-                mean_s=statistics.fmean(latencies) if latencies else float("nan"), errors=len(errors),
+                mean_s=statistics.fmean(latencies) if latencies else float("nan"),
+                ttft_p50_s=percentile(firsts, 50), ttft_p90_s=percentile(firsts, 90), errors=len(errors),
                 first_errors=errors[:3])
 
 
+# ---- in process: the Engine without HTTP ----------------------------------------------------------
+def engine_phase(engine, n: int, concurrency: int, alphas: list[float], max_tokens: int) -> dict:
+    """n requests submitted straight to the engine, at most `concurrency` in flight."""
+    from libortho.serve.engine import Job
+    from libortho.serve.sampling import SamplingParams
+
+    prompts = [engine.tokenizer(p)["input_ids"] for p in PROMPTS]
+    results: list[Outcome | None] = [None] * n
+    slots = threading.Semaphore(concurrency)
+    finished = threading.Semaphore(0)
+
+    def sink_for(i: int, t0: float):
+        state = {"first": None}
+
+        def sink(event) -> None:
+            now = time.perf_counter()
+            if event.kind == "text" and state["first"] is None:
+                state["first"] = now - t0
+            elif event.kind != "text":
+                error = None if event.kind == "done" else event.message
+                results[i] = (now - t0, state["first"], event.completion_tokens, error)
+                slots.release()
+                finished.release()
+        return sink
+
+    t0 = time.perf_counter()
+    for i in range(n):
+        slots.acquire()
+        engine.submit(Job(prompts[i % len(prompts)], max_tokens, SamplingParams(0.0), [], alphas[i % len(alphas)],
+                          sink_for(i, time.perf_counter())))
+    for _ in range(n):
+        if not finished.acquire(timeout=600):
+            raise SystemExit("a request did not finish within 600 s")
+    return summary(results, n, concurrency, time.perf_counter() - t0)
+
+
+def engine_batch_stats(engine) -> dict:
+    m = engine.metrics
+    return dict(max_batch=float(m.max_batch_seen), decode_steps=float(m.batch_size.n), row_steps=m.batch_size.total,
+                row_steps_by_alpha={a: float(v) for a, v in m.batch_rows.items()})
+
+
+def run_in_process(args) -> tuple[dict, dict, dict]:
+    """(serial, concurrent, batch stats) of the engine driven directly."""
+    import torch
+
+    import libortho
+    from libortho.serve.config import ServeConfig
+    from libortho.serve.engine import Engine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ServeConfig().device
+    model, tok = libortho.load(args.artifact, alpha=0.0, device=device, with_ortho=max(args.alphas) > 0)
+    options = {"device": device, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
+               "max_queue": max(args.requests, ServeConfig().max_queue)}
+    engine = Engine(model, tok, ServeConfig.from_options(options))
+    engine.start()
+    try:
+        engine_phase(engine, 2 * args.concurrency, args.concurrency, args.alphas, 4)  # warm-up: graphs, caches
+        serial = engine_phase(engine, args.serial, 1, args.alphas, args.max_tokens)
+        before = engine_batch_stats(engine)
+        loaded = engine_phase(engine, args.requests, args.concurrency, args.alphas, args.max_tokens)
+        after = engine_batch_stats(engine)
+    finally:
+        engine.stop()
+    return serial, loaded, batches_between(before, after)
+
+
+def batches_between(before: dict, after: dict) -> dict:
+    """The batch counters of one phase: `after` minus what earlier phases left in `before`."""
+    steps = after["decode_steps"] - before["decode_steps"]
+    rows = after["row_steps"] - before["row_steps"]
+    return dict(max_batch=after["max_batch"], decode_steps=steps, mean_batch=rows / steps if steps else float("nan"),
+                row_steps_by_alpha={a: v - before["row_steps_by_alpha"].get(a, 0.0)
+                                    for a, v in after["row_steps_by_alpha"].items()})
+
+
+# ---- over HTTP ------------------------------------------------------------------------------------
 def batch_stats(url: str) -> dict:
     """Decode batch counters from /metrics: largest batch, steps, row-steps, and row-steps by alpha."""
+    import httpx
+
     text = httpx.get(url + "/metrics", timeout=10).text
 
     def value(pattern: str) -> float:
@@ -92,6 +210,8 @@ def batch_stats(url: str) -> dict:
 
 def start_server(artifact: str, args) -> tuple[subprocess.Popen, str, str, str]:
     """(process, url, key, model name) of a fresh server on a free localhost port."""
+    import httpx
+
     from libortho.serve.config import ServeConfig
     from libortho.serve.keys import add_key
     from libortho.serve.server import free_port
@@ -122,12 +242,37 @@ def start_server(artifact: str, args) -> tuple[subprocess.Popen, str, str, str]:
         time.sleep(0.2)
 
 
+def run_http(args) -> tuple[dict, dict, dict, str]:
+    """(serial, concurrent, batch stats, url) over HTTP, against --url or a server started here."""
+    proc = None
+    if args.url:
+        url, key, model = args.url.rstrip("/"), args.key or "none", args.model or "bench"
+    else:
+        proc, url, key, model = start_server(args.artifact, args)
+    try:
+        # warm-up: dense weight caches, first allocations, CUDA graphs of the batch sizes the load reaches
+        asyncio.run(phase(url, key, model, 2 * args.concurrency, args.concurrency, args.alphas, 4))
+        serial = asyncio.run(phase(url, key, model, args.serial, 1, args.alphas, args.max_tokens, args.stream))
+        before = batch_stats(url)
+        loaded = asyncio.run(phase(url, key, model, args.requests, args.concurrency, args.alphas, args.max_tokens,
+                                   args.stream))
+        after = batch_stats(url)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(60)
+    return serial, loaded, batches_between(before, after), url
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("artifact", nargs="?", help="libortho artifact (omit with --url)")
     p.add_argument("--url", help="a running server instead of starting one")
     p.add_argument("--key", help="API key for --url (must allow the highest of --alphas)")
     p.add_argument("--model", default=None, help="model name for --url")
+    p.add_argument("--in-process", action="store_true",
+                   help="no HTTP: load the artifact here and submit to the serving engine directly")
+    p.add_argument("--stream", action="store_true", help="streamed requests (reports time to first token)")
     p.add_argument("--requests", type=int, default=256)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--serial", type=int, default=16, help="requests of the one-at-a-time baseline")
@@ -141,35 +286,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.url and not args.artifact:
         p.error("give an ARTIFACT or --url")
+    if args.in_process and (args.url or not args.artifact):
+        p.error("--in-process needs an ARTIFACT (and no --url)")
 
-    proc = None
-    if args.url:
-        url, key, model = args.url.rstrip("/"), args.key or "none", args.model or "bench"
+    if args.in_process:
+        (serial, loaded, batches), url = run_in_process(args), "in-process"
     else:
-        proc, url, key, model = start_server(args.artifact, args)
-    try:
-        asyncio.run(phase(url, key, model, 2, 1, args.alphas, 4))  # warm-up: dense weight caches, first allocations
-        serial = asyncio.run(phase(url, key, model, args.serial, 1, args.alphas, args.max_tokens))
-        before = batch_stats(url)
-        loaded = asyncio.run(phase(url, key, model, args.requests, args.concurrency, args.alphas, args.max_tokens))
-        after = batch_stats(url)
-        # the concurrent phase alone: counters minus what the warm-up and serial phases left
-        steps = after["decode_steps"] - before["decode_steps"]
-        rows = after["row_steps"] - before["row_steps"]
-        batches = dict(max_batch=after["max_batch"], decode_steps=steps, mean_batch=rows / steps if steps else float("nan"),
-                       row_steps_by_alpha={a: v - before["row_steps_by_alpha"].get(a, 0.0)
-                                           for a, v in after["row_steps_by_alpha"].items()})
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(60)
+        serial, loaded, batches, url = run_http(args)
     result = dict(url=url, alphas=args.alphas, max_tokens=args.max_tokens, max_batch=args.max_batch, threads=args.threads,
-                  device=args.device, serial=serial, concurrent=loaded, batches=batches,
-                  speedup_tokens_per_s=loaded["tokens_per_s"] / serial["tokens_per_s"])
-    print(f"{'':>12} {'requests':>8} {'req/s':>8} {'tok/s':>8} {'p50 s':>8} {'p99 s':>8} {'errors':>6}")
+                  device=args.device, stream=args.stream or args.in_process, serial=serial, concurrent=loaded,
+                  batches=batches, speedup_tokens_per_s=loaded["tokens_per_s"] / serial["tokens_per_s"])
+    print(f"{'':>12} {'requests':>8} {'req/s':>8} {'tok/s':>8} {'p50 s':>8} {'p99 s':>8} {'ttft50':>8} "
+          f"{'ttft90':>8} {'errors':>6}")
     for name, r in (("serial", serial), (f"{args.concurrency} clients", loaded)):
         print(f"{name:>12} {r['requests']:>8} {r['requests_per_s']:>8.2f} {r['tokens_per_s']:>8.1f} "
-              f"{r['p50_s']:>8.3f} {r['p99_s']:>8.3f} {r['errors']:>6}")
+              f"{r['p50_s']:>8.3f} {r['p99_s']:>8.3f} {r['ttft_p50_s']:>8.3f} {r['ttft_p90_s']:>8.3f} {r['errors']:>6}")
     print(f"decode batch: max {batches['max_batch']:.0f}, mean {batches['mean_batch']:.1f} rows; "
           f"row-steps by alpha {batches['row_steps_by_alpha']}; tokens/s x{result['speedup_tokens_per_s']:.2f} vs serial")
     for err in loaded["first_errors"] + serial["first_errors"]:

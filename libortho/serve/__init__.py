@@ -8,9 +8,13 @@ Modules (each one concept):
   gate           who is calling (401), and which alpha a request is served at (400 / 403)
   schema         the OpenAI request bodies: supported, accepted-and-ignored, unknown (400); body limits
   prompts        the prompt as token ids (completion text, chat template), refused early when too long
-  sampling       per-row greedy / temperature / top-p sampling with per-row generators
+  sampling       per-row greedy / temperature / top-p sampling on the logits' device, per-row generators
   text           incremental detokenization and stop strings
-  kvbatch        a left-padded batch of rows with one KV cache, joinable at step boundaries
+  slot_cache     a preallocated KV cache of fixed slots, one per running request
+  llama_step     the Llama-architecture decoder forward against the slot cache (prefill and decode)
+  decode_graphs  the decode step captured in CUDA graphs, one per (rows, width) bucket
+  slot_runner    chunked prefill and decode steps on the slot cache (Llama-architecture models)
+  kvbatch        a left-padded batch of rows with one KV cache (other models), and its runner
   engine         the single worker thread: dynamic + continuous batching, one alpha per row
   metrics        Prometheus text exposition by alpha
   state          ServerState: what the handlers share (engine, gate, config, draining, in flight)

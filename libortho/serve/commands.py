@@ -10,7 +10,7 @@ import importlib
 import logging
 
 from ..cli_args import UserError, alpha_value
-from .config import DEVICES, LOG_LEVELS, ServeConfig
+from .config import DEVICES, LOG_LEVELS, MAX_BATCH_BY_DEVICE, ServeConfig
 
 SERVE_MODULES = ("fastapi", "uvicorn", "pydantic")  # what the `serve` extra installs
 
@@ -30,7 +30,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keys", dest="keys_path", metavar="KEYS.json",
                    help="API keys with their max alpha (libortho keys add); without it: no key needed, alpha 0 only")
     p.add_argument("--device", choices=DEVICES, help=f"where the model runs (default {default.device})")
-    p.add_argument("--max-batch", type=int, metavar="N", help=f"rows decoded together (default {default.max_batch})")
+    by_device = ", ".join(f"{n} on {d}" for d, n in MAX_BATCH_BY_DEVICE.items())
+    p.add_argument("--max-batch", type=int, metavar="N", help=f"rows decoded together (default {by_device})")
+    p.add_argument("--max-context", type=int, metavar="N",
+                   help="tokens per request, prompt plus completion, that the KV cache holds (default: the model's "
+                        "context length)")
     p.add_argument("--max-wait-ms", type=float, metavar="T",
                    help="how long an idle server waits for companions before starting a batch "
                         f"(default {default.max_wait_ms:g})")

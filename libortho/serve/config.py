@@ -12,12 +12,15 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 DEVICES = ("cpu", "cuda")
+# max_batch when none is given: a GPU step costs about the same for 1 row as for 64 (it reads the weights
+# once either way), a CPU step grows with the rows
+MAX_BATCH_BY_DEVICE = {"cpu": 8, "cuda": 64}
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # the command-line flag of each setting that has one, so that an error names what the user typed
 FLAGS = {"host": "--host", "port": "--port", "keys_path": "--keys", "device": "--device", "max_batch": "--max-batch",
-         "max_wait_ms": "--max-wait-ms", "max_queue": "--max-queue", "threads": "--threads",
-         "model_name": "--model-name", "log_level": "--log-level"}
+         "max_context": "--max-context", "max_wait_ms": "--max-wait-ms", "max_queue": "--max-queue",
+         "threads": "--threads", "model_name": "--model-name", "log_level": "--log-level"}
 
 
 class ServeConfigError(ValueError):
@@ -32,7 +35,9 @@ class ServeConfig:
     port: int = 8000
     keys_path: str | Path | None = None  # KEYS.json; None: base-only mode (no key needed, alpha 0 only)
     device: str = "cpu"
-    max_batch: int = 8  # rows decoded together
+    max_batch: int | None = None  # rows decoded together (KV cache slots); None: MAX_BATCH_BY_DEVICE[device]
+    max_context: int | None = None  # tokens per request (prompt + completion) the KV cache holds; None: the model's
+    # context length (max_position_embeddings)
     max_wait_ms: float = 10.0  # how long an idle server waits for companions before it starts a batch
     max_queue: int = 256  # requests waiting for a batch slot; one more gets 429
     threads: int | None = None  # torch CPU threads; None: torch's own choice
@@ -50,6 +55,10 @@ class ServeConfig:
     max_messages: int = 256  # chat messages per request
     max_stops: int = 4  # stop strings per request (OpenAI's limit)
     max_stop_chars: int = 256  # characters per stop string
+    # the engine (Llama-architecture models; others use the padded batch of kvbatch.py)
+    prefill_chunk: int = 256  # prompt tokens prefilled per step, over all rows, between two decode steps
+    cuda_graphs: bool = True  # on CUDA, replay the decode step from CUDA graphs (False: eager steps)
+    slot_cache: bool = True  # False: the padded batch (kvbatch.py) even for models the slot cache can run
 
     @classmethod
     def from_options(cls, options: Mapping[str, object]) -> "ServeConfig":
@@ -64,7 +73,10 @@ class ServeConfig:
         if self.keys_path is not None and not isinstance(self.keys_path, (str, Path)):
             raise ServeConfigError(f"{_label('keys_path')} must be a path to a KEYS.json, got {self.keys_path!r}")
         _check_choice("device", self.device, DEVICES)
-        _check_int("max_batch", self.max_batch, 1)
+        if self.max_batch is not None:
+            _check_int("max_batch", self.max_batch, 1)
+        if self.max_context is not None:
+            _check_int("max_context", self.max_context, 2)
         _check_duration("max_wait_ms", self.max_wait_ms)
         _check_int("max_queue", self.max_queue, 1)
         if self.threads is not None:
@@ -80,6 +92,15 @@ class ServeConfig:
         for name in ("max_body_bytes", "max_json_values", "prompt_chars_per_token", "max_messages", "max_stops",
                      "max_stop_chars"):
             _check_int(name, getattr(self, name), 1)
+        _check_int("prefill_chunk", self.prefill_chunk, 1)
+        for name in ("cuda_graphs", "slot_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ServeConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    @property
+    def resolved_max_batch(self) -> int:
+        """max_batch, or the device's default when none was given."""
+        return self.max_batch if self.max_batch is not None else MAX_BATCH_BY_DEVICE[self.device]
 
 
 def _label(name: str) -> str:

@@ -1,19 +1,26 @@
 """The batching engine: one worker thread owns the model and decodes every active request as one
 batch, one alpha per row.
 
-Scheduling:
-  * dynamic batching: when idle, the first request waits up to `config.max_wait_ms` for others,
-    and up to `config.max_batch` rows start together (one left-padded prefill);
-  * continuous batching: while a batch runs, waiting requests are prefilled and join it at the
-    next step boundary (up to `config.max_batch` rows), and finished rows leave at once. This needs a
-    cache whose rows can be padded and concatenated (KVBatch.joinable); otherwise new requests
-    wait until the running batch is empty (plain dynamic batching);
-  * back-pressure: at most `config.max_queue` requests wait for admission; beyond that `submit` raises
-    QueueFull (HTTP 429).
+Scheduling, one iteration of the worker:
+  * admission: when idle, the first request waits up to `config.max_wait_ms` for others; up to
+    `config.max_batch` rows run at once (resolved by device, see ServeConfig), and waiting
+    requests join at every step boundary while others run (continuous batching);
+  * prefill: the prompts of rows that joined are read, chunked (`config.prefill_chunk` tokens per
+    iteration over all rows) so that a long prompt does not stall the rows already streaming;
+  * decode: every row whose prompt is read gets its next token; finished and cancelled rows leave
+    at once;
+  * back-pressure: at most `config.max_queue` requests wait for admission; beyond that `submit`
+    raises QueueFull (HTTP 429).
 
-The worker is the only thread that runs the model, and it runs every forward inside an explicit
-`libortho.alpha(model, per_row_alphas)` scope (KVBatch._forward), so no request depends on a
-model-wide default alpha.
+The model side is a runner. Llama-architecture models run on a preallocated slot cache
+(slot_runner: each request owns a slot; on CUDA the decode step replays a CUDA graph); other
+models on a left-padded batch (kvbatch.BatchRunner), where rows join only if its cache allows
+(`joinable`) and otherwise wait until the running batch is empty. The choice is made when the
+engine is built and logged.
+
+Every forward runs with an explicit per-row alpha (the runners scope the model's switch to it,
+or write it into the graph's alpha buffer), so no request depends on a model-wide default alpha.
+A forward that raises fails the rows it ran; a row whose logits cannot be sampled fails alone.
 """
 from __future__ import annotations
 
@@ -29,9 +36,11 @@ from torch import nn
 
 from ..hf_model import pad_token_id
 from .config import ServeConfig
-from .kvbatch import KVBatch
+from .kvbatch import BatchRunner
+from .llama_step import unsupported_reason
 from .metrics import Metrics
 from .sampling import RowFailed, SamplingParams, sample
+from .slot_runner import SlotRunner
 from .text import TextStream
 
 log = logging.getLogger("libortho.serve")
@@ -83,6 +92,13 @@ class _Row:
     generated: int = 0
     first_token_at: float | None = None
     finished: bool = False
+    slot: int = -1  # the slot-cache slot it owns (slot runner), -1 for none
+    prefilled: int = 0  # prompt tokens already in the cache
+
+    @property
+    def decoding(self) -> bool:
+        """Prompt read and a token sampled: the row takes part in decode steps."""
+        return not self.finished and self.prefilled == len(self.job.prompt_ids) and self.generated > 0
 
 
 class Engine:
@@ -94,18 +110,31 @@ class Engine:
         self.config = config or ServeConfig()
         self.metrics = metrics or Metrics()
         # a model config without a context length is rare (old or custom models); 2048 is the common size
-        self.context_len = int(getattr(model.config, "max_position_embeddings", None) or 2048)
+        context = int(getattr(model.config, "max_position_embeddings", None) or 2048)
+        self.context_len = min(context, self.config.max_context or context)
+        self.max_batch = self.config.resolved_max_batch
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = pad_token_id(tokenizer)
+        self.runner = self._make_runner()
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._rows: list[_Row] = []
-        self._batch: KVBatch | None = None
         self._accepting = True
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="libortho-engine", daemon=True)
         self.metrics.gauges["libortho_queue_depth"] = lambda: len(self._pending)
         self.metrics.gauges["libortho_active_rows"] = lambda: len(self._rows)
+
+    def _make_runner(self) -> SlotRunner | BatchRunner:
+        """The slot cache where the model allows it, else the padded batch (decided here, once)."""
+        reason = unsupported_reason(self.model, self.context_len) if self.config.slot_cache else "slot_cache is off"
+        if reason is None:
+            runner = SlotRunner(self.model, self.config, self.context_len)
+            log.info("engine: slot cache, %d slots of %d tokens, decode %s", self.max_batch, self.context_len,
+                     "in CUDA graphs" if runner.graphs is not None else "eager")
+            return runner
+        log.info("engine: padded batch (%s)", reason)
+        return BatchRunner(self.model, self.pad_id)
 
     # ---- the HTTP side ------------------------------------------------------------------------
     def start(self) -> None:
@@ -150,19 +179,18 @@ class Engine:
             if admitted is None:
                 return
             try:
-                if admitted:
-                    self._admit(admitted)
-                if self._rows:
+                self._admit(admitted)
+                self._prefill_step()
+                self._drop_finished_rows()
+                if any(r.decoding for r in self._rows):
                     self._decode_step()
-            except Exception as err:  # a failed forward must not kill the server: fail the rows it touched
-                log.exception("batch failed")
-                running = {id(r.job) for r in self._rows}
-                for job in [r.job for r in self._rows] + [j for j in admitted if id(j) not in running]:
-                    job.sink(Event("error", message=_one_line(f"generation failed: {type(err).__name__}: {err}")))
-                self._rows, self._batch = [], None
+                self._drop_finished_rows()
+            except Exception as err:  # a bug outside the forwards must not kill the server either
+                log.exception("engine step failed")
+                self._fail_everything(err)
 
     def _wait_for_work(self) -> list[Job] | None:
-        """Jobs to admit now (possibly none while a batch runs); None when the worker should exit."""
+        """Jobs to admit now (possibly none while rows run); None when the worker should exit."""
         with self._cond:
             while not self._pending and not self._rows:
                 if self._stop:
@@ -171,14 +199,14 @@ class Engine:
             if not self._rows:
                 # idle: give companions up to max_wait to arrive, so they share the prefill
                 deadline = self._pending[0].enqueued_at + self.config.max_wait_ms / 1000.0
-                while len(self._pending) < self.config.max_batch and not self._stop:
+                while len(self._pending) < self.max_batch and not self._stop:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(left)
-            elif self._batch is not None and not self._batch.joinable:
+            elif not self.runner.joinable:
                 return []  # rows cannot join this cache: the batch runs out first
-            room = self.config.max_batch - len(self._rows)
+            room = self.max_batch - len(self._rows)
             admitted = []
             while self._pending and len(admitted) < room:
                 job = self._pending.popleft()
@@ -187,34 +215,47 @@ class Engine:
             return admitted
 
     def _admit(self, jobs: list[Job]) -> None:
-        """Prefill the new jobs as one batch, sample their first tokens, and join the running batch."""
-        alphas = torch.tensor([j.alpha for j in jobs], dtype=torch.float32)
-        batch, logits = KVBatch.prefill(self.model, [j.prompt_ids for j in jobs], alphas, self.pad_id)
-        rows = [_Row(j, TextStream(self.tokenizer, j.stops)) for j in jobs]
-        tokens = sample(logits, [j.params for j in jobs])
-        if self._batch is None:
-            self._batch, self._rows = batch, rows
-            self._after_sampling(list(range(len(rows))), tokens)
+        """New rows for the jobs (their prompts are read by the next prefill steps)."""
+        for job in jobs:
+            if not job.prompt_ids:  # the HTTP side refuses these; a direct caller gets the same answer
+                job.sink(Event("error", message="the prompt is empty"))
+                continue
+            row = _Row(job, TextStream(self.tokenizer, job.stops))
+            self.runner.admit(row)
+            self._rows.append(row)
+
+    def _prefill_step(self) -> None:
+        """Read the next chunk of waiting prompts; sample the first token of each prompt finished."""
+        waiting = [r for r in self._rows if r.prefilled < len(r.job.prompt_ids) and not r.finished
+                   and not r.job.cancelled.is_set()]
+        if not waiting:
             return
-        self._batch.merge(batch)
-        start = len(self._rows)
-        self._rows.extend(rows)
-        self._after_sampling(list(range(start, start + len(rows))), tokens)
+        try:
+            rows, logits = self.runner.prefill(waiting)
+        except Exception as err:  # e.g. out of memory on a long prompt: those rows fail, running ones go on
+            log.exception("prefill failed")
+            self._fail_rows(waiting, err)
+            return
+        if rows:
+            self._after_sampling(rows, sample(logits, [r.job.params for r in rows]))
 
     def _decode_step(self) -> None:
-        """Feed every row its last sampled token; sample the next one."""
-        alphas_list = [r.job.alpha for r in self._rows]
-        self.metrics.decode_step(alphas_list)
-        logits = self._batch.step([r.next_token for r in self._rows], torch.tensor(alphas_list, dtype=torch.float32))
-        tokens = sample(logits, [r.job.params for r in self._rows])
-        self._after_sampling(list(range(len(self._rows))), tokens)
+        """Feed every decoding row its last sampled token; sample the next one."""
+        rows = [r for r in self._rows if r.decoding]
+        try:
+            rows, logits = self.runner.decode(rows)
+        except Exception as err:  # a failed forward fails the rows it ran, the server goes on
+            log.exception("decode step failed")
+            self._fail_rows(rows, err)
+            return
+        self.metrics.decode_step([r.job.alpha for r in rows])
+        self._after_sampling(rows, sample(logits, [r.job.params for r in rows]))
 
-    def _after_sampling(self, indices: list[int], tokens: list[int | RowFailed]) -> None:
-        """Hand out text, finish rows that are done, drop finished and cancelled rows from the batch.
-        A row that failed (sampling, detokenizing) ends with an error; its neighbours go on."""
+    def _after_sampling(self, rows: list[_Row], tokens: list[int | RowFailed]) -> None:
+        """Hand out text and finish rows that are done. A row that failed (sampling, detokenizing)
+        ends with an error; its neighbours go on."""
         now = time.monotonic()
-        for i, token in zip(indices, tokens):
-            row = self._rows[i]
+        for row, token in zip(rows, tokens, strict=True):
             if row.job.cancelled.is_set() or row.finished:
                 continue
             if isinstance(token, RowFailed):
@@ -224,6 +265,24 @@ class Engine:
                 self._take_token(row, token, now)
             except Exception as err:  # e.g. a token the tokenizer cannot decode: this row's trouble only
                 self._fail(row, f"decoding failed: {type(err).__name__}: {err}")
+
+    def _fail_everything(self, err: Exception) -> None:
+        """After an unexpected error: every row ends with it; the worker goes on with none."""
+        for row in self._rows:
+            if not row.finished:
+                self._fail(row, f"generation failed: {type(err).__name__}: {err}")
+        rows, self._rows = self._rows, []
+        try:
+            self.runner.release(rows)
+        except Exception:  # the slots stay taken; the engine still serves with those left
+            log.exception("could not free the rows' cache")
+
+    def _fail_rows(self, rows: list[_Row], err: Exception) -> None:
+        """End these rows with the error of a forward that raised, and free what they held."""
+        message = f"generation failed: {type(err).__name__}: {err}"
+        for row in rows:
+            if not row.finished:
+                self._fail(row, message)
         self._drop_finished_rows()
 
     def _fail(self, row: _Row, reason: str) -> None:
@@ -261,14 +320,11 @@ class Engine:
         row.finished = True
 
     def _drop_finished_rows(self) -> None:
-        keep = [i for i, r in enumerate(self._rows) if not (r.finished or r.job.cancelled.is_set())]
-        if len(keep) == len(self._rows):
-            return
-        if keep:
-            self._batch.keep(keep)
-            self._rows = [self._rows[i] for i in keep]
-        else:
-            self._rows, self._batch = [], None
+        """Finished and cancelled rows leave the batch and give back what they held."""
+        gone = [r for r in self._rows if r.finished or r.job.cancelled.is_set()]
+        if gone:
+            self._rows = [r for r in self._rows if not (r.finished or r.job.cancelled.is_set())]
+            self.runner.release(gone)
 
 
 def _one_line(text: str) -> str:

@@ -138,3 +138,51 @@ def _left_pad(kv: torch.Tensor, width: int) -> torch.Tensor:
 
 def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
     return F.pad(mask, (width - mask.shape[1], 0)) if mask.shape[1] < width else mask
+
+
+class BatchRunner:
+    """The engine's model side on a KVBatch, for models the slot cache cannot run: a new row's
+    whole prompt is prefilled at once (left-padded with the other new rows) and merged into the
+    running batch. Same interface as slot_runner.SlotRunner; rows keep `prefilled` up to date."""
+
+    def __init__(self, model: nn.Module, pad_id: int) -> None:
+        self.model, self.pad_id = model, pad_id
+        self.batch: KVBatch | None = None
+        self.rows: list = []  # the engine's rows, in the batch's row order
+
+    @property
+    def joinable(self) -> bool:
+        return self.batch is None or self.batch.joinable
+
+    def admit(self, row) -> None:
+        row.prefilled = 0
+
+    def prefill(self, rows: list) -> tuple[list, torch.Tensor]:
+        """Prefill every given row's whole prompt as one batch; (rows, logits [len(rows), V])."""
+        alphas = torch.tensor([r.job.alpha for r in rows], dtype=torch.float32)
+        batch, logits = KVBatch.prefill(self.model, [r.job.prompt_ids for r in rows], alphas, self.pad_id)
+        if self.batch is None:
+            self.batch, self.rows = batch, list(rows)
+        else:
+            self.batch.merge(batch)
+            self.rows.extend(rows)
+        for r in rows:
+            r.prefilled = len(r.job.prompt_ids)
+        return rows, logits
+
+    def decode(self, rows: list) -> tuple[list, torch.Tensor]:
+        """One step of every row in the batch (`rows`: the same rows, in any order); (rows in the
+        batch's order, logits [len, V])."""
+        alphas = torch.tensor([r.job.alpha for r in self.rows], dtype=torch.float32)
+        return self.rows, self.batch.step([r.next_token for r in self.rows], alphas)
+
+    def release(self, rows: list) -> None:
+        gone = {id(r) for r in rows}
+        keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
+        if len(keep) == len(self.rows):
+            return
+        if keep:
+            self.batch.keep(keep)
+            self.rows = [self.rows[i] for i in keep]
+        else:
+            self.batch, self.rows = None, []
