@@ -11,6 +11,15 @@ write and SiLU·mul are small fused Triton kernels shared by all variants; atten
 two matmuls + softmax over the whole static cache with an additive mask (per step).
 
     python benchmarks/bench_e2e.py [--layers 32] [--batches 1,16] [--json FILE] [--configs F]
+
+With ``--artifact DIR`` it times a real libortho artifact instead (Llama architecture): the
+serving engine's own decode step (libortho.serve: slot KV cache, LlamaStep forward, the step
+captured in a CUDA graph) at each batch of ``--batches``, every row's prompt prefilled first,
+greedy argmax on the device after each replay, no HTTP and no host sync per step. Alphas: all 0,
+all 1, and mixed (rows alternate 0 / 1). The ceiling for ``serve_load.py --in-process`` at the
+same batch:
+
+    python benchmarks/bench_e2e.py --artifact DIR [--batches 1,64] [--steps 100] [--json FILE]
 """
 from __future__ import annotations
 
@@ -226,8 +235,65 @@ def time_decode(model: DecodeModel, steps: int, start: int = 32) -> Dict[str, fl
                 eager_step_ms=statistics.median(a.elapsed_time(b) for a, b in eager))
 
 
+def time_artifact(path: str, batches: List[int], steps: int, prompt_len: int = 16) -> List[Dict[str, object]]:
+    """Decode step time of the serving engine's CUDA graph for the artifact at `path`, per batch
+    and alpha mix; a row per (batch, alphas). Each row's prompt (`prompt_len` random tokens) is
+    prefilled through the engine's runner, then the captured step is replayed `steps` times with
+    each row's greedy token fed back on the device (at a fixed position: the step reads the whole
+    width bucket whatever the positions, so the cost is the same)."""
+    from types import SimpleNamespace
+
+    import libortho
+    from libortho.serve.config import ServeConfig
+    from libortho.serve.decode_graphs import width_bucket
+    from libortho.serve.slot_runner import SlotRunner
+
+    model, _ = libortho.load(path, alpha=0.0, device="cuda", with_ortho=True)
+    out = []
+    for b in batches:
+        runner = SlotRunner(model, ServeConfig(device="cuda", max_batch=b), 4 * prompt_len)
+        if runner.graphs is None:
+            raise SystemExit("the decode step of this artifact cannot be captured in a CUDA graph (see the log)")
+        for mix, alphas in (("0", [0.0] * b), ("1", [1.0] * b), ("mixed", [float(i % 2) for i in range(b)])):
+            prompt = torch.randint(3, 1000, (prompt_len,)).tolist()
+            rows = [SimpleNamespace(job=SimpleNamespace(prompt_ids=prompt, alpha=a), slot=-1, prefilled=0,
+                                    next_token=-1, generated=0) for a in alphas]
+            for row in rows:
+                runner.admit(row)
+            while any(r.prefilled < prompt_len for r in rows):
+                done, logits = runner.prefill([r for r in rows if r.prefilled < prompt_len])
+                for row, token in zip(done, logits.argmax(-1).tolist()):
+                    row.next_token, row.generated = token, 1
+            runner.decode(rows)  # captures the step's graph (b rows, the narrowest width) and runs it once
+            graphs, width = runner.graphs, width_bucket(prompt_len + 1, runner.cache.max_len)
+            step = graphs.captured_step(b, width)  # the graph that decode ran (b is a bucket: b slots)
+
+            def one_step() -> None:
+                graphs.inputs[0, :b].copy_(step.logits.argmax(-1))  # greedy, on the device: no host sync
+                step.graph.replay()
+
+            for _ in range(3):
+                one_step()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                one_step()
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end) / steps
+            out.append(dict(batch=b, alphas=mix, step_ms=ms, tokens_per_s=b / (ms * 1e-3), width=width))
+            print(f"batch {b:3d} alphas {mix:5s} step {ms:7.3f} ms  {b / (ms * 1e-3):9.1f} tok/s  "
+                  f"(graph of {b} rows x {width} columns, argmax included)", flush=True)
+            runner.release(rows)
+        del runner
+        torch.cuda.empty_cache()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--artifact", default=None, metavar="DIR",
+                    help="time this libortho artifact's serving decode step (CUDA graph) instead of random 8B shapes")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--max-len", type=int, default=256)
@@ -239,6 +305,13 @@ def main() -> int:
                     help="also time the libortho model with this config table (variants "
                     "libortho_a*_base): before/after on one card in one run")
     args = ap.parse_args()
+    if args.artifact:
+        print(f"device {torch.cuda.get_device_name(0)}; artifact {args.artifact}", flush=True)
+        rows = time_artifact(args.artifact, [int(x) for x in args.batches.split(",")], args.steps)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(device=torch.cuda.get_device_name(0), args=vars(args), rows=rows), f, indent=1)
+        return 0
     if args.configs:
         configs.load_table(args.configs)
     print(f"device {torch.cuda.get_device_name(0)}; {args.layers} layers, max_len "

@@ -179,6 +179,33 @@ def test_rows_join_and_leave_mid_batch_and_slots_are_reused(llama):
     assert any(solo[(p, 0.0)] != solo[(p, 1.0)] for p in PROMPTS)  # alpha matters on this model
 
 
+def test_a_long_prompt_is_prefilled_between_decode_steps(llama):
+    """A 60-token prompt read 4 tokens per step: the row already running keeps streaming meanwhile."""
+    model, tok = llama
+    engine = Engine(model, tok, ServeConfig(max_batch=2, max_wait_ms=200, prefill_chunk=4))
+    order: list[tuple[str, str]] = []
+    done = threading.Semaphore(0)
+
+    def sink_for(name: str):
+        def sink(event) -> None:
+            order.append((name, event.kind))
+            if event.kind != "text":
+                done.release()
+        return sink
+
+    engine.start()
+    try:
+        engine.submit(Job(tok("Python is")["input_ids"], 40, SamplingParams(0.0), [], 1.0, sink_for("short")))
+        engine.submit(Job(tok("The quick brown fox jumps over the lazy dog. " * 2)["input_ids"][:60], 4,
+                          SamplingParams(0.0), [], 0.0, sink_for("long")))
+        assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    finally:
+        engine.stop()
+    first_long = order.index(("long", "text"))
+    assert sum(1 for name, _ in order[:first_long] if name == "short") >= 10
+    assert ("long", "done") in order and ("short", "done") in order
+
+
 def test_a_cancelled_request_frees_its_slot(llama):
     model, tok = llama
     engine = Engine(model, tok, ServeConfig(max_batch=1, max_wait_ms=0))

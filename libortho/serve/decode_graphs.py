@@ -71,7 +71,9 @@ def graph_problem(model: torch.nn.Module, dtype: torch.dtype) -> str | None:
 
 
 @dataclass
-class _Graph:
+class Captured:
+    """One captured decode step: replaying `graph` runs it on the static inputs of DecodeGraphs."""
+
     graph: torch.cuda.CUDAGraph
     logits: torch.Tensor  # [rows, V] float32: what each replay writes
 
@@ -86,7 +88,7 @@ class DecodeGraphs:
         self.inputs = torch.zeros(3, cache.slots, dtype=torch.int64, device=device)  # ids, positions, columns
         self.alpha = torch.zeros(cache.slots, dtype=torch.float32, device=device)
         self.last = torch.zeros(cache.slots, dtype=torch.int64, device=device)  # one token per row: index 0
-        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._graphs: dict[tuple[int, int], Captured] = {}
         self._pool = None
 
     @property
@@ -99,19 +101,25 @@ class DecodeGraphs:
         alphas [rows] float32, both on the CPU and already checked; logits [rows, V] float32, valid
         until the next run. `width`: a width bucket, columns [0, width) made readable by the caller."""
         rows = int(inputs.shape[1])
-        entry = self._graphs.get((rows, width))
-        if entry is None:
-            entry = self._graphs[(rows, width)] = self._capture(rows, width)
+        entry = self.captured_step(rows, width)
         self.inputs[:, :rows].copy_(inputs)
         self.alpha[:rows].copy_(alphas)
         entry.graph.replay()
         return entry.logits
 
+    def captured_step(self, rows: int, width: int) -> Captured:
+        """The graph of (rows, width) buckets, captured now if it was not yet. Its inputs are
+        `inputs[:, :rows]` and `alpha[:rows]` (a benchmark may drive it directly)."""
+        entry = self._graphs.get((rows, width))
+        if entry is None:
+            entry = self._graphs[(rows, width)] = self._capture(rows, width)
+        return entry
+
     def _forward(self, rows: int, width: int) -> torch.Tensor:
         ids, pos, cols = (self.inputs[i, :rows].unsqueeze(1) for i in range(3))
         return self.step.forward(self.cache, ids, pos, cols, self.last[:rows], width)
 
-    def _capture(self, rows: int, width: int) -> _Graph:
+    def _capture(self, rows: int, width: int) -> Captured:
         # padding inputs while warming up and capturing: every write goes to the scratch column
         self.inputs[0, :rows] = 0
         self.inputs[1, :rows] = 0
@@ -127,4 +135,4 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=self._pool):
                 logits = self._forward(rows, width)
         self._pool = graph.pool()
-        return _Graph(graph, logits)
+        return Captured(graph, logits)
