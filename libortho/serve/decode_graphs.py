@@ -132,7 +132,8 @@ class DecodeGraphs:
                 self._forward(rows, width)  # warm-up: kernel selection and workspaces, outside the graph
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread_local: a CUDA call from another thread during the capture does not invalidate it
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 logits = self._forward(rows, width)
         self._pool = graph.pool()
         return Captured(graph, logits)

@@ -2,7 +2,7 @@
 its end, so requests join and leave without any cache being copied or reshaped.
 
 Layout, per decoder layer: K and V of shape [slots, kv_heads, max_len + 1, head_dim] in the
-model's dtype. Column c of slot s holds the key / value of the token at position c of the
+model's dtype (views of one buffer [layers, 2, slots, kv_heads, max_len + 1, head_dim]). Column c of slot s holds the key / value of the token at position c of the
 request in slot s. Column `max_len` (`scratch`) is written by rows that are only padding (empty
 slots inside a decode bucket, and the padding tokens of a prefill chunk) and is never attended
 to, so padding can never change a real row's cache.
@@ -34,10 +34,11 @@ class SlotCache:
     def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, max_len: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
         self.slots, self.max_len, self.scratch = slots, max_len, max_len
-        shape = (slots, kv_heads, max_len + 1, head_dim)
+        # one buffer for every layer's K and V, so that zeroing a slot is one operation, not 2 per layer;
         # empty, not zeros: `ready` zeroes what is about to be read, so unread memory stays untouched
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.kv = torch.empty((layers, 2, slots, kv_heads, max_len + 1, head_dim), dtype=dtype, device=device)
+        self.k = [self.kv[i, 0] for i in range(layers)]  # [slots, kv_heads, max_len + 1, head_dim] views
+        self.v = [self.kv[i, 1] for i in range(layers)]
         self._zeroed = 0  # columns [0, _zeroed) of every slot hold finite values
         self._free = list(range(slots))  # a heap: the lowest free slot first
         self._taken: set[int] = set()
@@ -62,8 +63,7 @@ class SlotCache:
         if slot not in self._taken:
             raise ValueError(f"slot {slot} is not taken")
         length = min(max(length, 0), self.max_len)
-        for buf in (*self.k, *self.v):
-            buf[slot, :, :length].zero_()
+        self.kv[:, :, slot, :, :length].zero_()
         self._taken.remove(slot)
         heapq.heappush(self._free, slot)
 
@@ -83,6 +83,5 @@ class SlotCache:
         width = min(width, self.max_len)
         if width <= self._zeroed:
             return
-        for buf in (*self.k, *self.v):
-            buf[:, :, self._zeroed:width].zero_()
+        self.kv[..., self._zeroed:width, :].zero_()
         self._zeroed = width
