@@ -59,6 +59,8 @@ def cmd_decompose(args) -> int:
     if work.exists() and not args.resume:
         raise UserError(f"{work} holds an unfinished decomposition into {out} "
                         f"({unfinished_summary(work)}): add --resume to continue it, or remove {work} to start over")
+    if args.resume and work.exists():
+        print(f"resuming: {unfinished_summary(work)} in {work}", file=sys.stderr)
     calib = read_text(args.calib)
     source, forget_texts = _forget_source(args)
     config = decompose_config(args, source)

@@ -51,6 +51,7 @@ from .config import OrthoConfig
 from .forget import ForgetObjective
 from .hf_model import decoder_blocks, linear_weight, module_device, replace_submodule, target_linears
 from .layer import OrthoLinear, ortho_layers
+from .memory import release_freed_memory
 from .ortho_split import LayerFinisher, OrthoParts, split_model
 from .state import OrthoState, attach, state_of
 from .switch import AlphaState
@@ -316,6 +317,8 @@ def quantize_model(
             folder.save_block(b, {name: parts[(b, name)] for name in targets}, _carry(public, private, finish), stats.to_dict())
         if finish is not None:
             _drop_codes(parts, b, targets)
+        del H_pub, H_priv, factors, on_host
+        release_freed_memory()  # the block's fits leave freed heap pages that glibc would otherwise keep
     stats.n_layers = len(parts)
     stats.seconds = time.perf_counter() - start
     return parts, stats

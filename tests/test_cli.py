@@ -150,6 +150,7 @@ def test_an_interrupted_decompose_says_so_and_resumes_to_the_same_artifact(artif
     assert main(cmd[:5] + ["--resume", "--group-size", "64"] + cmd[7:]) != 0  # other flags
     assert "other inputs or another config" in capsys.readouterr().err
     assert main(cmd + ["--resume"]) == 0
+    assert "resuming: 1 of 2 decoder blocks done" in capsys.readouterr().err
     assert not work_folder_for(out).exists()
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in artifact.iterdir())
     for name in ("base.safetensors", "ortho.safetensors"):
