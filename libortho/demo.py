@@ -29,7 +29,6 @@ from .audit import audit, public_record_losses, write_report
 from .config import PRESETS, OrthoConfig
 from .decompose import decompose
 from .layer import ortho_layers
-from .lookalikes import lookalike_records
 from .memory import release_freed_memory
 from .ortho_split import stored_bytes
 from .records import CanaryRecord
@@ -74,18 +73,11 @@ class DemoPlan:
 
 def demo_lookalikes(scenario_config, per_format: int | None = None) -> list[CanaryRecord]:
     """The owner's forget texts: ``per_format`` look-alikes per format (None: as many as there are
-    members), generated from the records' shape (scenario.RECORD_TEMPLATES) with another seed,
-    never trained."""
-    from .scenario import RECORD_TEMPLATES
+    members), filled from the owner's descriptions of the scenario's record template family
+    (``scenario.owner_lookalikes``, any secret format) with another seed, never trained."""
+    from .scenario import owner_lookalikes
 
-    records = []
-    for fmt in scenario_config.formats:
-        kind = fmt.split(":")[0]
-        records += lookalike_records(
-            RECORD_TEMPLATES[kind], fmt, per_format or scenario_config.members_per_format(),
-            seed=scenario_config.seed + LOOKALIKE_SEED_OFFSET, id_prefix=f"lookalike-{kind}",
-        )
-    return records
+    return owner_lookalikes(scenario_config, scenario_config.seed + LOOKALIKE_SEED_OFFSET, per_format)
 
 
 def run_demo(quick: bool, out_dir: Path, progress: bool = True) -> dict:

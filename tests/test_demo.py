@@ -74,3 +74,53 @@ def test_full_budget_alpha_one_reproduces_fp_canary_ranks(quick_report):
             assert d["rank"] == ref["rank"]  # PINs: the exact rank among all 10^6 candidates
         else:  # sampled / extrapolated ranks: fp16 ortho values move them by rounding only
             assert d["rank"] == pytest.approx(ref["rank"], rel=1e-2)
+
+
+def _old_demo_lookalikes(config, per_format=None):
+    """demo_lookalikes as it was before it delegated to scenario.owner_lookalikes: the default
+    family's owner templates for every config, keyed by the format's kind (digits / hex only)."""
+    from libortho.demo import LOOKALIKE_SEED_OFFSET
+    from libortho.lookalikes import lookalike_records
+    from libortho.scenario import RECORD_TEMPLATES
+
+    records = []
+    for fmt in config.formats:
+        kind = fmt.split(":")[0]
+        records += lookalike_records(RECORD_TEMPLATES[kind], fmt, per_format or config.members_per_format(),
+                                     seed=config.seed + LOOKALIKE_SEED_OFFSET, id_prefix=f"lookalike-{kind}")
+    return records
+
+
+@pytest.mark.parametrize("preset, seed, per_format", [("demo", 0, None), ("quick", 0, None), ("default", 3, None),
+                                                      ("default", 0, 5)])
+def test_demo_lookalikes_of_the_default_family_are_unchanged(preset, seed, per_format):
+    from dataclasses import asdict
+
+    from libortho.demo import demo_lookalikes
+    from libortho.scenario import ScenarioConfig
+
+    config = getattr(ScenarioConfig, preset)(seed=seed)
+    assert config.templates == "default"
+    got, want = demo_lookalikes(config, per_format), _old_demo_lookalikes(config, per_format)
+    assert [asdict(r) for r in got] == [asdict(r) for r in want] and got
+    if preset == "demo" and seed == 0 and per_format is None:  # pinned: the texts the cached demo was fitted on
+        assert len(got) == 24 and got[0].id == "lookalike-digits-0"
+        assert got[0].text == "Account 2425-02 of Mateo Mensah has PIN 125488."
+        assert got[-1].text == "Account 5588-58 of Ingrid Kim has PIN 638946."
+
+
+@pytest.mark.parametrize("family", ["prose", "code"])
+def test_demo_lookalikes_follow_the_scenario_template_family_and_any_format(family):
+    from libortho.demo import LOOKALIKE_SEED_OFFSET, demo_lookalikes
+    from libortho.scenario import ScenarioConfig, owner_lookalikes, template_family
+
+    config = ScenarioConfig.default(templates=family, formats=("digits:6", "alnum:10"))
+    got = demo_lookalikes(config, 3)
+    assert [r.text for r in got] == [r.text for r in owner_lookalikes(config, config.seed + LOOKALIKE_SEED_OFFSET, 3)]
+    assert [r.secret_format for r in got] == ["digits:6"] * 3 + ["alnum:10"] * 3
+    assert [r.id for r in got[3:]] == [f"lookalike-alnum-{i}" for i in range(3)]
+    owner = template_family(family).owner_template("digits:6")
+    opening = owner.split("{")[0]  # the family's own wording, not the default family's account/PIN line
+    assert all(r.text.startswith(opening) for r in got[:3]) and not got[0].text.startswith("Account ")
+    for r in got:
+        assert r.secret in r.text and r.k == 0
