@@ -12,6 +12,9 @@ Rows, per layer shape (N = out, K = in) and token rows M:
 * ``*_prev``      a0 / a1_1 / a1_2 / a1_lr with kernel v3 switched off (M >= 2): the previous
                   kernels in the same run (``a1_lr_prev``: low-rank part as two thin GEMMs)
 
+Kernel v3 (tc, 2 <= M <= 64) is off by default (libortho.kernels.dispatch); ``--v3`` switches
+it on for the libortho rows, so that they and the ``*_prev`` rows compare the two paths.
+
 Timing: every call of a row is captured in one CUDA graph that walks through enough copies of
 the weights (and inputs) to exceed the L2 several times; the graph is replayed after warm-up
 and each replay timed with CUDA events; the reported time is the median over replays

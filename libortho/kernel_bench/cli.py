@@ -36,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", default="fp16,torch_int4,a0,a1,a1_1_rows,naive_1,a1_lr",
                         help="which rows to run (also: a0_prev, a1_1_prev, a1_2_prev, "
                         "a1_lr_prev: kernel v3 switched off)")
+    parser.add_argument("--v3", action="store_true",
+                        help="switch kernel v3 (tc, 2 <= M <= 64) on for the libortho rows "
+                        "(off by default until verified on a GPU; the *_prev rows switch it "
+                        "off); same as LIBORTHO_KERNEL_V3=1")
     parser.add_argument("--tune-tc", action="store_true",
                         help="race kernel v3 (tc) configs against the previous path for "
                         "2 <= M <= 64 first (alpha = 1, 1 %% ortho) and use the winners")
@@ -76,17 +80,21 @@ def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("libortho bench needs a CUDA GPU", file=sys.stderr)
         return 2
-    from libortho.kernels import available, configs
+    from libortho.kernels import available, configs, dispatch
     if not available():
         print("libortho bench needs Triton (pip install triton)", file=sys.stderr)
         return 2
+    if args.v3:
+        dispatch.set_v3(True)
     torch.manual_seed(0)
     shapes = _parse_shapes(args.shapes)
     batches = [int(b) for b in args.batches.split(",")]
     rows_wanted = args.rows.split(",")
     env = environment()
+    env["kernel_v3"] = dispatch.V3_ENABLED
     print(f"device: {env['device']} ({env['sms']} SMs), torch {env['torch']}, "
-          f"triton {env['triton']}", flush=True)
+          f"triton {env['triton']}, kernel v3 {'on' if dispatch.V3_ENABLED else 'off'}",
+          flush=True)
 
     def log(s: str) -> None:
         print(s, flush=True)
@@ -154,8 +162,8 @@ def run(args: argparse.Namespace) -> int:
     table = format_tables(results, bw)
     print("\n" + table + "\n")
     for x in g:
-        print(f"{'MET ' if x['met'] else 'MISS'} {x['goal']:45s} N={x['n']} K={x['k']} "
-              f"M={x['m']}: {x['value']:.3f}")
+        print(f"{'MET ' if x['met'] else 'MISS'} {x['goal']:62s} N={x['n']} K={x['k']} "
+              f"M={x['m']}: {x['value']:.3f} ({x['cmp']} {x['limit']:.3f})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(env=env, copy_gbps=bw, results=results, goals=g, tuned=tuned,

@@ -4,10 +4,14 @@ ortho chunk (launch.py) and launches the Triton kernel (triton_kernels.py).
 
 Scalar alpha == 0 takes the base-only kernel variant (the ortho buffers are not read).
 
-Kernel v3 (tc.py) takes 2 <= M <= 64 token rows on layers whose layout accepts it
-(``KernelLayout.tc_reason`` is None), with configs from the tc table (configs.py); batch 1
-keeps the v2 decode kernel. ``LIBORTHO_KERNEL_V3=0`` in the environment (or ``set_v3(False)``)
-restores the previous path for every M, so one process can time both.
+Kernel v3 (tc.py, 2 <= M <= 64 token rows on layers whose layout accepts it:
+``KernelLayout.tc_reason`` is None) is **opt-in**: its fp16 dequantisation (inline PTX) has
+not yet passed ``tests/gpu/test_kernels_gpu.py`` on a GPU, so the default for every M is the
+previous path (v2 decode kernel, v1 kernels, tuned_configs.json). It runs when
+``LIBORTHO_KERNEL_V3=1`` is in the environment, after ``set_v3(True)``, or for a call given an
+explicit ``config`` with ``kernel="tc"``; its configs then come from the tc table
+(configs.py), and batch 1 keeps the v2 decode kernel. It becomes the default once the GPU
+cases pass on the H200 (docs/kernel_notes.md).
 """
 from __future__ import annotations
 
@@ -36,11 +40,17 @@ except Exception:  # pragma: no cover - depends on the environment
     _HAS_TRITON = False
 
 
-V3_ENABLED = os.environ.get("LIBORTHO_KERNEL_V3", "1") not in ("0", "", "false", "off")
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "on", "yes")
+
+
+# Off unless asked for: the fp16 path of kernel v3 is not verified on a GPU yet (module doc).
+V3_ENABLED = _env_flag("LIBORTHO_KERNEL_V3")
 
 
 def set_v3(enabled: bool) -> None:
-    """Switch kernel v3 (tc.py, 2–64 token rows) on or off for this process."""
+    """Switch kernel v3 (tc.py, 2–64 token rows, default dispatch) on or off for this
+    process. Off by default; ``LIBORTHO_KERNEL_V3=1`` switches it on at import."""
     global V3_ENABLED
     V3_ENABLED = bool(enabled)
 
@@ -197,6 +207,15 @@ def tc_entries_per_iter(nnz: int, n: int, split: int, iters: int) -> int:
     return e
 
 
+def tc_uses_h2(lay: KernelLayout, x2: torch.Tensor, cfg: Config) -> bool:
+    """Whether a tc launch takes the fp16 dequantisation (inline PTX ``tc._h2_dequant8``):
+    fp16 x, a constant integer zero point in [0, 15], the config's H2 not off, and a GPU
+    (the interpreter cannot run inline PTX; it takes the fp32 path)."""
+    z = lay.zconst
+    return (x2.dtype == torch.float16 and z is not None and float(z).is_integer()
+            and 0 <= z <= 15 and bool(cfg.get("H2", True)) and not interpret_mode())
+
+
 def _launch_tc(x2, layer, lay, cfg, y, bias, use_ortho, avec, ascalar, rank) -> None:
     """Launch ``_tc_kernel`` (tc.py) into y [M, N]; rank > 0 fuses the low-rank part."""
     m, k = x2.shape
@@ -223,8 +242,7 @@ def _launch_tc(x2, layer, lay, cfg, y, bias, use_ortho, avec, ascalar, rank) -> 
         t = x2 @ layer.ortho_A.to(x2.dtype).t()  # [M, R]: the thin GEMM before the launch
         lb = layer.ortho_B if layer.ortho_B.is_contiguous() else layer.ortho_B.contiguous()
     z = float(lay.zconst) if lay.zconst is not None else 0.0
-    h2 = (x2.dtype == torch.float16 and lay.zconst is not None and z.is_integer() and 0 <= z <= 15
-          and bool(cfg.get("H2", True)) and not interpret_mode())  # inline PTX: GPU only
+    h2 = tc_uses_h2(lay, x2, cfg)
     _tk._tc_kernel[(m_tiles, n_tiles, split)](
         x2, xt, lay.qw, layer.scales, layer.zeros, bias if bias is not None else y,
         lay.kptr, lay.ocol, lay.oval, avec if avec is not None else y, t, lb, y, ws, cnt,
