@@ -245,7 +245,7 @@ def time_artifact(path: str, batches: List[int], steps: int, prompt_len: int = 1
 
     import libortho
     from libortho.serve.config import ServeConfig
-    from libortho.serve.decode_graphs import width_bucket
+    from libortho.serve.decode_graphs import unpack, width_bucket
     from libortho.serve.slot_runner import SlotRunner
 
     model, _ = libortho.load(path, alpha=0.0, device="cuda", with_ortho=True)
@@ -267,9 +267,10 @@ def time_artifact(path: str, batches: List[int], steps: int, prompt_len: int = 1
             runner.decode(rows)  # captures the step's graph (b rows, the narrowest width) and runs it once
             graphs, width = runner.graphs, width_bucket(prompt_len + 1, runner.cache.max_len)
             step = graphs.captured_step(b, width)  # the graph that decode ran (b is a bucket: b slots)
+            ids = unpack(step.ints, b, 1)[0]  # [b, 1]: the graph's token ids
 
             def one_step() -> None:
-                graphs.inputs[0, :b].copy_(step.logits.argmax(-1))  # greedy, on the device: no host sync
+                ids.copy_(step.logits.argmax(-1).unsqueeze(1))  # greedy, on the device: no host sync
                 step.graph.replay()
 
             for _ in range(3):

@@ -12,8 +12,10 @@ client threads (no FastAPI, uvicorn, pydantic or httpx needed), which measures t
 
 Reports requests/s, generated tokens/s, p50/p99 latency for both phases, p50/p90 time to first
 token (streamed requests, `--stream`; in-process always), the decode batch sizes reached (from
-/metrics, or the engine's metrics), and the error count. Every request has a timeout, so the run
-always ends.
+/metrics, or the engine's metrics), the error count, and where the engine's time went during the
+concurrent phase (engine_stats: worker iterations, mean ms per iteration and per phase, the
+prefill's share, graph replays against eager steps, captures). Every request has a timeout, so
+the run always ends.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from libortho.serve.engine_stats import difference
 
 PROMPTS = [
     "The quick brown fox", "Python is a programming language that", "Lists, tuples and dictionaries",
@@ -154,8 +158,9 @@ def engine_batch_stats(engine) -> dict:
                 row_steps_by_alpha={a: float(v) for a, v in m.batch_rows.items()})
 
 
-def run_in_process(args) -> tuple[dict, dict, dict]:
-    """(serial, concurrent, batch stats) of the engine driven directly."""
+def run_in_process(args) -> tuple[dict, dict, dict, dict]:
+    """(serial, concurrent, batch stats, engine counters of the concurrent phase) of the engine
+    driven directly."""
     import torch
 
     import libortho
@@ -173,12 +178,14 @@ def run_in_process(args) -> tuple[dict, dict, dict]:
     try:
         engine_phase(engine, 2 * args.concurrency, args.concurrency, args.alphas, 4)  # warm-up: graphs, caches
         serial = engine_phase(engine, args.serial, 1, args.alphas, args.max_tokens)
-        before = engine_batch_stats(engine)
+        before, counters = engine_batch_stats(engine), engine.stats()
         loaded = engine_phase(engine, args.requests, args.concurrency, args.alphas, args.max_tokens)
-        after = engine_batch_stats(engine)
+        after, graphs = engine_batch_stats(engine), engine.stats()
     finally:
         engine.stop()
-    return serial, loaded, batches_between(before, after)
+    counters = difference(graphs, counters)
+    counters.update(graphs=graphs["graphs"], graphs_failed=graphs["graphs_failed"])
+    return serial, loaded, batches_between(before, after), counters
 
 
 def batches_between(before: dict, after: dict) -> dict:
@@ -190,9 +197,39 @@ def batches_between(before: dict, after: dict) -> dict:
                                     for a, v in after["row_steps_by_alpha"].items()})
 
 
+def engine_line(c: dict) -> str:
+    """Where the engine's time went in the concurrent phase, in a few lines."""
+    n = c["iterations"] or float("nan")
+    phases = ", ".join(f"{p} {1e3 * t / n:.2f}" for p, t in c["seconds"].items())
+    steps = "; ".join(f"{k}: {e['replays']:.0f} graph replays, {e['eager']:.0f} eager, {e['captures']:.0f} captures"
+                      f" ({e['capture_failures']:.0f} failed)" for k, e in c["steps"].items())
+    padded = c["prefill_padded_tokens"] / c["prefill_tokens"] if c["prefill_tokens"] else float("nan")
+    return (f"engine: {c['iterations']:.0f} iterations, {c['mean_iteration_ms']:.2f} ms each ({phases} ms); "
+            f"prefill {100 * c['prefill_share']:.0f} % of the time, {padded:.2f}x tokens with padding\n"
+            f"steps: {steps}; capturing {c['capture_seconds']:.1f} s")
+
+
 # ---- over HTTP ------------------------------------------------------------------------------------
+def engine_counters(text: str) -> dict:
+    """The engine's counters (an EngineStats snapshot) read back from /metrics text."""
+    from libortho.serve.engine_stats import KINDS, PHASES, STEP_EVENTS
+
+    def value(pattern: str) -> float:
+        m = re.search(pattern, text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    return dict(iterations=value(r"^libortho_engine_iterations_total (\S+)"),
+                seconds={p: value(rf'^libortho_engine_seconds_total\{{phase="{p}"\}} (\S+)') for p in PHASES},
+                steps={k: {e: value(rf'^libortho_engine_steps_total\{{kind="{k}",event="{e}"\}} (\S+)')
+                           for e in STEP_EVENTS} for k in KINDS},
+                capture_seconds=value(r"^libortho_engine_capture_seconds_total (\S+)"),
+                prefill_tokens=value(r'^libortho_engine_prefill_tokens_total\{padded="false"\} (\S+)'),
+                prefill_padded_tokens=value(r'^libortho_engine_prefill_tokens_total\{padded="true"\} (\S+)'))
+
+
 def batch_stats(url: str) -> dict:
-    """Decode batch counters from /metrics: largest batch, steps, row-steps, and row-steps by alpha."""
+    """Decode batch counters from /metrics: largest batch, steps, row-steps, and row-steps by
+    alpha; and the engine's counters (`engine`)."""
     import httpx
 
     text = httpx.get(url + "/metrics", timeout=10).text
@@ -205,7 +242,7 @@ def batch_stats(url: str) -> dict:
     rows = value(r"^libortho_batch_size_sum (\S+)")
     by_alpha = {a: float(v) for a, v in re.findall(r'^libortho_batch_rows_total\{alpha="([^"]+)"\} (\S+)', text, re.M)}
     return dict(max_batch=value(r"^libortho_batch_size_max (\S+)"), decode_steps=steps, row_steps=rows,
-                row_steps_by_alpha=by_alpha)
+                row_steps_by_alpha=by_alpha, engine=engine_counters(text))
 
 
 def start_server(artifact: str, args) -> tuple[subprocess.Popen, str, str, str]:
@@ -242,8 +279,9 @@ def start_server(artifact: str, args) -> tuple[subprocess.Popen, str, str, str]:
         time.sleep(0.2)
 
 
-def run_http(args) -> tuple[dict, dict, dict, str]:
-    """(serial, concurrent, batch stats, url) over HTTP, against --url or a server started here."""
+def run_http(args) -> tuple[dict, dict, dict, dict, str]:
+    """(serial, concurrent, batch stats, engine counters of the concurrent phase, url) over HTTP,
+    against --url or a server started here."""
     proc = None
     if args.url:
         url, key, model = args.url.rstrip("/"), args.key or "none", args.model or "bench"
@@ -261,7 +299,7 @@ def run_http(args) -> tuple[dict, dict, dict, str]:
         if proc is not None:
             proc.terminate()
             proc.wait(60)
-    return serial, loaded, batches_between(before, after), url
+    return serial, loaded, batches_between(before, after), difference(after["engine"], before["engine"]), url
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,12 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--in-process needs an ARTIFACT (and no --url)")
 
     if args.in_process:
-        (serial, loaded, batches), url = run_in_process(args), "in-process"
+        (serial, loaded, batches, engine), url = run_in_process(args), "in-process"
     else:
-        serial, loaded, batches, url = run_http(args)
+        serial, loaded, batches, engine, url = run_http(args)
     result = dict(url=url, alphas=args.alphas, max_tokens=args.max_tokens, max_batch=args.max_batch, threads=args.threads,
                   device=args.device, stream=args.stream or args.in_process, serial=serial, concurrent=loaded,
-                  batches=batches, speedup_tokens_per_s=loaded["tokens_per_s"] / serial["tokens_per_s"])
+                  batches=batches, engine=engine, speedup_tokens_per_s=loaded["tokens_per_s"] / serial["tokens_per_s"])
     print(f"{'':>12} {'requests':>8} {'req/s':>8} {'tok/s':>8} {'p50 s':>8} {'p99 s':>8} {'ttft50':>8} "
           f"{'ttft90':>8} {'errors':>6}")
     for name, r in (("serial", serial), (f"{args.concurrency} clients", loaded)):
@@ -303,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['p50_s']:>8.3f} {r['p99_s']:>8.3f} {r['ttft_p50_s']:>8.3f} {r['ttft_p90_s']:>8.3f} {r['errors']:>6}")
     print(f"decode batch: max {batches['max_batch']:.0f}, mean {batches['mean_batch']:.1f} rows; "
           f"row-steps by alpha {batches['row_steps_by_alpha']}; tokens/s x{result['speedup_tokens_per_s']:.2f} vs serial")
+    print(engine_line(engine))
     for err in loaded["first_errors"] + serial["first_errors"]:
         print("error:", err)
     if args.json:

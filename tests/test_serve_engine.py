@@ -15,7 +15,8 @@ from libortho.serve.engine import Engine, Job
 from libortho.serve.kvbatch import BatchRunner
 from libortho.serve.llama_step import LlamaStep, unsupported_reason
 from libortho.serve.sampling import RowFailed, SamplingParams, sample
-from libortho.serve.slot_runner import SlotRunner
+from libortho.serve.slot_runner import SlotRunner, plan_chunk
+from libortho.serve.text import TextStream, decoder_of
 from conftest import TEXT, char_tokenizer, tiny_model
 
 PROMPTS = ["The quick brown", "Python is", "Lists, tuples and", "functions are first", "The lazy dog"]
@@ -241,6 +242,89 @@ def test_what_a_broken_row_wrote_never_reaches_the_slots_next_request(llama):
     runner.release([short])
     later = _Row(prompt, 1.0)
     assert all(torch.equal(a, b) for a, b in zip(run_rows(runner, [later], 2)[0], clean))
+
+
+def test_padded_steps_equal_exact_steps(llama):
+    """On a GPU every step is padded to its bucket (rows, tokens); forced here on the CPU, the
+    padding must not change any real row's logits (it writes only the scratch column)."""
+    model, tok = llama
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    alphas = [0.0, 1.0, 0.5, 1.0, 0.0]
+    results = []
+    for pad in (False, True):
+        runner = SlotRunner(model, ServeConfig(max_batch=8, prefill_chunk=16), 256)
+        runner.pad = pad
+        results.append(run_rows(runner, [_Row(p, a) for p, a in zip(prompts, alphas)], 3))
+        assert runner.stats.snapshot()["steps"]["decode"]["eager"] == 3
+    for i in range(len(prompts)):
+        for a, b in zip(results[0][i], results[1][i]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_chunks_are_a_prefix_of_the_queue_within_the_budget():
+    buckets = row_buckets(64)
+    assert plan_chunk([5, 6, 4], 256, buckets) == (3, 8)  # every short prompt whole, in one chunk
+    assert plan_chunk([6] * 64, 256, buckets) == (32, 8)  # 32 prompts finished now beat 64 half-read
+    assert plan_chunk([1000, 5, 5], 256, buckets) == (3, 64)  # the oldest row advances, the short ones finish
+    assert plan_chunk([3], 256, buckets) == (1, 4)
+    k, tokens = plan_chunk([60, 9], 4, row_buckets(2))
+    assert bucket(k, row_buckets(2)) * tokens <= 4 and k == 2  # both rows advance, within the budget
+
+
+def test_engine_counts_its_iterations_and_eager_steps(llama):
+    model, tok = llama
+    engine = Engine(model, tok, ServeConfig(max_batch=4, max_wait_ms=20))
+    engine.start()
+    try:
+        generate(engine, [(p, float(i % 2)) for i, p in enumerate(PROMPTS[:4])], 6)
+    finally:
+        engine.stop()
+    stats = engine.stats()
+    assert stats["iterations"] >= 5 and stats["steps"]["decode"]["eager"] >= 5  # token 1 from the prefill
+    assert stats["steps"]["decode"]["replays"] == 0 and stats["graphs"] == []  # the CPU has no graphs
+    assert stats["prefill_tokens"] == sum(len(tok(p)["input_ids"]) for p in PROMPTS[:4])
+    assert set(stats["seconds"]) >= {"admit", "prefill", "decode", "sample", "tokens", "release"}
+    assert 0 < stats["prefill_share"] < 1 and stats["mean_iteration_ms"] > 0
+    text = engine.metrics.render()
+    assert 'libortho_engine_steps_total{kind="decode",event="eager"}' in text
+    assert 'libortho_engine_seconds_total{phase="sample"}' in text
+
+
+def test_admission_is_first_in_first_out(llama):
+    """More requests than slots: they start in the order they came, so none starves."""
+    model, tok = llama
+    engine = Engine(model, tok, ServeConfig(max_batch=2, max_wait_ms=0))
+    started: list[int] = []
+    done = threading.Semaphore(0)
+
+    def sink_for(i: int):
+        def sink(event) -> None:
+            if event.kind == "text" and i not in started:
+                started.append(i)
+            if event.kind != "text":
+                done.release()
+        return sink
+
+    engine.start()
+    try:
+        for i in range(8):
+            engine.submit(Job(tok(PROMPTS[i % 5])["input_ids"], 4, SamplingParams(0.0), [], 0.0, sink_for(i)))
+        for _ in range(8):
+            assert done.acquire(timeout=60)
+    finally:
+        engine.stop()
+    assert started == sorted(started) and len(started) == 8
+
+
+def test_the_fast_decoder_equals_the_tokenizers_decode_and_streams_whole_text():
+    tok = char_tokenizer()
+    ids = tok("Lists, tuples and dictionaries are built-in types; functions are first-class objects.")["input_ids"]
+    fast = decoder_of(tok)
+    for window in (ids[:1], ids[3:9], ids):
+        assert fast(window) == tok.decode(window, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    stream = TextStream(tok, [])
+    pieces = [stream.push(i) for i in ids] + [stream.finish()]
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)  # the window slides every few tokens
 
 
 # ---- sampling, buckets, config --------------------------------------------------------------------

@@ -12,10 +12,11 @@ Modules (each one concept):
   text           incremental detokenization and stop strings
   slot_cache     a preallocated KV cache of fixed slots, one per running request
   llama_step     the Llama-architecture decoder forward against the slot cache (prefill and decode)
-  decode_graphs  the decode step captured in CUDA graphs, one per (rows, width) bucket
+  decode_graphs  decode steps and prefill chunks captured in CUDA graphs, one per (rows, tokens, width) bucket
   slot_runner    chunked prefill and decode steps on the slot cache (Llama-architecture models)
   kvbatch        a left-padded batch of rows with one KV cache (other models), and its runner
   engine         the single worker thread: dynamic + continuous batching, one alpha per row
+  engine_stats   where the engine's time goes: seconds per phase, graph replays, eager steps, captures
   metrics        Prometheus text exposition by alpha
   state          ServerState: what the handlers share (engine, gate, config, draining, in flight)
   errors         errors in OpenAI's shape

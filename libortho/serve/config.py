@@ -57,7 +57,8 @@ class ServeConfig:
     max_stop_chars: int = 256  # characters per stop string
     # the engine (Llama-architecture models; others use the padded batch of kvbatch.py)
     prefill_chunk: int = 256  # prompt tokens prefilled per step, over all rows, between two decode steps
-    cuda_graphs: bool = True  # on CUDA, replay the decode step from CUDA graphs (False: eager steps)
+    cuda_graphs: bool = True  # on CUDA, replay decode steps and prefill chunks from CUDA graphs (False: eager)
+    graph_warmup: bool = True  # with graphs: capture the common step shapes when the engine starts, not mid-request
     slot_cache: bool = True  # False: the padded batch (kvbatch.py) even for models the slot cache can run
 
     @classmethod
@@ -93,7 +94,7 @@ class ServeConfig:
                      "max_stop_chars"):
             _check_int(name, getattr(self, name), 1)
         _check_int("prefill_chunk", self.prefill_chunk, 1)
-        for name in ("cuda_graphs", "slot_cache"):
+        for name in ("cuda_graphs", "graph_warmup", "slot_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ServeConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
 

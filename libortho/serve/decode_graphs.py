@@ -1,31 +1,44 @@
-"""The decode step of LlamaStep captured in CUDA graphs, one per (rows, width) bucket.
+"""The model steps of LlamaStep captured in CUDA graphs: decode steps and prefill chunks, one
+graph per (kind, rows, tokens, width) bucket, captured once and replayed from then on.
 
-A graph replays fixed kernels on fixed memory, so its inputs live in static device buffers that
-are overwritten before each replay: token ids, positions and cache columns [slots] int64, and the
-per-row alpha [slots] float32. A step of n occupied slots and attention width w runs the graph of
-the smallest rows bucket >= n and width bucket >= w; the rows past n are padding (token 0 at
-position 0, written to the scratch column, alpha 0) and their logits are ignored.
+A graph replays fixed kernels on fixed memory, so each captured step owns static device buffers
+that are overwritten before each replay: `ints` (int64: token ids, positions and cache columns
+[3, rows, tokens], then the index of each row's last token [rows] and the rows' slots [rows]) and
+`alpha` [rows] float32. The runner packs the same layout on the host, so a replay costs two
+host-to-device copies and no sync. Rows and tokens past the real ones are padding (token 0 at
+position 0, written to the scratch column, alpha 0); their logits are ignored.
 
-Alpha: while a graph is captured, the model's alpha switch is scoped to the static alpha buffer
+Decode steps read the cache in place (row r is slot r); prefill chunks name their rows' slots.
+
+Alpha: while a graph is captured, the model's alpha switch is scoped to the graph's alpha buffer
 (checked once, at capture, outside the graph), so every OrthoLinear in the graph reads its
-per-row alpha from that buffer. The runner checks each step's alphas on the host and copies
-them in before the replay; padding rows get 0.
+per-row alpha from that buffer. The runner checks each step's alphas on the host first.
 
-Graphs are captured on first use (a warm-up run on a side stream first, as CUDA graphs require)
-and share one memory pool; they are replayed one at a time, by the engine's one worker thread.
+Graphs are captured on first use or by `warm_up` (a warm-up run on a side stream first, as CUDA
+graphs require) and share one memory pool; they are replayed one at a time, by the engine's one
+worker thread. A capture that fails (an op that syncs, for instance) is logged once and that
+bucket runs eagerly from then on; the other buckets keep their graphs. Every capture, replay,
+failure and eager step is counted in EngineStats.
 """
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
 
 from ..switch import alpha_state
+from .engine_stats import EngineStats
 from .llama_step import LlamaStep
 from .slot_cache import SlotCache
 
+log = logging.getLogger("libortho.serve")
+
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MIN_WIDTH = 128  # the narrowest attention width bucket; widths double from here up to the cache length
+
+Key = tuple[str, int, int, int]  # (kind "decode" | "prefill", rows, tokens per row, width)
 
 
 def row_buckets(slots: int) -> tuple[int, ...]:
@@ -48,7 +61,7 @@ def width_bucket(width: int, max_len: int) -> int:
 
 
 def graph_problem(model: torch.nn.Module, dtype: torch.dtype) -> str | None:
-    """Why the decode step of this model cannot be captured in a CUDA graph (None: it can).
+    """Why the steps of this model cannot be captured in a CUDA graph (None: they can).
 
     OrthoLinear's graph-safe path is the fused kernel (INT4 codes, half-precision activations);
     its float32 reference path checks alpha on the host, which a graph cannot do."""
@@ -70,70 +83,113 @@ def graph_problem(model: torch.nn.Module, dtype: torch.dtype) -> str | None:
     return None
 
 
+def int_layout(rows: int, tokens: int) -> int:
+    """Length of the packed int64 inputs of a (rows, tokens) step: 3 * rows * tokens + 2 * rows."""
+    return 3 * rows * tokens + 2 * rows
+
+
+def unpack(ints: torch.Tensor, rows: int, tokens: int) -> tuple[torch.Tensor, ...]:
+    """Views of packed inputs [int_layout(rows, tokens)]: ids, positions, columns [rows, tokens],
+    last [rows], slots [rows]."""
+    grid = 3 * rows * tokens
+    ids, pos, cols = ints[:grid].view(3, rows, tokens)
+    return ids, pos, cols, ints[grid:grid + rows], ints[grid + rows:]
+
+
 @dataclass
 class Captured:
-    """One captured decode step: replaying `graph` runs it on the static inputs of DecodeGraphs."""
+    """One captured step: replaying `graph` runs it on `ints` and `alpha`, writing `logits`."""
 
     graph: torch.cuda.CUDAGraph
+    ints: torch.Tensor  # [int_layout(rows, tokens)] int64 on the device
+    alpha: torch.Tensor  # [rows] float32 on the device
     logits: torch.Tensor  # [rows, V] float32: what each replay writes
 
 
-class DecodeGraphs:
-    """Captured decode steps of one LlamaStep over one SlotCache."""
+class StepGraphs:
+    """Captured steps of one LlamaStep over one SlotCache."""
 
-    def __init__(self, step: LlamaStep, cache: SlotCache) -> None:
+    def __init__(self, step: LlamaStep, cache: SlotCache, stats: EngineStats | None = None) -> None:
         self.step, self.cache = step, cache
+        self.stats = stats if stats is not None else EngineStats()
         self.buckets = row_buckets(cache.slots)
-        device = step.device
-        self.inputs = torch.zeros(3, cache.slots, dtype=torch.int64, device=device)  # ids, positions, columns
-        self.alpha = torch.zeros(cache.slots, dtype=torch.float32, device=device)
-        self.last = torch.zeros(cache.slots, dtype=torch.int64, device=device)  # one token per row: index 0
-        self._graphs: dict[tuple[int, int], Captured] = {}
+        self._graphs: dict[Key, Captured | None] = {}  # None: the capture failed, the bucket runs eagerly
         self._pool = None
 
     @property
-    def captured(self) -> list[tuple[int, int]]:
-        """The (rows, width) buckets captured so far."""
-        return sorted(self._graphs)
+    def captured(self) -> list[Key]:
+        """The buckets captured so far."""
+        return sorted(k for k, v in self._graphs.items() if v is not None)
 
-    def run(self, inputs: torch.Tensor, alphas: torch.Tensor, width: int) -> torch.Tensor:
-        """Replay the step for inputs [3, rows] int64 (ids, positions, columns; rows a bucket) and
-        alphas [rows] float32, both on the CPU and already checked; logits [rows, V] float32, valid
-        until the next run. `width`: a width bucket, columns [0, width) made readable by the caller."""
-        rows = int(inputs.shape[1])
-        entry = self.captured_step(rows, width)
-        self.inputs[:, :rows].copy_(inputs)
-        self.alpha[:rows].copy_(alphas)
+    @property
+    def failed(self) -> list[Key]:
+        """The buckets whose capture failed (they run eagerly)."""
+        return sorted(k for k, v in self._graphs.items() if v is None)
+
+    def run(self, key: Key, ints: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor | None:
+        """Replay the step of `key` on packed inputs ints [int_layout] int64 and alphas [rows]
+        float32 (CPU tensors, alphas already checked); logits [rows, V] float32, valid until the
+        bucket's next replay. None if the bucket has no graph (its capture failed): run it eagerly.
+        Columns [0, width) must be readable (`cache.ready`)."""
+        entry = self.get(key)
+        if entry is None:
+            return None
+        entry.ints.copy_(ints, non_blocking=True)
+        entry.alpha.copy_(alphas, non_blocking=True)
         entry.graph.replay()
+        self.stats.step(key[0], "replays")
         return entry.logits
 
+    def get(self, key: Key) -> Captured | None:
+        """The graph of `key`, captured now if it was not yet (None: its capture failed)."""
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(key)
+        return self._graphs[key]
+
     def captured_step(self, rows: int, width: int) -> Captured:
-        """The graph of (rows, width) buckets, captured now if it was not yet. Its inputs are
-        `inputs[:, :rows]` and `alpha[:rows]` (a benchmark may drive it directly)."""
-        entry = self._graphs.get((rows, width))
+        """The decode graph of (rows, width) buckets (for benchmarks that drive it directly:
+        token ids are `unpack(entry.ints, rows, 1)[0]`)."""
+        entry = self.get(("decode", rows, 1, width))
         if entry is None:
-            entry = self._graphs[(rows, width)] = self._capture(rows, width)
+            raise RuntimeError(f"the decode step of {rows} rows x {width} columns could not be captured")
         return entry
 
-    def _forward(self, rows: int, width: int) -> torch.Tensor:
-        ids, pos, cols = (self.inputs[i, :rows].unsqueeze(1) for i in range(3))
-        return self.step.forward(self.cache, ids, pos, cols, self.last[:rows], width)
+    def forward(self, kind: str, ints: torch.Tensor, alpha: torch.Tensor, rows: int, tokens: int,
+                width: int) -> torch.Tensor:
+        """The step on device inputs (packed as in `unpack`), eagerly; logits [rows, V] float32.
+        Decode steps read slots 0..rows-1 in place; prefill chunks the slots in `ints`."""
+        ids, pos, cols, last, slots = unpack(ints, rows, tokens)
+        return self.step.forward(self.cache, ids, pos, cols, last, width, slots if kind == "prefill" else None)
 
-    def _capture(self, rows: int, width: int) -> Captured:
-        # padding inputs while warming up and capturing: every write goes to the scratch column
-        self.inputs[0, :rows] = 0
-        self.inputs[1, :rows] = 0
-        self.inputs[2, :rows] = self.cache.scratch
-        self.alpha[:rows] = 0.0
-        with torch.inference_mode(), alpha_state(self.step.model).scoped(self.alpha[:rows]):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._forward(rows, width)  # warm-up: kernel selection and workspaces, outside the graph
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: a CUDA call from another thread during the capture does not invalidate it
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                logits = self._forward(rows, width)
+    def _capture(self, key: Key) -> Captured | None:
+        kind, rows, tokens, width = key
+        started = time.perf_counter()
+        device = self.step.device
+        ints = torch.zeros(int_layout(rows, tokens), dtype=torch.int64, device=device)
+        _, _, cols, _, _ = unpack(ints, rows, tokens)
+        cols.fill_(self.cache.scratch)  # padding inputs while warming up and capturing: writes go nowhere read
+        alpha = torch.zeros(rows, dtype=torch.float32, device=device)
+        self.cache.ready(width)
+        try:
+            with torch.inference_mode(), alpha_state(self.step.model).scoped(alpha):
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self.forward(kind, ints, alpha, rows, tokens, width)  # kernel selection, workspaces
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: a CUDA call from another thread during the capture does not invalidate it
+                with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                    logits = self.forward(kind, ints, alpha, rows, tokens, width)
+        except Exception as err:  # e.g. an op that syncs: this bucket runs eagerly, the others keep graphs
+            seconds = time.perf_counter() - started
+            self.stats.captured(kind, seconds, ok=False)
+            log.warning("the %s step of %d rows x %d tokens x %d columns runs eagerly: capture failed: %s",
+                        kind, rows, tokens, width, " ".join(f"{type(err).__name__}: {err}".split()))
+            return None
         self._pool = graph.pool()
-        return Captured(graph, logits)
+        seconds = time.perf_counter() - started
+        self.stats.captured(kind, seconds, ok=True)
+        log.info("captured the %s step of %d rows x %d tokens x %d columns in %.0f ms",
+                 kind, rows, tokens, width, 1e3 * seconds)
+        return Captured(graph, ints, alpha, logits)

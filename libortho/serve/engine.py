@@ -21,6 +21,12 @@ engine is built and logged.
 Every forward runs with an explicit per-row alpha (the runners scope the model's switch to it,
 or write it into the graph's alpha buffer), so no request depends on a model-wide default alpha.
 A forward that raises fails the rows it ran; a row whose logits cannot be sampled fails alone.
+
+Accounting: each iteration's seconds per phase (admit, prefill, decode, sample, tokens, release)
+and every step's way of running (graph replay, eager, capture) go to `metrics.engine`
+(engine_stats.EngineStats, also on /metrics); at debug log level each iteration is logged too.
+On a GPU with graphs, the worker first captures the graphs of the common step shapes
+(`config.graph_warmup`), so that no request waits for a capture.
 """
 from __future__ import annotations
 
@@ -41,7 +47,7 @@ from .llama_step import unsupported_reason
 from .metrics import Metrics
 from .sampling import RowFailed, SamplingParams, sample
 from .slot_runner import SlotRunner
-from .text import TextStream
+from .text import TextStream, decoder_of
 
 log = logging.getLogger("libortho.serve")
 
@@ -115,10 +121,12 @@ class Engine:
         self.max_batch = self.config.resolved_max_batch
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = pad_token_id(tokenizer)
+        self._decode = decoder_of(tokenizer)
         self.runner = self._make_runner()
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._rows: list[_Row] = []
+        self._clock = _Clock()  # the running iteration's (the worker's)
         self._accepting = True
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="libortho-engine", daemon=True)
@@ -129,12 +137,12 @@ class Engine:
         """The slot cache where the model allows it, else the padded batch (decided here, once)."""
         reason = unsupported_reason(self.model, self.context_len) if self.config.slot_cache else "slot_cache is off"
         if reason is None:
-            runner = SlotRunner(self.model, self.config, self.context_len)
+            runner = SlotRunner(self.model, self.config, self.context_len, self.metrics.engine)
             log.info("engine: slot cache, %d slots of %d tokens, decode %s", self.max_batch, self.context_len,
                      "in CUDA graphs" if runner.graphs is not None else "eager")
             return runner
         log.info("engine: padded batch (%s)", reason)
-        return BatchRunner(self.model, self.pad_id)
+        return BatchRunner(self.model, self.pad_id, self.metrics.engine)
 
     # ---- the HTTP side ------------------------------------------------------------------------
     def start(self) -> None:
@@ -158,6 +166,15 @@ class Engine:
     def active(self) -> int:
         return len(self._rows)
 
+    def stats(self) -> dict:
+        """The engine's counters (engine_stats.EngineStats.snapshot), with the captured graph
+        buckets and those that run eagerly because their capture failed."""
+        out = self.metrics.engine.snapshot()
+        graphs = getattr(self.runner, "graphs", None)
+        out["graphs"] = [list(k) for k in graphs.captured] if graphs is not None else []
+        out["graphs_failed"] = [list(k) for k in graphs.failed] if graphs is not None else []
+        return out
+
     def idle(self) -> bool:
         with self._cond:
             return not self._pending and not self._rows
@@ -174,20 +191,33 @@ class Engine:
 
     # ---- the worker ---------------------------------------------------------------------------
     def _run(self) -> None:
+        if self.config.graph_warmup and isinstance(self.runner, SlotRunner):
+            try:
+                self.runner.warm_up()
+            except Exception:  # the steps are captured when first needed instead
+                log.exception("graph warm-up failed")
         while True:
             admitted = self._wait_for_work()
             if admitted is None:
                 return
+            clock = self._clock = _Clock()
             try:
                 self._admit(admitted)
+                clock.lap("admit")
                 self._prefill_step()
                 self._drop_finished_rows()
+                clock.lap("release")
                 if any(r.decoding for r in self._rows):
                     self._decode_step()
                 self._drop_finished_rows()
+                clock.lap("release")
             except Exception as err:  # a bug outside the forwards must not kill the server either
                 log.exception("engine step failed")
                 self._fail_everything(err)
+            self.metrics.engine.iteration(clock.phases)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("iteration: %d rows, %s", len(self._rows),
+                          " ".join(f"{name} {1e3 * t:.2f} ms" for name, t in clock.phases.items()))
 
     def _wait_for_work(self) -> list[Job] | None:
         """Jobs to admit now (possibly none while rows run); None when the worker should exit."""
@@ -220,36 +250,45 @@ class Engine:
             if not job.prompt_ids:  # the HTTP side refuses these; a direct caller gets the same answer
                 job.sink(Event("error", message="the prompt is empty"))
                 continue
-            row = _Row(job, TextStream(self.tokenizer, job.stops))
+            row = _Row(job, TextStream(self.tokenizer, job.stops, self._decode))
             self.runner.admit(row)
             self._rows.append(row)
 
     def _prefill_step(self) -> None:
-        """Read the next chunk of waiting prompts; sample the first token of each prompt finished."""
+        """Read the next chunk of waiting prompts; sample the first token of each prompt finished.
+        All of it, sampling and text included, is the iteration's "prefill" phase."""
         waiting = [r for r in self._rows if r.prefilled < len(r.job.prompt_ids) and not r.finished
                    and not r.job.cancelled.is_set()]
         if not waiting:
             return
+        clock = self._clock
         try:
             rows, logits = self.runner.prefill(waiting)
         except Exception as err:  # e.g. out of memory on a long prompt: those rows fail, running ones go on
             log.exception("prefill failed")
             self._fail_rows(waiting, err)
+            clock.lap("prefill")
             return
         if rows:
             self._after_sampling(rows, sample(logits, [r.job.params for r in rows]))
+        clock.lap("prefill")
 
     def _decode_step(self) -> None:
         """Feed every decoding row its last sampled token; sample the next one."""
-        rows = [r for r in self._rows if r.decoding]
+        rows, clock = [r for r in self._rows if r.decoding], self._clock
         try:
             rows, logits = self.runner.decode(rows)
         except Exception as err:  # a failed forward fails the rows it ran, the server goes on
             log.exception("decode step failed")
             self._fail_rows(rows, err)
+            clock.lap("decode")
             return
+        clock.lap("decode")
         self.metrics.decode_step([r.job.alpha for r in rows])
-        self._after_sampling(rows, sample(logits, [r.job.params for r in rows]))
+        tokens = sample(logits, [r.job.params for r in rows])  # on a GPU: waits for the step (the one sync)
+        clock.lap("sample")
+        self._after_sampling(rows, tokens)
+        clock.lap("tokens")
 
     def _after_sampling(self, rows: list[_Row], tokens: list[int | RowFailed]) -> None:
         """Hand out text and finish rows that are done. A row that failed (sampling, detokenizing)
@@ -325,6 +364,19 @@ class Engine:
         if gone:
             self._rows = [r for r in self._rows if not (r.finished or r.job.cancelled.is_set())]
             self.runner.release(gone)
+
+
+class _Clock:
+    """Seconds per phase of one worker iteration: `lap(name)` adds the time since the last lap."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self._last
+        self._last = now
 
 
 def _one_line(text: str) -> str:

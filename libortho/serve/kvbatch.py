@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..switch import alpha as alpha_scope
+from .engine_stats import EngineStats
 
 
 def _cache_kwarg(model: nn.Module) -> str:
@@ -145,8 +146,9 @@ class BatchRunner:
     whole prompt is prefilled at once (left-padded with the other new rows) and merged into the
     running batch. Same interface as slot_runner.SlotRunner; rows keep `prefilled` up to date."""
 
-    def __init__(self, model: nn.Module, pad_id: int) -> None:
+    def __init__(self, model: nn.Module, pad_id: int, stats: EngineStats | None = None) -> None:
         self.model, self.pad_id = model, pad_id
+        self.stats = stats if stats is not None else EngineStats()
         self.batch: KVBatch | None = None
         self.rows: list = []  # the engine's rows, in the batch's row order
 
@@ -160,6 +162,9 @@ class BatchRunner:
     def prefill(self, rows: list) -> tuple[list, torch.Tensor]:
         """Prefill every given row's whole prompt as one batch; (rows, logits [len(rows), V])."""
         alphas = torch.tensor([r.job.alpha for r in rows], dtype=torch.float32)
+        self.stats.step("prefill", "eager")
+        self.stats.prefilled(sum(len(r.job.prompt_ids) for r in rows),
+                             len(rows) * max(len(r.job.prompt_ids) for r in rows))
         batch, logits = KVBatch.prefill(self.model, [r.job.prompt_ids for r in rows], alphas, self.pad_id)
         if self.batch is None:
             self.batch, self.rows = batch, list(rows)
@@ -174,6 +179,7 @@ class BatchRunner:
         """One step of every row in the batch (`rows`: the same rows, in any order); (rows in the
         batch's order, logits [len, V])."""
         alphas = torch.tensor([r.job.alpha for r in self.rows], dtype=torch.float32)
+        self.stats.step("decode", "eager")
         return self.rows, self.batch.step([r.next_token for r in self.rows], alphas)
 
     def release(self, rows: list) -> None:

@@ -1,4 +1,5 @@
-"""Prometheus text-format metrics, labelled by alpha: requests, tokens, latency, batch sizes.
+"""Prometheus text-format metrics, labelled by alpha: requests, tokens, latency, batch sizes; and
+the engine's own counters (engine_stats: time per phase, graph replays, eager steps).
 
 Hand-rolled (a few counters and histograms) so serving needs no metrics dependency. Thread-safe:
 the engine thread and the HTTP handlers both record.
@@ -8,6 +9,8 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 from typing import Callable
+
+from .engine_stats import EngineStats
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)  # seconds
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # rows
@@ -56,6 +59,7 @@ class Metrics:
         self.batch_rows: dict[str, int] = defaultdict(int)  # row-steps per alpha: who shares the batches
         self.max_batch_seen = 0
         self.gauges: dict[str, Callable[[], float]] = {}
+        self.engine = EngineStats()  # where the engine's time goes (its iterations, graphs, eager steps)
 
     def request_done(self, alpha: float | None, endpoint: str, status: int, latency_s: float | None = None,
                      prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
@@ -104,6 +108,7 @@ class Metrics:
                     "# TYPE libortho_batch_rows_total counter"]
             out += [f'libortho_batch_rows_total{{alpha="{a}"}} {n}' for a, n in sorted(self.batch_rows.items())]
             gauges = dict(self.gauges)
+        out += self.engine.lines()
         for name, read in sorted(gauges.items()):
             out += [f"# TYPE {name} gauge", f"{name} {read():g}"]
         return "\n".join(out) + "\n"

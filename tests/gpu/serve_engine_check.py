@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import libortho
+from libortho.hf_model import pad_token_id
 from libortho.serve.config import ServeConfig
 from libortho.serve.engine import Engine, Job
 from libortho.serve.kvbatch import KVBatch
@@ -162,11 +163,11 @@ def main() -> int:
                         artifact=args.artifact or "tiny random Llama", dtype=str(model.dtype))
 
     result["slot_isolation_max_abs_diff"] = slot_isolation(model, prompts, config)
-    result["kvbatch_isolation_max_abs_diff"] = kvbatch_isolation(model, prompts, tok.pad_token_id)
+    result["kvbatch_isolation_max_abs_diff"] = kvbatch_isolation(model, prompts, pad_token_id(tok))
     alphas = [float(i % 2) for i in range(len(prompts))]
     graphed, runner = slot_logits(model, prompts, alphas, config)
     result["cuda_graphs"] = runner.graphs is not None
-    result["graphs_captured"] = runner.graphs.captured if runner.graphs is not None else []
+    result["graphs_captured"] = [list(k) for k in runner.graphs.captured] if runner.graphs is not None else []
     if cuda:
         eager, _ = slot_logits(model, prompts, alphas, ServeConfig(device="cuda", max_batch=8, cuda_graphs=False))
         result["graph_vs_eager_max_abs_diff"] = worst(graphed, eager)
