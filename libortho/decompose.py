@@ -30,7 +30,10 @@ and the ortho fits alike); what a stage keeps across blocks is kept in host memo
             layer. R and H stay in the parts: one base can be sieved several ways.
   (work)    with a work folder (`decompose(..., work_dir=...)`, the CLI always), quantize saves each
             finished block there and a later call with the same inputs reads the blocks done back
-            instead of fitting them again (workfolder.py).
+            instead of fitting them again (workfolder.py). The parts are then a SpilledParts: a staged
+            layer's R, H, edit and codes leave memory once its block is saved, and the sieve and install
+            read them back from the block's file one layer at a time, so host memory holds no more than
+            one layer's residual at any point.
   install   reads the parts and the ortho streams, builds the final OrthoLinear layers and the
             model's OrthoState (config, provenance, the alpha switch at 0). The caller drops
             the parts afterwards; `decompose` does so by returning only the stats.
@@ -55,7 +58,7 @@ from .memory import release_freed_memory
 from .ortho_split import LayerFinisher, OrthoParts, split_model
 from .state import OrthoState, attach, state_of
 from .switch import AlphaState
-from .workfolder import WorkFolder, fingerprint
+from .workfolder import SpilledParts, WorkFolder, fingerprint
 from .quantize import QuantizedWeight, gptq, hinv_upper, rtn
 from .shards import ShardedCheckpoint
 from .streaming import BlockLoader
@@ -264,8 +267,10 @@ def quantize_model(
     private = calibrate.capture_block_inputs(model, plan.private_batches, blocks[0]) if plan.private_batches else None
     stats.n_private_tokens = sum(int(mask.sum()) for _, mask in plan.private_batches)
 
-    parts: dict[LayerKey, LayerParts] = {}
     folder, done = work if work is not None else (None, 0)
+    # With a work folder, a staged layer's R and H (float32, as large as its weights) are read back from there
+    # when the sieve needs them, instead of every layer's being held until the end.
+    parts: dict[LayerKey, LayerParts] = {} if folder is None else SpilledParts(folder, config)
     if done:
         _restore(folder, done, plan, config, parts, stats, public, private, finish)
     for b in tqdm(range(done, len(blocks)), desc="decompose", unit="block", disable=not progress, initial=done, total=len(blocks)):
@@ -315,6 +320,7 @@ def quantize_model(
                 module.clear_cache()  # a dense copy of every base would double the memory
         if folder is not None:
             folder.save_block(b, {name: parts[(b, name)] for name in targets}, _carry(public, private, finish), stats.to_dict())
+            parts.spill(b, targets)
         if finish is not None:
             _drop_codes(parts, b, targets)
         del H_pub, H_priv, factors, on_host
@@ -344,6 +350,7 @@ def _restore(folder: WorkFolder, done: int, plan: DecompositionPlan, config: Ort
             parts[(b, name)] = part
             replace_submodule(plan.blocks[b], name, _base_only_layer(part.base, part.bias, plan.targets[b][name]))
         plan.targets[b] = {name: plan.blocks[b].get_submodule(name) for name in plan.targets[b]}
+        parts.spill(b, plan.targets[b])
         if finish is not None:
             _drop_codes(parts, b, plan.targets[b])
     saved = folder.stats()
@@ -455,13 +462,16 @@ def install(
     The switch starts at `alpha` = 0 (fail closed): the ortho stream only joins when asked for."""
     _, blocks = decoder_blocks(model)
     n_ortho = 0
-    for (b, name), p in parts.items():
-        ortho = orthos[(b, name)]
+    for (b, name), ortho in orthos.items():
         sparse, low = (ortho.sparse, ortho.lowrank) if isinstance(ortho, OrthoParts) else (ortho, None)
         lowrank = None if low is None or low.rank == 0 else (low.B, low.A)
-        if p.base is None:  # finished in place: the base-only layer in the model holds the codes
-            layer = blocks[b].get_submodule(name).with_ortho(sparse, lowrank)
+        current = blocks[b].get_submodule(name)
+        if isinstance(current, OrthoLinear):
+            # the base-only layer quantize left (or an earlier install's layer) holds these parts' codes, packed:
+            # built on it, no layer's unpacked codes are read and no second copy of the base is made
+            layer = current.with_ortho(sparse, lowrank)
         else:
+            p = parts[(b, name)]
             layer = OrthoLinear.from_parts(p.base, sparse, p.bias, lowrank).to(module_device(blocks[b]))
         replace_submodule(blocks[b], name, layer)
         n_ortho += sparse.nnz
@@ -518,8 +528,11 @@ def decompose(
             orthos = sieve_model(parts, config)
         else:
             orthos, stats.ortho_bytes = split_model(parts, config, sieve_model)
+    release_freed_memory()  # each layer's scores and residual, read and freed by the sieve
     install_start = time.perf_counter()
     stats.n_ortho = install(model, parts, orthos, config)
+    del parts, orthos
+    release_freed_memory()  # the replaced base-only layers and each layer's unpacked codes
     end = time.perf_counter()
     stats.stage_seconds = dict(plan=plan_seconds, quantize=stats.seconds, sieve=install_start - sieve_start,
                                install=end - install_start)

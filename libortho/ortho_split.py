@@ -25,6 +25,7 @@ R − L; or the sieve runs first and L is fitted to R − S. The fits (`lowrank_
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -144,7 +145,7 @@ def split_model(parts: dict, config: OrthoConfig, sieve) -> tuple[dict, dict]:
     ortho_dtype = getattr(torch, config.ortho_dtype)
     if config.lowrank_first:
         lowranks = {key: fit_lowrank(p, p.R, ranks[key], config, generator) for key, p in parts.items()}
-        left = {key: replace(p, R=p.R - lowranks[key].to_dense()) for key, p in parts.items()}
+        left = _LeftAfterLowRank(parts, lowranks)
         sparse = sieve(left, sparse_config)
     else:
         sparse = sieve(parts, sparse_config)
@@ -154,6 +155,24 @@ def split_model(parts: dict, config: OrthoConfig, sieve) -> tuple[dict, dict]:
     bytes_["sparse"] = sum(sparse_bytes(sparse[k].nnz, sparse[k].shape[0]) for k in parts)
     bytes_["ranks"] = {f"{b}.{name}": r for (b, name), r in ranks.items()}
     return {key: OrthoParts(sparse[key], stored[key]) for key in parts}, bytes_
+
+
+class _LeftAfterLowRank(Mapping):
+    """{key: the layer's parts with R − B·A}, computed when asked for: dense and as large as the weights, so the
+    sieve's passes see one layer's at a time rather than every layer's at once."""
+
+    def __init__(self, parts: Mapping, lowranks: dict) -> None:
+        self.parts, self.lowranks = parts, lowranks
+
+    def __getitem__(self, key):
+        p = self.parts[key]
+        return replace(p, R=p.R - self.lowranks[key].to_dense())
+
+    def __iter__(self):
+        return iter(self.parts)
+
+    def __len__(self) -> int:
+        return len(self.parts)
 
 
 class LayerFinisher:

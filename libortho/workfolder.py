@@ -21,10 +21,12 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import OrthoConfig
@@ -120,40 +122,88 @@ class WorkFolder:
         tensors, meta = {}, {}
         for name, p in layers.items():
             meta[name] = _layer_tensors(name, p, tensors)
-        _save(self.path / f"block_{b:05d}.safetensors", tensors, dict(layers=json.dumps(meta)))
+        _save(self._block_file(b), tensors, dict(layers=json.dumps(meta)))
         _save(self.path / CARRY, carry, {})
         progress = self.progress()
         self._write_progress(Progress(progress.fingerprint, progress.n_blocks, b + 1, stats))
 
     def load_block(self, b: int, config: OrthoConfig) -> dict:
         """{name: LayerParts} of finished block b."""
-        from .decompose import LayerParts
-        from .ortho_split import OrthoParts
-
-        file = self.path / f"block_{b:05d}.safetensors"
-        from safetensors import safe_open
-
-        with safe_open(str(file), "pt") as f:
+        with safe_open(str(self._block_file(b)), "pt") as f:
             meta = json.loads(f.metadata()["layers"])
-        t = load_file(str(file))
-        layers = {}
-        for name, kind in meta.items():
-            base = QuantizedWeight(t[f"{name}.codes"], t[f"{name}.scales"], t[f"{name}.zeros"], config.quant_spec)
-            bias = t.get(f"{name}.bias")
-            if kind == "staged":
-                edit = tuple(t[f"{name}.edit.{i}"] for i in range(3)) if f"{name}.edit.0" in t else None
-                layers[name] = LayerParts(base, t[f"{name}.R"], t.get(f"{name}.H"), bias, edit)
-                continue
-            sparse = OrthoCSR(t[f"{name}.crow"], t[f"{name}.col"], t[f"{name}.val"], tuple(base.codes.shape))
-            ortho = OrthoParts(sparse, LowRank(t[f"{name}.B"], t[f"{name}.A"])) if kind == "parts" else sparse
-            layers[name] = LayerParts(base, None, None, bias, ortho=ortho)
-        return layers
+            return {name: _layer_parts(f, name, kind, config) for name, kind in meta.items()}
+
+    def load_layer(self, b: int, name: str, config: OrthoConfig):
+        """LayerParts of one layer of finished block b, read alone from the block's file."""
+        with safe_open(str(self._block_file(b)), "pt") as f:
+            return _layer_parts(f, name, json.loads(f.metadata()["layers"])[name], config)
+
+    def _block_file(self, b: int) -> Path:
+        return self.path / f"block_{b:05d}.safetensors"
 
     def load_carry(self) -> dict[str, torch.Tensor]:
         return load_file(str(self.path / CARRY))
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+class SpilledParts(MutableMapping):
+    """{(block, name): LayerParts} in which a staged layer (one whose R, H and edit wait for the global sieve:
+    float32 and as large as its weights) stays in memory only until its block is saved; from then on it is read
+    back from the work folder, one layer at a time, each time it is asked for. Layers finished in their block
+    (small: their ortho stream) stay in memory. Iteration keeps the order in which the layers were added."""
+
+    def __init__(self, folder: WorkFolder, config: OrthoConfig) -> None:
+        self.folder, self.config = folder, config
+        self._held: dict = {}
+        self._block_of: dict = {}  # key -> the block whose file holds it; None while held in memory
+
+    def spill(self, b: int, names) -> None:
+        """Block b is saved: its staged layers are dropped from memory."""
+        for name in names:
+            if self._held[(b, name)].ortho is None:
+                del self._held[(b, name)]
+                self._block_of[(b, name)] = b
+
+    def __getitem__(self, key):
+        if key in self._held:
+            return self._held[key]
+        b = self._block_of[key]  # KeyError for a key never added, as a dict gives
+        return self.folder.load_layer(b, key[1], self.config)
+
+    def __setitem__(self, key, value) -> None:
+        self._held[key] = value
+        self._block_of[key] = None
+
+    def __delitem__(self, key) -> None:
+        self._held.pop(key, None)
+        del self._block_of[key]
+
+    def __iter__(self):
+        return iter(self._block_of)
+
+    def __len__(self) -> int:
+        return len(self._block_of)
+
+
+def _layer_parts(f, name: str, kind: str, config: OrthoConfig):
+    """One layer's LayerParts from an open block file `f` (safe_open); `kind` as `_layer_tensors` wrote it."""
+    from .decompose import LayerParts
+    from .ortho_split import OrthoParts
+
+    keys = set(f.keys())
+
+    def get(suffix: str) -> torch.Tensor | None:
+        return f.get_tensor(f"{name}.{suffix}") if f"{name}.{suffix}" in keys else None
+
+    base = QuantizedWeight(get("codes"), get("scales"), get("zeros"), config.quant_spec)
+    if kind == "staged":
+        edit = tuple(get(f"edit.{i}") for i in range(3)) if f"{name}.edit.0" in keys else None
+        return LayerParts(base, get("R"), get("H"), get("bias"), edit)
+    sparse = OrthoCSR(get("crow"), get("col"), get("val"), tuple(base.codes.shape))
+    ortho = OrthoParts(sparse, LowRank(get("B"), get("A"))) if kind == "parts" else sparse
+    return LayerParts(base, None, None, get("bias"), ortho=ortho)
 
 
 def _layer_tensors(name: str, p, out: dict) -> str:

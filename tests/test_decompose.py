@@ -192,6 +192,7 @@ class _Stop(Exception):
 @pytest.mark.parametrize("overrides", [
     dict(ortho_budget=0.25, lowrank_share=1.0, lowrank_fit="random"),  # finished in the block (and a random state)
     dict(ortho_ratio=0.02),  # the staged path: R and H of every block saved for the global sieve
+    dict(ortho_budget=0.25, lowrank_share=0.5),  # staged, split between L and a global S: R − B·A read per layer
 ])
 def test_a_run_stopped_after_a_block_and_resumed_equals_an_uninterrupted_one(overrides, tokenizer, tmp_path, monkeypatch):
     import copy

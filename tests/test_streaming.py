@@ -83,3 +83,33 @@ def test_no_fine_tuned_weight_outlives_its_block(tokenizer, tmp_path):
     parts, _ = quantize_model(model, plan, config, progress=False)
     gc.collect()
     assert parts and all(ref() is None for ref in originals)
+
+
+def test_with_a_work_folder_no_residual_outlives_its_block(tokenizer, tmp_path, monkeypatch):
+    """A global sieve scores every layer's R against every other's. With a work folder, each staged layer's R, H and
+    codes leave memory once its block is saved, and are read back, equal, when the sieve asks for them."""
+    import gc
+    import weakref
+
+    from libortho.decompose import plan_decomposition, quantize_model
+    from libortho.workfolder import WorkFolder
+
+    saved, refs = {}, []
+    save_block = WorkFolder.save_block
+
+    def remember(self, b, layers, *args):
+        for name, p in layers.items():
+            saved[(b, name)] = p.R.clone()
+            refs.extend(weakref.ref(t) for t in (p.R, p.H, p.base.codes))
+        save_block(self, b, layers, *args)
+
+    monkeypatch.setattr(WorkFolder, "save_block", remember)
+    model = tiny_model("llama")
+    config = libortho.OrthoConfig(calib_tokens=512, seq_len=128, group_size=32)
+    plan = plan_decomposition(model, tokenizer, TEXT, config)
+    folder = WorkFolder(tmp_path / "work")
+    parts, _ = quantize_model(model, plan, config, progress=False, work=(folder, folder.start("key", len(plan.blocks))))
+    gc.collect()
+    assert len(saved) == len(parts) > 0 and all(ref() is None for ref in refs)
+    for key, R in saved.items():
+        assert torch.equal(parts[key].R, R)
