@@ -22,6 +22,7 @@ Modules (each one concept):
   errors         errors in OpenAI's shape
   responses      OpenAI's response bodies and server-sent events
   generation     one generation request, from HTTP to the engine (checks in order) and back
+  gateway        gateway mode: the same checks, then the request forwarded to an upstream engine (alpha 0 / 1)
   streaming      a request's events collected or streamed, and how it ended
   routes_openai  /v1/completions, /v1/chat/completions, /v1/models
   routes_ops     /health, /metrics

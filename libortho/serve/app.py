@@ -32,6 +32,8 @@ def create_app(state: ServerState) -> FastAPI:
         if state.keys_watcher is not None:
             await asyncio.to_thread(state.keys_watcher.stop)
         await asyncio.to_thread(state.engine.stop)
+        if state.gateway is not None:  # its HTTP client, closed in the event loop that used it
+            await state.gateway.aclose()
 
     app = FastAPI(title="libortho serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     attach(app, state)

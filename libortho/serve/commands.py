@@ -13,6 +13,7 @@ from ..cli_args import UserError, alpha_value
 from .config import DEVICES, LOG_LEVELS, MAX_BATCH_BY_DEVICE, ServeConfig
 
 SERVE_MODULES = ("fastapi", "uvicorn", "pydantic")  # what the `serve` extra installs
+GATEWAY_MODULES = ("httpx",)  # what gateway mode needs besides (the HTTP client to the upstream)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     default = ServeConfig()
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server; each API key's privilege caps its alpha")
-    p.add_argument("artifact", metavar="ARTIFACT", help="libortho artifact folder")
+    p.add_argument("artifact", metavar="ARTIFACT", nargs="?",
+                   help="libortho artifact folder (not with --upstream, where no model runs here)")
     p.add_argument("--host", help=f"address to listen on (default {default.host})")
     p.add_argument("--port", type=int, help=f"port to listen on (default {default.port})")
     p.add_argument("--keys", dest="keys_path", metavar="KEYS.json",
@@ -47,6 +49,16 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="the model id clients send (default: the artifact folder name)")
     p.add_argument("--log-level", choices=LOG_LEVELS,
                    help=f"least severe log messages shown (default {default.log_level})")
+    g = p.add_argument_group("gateway mode", "keys, alpha gate, limits and metrics here; the model runs upstream")
+    g.add_argument("--upstream", metavar="URL",
+                   help="forward admitted requests to this OpenAI-compatible engine (base URL, e.g. "
+                        "http://127.0.0.1:8001/v1) instead of serving an ARTIFACT")
+    g.add_argument("--upstream-model", metavar="NAME",
+                   help="the upstream's base model, served at alpha 0 (default: --model-name)")
+    g.add_argument("--upstream-adapter", metavar="NAME",
+                   help="the upstream's LoRA adapter, served at alpha 1 (default: none, alpha 1 is refused)")
+    g.add_argument("--upstream-timeout-s", type=float, metavar="T",
+                   help=f"seconds one forwarded request may take (default {default.upstream_timeout_s:g})")
     p.set_defaults(func=run_serve)
 
 
@@ -78,7 +90,9 @@ def _add_keys(sub: argparse._SubParsersAction) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     config = ServeConfig.from_options(vars(args))  # checked before the slow imports below
-    _require_serve_extra()
+    if (args.artifact is None) == (config.upstream is None):
+        raise UserError("serve needs an ARTIFACT folder, or --upstream URL for gateway mode (not both)")
+    _require_serve_extra(GATEWAY_MODULES if config.upstream is not None else ())
 
     from .server import serve
 
@@ -87,9 +101,9 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _require_serve_extra() -> None:
-    """UserError naming the install command when a module of the `serve` extra is missing."""
-    for name in SERVE_MODULES:
+def _require_serve_extra(more: tuple[str, ...] = ()) -> None:
+    """UserError naming the install command when a module of the `serve` extra (or `more`) is missing."""
+    for name in SERVE_MODULES + more:
         try:
             importlib.import_module(name)
         except ImportError:

@@ -10,6 +10,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
+from urllib.parse import urlsplit
 
 DEVICES = ("cpu", "cuda")
 # max_batch when none is given: a GPU step costs about the same for 1 row as for 64 (it reads the weights
@@ -20,7 +21,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # the command-line flag of each setting that has one, so that an error names what the user typed
 FLAGS = {"host": "--host", "port": "--port", "keys_path": "--keys", "device": "--device", "max_batch": "--max-batch",
          "max_context": "--max-context", "max_wait_ms": "--max-wait-ms", "max_queue": "--max-queue",
-         "threads": "--threads", "model_name": "--model-name", "log_level": "--log-level"}
+         "threads": "--threads", "model_name": "--model-name", "log_level": "--log-level", "upstream": "--upstream",
+         "upstream_model": "--upstream-model", "upstream_adapter": "--upstream-adapter",
+         "upstream_timeout_s": "--upstream-timeout-s"}
 
 
 class ServeConfigError(ValueError):
@@ -60,9 +63,14 @@ class ServeConfig:
     cuda_graphs: bool = True  # on CUDA, replay decode steps and prefill chunks from CUDA graphs (False: eager)
     graph_warmup: bool = True  # with graphs: capture the common step shapes when the engine starts, not mid-request
     slot_cache: bool = True  # False: the padded batch (kvbatch.py) even for models the slot cache can run
+    # gateway mode: no model runs here; admitted requests are forwarded to an OpenAI-compatible engine
+    upstream: str | None = None  # the engine's base URL as a client's base_url (http://host:port/v1); None: no gateway
+    upstream_model: str | None = None  # the engine's name of the base model (alpha 0); None: model_name
+    upstream_adapter: str | None = None  # the engine's name of the LoRA adapter (alpha 1); None: alpha 1 is refused
+    upstream_timeout_s: float = 600.0  # how long one forwarded request may take, streamed or not
 
     @classmethod
-    def from_options(cls, options: Mapping[str, object]) -> "ServeConfig":
+    def from_options(cls, options: Mapping[str, object]) -> ServeConfig:
         """A config from a mapping such as `vars(argparse_namespace)`: None means "not given"
         (the default applies), and keys that are not settings are ignored."""
         names = {f.name for f in fields(cls)}
@@ -97,6 +105,42 @@ class ServeConfig:
         for name in ("cuda_graphs", "graph_warmup", "slot_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ServeConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        self._check_upstream()
+
+    def _check_upstream(self) -> None:
+        """The gateway settings: a http(s) URL, and names only alongside it."""
+        _check_duration("upstream_timeout_s", self.upstream_timeout_s)
+        if self.upstream_timeout_s == 0:
+            raise ServeConfigError(f"{_label('upstream_timeout_s')} must be a number > 0, got 0")
+        for name in ("upstream_model", "upstream_adapter"):
+            if getattr(self, name) is not None:
+                _check_text(name, getattr(self, name))
+                if self.upstream is None:
+                    raise ServeConfigError(f"{_label(name)} needs --upstream URL (it names a model of the upstream)")
+        if self.upstream is None:
+            return
+        _check_text("upstream", self.upstream)
+        parts = urlsplit(self.upstream)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ServeConfigError(f"{_label('upstream')} must be an http:// or https:// URL such as "
+                                   f"http://127.0.0.1:8001/v1, got {self.upstream!r}")
+        if self.model_name is None and self.upstream_model is None:
+            raise ServeConfigError("--upstream needs --upstream-model NAME (the upstream's base model) or "
+                                   "--model-name NAME (the model id clients send, then also the upstream's)")
+
+    @property
+    def upstream_base(self) -> str | None:
+        """The upstream's OpenAI base URL without a trailing slash; a bare host gets /v1, where the
+        OpenAI routes live (a URL with a path is taken as given)."""
+        if self.upstream is None:
+            return None
+        base = self.upstream.rstrip("/")
+        return base if urlsplit(base).path else base + "/v1"
+
+    @property
+    def served_model_name(self) -> str | None:
+        """The model id clients send: model_name, or in gateway mode the upstream's base model name."""
+        return self.model_name or self.upstream_model
 
     @property
     def resolved_max_batch(self) -> int:

@@ -81,9 +81,12 @@ class AlphaGate:
     """Maps (API key, asked alpha) to the alpha served. `servable_max` is 0 when the ortho stream
     is not loaded (base-only mode, or an artifact without ortho.safetensors), else 1."""
 
-    def __init__(self, keys: KeyStore | None, servable_max: float) -> None:
+    def __init__(self, keys: KeyStore | None, servable_max: float,
+                 capped_because: str = "this server has no ortho stream loaded") -> None:
+        """`capped_because`: why nothing above `servable_max` can be served, for the 403's message."""
         self.keys = keys
         self.servable_max = servable_max
+        self.capped_because = capped_because
 
     def authenticate(self, authorization: str | None) -> Caller:
         """The caller of an `Authorization` header, or GateError 401."""
@@ -116,8 +119,9 @@ class AlphaGate:
             raise GateError(403, f"alpha {shown(asked)} refused: the key {caller.name!r} may use alpha up to "
                                  f"{shown(caller.max_alpha)}", "permission_error", "alpha_not_allowed")
         if asked > self.servable_max:
-            raise GateError(403, f"alpha {shown(asked)} refused: this server has no ortho stream loaded and serves "
-                                 "alpha 0 only", "permission_error", "alpha_not_allowed")
+            most = "0 only" if self.servable_max == 0 else f"{shown(self.servable_max)} at most"
+            raise GateError(403, f"alpha {shown(asked)} refused: {self.capped_because} and serves alpha {most}",
+                            "permission_error", "alpha_not_allowed")
 
 
 def _one_asked_alpha(header: float | None, body: float | None) -> float | None:

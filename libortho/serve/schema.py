@@ -178,12 +178,19 @@ class ChatRequest(_Sampling):
         yield from super().texts()
 
 
-def parse_body(raw: bytes, model_cls: type[_Sampling], limits: ServeConfig) -> tuple[_Sampling, list[str]]:
-    """(validated request, names of the ignored fields it set), or RequestError."""
+def parse_object(raw: bytes, limits: ServeConfig) -> dict:
+    """The body as a JSON object within the server's limits (values, messages, stop strings), not yet
+    checked against a schema; RequestError otherwise."""
     data = _json(raw, limits.max_json_values)
     if not isinstance(data, dict):
         raise RequestError("the request body must be a JSON object")
     _check_counts(data, limits)
+    return data
+
+
+def parse_body(raw: bytes, model_cls: type[_Sampling], limits: ServeConfig) -> tuple[_Sampling, list[str]]:
+    """(validated request, names of the ignored fields it set), or RequestError."""
+    data = parse_object(raw, limits)
     try:
         req = model_cls.model_validate(data)
     except ValidationError as err:

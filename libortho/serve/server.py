@@ -114,14 +114,20 @@ def _chat_problem(tokenizer, model_name: str) -> str | None:
     return problem
 
 
-def serve(path: str | Path, config: ServeConfig | None = None) -> None:
-    """Serve the artifact at `path` until drained by a signal (blocks; signals are handled when
-    called from the main thread, and a second one ends the process, see above)."""
+def serve(path: str | Path | None, config: ServeConfig | None = None) -> None:
+    """Serve the artifact at `path`, or in gateway mode (`config.upstream`, `path` None) forward to
+    the upstream, until drained by a signal (blocks; signals are handled when called from the main
+    thread, and a second one ends the process, see above)."""
     config = config or ServeConfig()
-    check_device(config.device)
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    app = build(path, config)
+    if config.upstream is not None:
+        from .gateway import build_gateway  # httpx is imported only by a gateway
+
+        app = build_gateway(config)
+    else:
+        check_device(config.device)
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        app = build(path, config)
     state = state_of(app)
     if state.keys_watcher is not None:
         _reload_keys_on_sighup(state.keys_watcher)

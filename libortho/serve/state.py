@@ -13,21 +13,23 @@ from .config import ServeConfig
 if TYPE_CHECKING:
     from .engine import Engine
     from .gate import AlphaGate
+    from .gateway import Gateway
     from .keywatch import KeysWatcher
     from .metrics import Metrics
 
 
 @dataclass
 class ServerState:
-    """The engine, the gate and the settings of one server, plus its lifecycle: draining after
+    """The engine (or the gateway's forwarder), the gate and the settings of one server, plus its lifecycle: draining after
     SIGTERM, and the number of requests in flight (the drain waits for it to reach 0).
     `config.model_name` is the id clients send (never None here)."""
 
-    engine: Engine
+    engine: Engine | Gateway  # in gateway mode, the Gateway stands in for the engine
     gate: AlphaGate
     config: ServeConfig
     chat_problem: str | None = None  # why chat cannot be served (no template, or a failing one); None: it can
     keys_watcher: KeysWatcher | None = None  # keeps the gate's keys in step with KEYS.json (None: no key store)
+    gateway: Gateway | None = None  # gateway mode: requests go to this upstream forwarder (also `engine`)
     created: int = field(default_factory=lambda: int(time.time()))  # Unix seconds, /v1/models' `created`
     draining: bool = False
     in_flight: int = 0
