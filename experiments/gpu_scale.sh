@@ -33,15 +33,15 @@ d.write_checkpoints(Path('$WORK'), '$SHAPE', 'cuda'); d.write_inputs(Path('$WORK
       cmp=$!
     fi
     python3 benchmarks/decompose_scale.py --shape "$SHAPE" --work "$WORK" --device cuda --out "$SHAPE-run" \
-      --time-limit "$LIMIT" --json "$OUT/scale.json" 2>&1 | grep -v "Loading weights" | tail -25
+      --time-limit "$LIMIT" --json "$OUT/scale.json" 2>&1 | grep -v "Loading weights" | tail -45
     if [ -n "$cmp" ]; then wait $cmp; tail -30 "$OUT/gpu_vs_cpu.log"; fi
     ;;
   resume)
     python3 benchmarks/decompose_scale.py --shape "$SHAPE" --work "$WORK" --device cuda --out "$SHAPE-run" \
-      --time-limit "$LIMIT" --json "$OUT/scale.json" --extra --resume 2>&1 | grep -v "Loading weights" | tail -25
+      --time-limit "$LIMIT" --json "$OUT/scale.json" --extra --resume 2>&1 | grep -v "Loading weights" | tail -45
     ls -la "$WORK/$SHAPE-run" 2>/dev/null; du -sh "$WORK"/* 2>/dev/null
     if [ -f "$WORK/$SHAPE-run/libortho.json" ]; then
-      python3 benchmarks/load_artifact.py "$WORK/$SHAPE-run" --device cuda --json "$OUT/load_$SHAPE.json" 2>&1 | grep -v "Loading weights" | tail -25
+      python3 benchmarks/load_artifact.py "$WORK/$SHAPE-run" --device cuda --json "$OUT/load_$SHAPE.json" 2>&1 | grep -v "Loading weights" | tail -45
     fi
     ;;
 esac
