@@ -265,8 +265,7 @@ def load(
     model.tie_weights()
     _materialize_unstored(model, path)
     _cast_float_params(model, dtype)
-    _to_device(model, device)
-    model.eval()
+    model.to(device).eval()  # parameter by parameter: each host copy is let go as its device copy is made
     switch = AlphaState(default=0.0, ortho_available=with_ortho)
     switch.default = switch.check(alpha)
     attach(model, _state_from_manifest(manifest, switch, path), ortho_layers(model))
@@ -381,21 +380,6 @@ def _materialize_unstored(model: nn.Module, path: Path) -> None:
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:
         raise ArtifactError(f"{path / BASE_FILE} holds no tensor for {', '.join(missing[:3])}; the artifact is incomplete")
-
-
-def _to_device(model: nn.Module, device: torch.device) -> None:
-    """Move the model module by module, so that the host lets go of each layer's copy as it goes."""
-    if device.type == "cpu":
-        return
-    moved: dict[int, torch.Tensor] = {}  # tied weights are one tensor: moved once
-    for m in model.modules():
-        for group in (m._parameters, m._buffers):
-            for name, t in group.items():
-                if t is None:
-                    continue
-                if id(t) not in moved:
-                    moved[id(t)] = nn.Parameter(t.data.to(device), requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else t.to(device)
-                group[name] = moved[id(t)]
 
 
 def _ortho_names(model: nn.Module) -> set[str]:

@@ -31,7 +31,7 @@ from .app import create_app
 from .config import ServeConfig
 from .errors import APIError, error_body, one_line
 from .gate import ALPHA_HEADER, AlphaGate, GateError, Grant, shown
-from .generation import authenticate, read_body
+from .generation import check_model, open_request
 from .keys import KeyStore
 from .keywatch import KeysWatcher, signature
 from .metrics import Metrics
@@ -125,11 +125,7 @@ class Gateway:
         """(the body as a JSON object, the grant), or APIError (counted in the metrics)."""
         grant = None
         try:
-            if state.draining:
-                raise APIError(503, "the server is shutting down; retry on another instance", "server_error",
-                               code="shutting_down")
-            caller = authenticate(request, state)
-            raw = await read_body(request, state.config.max_body_bytes)
+            caller, raw = await open_request(request, state)
             body = await asyncio.to_thread(_parse, raw, state.config)
             try:
                 grant = state.gate.grant(caller, request.headers.get(ALPHA_HEADER), body.get("alpha"))
@@ -251,11 +247,9 @@ def _parse(raw: bytes, limits: ServeConfig) -> dict:
 
 
 def _check_model(asked: object, served: str) -> None:
-    if not isinstance(asked, str):
+    if not isinstance(asked, str):  # the body is forwarded unparsed, so nothing has checked its type yet
         raise APIError(400, "the request body needs 'model', a string", param="model")
-    if asked != served:
-        raise APIError(404, f"the model {asked!r} does not exist; this server serves {served!r}",
-                       "not_found_error", "model", "model_not_found")
+    check_model(asked, served)
 
 
 def _upstream_message(upstream: httpx.Response) -> str:

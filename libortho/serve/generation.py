@@ -83,14 +83,10 @@ async def _admit(request: Request, state: ServerState, endpoint: str) -> Admitte
     """The checked request, or APIError (counted in the metrics)."""
     grant = None
     try:
-        if state.draining:
-            raise APIError(503, "the server is shutting down; retry on another instance", "server_error",
-                           code="shutting_down")
-        caller = authenticate(request, state)
-        raw = await read_body(request, state.config.max_body_bytes)
+        caller, raw = await open_request(request, state)
         req = await asyncio.to_thread(_parse, raw, endpoint, state.config)
         grant = _grant(request, state, caller, req.alpha)
-        _check_model(req.model, state.model_name)
+        check_model(req.model, state.model_name)
         engine = state.engine
         ids = await asyncio.to_thread(prompt_ids, req, endpoint, engine.tokenizer, engine.context_len, state.config,
                                       state.chat_problem)
@@ -98,6 +94,16 @@ async def _admit(request: Request, state: ServerState, endpoint: str) -> Admitte
     except APIError as err:
         state.metrics.request_done(grant.alpha if grant is not None else None, endpoint, err.status)
         raise
+
+
+async def open_request(request: Request, state: ServerState) -> tuple[Caller, bytes]:
+    """What every generation request passes first: the server is not draining (503), the key is known (401),
+    the body is within the size limit (413). Returns the caller and the raw body."""
+    if state.draining:
+        raise APIError(503, "the server is shutting down; retry on another instance", "server_error",
+                       code="shutting_down")
+    caller = authenticate(request, state)
+    return caller, await read_body(request, state.config.max_body_bytes)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -138,7 +144,7 @@ def _grant(request: Request, state: ServerState, caller: Caller, body_alpha: flo
         raise APIError.from_gate(err, param="alpha") from None
 
 
-def _check_model(asked: str, served: str) -> None:
+def check_model(asked: str, served: str) -> None:
     if asked != served:
         raise APIError(404, f"the model {asked!r} does not exist; this server serves {served!r}",
                        "not_found_error", "model", "model_not_found")
