@@ -271,17 +271,17 @@ def test_tc_ortho_partition_by_k_block():
     _check(layer, x, 1.0, dict(TC, SPLIT=3))  # the kernel walks the sorted copy
 
 
-def test_v3_is_opt_in(monkeypatch):
-    """Kernel v3 is off unless LIBORTHO_KERNEL_V3 asks for it (its fp16 path is not yet
-    verified on a GPU): off by default, config=None then never launches the tc kernel."""
-    for value, on in ((None, False), ("0", False), ("", False), ("1", True), ("on", True)):
+def test_v3_is_on_unless_switched_off(monkeypatch):
+    """Kernel v3 is on by default and LIBORTHO_KERNEL_V3=0 switches it off: off, config=None
+    never launches the tc kernel."""
+    for value, on in ((None, True), ("", True), ("1", True), ("on", True), ("0", False), ("off", False)):
         if value is None:
             monkeypatch.delenv("LIBORTHO_KERNEL_V3", raising=False)
         else:
             monkeypatch.setenv("LIBORTHO_KERNEL_V3", value)
-        assert K._env_flag("LIBORTHO_KERNEL_V3") is on, value
-    monkeypatch.delenv("LIBORTHO_KERNEL_V3", raising=False)
-    monkeypatch.setattr(K, "V3_ENABLED", K._env_flag("LIBORTHO_KERNEL_V3"))
+        assert K._env_flag("LIBORTHO_KERNEL_V3", default=True) is on, value
+    monkeypatch.setenv("LIBORTHO_KERNEL_V3", "0")
+    monkeypatch.setattr(K, "V3_ENABLED", K._env_flag("LIBORTHO_KERNEL_V3", default=True))
     calls = _spy_tc(monkeypatch)
     layer = _layer(256, 32, seed=38, group_size=64, density=0.03)
     for rows in (2, 16, 64):
@@ -290,7 +290,7 @@ def test_v3_is_opt_in(monkeypatch):
 
 
 def test_tc_dispatch_and_switch(monkeypatch):
-    """With v3 switched on (set_v3(True) / LIBORTHO_KERNEL_V3=1), config=None: M = 1 keeps
+    """With v3 on (the default), config=None: M = 1 keeps
     the v2 decode kernel, 2..64 take tc, 65+ the v1 gemm; switching it off restores the
     previous path; layers tc refuses are refused when prepared."""
     calls = _spy_tc(monkeypatch)

@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "a1_lr_prev: kernel v3 switched off)")
     parser.add_argument("--v3", action="store_true",
                         help="switch kernel v3 (tc, 2 <= M <= 64) on for the libortho rows "
-                        "(off by default until verified on a GPU; the *_prev rows switch it "
-                        "off); same as LIBORTHO_KERNEL_V3=1")
+                        "even where LIBORTHO_KERNEL_V3=0 switched it off (it is on by "
+                        "default; the *_prev rows switch it off)")
     parser.add_argument("--tune-tc", action="store_true",
                         help="race kernel v3 (tc) configs against the previous path for "
                         "2 <= M <= 64 first (alpha = 1, 1 %% ortho) and use the winners")

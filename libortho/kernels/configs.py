@@ -65,8 +65,8 @@ def default_config(m: int, n: int, k: int, group_size: int, v2: bool = True) -> 
 
 # ---- kernel v3 (tc.py): a separate small table per (M bucket, N, K) -------------------------
 # Entries hold the fastest config of a tuning race for 2 <= M <= 64: a "tc" config, or the
-# previous path's config when that won (libortho.kernel_bench.tune_tc). Read only when v3 is
-# switched on (opt-in: LIBORTHO_KERNEL_V3=1 or dispatch.set_v3(True)); kept apart from the
+# previous path's config when that won (libortho.kernel_bench.tune_tc). Read only while v3 is
+# on (the default; LIBORTHO_KERNEL_V3=0 or dispatch.set_v3(False) turns it off); kept apart from the
 # table above so that with v3 off the old path is exactly as it was. The shipped file records
 # the run it came from (``source``).
 TC_TABLE_PATH = os.path.join(os.path.dirname(__file__), "tc_configs.json")

@@ -5,13 +5,12 @@ ortho chunk (launch.py) and launches the Triton kernel (triton_kernels.py).
 Scalar alpha == 0 takes the base-only kernel variant (the ortho buffers are not read).
 
 Kernel v3 (tc.py, 2 <= M <= 64 token rows on layers whose layout accepts it:
-``KernelLayout.tc_reason`` is None) is **opt-in**: its fp16 dequantisation (inline PTX) has
-not yet passed ``tests/gpu/test_kernels_gpu.py`` on a GPU, so the default for every M is the
-previous path (v2 decode kernel, v1 kernels, tuned_configs.json). It runs when
-``LIBORTHO_KERNEL_V3=1`` is in the environment, after ``set_v3(True)``, or for a call given an
-explicit ``config`` with ``kernel="tc"``; its configs then come from the tc table
-(configs.py), and batch 1 keeps the v2 decode kernel. It becomes the default once the GPU
-cases pass on the H200 (docs/kernel_notes.md).
+``KernelLayout.tc_reason`` is None) is the default for those rows: its configs come from the
+tc table (configs.py), whose entries keep the previous path where that won the tuning race,
+and batch 1 keeps the v2 decode kernel. ``LIBORTHO_KERNEL_V3=0`` in the environment or
+``set_v3(False)`` restores the previous path for every M (v2 decode kernel, v1 kernels,
+tuned_configs.json) exactly; a call given an explicit ``config`` with ``kernel="tc"`` runs v3
+either way. GPU correctness: ``tests/gpu/test_kernels_gpu.py`` (docs/PERFORMANCE.md).
 """
 from __future__ import annotations
 
@@ -40,17 +39,23 @@ except Exception:  # pragma: no cover - depends on the environment
     _HAS_TRITON = False
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "on", "yes")
+def _env_flag(name: str, default: bool) -> bool:
+    """The environment's on/off switch ``name`` (1/true/on/yes, 0/false/off/no); unset or
+    empty gives ``default``."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "on", "yes"):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    return default
 
 
-# Off unless asked for: the fp16 path of kernel v3 is not verified on a GPU yet (module doc).
-V3_ENABLED = _env_flag("LIBORTHO_KERNEL_V3")
+V3_ENABLED = _env_flag("LIBORTHO_KERNEL_V3", default=True)
 
 
 def set_v3(enabled: bool) -> None:
     """Switch kernel v3 (tc.py, 2–64 token rows, default dispatch) on or off for this
-    process. Off by default; ``LIBORTHO_KERNEL_V3=1`` switches it on at import."""
+    process. On by default; ``LIBORTHO_KERNEL_V3=0`` switches it off at import."""
     global V3_ENABLED
     V3_ENABLED = bool(enabled)
 
