@@ -136,10 +136,11 @@ class HessianCollector:
         self._token_mask = token_mask
 
     def hessian(self, name: str) -> torch.Tensor:
-        """H = 2·XᵀX / n [in, in] (float32) of the named layer's inputs."""
+        """H = 2·XᵀX / n [in, in] (float32) of the named layer's inputs. Scaled in place: the layer's sum
+        becomes its H (the same floats as 2.0 * sum / n), so call this once all batches have run."""
         key = tuple(self.inputs_seen[name])
         if key not in self._shared:
-            self._shared[key] = 2.0 * self.sums[name] / max(self.counts[name], 1)
+            self._shared[key] = self.sums.pop(name).mul_(2.0).div_(max(self.counts[name], 1))
         return self._shared[key]
 
     def close(self) -> None:

@@ -18,8 +18,9 @@ and the ortho fits alike); what a stage keeps across blocks is kept in host memo
             nn.Linear by a base-only OrthoLinear and points the plan at it, so the fine-tuned
             weight of that layer is freed with the module. Keeps, per layer, the LayerParts (the
             base codes, the dense float32 residual R = W_ft - W_base, the curvature H the sieve
-            uses, the bias); frees the block's Hessians, the Cholesky factors and the block's dense
-            weight caches before the next block.
+            uses, the bias). Each Hessian, and what is derived from it (H', the Cholesky factors,
+            the sieve's curvature), is freed once the last layer reading it is fitted (curvatures.py),
+            the block's fine-tuned weights and dense weight caches before the next block.
   finish    when each layer's ortho stream depends on that layer alone (`layer_local`: per-layer
             ranks with no sparse part, or a per-layer sparse budget), quantize fits it as the layer's
             base is done and frees that layer's R, H and edit at once; once the block is done the
@@ -51,7 +52,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, calibrate
 from .config import OrthoConfig
-from .forget import ForgetObjective
+from .curvatures import BlockCurvatures
 from .hf_model import decoder_blocks, linear_weight, module_device, replace_submodule, target_linears
 from .layer import OrthoLinear, ortho_layers
 from .memory import release_freed_memory
@@ -59,7 +60,7 @@ from .ortho_split import LayerFinisher, OrthoParts, split_model
 from .state import OrthoState, attach, state_of
 from .switch import AlphaState
 from .workfolder import SpilledParts, WorkFolder, fingerprint
-from .quantize import QuantizedWeight, gptq, hinv_upper, rtn
+from .quantize import QuantizedWeight, gptq, rtn
 from .shards import ShardedCheckpoint
 from .streaming import BlockLoader
 from .csr import OrthoCSR, csr_from_flat_indices
@@ -274,43 +275,8 @@ def quantize_model(
     if done:
         _restore(folder, done, plan, config, parts, stats, public, private, finish)
     for b in tqdm(range(done, len(blocks)), desc="decompose", unit="block", disable=not progress, initial=done, total=len(blocks)):
+        _fit_block(b, plan, config, needs_h, public, private, parts, stats, finish)
         block, targets = blocks[b], plan.targets[b]
-        if plan.block_loader is not None:
-            plan.block_loader.load(b)
-        H_pub = _block_hessians(block, targets, public) if needs_h else {}
-        H_priv = _block_hessians(block, targets, private) if needs_h and private is not None else {}
-        objective = ForgetObjective(config)
-        factors: dict[int, torch.Tensor] = {}  # one Cholesky factor per distinct H (q/k/v share theirs)
-        on_host: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for name, module in targets.items():
-            W = linear_weight(module).float()
-            W_P = plan.public_weights.get((b, name), W.device)
-            if name in H_pub:
-                fit = objective.fit(W, W_P, H_pub[name], H_priv.get(name))
-                factor = None
-                if config.method == "gptq" and not config.act_order:
-                    factor = factors.setdefault(id(fit.H), hinv_upper(fit.H, config.damp))
-                base, H_sieve = quantize_base(fit.W, fit.H, config, factor), fit.H_sieve
-            else:
-                base, H_sieve = rtn(W, config.quant_spec), None
-            W_base = base.dequantize()
-            bias = getattr(module, "bias", None)
-            bias = None if bias is None else bias.detach().float()
-            edit = None
-            if config.ortho_budget is not None and config.lowrank_fit == "edit" and name in H_priv:
-                edit = (W - fit.W, H_priv[name], fit.H)
-            part = LayerParts(base, (W - W_base).contiguous(), H_sieve, bias, edit)
-            if finish is not None:
-                part = LayerParts(base, None, None, bias, ortho=finish((b, name), part))
-            parts[(b, name)] = _on_cpu(part, on_host)
-            if name in H_pub:
-                stats.layer_output_error[f"{b}.{name}"] = relative_output_error(W, W_base, H_pub[name])
-            if name in H_priv and W_P is not None:
-                stats.layer_private_error[f"{b}.{name}"] = relative_output_error(W_P, W_base, H_priv[name])
-            stats.n_weights += W.numel()
-            replace_submodule(block, name, _base_only_layer(base, bias, module))
-        # The plan now points at the base-only layers: nothing holds the block's fine-tuned weights any more.
-        plan.targets[b] = {name: block.get_submodule(name) for name in targets}
         # What block b+1 sees: the base stream's output.
         public.hidden = calibrate.run_block(block, public)
         if private is not None:
@@ -323,11 +289,66 @@ def quantize_model(
             parts.spill(b, targets)
         if finish is not None:
             _drop_codes(parts, b, targets)
-        del H_pub, H_priv, factors, on_host
         release_freed_memory()  # the block's fits leave freed heap pages that glibc would otherwise keep
     stats.n_layers = len(parts)
     stats.seconds = time.perf_counter() - start
     return parts, stats
+
+
+def _fit_block(b: int, plan: DecompositionPlan, config: OrthoConfig, needs_h: bool, public: calibrate.BlockInputs,
+               private: calibrate.BlockInputs | None, parts: dict, stats: DecompositionStats, finish: FinishLayer | None) -> None:
+    """Fit block b's targets one after the other, each replaced by a base-only OrthoLinear and its parts put
+    in `parts`. Everything the fits held (the block's fine-tuned weights, its Hessians and what is derived
+    from them) is freed by the time this returns, each Hessian as soon as the last layer reading it is done."""
+    block = plan.blocks[b]
+    if plan.block_loader is not None:
+        plan.block_loader.load(b)
+    H_pub = _block_hessians(block, plan.targets[b], public) if needs_h else {}
+    H_priv = _block_hessians(block, plan.targets[b], private) if needs_h and private is not None else {}
+    curvatures = BlockCurvatures(H_pub, H_priv, config)
+    on_host: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    targets = plan.targets[b]
+    for name, module in targets.items():
+        parts[(b, name)] = _fit_layer((b, name), module, curvatures, plan, config, stats, finish, on_host)
+        # The plan points at the base-only layer: nothing holds this layer's fine-tuned weight any more.
+        targets[name] = block.get_submodule(name)
+
+
+def _fit_layer(key: LayerKey, module: nn.Module, curvatures: BlockCurvatures, plan: DecompositionPlan, config: OrthoConfig,
+               stats: DecompositionStats, finish: FinishLayer | None, on_host: dict) -> LayerParts:
+    """One layer: its base, its output errors, its residual R [out, in] and, with `finish`, its ortho stream;
+    the layer becomes base-only in its block. Returns its parts, in host memory."""
+    b, name = key
+    W = linear_weight(module).float()
+    W_P = plan.public_weights.get(key, W.device)
+    stats.n_weights += W.numel()
+    base, edit = _fitted_base(name, W, W_P, curvatures, config) if name in curvatures else (rtn(W, config.quant_spec), None)
+    W_base = base.dequantize()
+    if name in curvatures.pub:
+        stats.layer_output_error[f"{b}.{name}"] = relative_output_error(W, W_base, curvatures.pub[name])
+    if name in curvatures.priv and W_P is not None:
+        stats.layer_private_error[f"{b}.{name}"] = relative_output_error(W_P, W_base, curvatures.priv[name])
+    H_sieve = curvatures.done(name) if name in curvatures else None
+    bias = getattr(module, "bias", None)
+    bias = None if bias is None else bias.detach().float()
+    part = LayerParts(base, (W - W_base).contiguous(), H_sieve, bias, edit)
+    del W, W_P, W_base  # not read again: freed before the ortho fit's own working set
+    if finish is not None:
+        part = LayerParts(base, None, None, bias, ortho=finish(key, part))
+    replace_submodule(plan.blocks[b], name, _base_only_layer(base, bias, module))
+    return _on_cpu(part, on_host)
+
+
+def _fitted_base(name: str, W: torch.Tensor, W_P: torch.Tensor | None, curvatures: BlockCurvatures,
+                 config: OrthoConfig) -> tuple[QuantizedWeight, tuple | None]:
+    """(the base of layer `name`: GPTQ of its target W* under H', the forget edit (W − W*, H_priv, H') for
+    fit (a) or None). W* and H' are this call's: freed on return unless the edit keeps them."""
+    fit = curvatures.target(name, W, W_P)
+    base = quantize_base(fit.W, fit.H, config, curvatures.factor(name, fit.H))
+    edit = None
+    if config.ortho_budget is not None and config.lowrank_fit == "edit" and name in curvatures.priv:
+        edit = (W - fit.W, curvatures.priv[name], fit.H)
+    return base, edit
 
 
 def _carry(public: calibrate.BlockInputs, private: calibrate.BlockInputs | None, finish) -> dict[str, torch.Tensor]:

@@ -28,23 +28,21 @@ import torch
 
 from . import jsontext
 from .config import OrthoConfig
+from .quantize import add_identity_
 
 
 @dataclass
 class FitTarget:
-    """What one layer's base is fitted to, and the curvature its ortho stream is chosen under.
-
-    W: the target W* [out, in] (float32); H: H' [in, in] for GPTQ; H_sieve: H_pub + lam_s H_priv
-    [in, in] for the sieve and refit (the same object as H_pub when lam_s = 0)."""
+    """What one layer's base is fitted to: the target W* [out, in] (float32) and H' [in, in] for GPTQ."""
 
     W: torch.Tensor
     H: torch.Tensor
-    H_sieve: torch.Tensor
 
 
 class ForgetObjective:
     """Per-layer targets of one decoder block. Layers that read the same input (q/k/v, gate/up)
-    share their H_pub object, and with it H', its Cholesky factor and H_sieve."""
+    share their H_pub object, and with it H', its Cholesky factor and H_sieve. The layer that reads an
+    input last says so (`last_reader`): what was kept for that input is let go once it is served."""
 
     def __init__(self, config: OrthoConfig) -> None:
         self.config = config
@@ -57,36 +55,40 @@ class ForgetObjective:
         W_P: torch.Tensor | None,
         H_pub: torch.Tensor,
         H_priv: torch.Tensor | None,
+        last_reader: bool = False,
     ) -> FitTarget:
         """W_ft, W_P [out, in]; H_pub, H_priv [in, in] per-token means on the base's inputs."""
         cfg = self.config
         if not cfg.forgets or (cfg.forget_source != "free" and cfg.forget_lambda == 0):
-            return FitTarget(W_ft, H_pub, self._sieve_curvature(H_pub, H_priv))
+            return FitTarget(W_ft, H_pub)
         if W_P is None:
             raise ValueError("the forget objective needs the public model's weight of every decomposed layer")
         H_fit, L, pull = self._curvatures(H_pub, H_priv)
+        if last_reader:
+            del self._fit[id(H_pub)]  # H' goes on in the FitTarget; L and pull are freed with this call
         # W* = W_ft + (W_P - W_ft) · pull · H'_d⁻¹ ; H'_d symmetric, so solve on the transpose.
         B = ((W_P.float() - W_ft) @ pull).t()
         W_star = W_ft + torch.cholesky_solve(B, L).t()
-        return FitTarget(W_star, H_fit, self._sieve_curvature(H_pub, H_priv))
+        return FitTarget(W_star, H_fit)
 
     def _curvatures(self, H_pub: torch.Tensor, H_priv: torch.Tensor | None):
         key = id(H_pub)
         if key not in self._fit:
             pull = private_pull(H_pub, H_priv, self.config)
             H_fit = H_pub + pull
-            H_d = H_fit + self.config.damp * torch.diag(H_fit).mean() * _eye_like(H_fit)
+            H_d = add_identity_(H_fit.clone(), self.config.damp * torch.diag(H_fit).mean())
             self._fit[key] = (H_fit, _cholesky(H_d), pull)
         return self._fit[key]
 
-    def _sieve_curvature(self, H_pub: torch.Tensor, H_priv: torch.Tensor | None) -> torch.Tensor:
+    def sieve_curvature(self, H_pub: torch.Tensor, H_priv: torch.Tensor | None, last_reader: bool = False) -> torch.Tensor:
+        """H_sieve = H_pub + lam_s H_priv [in, in] for the sieve and refit (H_pub itself when lam_s = 0)."""
         lam_s = self.config.sieve_private_weight
         if lam_s == 0 or H_priv is None:
             return H_pub
         key = id(H_pub)
         if key not in self._sieve:
             self._sieve[key] = H_pub + relative_weight(H_pub, H_priv, lam_s) * H_priv
-        return self._sieve[key]
+        return self._sieve.pop(key) if last_reader else self._sieve[key]
 
 
 def private_pull(H_pub: torch.Tensor, H_priv: torch.Tensor | None, config: OrthoConfig) -> torch.Tensor:
@@ -105,11 +107,12 @@ def relative_weight(H_pub: torch.Tensor, H_priv: torch.Tensor, lam: float) -> fl
 
 
 def _cholesky(H: torch.Tensor) -> torch.Tensor:
-    """Lower Cholesky factor of H, with GPTQ's escalating dampening if H is not quite positive definite."""
+    """Lower Cholesky factor of H, with GPTQ's escalating dampening if H is not quite positive definite.
+    H is H'_d, already a sum with c·I: no -0.0 is left in it, so H + 0·I is H itself and needs no copy."""
     mean_diag = torch.diag(H).mean().clamp_min(1e-12)
     for attempt in range(6):
         extra = 0.0 if attempt == 0 else 0.01 * 10 ** (attempt - 1) * mean_diag
-        L, info = torch.linalg.cholesky_ex(H + extra * _eye_like(H))
+        L, info = torch.linalg.cholesky_ex(H if attempt == 0 else add_identity_(H.clone(), extra))
         if info == 0:
             return L
     raise RuntimeError("H' is not positive definite even after heavy dampening; use more calibration data")

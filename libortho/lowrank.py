@@ -64,6 +64,7 @@ from typing import Hashable
 import torch
 
 from .config import OrthoConfig
+from .quantize import add_identity_
 
 __all__ = [
     "LowRank",
@@ -114,9 +115,11 @@ class LowRank:
 
 
 def dampened(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """H_d = H + damp·mean(diag H)·I [in, in] float64 (GPTQ's convention)."""
-    H = H.double()
-    return H + damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    """H_d = H + damp·mean(diag H)·I [in, in] float64 (GPTQ's convention), a new tensor: the one float64 copy
+    of H, dampened in place (at in = 4096 each [in, in] float64 matrix is 128 MiB)."""
+    H_d = H.double()
+    H_d = H_d.clone() if H_d is H else H_d
+    return add_identity_(H_d, damp * torch.diag(H_d).mean())
 
 
 def weighted_error(E: torch.Tensor, L: LowRank, H: torch.Tensor) -> float:

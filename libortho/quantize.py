@@ -133,20 +133,24 @@ def gptq(
     `hinv_upper(H, damp)`, to share it between layers that read the same input.
     """
     W = W.detach().float().clone()
-    H = H.detach().float().clone()
     out_features, in_features = W.shape
     scales, zeros = group_scales_zeros(W, spec)
 
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    dead = torch.diag(H.detach()).float() == 0
     W[:, dead] = 0
+    perm = None  # columns in their own order: no permuted copies of W and H
+    if act_order:
+        H = H.detach().float().clone()
+        H[dead, dead] = 1
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+        Hinv = _upper_cholesky_of_inverse(H, damp)
+    else:
+        Hinv = Hinv_upper if Hinv_upper is not None else hinv_upper(H, damp)
+    columns = perm if perm is not None else torch.arange(in_features, device=W.device)
+    group_of_col = torch.div(columns, spec.group_size, rounding_mode="floor")
 
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_features, device=H.device)
-    W = W[:, perm]
-    H = H[perm][:, perm]
-    group_of_col = torch.div(perm, spec.group_size, rounding_mode="floor")
-
-    Hinv = Hinv_upper if Hinv_upper is not None and not act_order else _upper_cholesky_of_inverse(H, damp)
     codes = torch.zeros(out_features, in_features, dtype=torch.uint8, device=W.device)
     # Per column the same float32 arithmetic as quantize_columns and dequantize, with each
     # block's scales and zeros gathered once, and the block held transposed ([cols, out]) so that
@@ -171,31 +175,46 @@ def gptq(
         codes[:, b0:b1] = Q1.t().to(torch.uint8)
         W[:, b1:] -= Err1.t().contiguous() @ Hinv[b0:b1, b1:]
 
-    inverse_perm = torch.argsort(perm)
-    return QuantizedWeight(codes[:, inverse_perm].contiguous(), scales, zeros, spec)
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)].contiguous()
+    return QuantizedWeight(codes, scales, zeros, spec)
 
 
 def hinv_upper(H: torch.Tensor, damp: float = OrthoConfig.damp) -> torch.Tensor:
     """The upper Cholesky factor of the dampened H^-1 that `gptq` uses (dead inputs handled)."""
-    H = H.detach().float().clone()
+    H = H.detach().float()
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    if bool(dead.any()):  # only then does H need a copy of its own
+        H = H.clone()
+        H[dead, dead] = 1
     return _upper_cholesky_of_inverse(H, damp)
 
 
+def add_identity_(M: torch.Tensor, c: torch.Tensor | float) -> torch.Tensor:
+    """M += c·I in place (M [n, n]): the same floats as M + c * torch.eye(n), without its two n × n temporaries.
+    Every entry gets c·0 (which turns a -0.0 into +0.0, as the sum with the identity does), the diagonal c."""
+    M.add_(c * 0)
+    M.diagonal().add_(c)
+    return M
+
+
 def _upper_cholesky_of_inverse(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, retrying with more damping."""
-    n = H.shape[0]
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, retrying with more damping.
+    Besides H, at most two [n, n] matrices are held at once."""
     mean_diag = torch.diag(H).mean()
     for attempt in range(6):
-        Hd = H + (damp * 10**attempt) * mean_diag * torch.eye(n, dtype=H.dtype, device=H.device)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if info == 0:
-            Hinv = torch.cholesky_inverse(L)
+        Hinv = _dampened_inverse(H, (damp * 10**attempt) * mean_diag)
+        if Hinv is not None:
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if info == 0:
                 return U
     raise RuntimeError("H is not positive definite even after heavy dampening; use more calibration data")
+
+
+def _dampened_inverse(H: torch.Tensor, c: torch.Tensor) -> torch.Tensor | None:
+    """(H + c·I)^-1 [n, n] through its Cholesky factor, or None where H + c·I is not positive definite."""
+    L, info = torch.linalg.cholesky_ex(add_identity_(H.clone(), c))
+    return torch.cholesky_inverse(L) if info == 0 else None
 
 
 def inverse_hessian_diag(H: torch.Tensor, damp: float = OrthoConfig.damp) -> torch.Tensor:
