@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -274,22 +275,24 @@ def quantize_model(
     parts: dict[LayerKey, LayerParts] = {} if folder is None else SpilledParts(folder, config)
     if done:
         _restore(folder, done, plan, config, parts, stats, public, private, finish)
-    for b in tqdm(range(done, len(blocks)), desc="decompose", unit="block", disable=not progress, initial=done, total=len(blocks)):
-        _fit_block(b, plan, config, needs_h, public, private, parts, stats, finish)
-        block, targets = blocks[b], plan.targets[b]
-        # What block b+1 sees: the base stream's output.
-        public.hidden = calibrate.run_block(block, public)
-        if private is not None:
-            private.hidden = calibrate.run_block(block, private)
-        for module in block.modules():
-            if isinstance(module, OrthoLinear):
-                module.clear_cache()  # a dense copy of every base would double the memory
-        if folder is not None:
-            folder.save_block(b, {name: parts[(b, name)] for name in targets}, _carry(public, private, finish), stats.to_dict())
-            parts.spill(b, targets)
-        if finish is not None:
-            _drop_codes(parts, b, targets)
-        release_freed_memory()  # the block's fits leave freed heap pages that glibc would otherwise keep
+    # Streamed: the embeddings go back to disk until the blocks are done (no block's forward reads them).
+    with plan.block_loader.embeddings_on_disk() if plan.block_loader is not None else nullcontext():
+        for b in tqdm(range(done, len(blocks)), desc="decompose", unit="block", disable=not progress, initial=done, total=len(blocks)):
+            _fit_block(b, plan, config, needs_h, public, private, parts, stats, finish)
+            block, targets = blocks[b], plan.targets[b]
+            # What block b+1 sees: the base stream's output.
+            public.hidden = calibrate.run_block(block, public)
+            if private is not None:
+                private.hidden = calibrate.run_block(block, private)
+            for module in block.modules():
+                if isinstance(module, OrthoLinear):
+                    module.clear_cache()  # a dense copy of every base would double the memory
+            if folder is not None:
+                folder.save_block(b, {name: parts[(b, name)] for name in targets}, _carry(public, private, finish), stats.to_dict())
+                parts.spill(b, targets)
+            if finish is not None:
+                _drop_codes(parts, b, targets)
+            release_freed_memory()  # the block's fits leave freed heap pages that glibc would otherwise keep
     stats.n_layers = len(parts)
     stats.seconds = time.perf_counter() - start
     return parts, stats
@@ -308,10 +311,13 @@ def _fit_block(b: int, plan: DecompositionPlan, config: OrthoConfig, needs_h: bo
     curvatures = BlockCurvatures(H_pub, H_priv, config)
     on_host: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     targets = plan.targets[b]
+    # The forwards' and each fit's freed activations would otherwise stay in the heap under the next fit.
+    release_freed_memory(collect=False)
     for name, module in targets.items():
         parts[(b, name)] = _fit_layer((b, name), module, curvatures, plan, config, stats, finish, on_host)
         # The plan points at the base-only layer: nothing holds this layer's fine-tuned weight any more.
         targets[name] = block.get_submodule(name)
+        release_freed_memory(collect=False)
 
 
 def _fit_layer(key: LayerKey, module: nn.Module, curvatures: BlockCurvatures, plan: DecompositionPlan, config: OrthoConfig,

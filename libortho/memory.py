@@ -27,10 +27,13 @@ def _libc() -> ctypes.CDLL | None:
 _LIBC = _libc()
 
 
-def release_freed_memory() -> bool:
+def release_freed_memory(collect: bool = True) -> bool:
     """Collect unreachable Python objects, then hand the C heap's free pages back to the OS.
+    `collect=False` skips the collection (about 0.3 s with transformers imported; the trim alone takes well
+    under a millisecond), for a point where nothing freed waits on a reference cycle.
     Returns whether any memory was released (False where the C library offers no way)."""
-    gc.collect()
+    if collect:
+        gc.collect()
     if _LIBC is None or not hasattr(_LIBC, "malloc_trim"):
         return False
     return bool(_LIBC.malloc_trim(0))

@@ -8,6 +8,7 @@ INT base, so the host holds one block in float32 at a time, never the whole mode
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -29,9 +30,31 @@ class BlockLoader:
         names = {id(m): name for name, m in model.named_modules()}
         _, self.blocks = decoder_blocks(model)
         self.prefixes = [names[id(block)] for block in self.blocks]
+        self.model = model
+        embeddings = [model.get_input_embeddings(), model.get_output_embeddings()]
+        self.embeddings = {names[id(m)]: m for m in embeddings if m is not None and id(m) in names}
 
     def load(self, b: int) -> None:
         _materialize(self.blocks[b], self.prefixes[b], self.checkpoint, self.dtype, self.device)
+
+    @contextmanager
+    def embeddings_on_disk(self):
+        """Inside: the input and output embeddings' weights are on the meta device again (vocab × hidden each:
+        128 MiB of float32 together at 0.17B, 512 MiB at 1B), and on exit read back from the checkpoint as
+        `open_streamed` read them. For the decoder blocks' stage, whose forwards start from block 0's captured
+        inputs and end at the last block's output, so that neither embedding is read there."""
+        stored = {id(p) for name, m in self.embeddings.items() for pname, p in m.named_parameters(recurse=False)
+                  if f"{name}.{pname}" in self.checkpoint}
+        for m in self.embeddings.values():
+            for pname, param in list(m._parameters.items()):
+                if param is not None and id(param) in stored:  # a tied lm_head shares the input embedding's weight
+                    m._parameters[pname] = nn.Parameter(param.to("meta"), requires_grad=False)
+        try:
+            yield
+        finally:
+            for name, m in self.embeddings.items():
+                _materialize(m, name, self.checkpoint, self.dtype, self.device, recurse=False)
+            self.model.tie_weights()
 
     def hash_into(self, h) -> None:
         """The checkpoint's tensors (the model's identity for a resumable run)."""
