@@ -130,3 +130,17 @@ def test_gptq_codes_equal_the_textbook_loop(shape, bits, group_size, act_order):
     H[7, :] = H[:, 7] = 0  # a dead input
     spec = QuantSpec(bits, group_size, True)
     assert torch.equal(gptq(W, H, spec, act_order=act_order).codes, textbook_gptq(W, H, spec, act_order=act_order))
+
+
+def test_add_identity_in_place_gives_the_floats_of_the_sum_with_the_identity():
+    from libortho.quantize import add_identity_
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        X = torch.randn(300, 64, generator=g, dtype=dtype)
+        H = 2 * X.t() @ X / 300
+        H[3, 5], H[7, 7] = -0.0, -0.0  # a signed zero is where a careless in-place version would differ
+        c = 0.01 * torch.diag(H).mean()
+        expected = H + c * torch.eye(64, dtype=dtype)
+        got = add_identity_(H.clone(), c)
+        assert got.numpy().tobytes() == expected.numpy().tobytes()

@@ -54,6 +54,20 @@ def test_a_streamed_run_resumes_after_a_block(tokenizer, tmp_path, monkeypatch):
         assert torch.equal(a[name], b[name]), name
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_embeddings_go_back_to_disk_and_return_equal_and_tied(arch, tmp_path):
+    model = tiny_model(arch)
+    model.save_pretrained(tmp_path / "ft")
+    streamed, loader = open_streamed(tmp_path / "ft")
+    with loader.embeddings_on_disk():
+        assert streamed.get_input_embeddings().weight.is_meta and streamed.get_output_embeddings().weight.is_meta
+    a, b = model.state_dict(), streamed.state_dict()
+    for name in ("model.embed_tokens.weight", "lm_head.weight") if arch == "llama" else ("transformer.wte.weight", "lm_head.weight"):
+        assert torch.equal(a[name], b[name]), name
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert (streamed.get_output_embeddings().weight is streamed.get_input_embeddings().weight) == tied
+
+
 def test_a_checkpoint_whose_names_differ_from_the_model_is_not_streamed(tmp_path):
     from safetensors.torch import load_file, save_file
 
