@@ -292,7 +292,11 @@ def test_v3_is_on_unless_switched_off(monkeypatch):
 def test_tc_dispatch_and_switch(monkeypatch):
     """With v3 on (the default), config=None: M = 1 keeps
     the v2 decode kernel, 2..64 take tc, 65+ the v1 gemm; switching it off restores the
-    previous path; layers tc refuses are refused when prepared."""
+    previous path; layers tc refuses are refused when prepared. (No tuned table: a shape it
+    holds would follow its race instead.)"""
+    from libortho.kernels import configs
+    monkeypatch.setattr(configs, "TC_TABLE", {})
+    monkeypatch.setattr(configs, "_tc_read", True)
     calls = _spy_tc(monkeypatch)
     monkeypatch.setattr(K, "V3_ENABLED", True)
     layer = _layer(256, 32, seed=34, group_size=64, density=0.03, bias=True)
@@ -311,3 +315,20 @@ def test_tc_dispatch_and_switch(monkeypatch):
     _check(eight, torch.randn(4, 256, generator=_gen(37)).to(DEV, torch.float16), 1.0,
            dict(TC))  # a tc config on a refused layer falls back to the previous path
     assert not calls
+
+
+def test_a_shape_the_tc_race_never_saw_follows_the_nearest_tuned_shape(monkeypatch):
+    """Untuned (n, k): where the previous path won the race on the tuned shape nearest in
+    weight count at that M, v3 gives way to it (None); where tc won, the heuristic tc config."""
+    from libortho.kernels import configs
+    monkeypatch.setattr(configs, "TC_TABLE", {})
+    monkeypatch.setattr(configs, "_tc_read", True)
+    prev = dict(kernel="gemv2", BM=4, BN=32)
+    tc = dict(kernel="tc", BM=16, BN=128)
+    configs.TC_TABLE[(4096, 4096)] = [(4, prev), (16, tc)]
+    configs.TC_TABLE[(8192, 8192)] = [(4, tc), (16, tc)]
+    assert configs.select_tc_config(4, 4096, 4096, 128) == prev  # tuned: its own entry
+    assert configs.select_tc_config(4, 6144, 4096, 128) is None  # nearest is 4096², prev won
+    assert configs.select_tc_config(16, 6144, 4096, 128) == configs.default_tc_config(16)
+    assert configs.select_tc_config(4, 8192, 7168, 128) == configs.default_tc_config(4)  # nearest 8192²
+    assert configs.select_tc_config(64, 6144, 4096, 128) == configs.default_tc_config(64)  # past the table

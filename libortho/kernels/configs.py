@@ -18,6 +18,7 @@ row count ≥ M (else the largest), falling back to the heuristics below. The ta
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -108,12 +109,20 @@ def load_tc_table(path: str = TC_TABLE_PATH) -> bool:
     return True
 
 
-def select_tc_config(m: int, n: int, k: int, group_size: int) -> Config:
+def select_tc_config(m: int, n: int, k: int, group_size: int) -> Optional[Config]:
     """Config for 2 <= m <= 64 under v3: the tc table's entry for the smallest tuned M bucket
-    >= m of (n, k), else ``default_tc_config``."""
+    >= m of (n, k). A shape the race never saw follows the race's verdict on the tuned shape
+    nearest in weight count at that M: None (the previous path's own config) where the
+    previous path won there, else ``default_tc_config``."""
     if not _tc_read:
         load_tc_table()
-    for tm, cfg in TC_TABLE.get((n, k), []):
+    tuned = TC_TABLE.get((n, k))
+    if tuned is None and TC_TABLE:
+        nearest = min(TC_TABLE, key=lambda nk: abs(math.log(nk[0] * nk[1] / (n * k))))
+        winner = next((cfg for tm, cfg in TC_TABLE[nearest] if tm >= m), None)
+        if winner is not None and winner.get("kernel") != "tc":
+            return None
+    for tm, cfg in tuned or []:
         if tm >= m:
             return dict(cfg)
     return default_tc_config(m)
