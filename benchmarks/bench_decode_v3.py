@@ -206,7 +206,9 @@ def summary(out: str) -> None:
             prev = e["trials"][0]["us"] if e.get("trials") else float("nan")
             log(f"tune {e['n']}x{e['k']} m{e['m']}: prev {prev:.1f} -> {e['us_alpha1']:.1f} us "
                 f"{cfg['kernel']} BM{cfg.get('BM')} BN{cfg.get('BN')} w{cfg.get('num_warps')} "
-                f"st{cfg.get('STAGES', '-')} sp{cfg.get('SPLIT')}")
+                f"st{cfg.get('STAGES', '-')} sp{cfg.get('SPLIT')}"
+                + (f"; alpha 0: prev {e['trials_alpha0'][0]['us']:.1f} -> {e['us_alpha0']:.1f} us "
+                   f"{e['config_base_only']['kernel']}" if e.get("config_base_only") else ""))
     b = load("bench.json")
     status = []
     if b:

@@ -325,10 +325,34 @@ def test_a_shape_the_tc_race_never_saw_follows_the_nearest_tuned_shape(monkeypat
     monkeypatch.setattr(configs, "_tc_read", True)
     prev = dict(kernel="gemv2", BM=4, BN=32)
     tc = dict(kernel="tc", BM=16, BN=128)
-    configs.TC_TABLE[(4096, 4096)] = [(4, prev), (16, tc)]
-    configs.TC_TABLE[(8192, 8192)] = [(4, tc), (16, tc)]
+    configs.TC_TABLE[(4096, 4096)] = [(4, prev, None), (16, tc, None)]
+    configs.TC_TABLE[(8192, 8192)] = [(4, tc, None), (16, tc, None)]
     assert configs.select_tc_config(4, 4096, 4096, 128) == prev  # tuned: its own entry
     assert configs.select_tc_config(4, 6144, 4096, 128) is None  # nearest is 4096², prev won
     assert configs.select_tc_config(16, 6144, 4096, 128) == configs.default_tc_config(16)
     assert configs.select_tc_config(4, 8192, 7168, 128) == configs.default_tc_config(4)  # nearest 8192²
     assert configs.select_tc_config(64, 6144, 4096, 128) == configs.default_tc_config(64)  # past the table
+
+
+def test_the_base_only_race_picks_the_config_of_calls_that_read_no_ortho(monkeypatch):
+    """Entries with ``config_base_only`` give it to base-only calls (scalar alpha 0), the alpha-1
+    winner to the others; entries without one give the alpha-1 winner to both; dispatch asks
+    for the base-only winner exactly when the kernel reads no ortho part."""
+    from libortho.kernels import configs
+    prev = dict(kernel="gemm", BM=16, BN=32)
+    tc = dict(kernel="tc", BM=64, BN=64)
+    monkeypatch.setattr(configs, "TC_TABLE", {})
+    configs.set_tc_table([dict(m=64, n=256, k=256, config=tc, config_base_only=prev),
+                          dict(m=64, n=512, k=256, config=tc)])
+    assert configs.select_tc_config(64, 256, 256, 128) == tc
+    assert configs.select_tc_config(64, 256, 256, 128, base_only=True) == prev
+    assert configs.select_tc_config(64, 512, 256, 128, base_only=True) == tc
+    seen = []
+    real = K.select_tc_config
+    monkeypatch.setattr(K, "select_tc_config", lambda *a, **kw: seen.append(kw["base_only"]) or real(*a, **kw))
+    monkeypatch.setattr(K, "V3_ENABLED", True)
+    layer = _layer(256, 32, seed=39, group_size=64, density=0.03)
+    x = torch.randn(16, 256, generator=_gen(39)).to(DEV, torch.float16)
+    for a in (0.0, 1.0, torch.tensor([0.0, 1.0] * 8)):
+        _check(layer, x, a)
+    assert seen == [True, False, False]

@@ -1,5 +1,5 @@
 """Tile-config tuning: the candidate configs per token-row count and the sweep that keeps the
-fastest per (M, N, K) (alpha = 1, 1 % ortho)."""
+fastest per (M, N, K) (alpha = 1, 1 % ortho; the tc race also at alpha = 0)."""
 from __future__ import annotations
 
 import time
@@ -123,11 +123,12 @@ def tc_trials(m: int, n: int, k: int) -> List[dict]:
 def tune_tc(shapes: Sequence[Tuple[int, int]], batches: Sequence[int], log: Callable[[str], None],
             reps: int = 20, budget_s: Optional[float] = None, density: float = 0.01) -> List[dict]:
     """The tc table (configs.TC_TABLE format): per (M, N, K) with 2 <= M <= 64, the fastest of
-    ``tc_trials`` at alpha = 1 with ``density`` ortho (fp16, g = 128). The previous path's
-    config stays the entry where it wins, so the table never makes a shape slower than v3-off
-    (as timed here). ``budget_s``: stop starting new (M, N, K) after this many seconds (the
-    entries not tuned fall back to configs.default_tc_config)."""
-    from libortho.kernels import dispatch, dual_stream_linear
+    ``tc_trials`` at alpha = 1 with ``density`` ortho (fp16, g = 128) as ``config``, and the
+    fastest at alpha = 0 (the base-only kernels, what a public deployment runs) as
+    ``config_base_only``. The previous path's config stays the entry where it wins, so the
+    table never makes a shape slower than v3-off (as timed here). ``budget_s``: stop starting
+    new (M, N, K) after this many seconds (the entries not tuned fall back to
+    configs.default_tc_config)."""
     t_end = None if budget_s is None else time.time() + budget_s
     entries = []
     for n, k in shapes:
@@ -140,26 +141,38 @@ def tune_tc(shapes: Sequence[Tuple[int, int]], batches: Sequence[int], log: Call
                 log(f"  tune_tc: budget spent, N={n} K={k} M={m} not tuned")
                 continue
             xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in layers]
-            best, times = None, []
-            for c in tc_trials(m, n, k):
-                old = dispatch.V3_ENABLED
-                dispatch.V3_ENABLED = c["kernel"] == "tc"
-                try:
-                    r = time_calls([(lambda l=l, x=x, c=c: dual_stream_linear(x, l, 1.0, config=c))
-                                    for l, x in zip(layers, xs)], reps=reps, warmup=3)
-                except Exception as exc:
-                    log(f"  config {c} failed: {exc!r}"[:2000])
-                    continue
-                finally:
-                    dispatch.V3_ENABLED = old
-                times.append(dict(config=c, us=r["us"]))
-                if best is None or r["us"] < best[0]:
-                    best = (r["us"], c)
-            if best:
-                entries.append(dict(m=m, n=n, k=k, config=dict(best[1]), us_alpha1=best[0],
-                                    trials=times))
-                log(f"  tuned tc N={n} K={k} M={m}: {best[0]:.2f} us {best[1]} (previous path "
-                    f"{times[0]['us'] if times and times[0]['config']['kernel'] != 'tc' else float('nan'):.2f} us)")
+            best, times = _race_tc(layers, xs, tc_trials(m, n, k), 1.0, reps, log)
+            if best is None:
+                continue
+            best0, times0 = _race_tc(layers, xs, tc_trials(m, n, k), 0.0, reps, log)
+            entries.append(dict(m=m, n=n, k=k, config=dict(best[1]), us_alpha1=best[0], trials=times,
+                                **(dict(config_base_only=dict(best0[1]), us_alpha0=best0[0], trials_alpha0=times0)
+                                   if best0 else {})))
+            prev = times[0]["us"] if times[0]["config"]["kernel"] != "tc" else float("nan")
+            log(f"  tuned tc N={n} K={k} M={m}: {best[0]:.2f} us {best[1]} (previous path {prev:.2f} us)"
+                + (f"; alpha 0: {best0[0]:.2f} us {best0[1]['kernel']}" if best0 else ""))
         del bases, layers
         torch.cuda.empty_cache()
     return entries
+
+
+def _race_tc(layers, xs, trials: List[dict], alpha: float, reps: int,
+             log: Callable[[str], None]) -> Tuple[Optional[Tuple[float, dict]], List[dict]]:
+    """((µs, config) of the fastest trial at ``alpha`` or None, [{"config", "us"}, ...])."""
+    from libortho.kernels import dispatch, dual_stream_linear
+    best, times = None, []
+    for c in trials:
+        old = dispatch.V3_ENABLED
+        dispatch.V3_ENABLED = c["kernel"] == "tc"
+        try:
+            r = time_calls([(lambda l=l, x=x, c=c: dual_stream_linear(x, l, alpha, config=c))
+                            for l, x in zip(layers, xs)], reps=reps, warmup=3)
+        except Exception as exc:
+            log(f"  config {c} failed at alpha {alpha:g}: {exc!r}"[:2000])
+            continue
+        finally:
+            dispatch.V3_ENABLED = old
+        times.append(dict(config=c, us=r["us"]))
+        if best is None or r["us"] < best[0]:
+            best = (r["us"], c)
+    return best, times

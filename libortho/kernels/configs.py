@@ -66,12 +66,14 @@ def default_config(m: int, n: int, k: int, group_size: int, v2: bool = True) -> 
 
 # ---- kernel v3 (tc.py): a separate small table per (M bucket, N, K) -------------------------
 # Entries hold the fastest config of a tuning race for 2 <= M <= 64: a "tc" config, or the
-# previous path's config when that won (libortho.kernel_bench.tune_tc). Read only while v3 is
+# previous path's config when that won (libortho.kernel_bench.tune_tc); at alpha 1, and, where
+# the race timed it, at alpha 0 (``config_base_only``: the base-only kernels win more often). Read only while v3 is
 # on (the default; LIBORTHO_KERNEL_V3=0 or dispatch.set_v3(False) turns it off); kept apart from the
 # table above so that with v3 off the old path is exactly as it was. The shipped file records
 # the run it came from (``source``).
 TC_TABLE_PATH = os.path.join(os.path.dirname(__file__), "tc_configs.json")
-TC_TABLE: Dict[Tuple[int, int], List[Tuple[int, Config]]] = {}
+# (n, k) -> [(m bucket, config at alpha 1, config of the base-only race or None), ...]
+TC_TABLE: Dict[Tuple[int, int], List[Tuple[int, Config, Optional[Config]]]] = {}
 _tc_read = False
 TC_MIN_M, TC_MAX_M = 2, 64
 
@@ -92,7 +94,9 @@ def set_tc_table(entries: List[dict]) -> None:
     _tc_read = True
     TC_TABLE.clear()
     for e in entries:
-        TC_TABLE.setdefault((int(e["n"]), int(e["k"])), []).append((int(e["m"]), dict(e["config"])))
+        base_only = e.get("config_base_only")
+        TC_TABLE.setdefault((int(e["n"]), int(e["k"])), []).append(
+            (int(e["m"]), dict(e["config"]), dict(base_only) if base_only else None))
     for rows in TC_TABLE.values():
         rows.sort(key=lambda r: r[0])
 
@@ -109,23 +113,31 @@ def load_tc_table(path: str = TC_TABLE_PATH) -> bool:
     return True
 
 
-def select_tc_config(m: int, n: int, k: int, group_size: int) -> Optional[Config]:
+def select_tc_config(m: int, n: int, k: int, group_size: int, base_only: bool = False) -> Optional[Config]:
     """Config for 2 <= m <= 64 under v3: the tc table's entry for the smallest tuned M bucket
-    >= m of (n, k). A shape the race never saw follows the race's verdict on the tuned shape
-    nearest in weight count at that M: None (the previous path's own config) where the
-    previous path won there, else ``default_tc_config``."""
+    >= m of (n, k); with ``base_only`` (the call reads no ortho part: scalar alpha 0, or a
+    layer without one) the entry's base-only winner where the race timed one. A shape the race
+    never saw follows the race's verdict on the tuned shape nearest in weight count at that
+    M: None (the previous path's own config) where the previous path won there, else
+    ``default_tc_config``."""
     if not _tc_read:
         load_tc_table()
     tuned = TC_TABLE.get((n, k))
     if tuned is None and TC_TABLE:
         nearest = min(TC_TABLE, key=lambda nk: abs(math.log(nk[0] * nk[1] / (n * k))))
-        winner = next((cfg for tm, cfg in TC_TABLE[nearest] if tm >= m), None)
+        winner = next((_winner(e, base_only) for e in TC_TABLE[nearest] if e[0] >= m), None)
         if winner is not None and winner.get("kernel") != "tc":
             return None
-    for tm, cfg in tuned or []:
-        if tm >= m:
-            return dict(cfg)
+    for entry in tuned or []:
+        if entry[0] >= m:
+            return dict(_winner(entry, base_only))
     return default_tc_config(m)
+
+
+def _winner(entry: Tuple[int, Config, Optional[Config]], base_only: bool) -> Config:
+    """An entry's config for the call: the base-only race's winner when asked for and timed."""
+    _, cfg, cfg_base_only = entry
+    return cfg_base_only if base_only and cfg_base_only is not None else cfg
 
 
 def set_table(entries: List[dict], info: Optional[Dict[str, object]] = None) -> None:

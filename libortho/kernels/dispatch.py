@@ -161,7 +161,8 @@ def dual_stream_linear(x: torch.Tensor, layer: Any, alpha: Alpha = 0.0, *,
     use_ortho = use_ortho and lay.nnz > 0
     rank = _rank(layer) if lowrank and (avec is not None or ascalar != 0.0) else 0
     if config is None and V3_ENABLED and TC_MIN_M <= m <= TC_MAX_M:
-        config = select_tc_config(m, n, k, int(layer.group_size))
+        base_only = not use_ortho and rank == 0
+        config = select_tc_config(m, n, k, int(layer.group_size), base_only=base_only)
     bias = getattr(layer, "bias", None)
     if config is not None and config.get("kernel") == "tc":
         if _tc_ok(lay, x2):
