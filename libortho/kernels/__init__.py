@@ -15,7 +15,9 @@ Scalar alpha == 0 takes the base-only kernel (the ortho buffers are not read).
 Where things live: dispatch.py (kernel choice and launch), launch.py (split-K and ortho
 chunk sizing), configs.py (tile configs), layout.py (kernel-side layout of a layer),
 triton_kernels.py (the kernels: gemv2.py, v1.py and their shared helpers),
-reference.py (PyTorch reference and fallback), synthetic.py (random layers).
+reference.py (PyTorch reference and fallback), synthetic.py (random layers). Apart from the
+linear layers: small_ops.py, the fused elementwise ops of the serving engine's decoder forward
+(residual add + RMSNorm, RoPE + KV-cache writes), imported by libortho.serve.llama_step on CUDA.
 """
 from __future__ import annotations
 
