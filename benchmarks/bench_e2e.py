@@ -255,7 +255,8 @@ def time_decode(model: DecodeModel, steps: int, start: int = 32) -> Dict[str, fl
                 eager_step_ms=statistics.median(a.elapsed_time(b) for a, b in eager))
 
 
-def time_artifact(path: str, batches: List[int], steps: int, prompt_len: int = 16) -> List[Dict[str, object]]:
+def time_artifact(path: str, batches: List[int], steps: int, prompt_len: int = 16,
+                  fused_small_ops: bool = False) -> List[Dict[str, object]]:
     """Decode step time of the serving engine's CUDA graph for the artifact at `path`, per batch
     and alpha mix; a row per (batch, alphas). Each row's prompt (`prompt_len` random tokens) is
     prefilled through the engine's runner, then the captured step is replayed `steps` times with
@@ -271,7 +272,8 @@ def time_artifact(path: str, batches: List[int], steps: int, prompt_len: int = 1
     model, _ = libortho.load(path, alpha=0.0, device="cuda", with_ortho=True)
     out = []
     for b in batches:
-        runner = SlotRunner(model, ServeConfig(device="cuda", max_batch=b), 4 * prompt_len)
+        runner = SlotRunner(model, ServeConfig(device="cuda", max_batch=b, fused_small_ops=fused_small_ops),
+                            4 * prompt_len)
         if runner.graphs is None:
             raise SystemExit("the decode step of this artifact cannot be captured in a CUDA graph (see the log)")
         for mix, alphas in (("0", [0.0] * b), ("1", [1.0] * b), ("mixed", [float(i % 2) for i in range(b)])):
@@ -322,6 +324,8 @@ def main() -> int:
     ap.add_argument("--ortho", choices=("sparse", "privacy"), default="sparse",
                     help="the libortho layers' ortho stream: sparse at --density, or the privacy preset's "
                     "(its byte budget split between S and per-layer ranks, at its group size)")
+    ap.add_argument("--fused-small-ops", action="store_true",
+                    help="with --artifact: the engine's fused norms, RoPE and cache writes (ServeConfig.fused_small_ops)")
     ap.add_argument("--int4-lm-head", action="store_true",
                     help="the libortho variants' lm_head as an INT4 base (g128, no ortho stream: outside the "
                     "privacy split); FP16 keeps its FP16 lm_head")
@@ -334,7 +338,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.artifact:
         print(f"device {torch.cuda.get_device_name(0)}; artifact {args.artifact}", flush=True)
-        rows = time_artifact(args.artifact, [int(x) for x in args.batches.split(",")], args.steps)
+        rows = time_artifact(args.artifact, [int(x) for x in args.batches.split(",")], args.steps,
+                             fused_small_ops=args.fused_small_ops)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(dict(device=torch.cuda.get_device_name(0), args=vars(args), rows=rows), f, indent=1)

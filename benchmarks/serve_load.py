@@ -172,6 +172,7 @@ def run_in_process(args) -> tuple[dict, dict, dict, dict]:
     device = args.device or ServeConfig().device
     model, tok = libortho.load(args.artifact, alpha=0.0, device=device, with_ortho=max(args.alphas) > 0)
     options = {"device": device, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
+               "fused_small_ops": args.fused_small_ops,
                "max_queue": max(args.requests, ServeConfig().max_queue)}
     engine = Engine(model, tok, ServeConfig.from_options(options))
     engine.start()
@@ -261,6 +262,7 @@ def start_server(artifact: str, args) -> tuple[subprocess.Popen, str, str, str]:
     options = {"--device": args.device, "--max-batch": args.max_batch, "--max-wait-ms": args.max_wait_ms,
                "--max-queue": queue, "--threads": args.threads}  # None: the server's default
     flags = [str(x) for flag, value in options.items() if value is not None for x in (flag, value)]
+    flags += ["--fused-small-ops"] if args.fused_small_ops else []
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "libortho.cli", "serve", artifact, "--port", str(port),
                              "--keys", str(tmp / "KEYS.json"), "--model-name", "bench", "--log-level", "warning",
@@ -320,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=64, help="serve --max-batch (64 here: the concurrency)")
     p.add_argument("--max-wait-ms", type=float, default=None, help="serve --max-wait-ms (default: serve's)")
     p.add_argument("--threads", type=int, default=None, help="the server's torch CPU threads (serve --threads)")
+    p.add_argument("--fused-small-ops", action="store_const", const=True, default=None,
+                   help="serve --fused-small-ops (CUDA: fused norms, RoPE and cache writes)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results here")
     args = p.parse_args(argv)
     if not args.url and not args.artifact:

@@ -23,8 +23,15 @@ case "$1" in
       --device cuda 2>&1 | tail -1
     timeout 150 python3 tests/gpu/serve_engine_check.py --device cuda --artifact "$SMOL" --json "$OUT/check_smol.json" 2>&1 | tail -20
     timeout 90 python3 benchmarks/bench_e2e.py --artifact "$SMOL" --batches 1,64 --steps 200 --json "$OUT/e2e.json" 2>&1 | tail -8
+    # the fused small ops: bitwise against the PyTorch forward first, then their speed, then the load test with them
+    FUSED=""
+    timeout 120 python3 -m pytest -o addopts="" -q tests/gpu/test_small_ops_gpu.py > "$OUT/small_ops_gpu.log" 2>&1 \
+      && FUSED=--fused-small-ops
+    tail -3 "$OUT/small_ops_gpu.log"
+    [ -n "$FUSED" ] && timeout 90 python3 benchmarks/bench_e2e.py --artifact "$SMOL" --batches 1,64 --steps 200 $FUSED \
+      --json "$OUT/e2e_fused.json" 2>&1 | tail -8
     timeout 150 python3 benchmarks/serve_load.py "$SMOL" --in-process --device cuda --requests 256 --concurrency 64 \
-      --max-tokens 64 --serial 8 --json "$OUT/load.json" 2>&1 | tail -8
+      --max-tokens 64 --serial 8 $FUSED --json "$OUT/load.json" 2>&1 | tail -8
     ;;
   e2e8b)
     timeout 170 python3 benchmarks/bench_e2e.py --batches 1,4,16,64 --json "$OUT/e2e8b_v3.json" 2>&1 | tail -14

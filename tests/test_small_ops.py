@@ -142,13 +142,24 @@ def test_llama_step_with_fused_ops_is_bitwise_the_pytorch_forward(arch, dtype):
     assert_bitwise(got_cache, want_cache)
 
 
-def test_fused_ops_are_the_default_only_on_cuda_and_forcing_them_names_why_not():
+def test_fused_ops_run_only_when_asked_for_and_asking_names_why_not():
     model = tiny_model("llama")  # float32
     assert "float32" in fused_reason(model)
     assert not LlamaStep(model, 32).fused
     with pytest.raises(ValueError, match="fused small ops"):
         LlamaStep(model, 32, fused=True)
     half = tiny_model("llama").to(DEV, torch.float16)
-    assert LlamaStep(half, 32).fused == (DEV == "cuda")
+    assert not LlamaStep(half, 32).fused and LlamaStep(half, 32, fused=True).fused
     half.model.norm.register_forward_hook(lambda *args: None)  # behaviour a kernel would skip
-    assert "RMSNorm" in fused_reason(half) and not LlamaStep(half, 32).fused
+    assert "RMSNorm" in fused_reason(half)
+    with pytest.raises(ValueError, match="RMSNorm"):
+        LlamaStep(half, 32, fused=True)
+
+
+def test_the_engine_runs_the_fused_ops_only_on_cuda_and_when_configured():
+    from libortho.serve.config import ServeConfig
+    from libortho.serve.slot_runner import SlotRunner
+    half = tiny_model("llama").to(DEV, torch.float16)
+    assert not SlotRunner(half, ServeConfig(max_batch=2), 32).step.fused
+    on = SlotRunner(half, ServeConfig(max_batch=2, fused_small_ops=True), 32).step.fused
+    assert on == (DEV == "cuda")

@@ -49,6 +49,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="the model id clients send (default: the artifact folder name)")
     p.add_argument("--log-level", choices=LOG_LEVELS,
                    help=f"least severe log messages shown (default {default.log_level})")
+    p.add_argument("--fused-small-ops", action="store_const", const=True, default=None,
+                   help="on CUDA (fp16/bf16), run a block's norms, RoPE and cache writes as fused Triton kernels "
+                   "(fewer launches per step; bitwise the PyTorch forward under Triton's interpreter, not yet checked "
+                   "on a GPU: off by default)")
     g = p.add_argument_group("gateway mode", "keys, alpha gate, limits and metrics here; the model runs upstream")
     g.add_argument("--upstream", metavar="URL",
                    help="forward admitted requests to this OpenAI-compatible engine (base URL, e.g. "

@@ -23,7 +23,7 @@ FLAGS = {"host": "--host", "port": "--port", "keys_path": "--keys", "device": "-
          "max_context": "--max-context", "max_wait_ms": "--max-wait-ms", "max_queue": "--max-queue",
          "threads": "--threads", "model_name": "--model-name", "log_level": "--log-level", "upstream": "--upstream",
          "upstream_model": "--upstream-model", "upstream_adapter": "--upstream-adapter",
-         "upstream_timeout_s": "--upstream-timeout-s"}
+         "upstream_timeout_s": "--upstream-timeout-s", "fused_small_ops": "--fused-small-ops"}
 
 
 class ServeConfigError(ValueError):
@@ -63,6 +63,9 @@ class ServeConfig:
     cuda_graphs: bool = True  # on CUDA, replay decode steps and prefill chunks from CUDA graphs (False: eager)
     graph_warmup: bool = True  # with graphs: capture the common step shapes when the engine starts, not mid-request
     slot_cache: bool = True  # False: the padded batch (kvbatch.py) even for models the slot cache can run
+    # on CUDA fp16/bf16, the slot cache's forward runs the fused Triton small ops (norms, RoPE and cache writes);
+    # off until tests/gpu/test_small_ops_gpu.py has passed on a GPU (they are checked under the interpreter only)
+    fused_small_ops: bool = False
     # gateway mode: no model runs here; admitted requests are forwarded to an OpenAI-compatible engine
     upstream: str | None = None  # the engine's base URL as a client's base_url (http://host:port/v1); None: no gateway
     upstream_model: str | None = None  # the engine's name of the base model (alpha 0); None: model_name
@@ -102,7 +105,7 @@ class ServeConfig:
                      "max_stop_chars"):
             _check_int(name, getattr(self, name), 1)
         _check_int("prefill_chunk", self.prefill_chunk, 1)
-        for name in ("cuda_graphs", "graph_warmup", "slot_cache"):
+        for name in ("cuda_graphs", "graph_warmup", "slot_cache", "fused_small_ops"):
             if not isinstance(getattr(self, name), bool):
                 raise ServeConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self._check_upstream()

@@ -37,7 +37,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 from torch import nn
 
 from ..hf_model import pad_token_id

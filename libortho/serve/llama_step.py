@@ -14,10 +14,10 @@ row's slot), H hidden size, nh / kv query / key-value heads of size d, V vocabul
 Alpha is not an argument: the OrthoLinear layers read it from the model's switch, so a caller
 runs `forward` inside `libortho.alpha(model, per_row)` with one alpha per row.
 
-On CUDA with fp16/bf16 weights the small elementwise work of a block (residual adds with the
-RMSNorms, RoPE with the scale of q and the cache writes) runs as the fused Triton kernels of
-libortho.kernels.small_ops, bitwise equal to the PyTorch expressions they replace; elsewhere, or
-with `fused=False`, the block runs transformers' modules.
+With `fused=True` (CUDA, fp16/bf16 weights; `ServeConfig.fused_small_ops`) the small elementwise
+work of a block (residual adds with the RMSNorms, RoPE with the scale of q and the cache writes)
+runs as the fused Triton kernels of libortho.kernels.small_ops, bitwise equal to the PyTorch
+expressions they replace under Triton's interpreter; otherwise the block runs transformers' modules.
 """
 from __future__ import annotations
 
@@ -93,10 +93,10 @@ class LlamaStep:
     """The forward of one model against one SlotCache. Holds references to the model's modules;
     owns no weights.
 
-    fused: run the fused small ops (True: required, ValueError if `fused_reason` names a reason;
-    on the CPU only under TRITON_INTERPRET=1); None: on CUDA whenever `fused_reason` is None."""
+    fused: run the fused small ops (ValueError if `fused_reason` names a reason; on the CPU only
+    under TRITON_INTERPRET=1). Off by default (`ServeConfig.fused_small_ops`)."""
 
-    def __init__(self, model: nn.Module, max_len: int, fused: bool | None = None) -> None:
+    def __init__(self, model: nn.Module, max_len: int, fused: bool = False) -> None:
         reason = unsupported_reason(model, max_len)
         if reason is not None:
             raise ValueError(f"cannot run this model on the slot cache: {reason}")
@@ -113,13 +113,13 @@ class LlamaStep:
         self.device = inner.embed_tokens.weight.device
         self.fused = self._use_fused(fused)
 
-    def _use_fused(self, fused: bool | None) -> bool:
-        if fused is False:
+    def _use_fused(self, fused: bool) -> bool:
+        if not fused:
             return False
         reason = fused_reason(self.model)
-        if fused and reason is not None:
+        if reason is not None:
             raise ValueError(f"cannot run the fused small ops: {reason}")
-        return reason is None and (fused or self.device.type == "cuda")
+        return True
 
     def new_cache(self, slots: int) -> SlotCache:
         return SlotCache(len(self.blocks), slots, self.kv_heads, self.head_dim, self.max_len, self.dtype, self.device)

@@ -32,6 +32,7 @@ from typing import Iterator, Protocol
 import torch
 from torch import nn
 
+from ..hf_model import module_device
 from ..switch import alpha_state
 from .config import ServeConfig, ServeConfigError
 from .decode_graphs import StepGraphs, bucket, graph_problem, row_buckets, unpack, width_bucket
@@ -81,7 +82,8 @@ class SlotRunner:
     def __init__(self, model: nn.Module, config: ServeConfig, max_len: int, stats: EngineStats | None = None) -> None:
         self.model, self.config = model, config
         self.stats = stats if stats is not None else EngineStats()
-        self.step = LlamaStep(model, max_len)
+        on_cuda = module_device(model).type == "cuda"
+        self.step = LlamaStep(model, max_len, fused=config.fused_small_ops and on_cuda)
         slots = config.resolved_max_batch
         self.device = self.step.device
         if self.device.type == "cuda":
