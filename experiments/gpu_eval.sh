@@ -5,7 +5,7 @@
 # $RES/*.json are kept (a rerun resumes); all of them end up in $OUT/$PRESET.json.
 # SEEDS="0 2" ONLY="NPO": those seeds only, one process each running only the named variants
 # (comma-separated); SPLIT="a|b;c|d": one process per group and seed, each running the variants
-# named in its group ("|"-separated); ARGS: more forget_eval.py options (--alphas 1 --no-quantized-reference);
+# named in its group ("|"-separated), and SPLIT_<seed> the same for that seed alone; ARGS: more forget_eval.py options (--alphas 1 --no-quantized-reference);
 # THREADS: CPU threads per process (the GPTQ fits run on the CPU). PRESET=heldout: the held-out shape
 # (standard-library docstrings, support-ticket records, 6-digit secrets at k 4 and 16); TEMPLATES=prose|code
 # and CORPUS=stdlib: another record template family / public text for any preset (runs are then named
@@ -33,8 +33,8 @@ run() {  # seed part variants...
     | grep -v -e "Loading weights" -e "Writing model" -e "clean_up_tokenization" | sed "s/^/[$part$s] /"
 }
 if [ -n "${SPLIT:-}" ]; then
-  IFS=';' read -ra GS <<< "$SPLIT"
   for s in $SEEDS; do
+    per_seed="SPLIT_$s"; IFS=';' read -ra GS <<< "${!per_seed:-$SPLIT}"
     i=0
     for g in "${GS[@]}"; do IFS='|' read -ra NAMES <<< "$g"; run $s "G$i" "${NAMES[@]}" & i=$((i + 1)); done
   done
