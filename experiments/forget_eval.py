@@ -11,6 +11,7 @@ GPTQ of the fine-tune, and the forget objective with each source:
   control      the same objective and lam with X_priv = held-out public text of as many tokens
                (separates forgetting the records from merely pulling the model toward P);
   free         no texts, mu = 1;
+  records / lookalikes, lam L: the same at another lam (the curve over lam; the control at lam 30);
   records, sieve lam_s 30 / records, 5 % and 10 % ortho: the restoring half (alpha 1) with the sieve and
                refit under H_pub + 30·H_priv, or with a larger ortho budget;
   NPO          standard unlearning for comparison: NPO (beta 0.1) + retain loss on the fine-tune,
@@ -74,6 +75,10 @@ VARIANTS = {  # name -> (config overrides, forget texts)
     # the forget objective's alpha 1 must meet.
     "plain GPTQ, S 25 %": (dict(forget_source="none", lowrank_share=0.0), None),
     "plain GPTQ, S+L 25 %": (dict(forget_source="none", lowrank_share=0.5), None),
+    # The curve over lam (the preset's 3 above), with the public-text control at the strongest pull.
+    **{f"{kind}, lam {lam:g}": (dict(forget_source=kind, forget_lambda=float(lam)), texts)
+       for kind, texts in (("records", "members"), ("lookalikes", "lookalikes")) for lam in (1, 10, 30, 100)},
+    "control, lam 30": (dict(forget_source="records", forget_lambda=30.0), "public"),
 }
 AUDIT = dict(exposure_candidates=128, frontier_cap=64, perplexity_max_windows=16, progress=False,
              exposure_formats=("digits",), white_box=False, goals=False)
