@@ -22,6 +22,11 @@ GROUP_SIZES = (32, 64, 128)
 #   free       no texts: lam·H_priv is replaced by mu·mean(diag H_pub)·I, pulling the base toward P
 #              wherever public text does not look.
 FORGET_SOURCES = ("none", "records", "lookalikes", "free")
+# What the forget texts' term asks of each layer (forget.py):
+#   base_inputs        act like P's weight on the base's own inputs: lam·||(W_P - q) X_b||²;
+#   public_activations act like P on P's own inputs of the same tokens: lam·||W_P X_P - q X_b||², X_P carried
+#                      through P's own decoder blocks (P must be loaded as a model).
+FORGET_TARGETS = ("base_inputs", "public_activations")
 LOWRANK_FITS = ("svd", "edit", "random")
 LOWRANK_ALLOCS = ("global", "layer")
 
@@ -52,6 +57,7 @@ class OrthoConfig:
     forget_source: str = "none"
     forget_lambda: float = 3.0  # lam relative to the Hessians' traces: lam_abs = lam · tr(H_pub) / tr(H_priv)
     forget_mu: float = 1.0  # forget_source="free": lam·H_priv -> mu · mean(diag H_pub) · I
+    forget_target: str = "base_inputs"  # FORGET_TARGETS: W_P on the base's inputs, or P's own activations
     # The sieve and its refit run under H_pub + lam_s·H_priv (lam_s relative like forget_lambda), so
     # that alpha = 1 restores what the base dropped on the private inputs; 0 = public curvature only.
     sieve_private_weight: float = 0.0
@@ -72,6 +78,12 @@ class OrthoConfig:
         _choose("method", self.method, METHODS)
         _choose("ortho_dtype", self.ortho_dtype, ORTHO_DTYPES)
         _choose("forget_source", self.forget_source, FORGET_SOURCES)
+        _choose("forget_target", self.forget_target, FORGET_TARGETS)
+        if self.forget_target != "base_inputs" and not self.needs_forget_texts:
+            raise ValueError(
+                f"forget_target={self.forget_target!r} runs P on the forget texts: set forget_source to 'records' "
+                f"or 'lookalikes' (not {self.forget_source!r})"
+            )
         if self.forget_lambda < 0 or self.forget_mu < 0 or self.sieve_private_weight < 0:
             raise ValueError(
                 f"forget_lambda={self.forget_lambda}, forget_mu={self.forget_mu} and "
@@ -123,6 +135,20 @@ class OrthoConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def fingerprint_dict(self) -> dict:
+        """to_dict() less the fields added later that still hold their default (ADDED_DEFAULTS): a config that
+        does not use them hashes as before they existed, so an unfinished run started then still resumes."""
+        fields = self.to_dict()
+        for name, default in ADDED_DEFAULTS.items():
+            if fields.get(name) == default:
+                del fields[name]
+        return fields
+
+
+# Fields added after work folders were fingerprinted, with their defaults (see fingerprint_dict). An artifact's
+# manifest written before a field existed loads with its default (OrthoConfig(**manifest["config"])).
+ADDED_DEFAULTS = {"forget_target": "base_inputs"}
 
 
 def _choose(field: str, value: str, choices: tuple[str, ...]) -> None:

@@ -18,11 +18,14 @@ from .quantize import hinv_upper
 
 
 class BlockCurvatures:
-    """H_pub and H_priv [in, in] of one block's targets, by layer name (layers reading one input share the
-    tensor), and what the fits derive from them. Call `target`, `factor` and `done` in that order per layer."""
+    """H_pub and H_priv [in, in] of one block's targets (and C, forget_target="public_activations"), by layer
+    name (layers reading one input share the tensor), and what the fits derive from them. Call `target`,
+    `factor` and `done` in that order per layer."""
 
-    def __init__(self, H_pub: dict[str, torch.Tensor], H_priv: dict[str, torch.Tensor], config: OrthoConfig) -> None:
+    def __init__(self, H_pub: dict[str, torch.Tensor], H_priv: dict[str, torch.Tensor], config: OrthoConfig,
+                 cross: dict[str, torch.Tensor] | None = None) -> None:
         self.pub, self.priv, self.config = H_pub, H_priv, config
+        self.cross = cross or {}  # forget_target="public_activations": C [in, in] per layer (public_target.py)
         self.objective = ForgetObjective(config)
         self._factors: dict[int, torch.Tensor] = {}  # id(H') -> upper factor of H'⁻¹, while a reader is left
         self._readers = Counter(id(H) for H in H_pub.values())  # layers left to fit, per input
@@ -36,7 +39,8 @@ class BlockCurvatures:
 
     def target(self, name: str, W: torch.Tensor, W_P: torch.Tensor | None) -> FitTarget:
         """W* and H' of layer `name` (forget.ForgetObjective.fit) for its weight W [out, in]."""
-        return self.objective.fit(W, W_P, self.pub[name], self.priv.get(name), last_reader=self.last_reader(name))
+        return self.objective.fit(W, W_P, self.pub[name], self.priv.get(name), last_reader=self.last_reader(name),
+                                  C=self.cross.get(name))
 
     def factor(self, name: str, H_fit: torch.Tensor) -> torch.Tensor | None:
         """The upper Cholesky factor of H'⁻¹ that GPTQ uses, computed once per input; None where GPTQ
@@ -58,4 +62,5 @@ class BlockCurvatures:
         self._readers[id(self.pub[name])] -= 1
         del self.pub[name]
         self.priv.pop(name, None)
+        self.cross.pop(name, None)
         return H_sieve

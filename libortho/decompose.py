@@ -11,7 +11,8 @@ and the ortho fits alike); what a stage keeps across blocks is kept in host memo
   plan      reads the tokenizer, the calibration text, the forget texts and the public model P.
             Keeps the token batches, the model's decoder blocks and their target linears, and a
             handle on P's decoder blocks (forget objective only): each W_P is read, as a float32
-            copy, only while its layer is fitted.
+            copy, only while its layer is fitted. forget_target="public_activations": P itself, whose own
+            blocks carry P's hidden states of the forget texts beside the base's (public_target.py).
   quantize  block by block. Captures block 0's inputs once (public, and private for the forget
             texts) and carries them from block to block. Per block: accumulates H_pub (and
             H_priv), fits each layer's base (forget.py's W* under H', GPTQ) and replaces the
@@ -54,6 +55,7 @@ from tqdm.auto import tqdm
 from . import __version__, calibrate
 from .config import OrthoConfig
 from .curvatures import BlockCurvatures
+from .public_target import PublicActivations
 from .hf_model import decoder_blocks, linear_weight, module_device, replace_submodule, target_linears
 from .layer import OrthoLinear, ortho_layers
 from .memory import release_freed_memory
@@ -105,6 +107,7 @@ class DecompositionPlan:
     targets: list[dict[str, nn.Module]]  # per decoder block: the linears to decompose, by name
     public_weights: PublicWeights | dict[LayerKey, torch.Tensor]  # W_P [out, in] per target, read on demand (forget objective only)
     block_loader: BlockLoader | None = None  # a streamed model: reads block b's weights when quantize reaches it
+    public_model: nn.Module | None = None  # P, whose own blocks run on the forget texts (forget_target="public_activations")
 
 
 def plan_decomposition(
@@ -126,6 +129,10 @@ def plan_decomposition(
         raise ValueError(f"forget_source={config.forget_source!r} needs forget_texts: the texts the base must not keep")
     if forget_texts and not config.needs_forget_texts:
         raise ValueError("forget_texts were given, but forget_source is not 'records' or 'lookalikes'")
+    p_acts = config.forget_target == "public_activations"
+    if p_acts and isinstance(public_model, ShardedCheckpoint):
+        raise ValueError("forget_target='public_activations' runs P's own decoder blocks on the forget texts: it needs "
+                         f"P loaded as a model (an nn.Module), not the checkpoint folder {public_model.folder} read tensor by tensor")
     windows = calibrate.calibration_windows(tokenizer, calibration_text, config.calib_tokens, config.seq_len)
     _, blocks = decoder_blocks(model)
     targets = [target_linears(block, config.include) for block in blocks]
@@ -136,7 +143,7 @@ def plan_decomposition(
         raise ValueError("every forget text is shorter than 2 tokens; nothing to fit the base against")
     public_weights = _public_weights(public_model, model, targets) if config.forgets else {}
     return DecompositionPlan(calibrate.window_batches(windows, config.batch_size), private, blocks, targets, public_weights,
-                             block_loader)
+                             block_loader, public_model if p_acts else None)
 
 
 class PublicWeights:
@@ -268,17 +275,18 @@ def quantize_model(
     public = calibrate.capture_block_inputs(model, plan.public_batches, blocks[0])
     private = calibrate.capture_block_inputs(model, plan.private_batches, blocks[0]) if plan.private_batches else None
     stats.n_private_tokens = sum(int(mask.sum()) for _, mask in plan.private_batches)
+    p_acts = PublicActivations(plan.public_model, plan.private_batches) if plan.public_model is not None else None
 
     folder, done = work if work is not None else (None, 0)
     # With a work folder, a staged layer's R and H (float32, as large as its weights) are read back from there
     # when the sieve needs them, instead of every layer's being held until the end.
     parts: dict[LayerKey, LayerParts] = {} if folder is None else SpilledParts(folder, config)
     if done:
-        _restore(folder, done, plan, config, parts, stats, public, private, finish)
+        _restore(folder, done, plan, config, parts, stats, public, private, finish, p_acts)
     # Streamed: the embeddings go back to disk until the blocks are done (no block's forward reads them).
     with plan.block_loader.embeddings_on_disk() if plan.block_loader is not None else nullcontext():
         for b in tqdm(range(done, len(blocks)), desc="decompose", unit="block", disable=not progress, initial=done, total=len(blocks)):
-            _fit_block(b, plan, config, needs_h, public, private, parts, stats, finish)
+            _fit_block(b, plan, config, needs_h, public, private, parts, stats, finish, p_acts)
             block, targets = blocks[b], plan.targets[b]
             # What block b+1 sees: the base stream's output.
             public.hidden = calibrate.run_block(block, public)
@@ -288,7 +296,7 @@ def quantize_model(
                 if isinstance(module, OrthoLinear):
                     module.clear_cache()  # a dense copy of every base would double the memory
             if folder is not None:
-                folder.save_block(b, {name: parts[(b, name)] for name in targets}, _carry(public, private, finish), stats.to_dict())
+                folder.save_block(b, {name: parts[(b, name)] for name in targets}, _carry(public, private, finish, p_acts), stats.to_dict())
                 parts.spill(b, targets)
             if finish is not None:
                 _drop_codes(parts, b, targets)
@@ -299,16 +307,19 @@ def quantize_model(
 
 
 def _fit_block(b: int, plan: DecompositionPlan, config: OrthoConfig, needs_h: bool, public: calibrate.BlockInputs,
-               private: calibrate.BlockInputs | None, parts: dict, stats: DecompositionStats, finish: FinishLayer | None) -> None:
+               private: calibrate.BlockInputs | None, parts: dict, stats: DecompositionStats, finish: FinishLayer | None,
+               p_acts: PublicActivations | None = None) -> None:
     """Fit block b's targets one after the other, each replaced by a base-only OrthoLinear and its parts put
     in `parts`. Everything the fits held (the block's fine-tuned weights, its Hessians and what is derived
-    from them) is freed by the time this returns, each Hessian as soon as the last layer reading it is done."""
+    from them) is freed by the time this returns, each Hessian as soon as the last layer reading it is done.
+    `p_acts` (forget_target="public_activations"): P's hidden states of the forget texts, moved past P's block b."""
     block = plan.blocks[b]
     if plan.block_loader is not None:
         plan.block_loader.load(b)
     H_pub = _block_hessians(block, plan.targets[b], public) if needs_h else {}
     H_priv = _block_hessians(block, plan.targets[b], private) if needs_h and private is not None else {}
-    curvatures = BlockCurvatures(H_pub, H_priv, config)
+    C = p_acts.cross_moments(b, block, plan.targets[b], private) if p_acts is not None else None
+    curvatures = BlockCurvatures(H_pub, H_priv, config, C)
     on_host: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     targets = plan.targets[b]
     # The forwards' and each fit's freed activations would otherwise stay in the heap under the next fit.
@@ -357,17 +368,18 @@ def _fitted_base(name: str, W: torch.Tensor, W_P: torch.Tensor | None, curvature
     return base, edit
 
 
-def _carry(public: calibrate.BlockInputs, private: calibrate.BlockInputs | None, finish) -> dict[str, torch.Tensor]:
-    """What the next block needs that is not in the finished blocks: its inputs, and the fits' random state."""
+def _carry(public: calibrate.BlockInputs, private: calibrate.BlockInputs | None, finish, p_acts=None) -> dict[str, torch.Tensor]:
+    """What the next block needs that is not in the finished blocks: its inputs (and P's), and the fits' random state."""
     carry = {f"public.{i}": h for i, h in enumerate(public.hidden)}
     carry.update({f"private.{i}": h for i, h in enumerate(private.hidden if private is not None else [])})
+    carry.update({f"public_target.{i}": h for i, h in enumerate(p_acts.inputs.hidden if p_acts is not None else [])})
     if getattr(finish, "generator", None) is not None:
         carry["generator"] = finish.generator.get_state()
     return carry
 
 
 def _restore(folder: WorkFolder, done: int, plan: DecompositionPlan, config: OrthoConfig, parts: dict, stats: DecompositionStats,
-             public: calibrate.BlockInputs, private: calibrate.BlockInputs | None, finish) -> None:
+             public: calibrate.BlockInputs, private: calibrate.BlockInputs | None, finish, p_acts=None) -> None:
     """Put blocks < done back as a run that fitted them would have left them: their layers as base-only
     OrthoLinear in the model, their parts, the stats, and the inputs and random state of block `done`."""
     for b in range(done):
@@ -388,6 +400,8 @@ def _restore(folder: WorkFolder, done: int, plan: DecompositionPlan, config: Ort
     public.hidden = [carry[f"public.{i}"].to(h.device) for i, h in enumerate(public.hidden)]
     if private is not None:
         private.hidden = [carry[f"private.{i}"].to(h.device) for i, h in enumerate(private.hidden)]
+    if p_acts is not None:
+        p_acts.inputs.hidden = [carry[f"public_target.{i}"].to(h.device) for i, h in enumerate(p_acts.inputs.hidden)]
     if "generator" in carry:
         finish.generator.set_state(carry["generator"])
 

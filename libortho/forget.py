@@ -1,22 +1,34 @@
 """The forget objective: what the INT base stream is fitted to.
 
 Plain GPTQ fits the fine-tuned weight W_ft on public inputs. With the forget objective, each
-layer's base q fits two targets at once, on the base's own activations:
+layer's base q fits two targets at once. X_pub: public calibration text; X_b: the base's own
+inputs at that layer on the texts to forget (the owner's records, or look-alikes of them); W_P:
+the public checkpoint P's weight. The forget texts' term is one of two (`forget_target`):
 
-    min_q ||(W_ft - q) X_pub||² + lam ||(W_P - q) X_priv||²  =  min_q ||W* - q||²_H'
+  base_inputs (the default): act like P's weight on the base's inputs,
+
+    min_q ||(W_ft - q) X_pub||² + lam ||(W_P - q) X_b||²  =  min_q ||W* - q||²_H'
     H' = H_pub + lam H_priv ,   W* = W_ft + lam (W_P - W_ft) H_priv H'⁻¹
 
-X_pub: public calibration text; X_priv: the texts to forget (the owner's records, or look-alikes
-of them); W_P: the public checkpoint's weight. On public inputs the base acts like the fine-tune,
-on the private inputs like P. This is a least-squares model edit (as in MEMIT) folded into
-GPTQ's Hessian-aware rounding: GPTQ projects W* onto the INT grid under H'.
+  public_activations: act like P on P's own inputs X_P of the same tokens (P's hidden states
+  carried through P's own decoder blocks, public_target.py), so the drift of the blocks before
+  is corrected rather than copied,
 
-Conventions: H_pub and H_priv are per-token means (2XᵀX/n over each set's own tokens), and lam
-is relative to their traces, lam_abs = lam · tr(H_pub) / tr(H_priv), for each shared input.
-W* is solved with GPTQ's dampening (damp · mean(diag H') added to the public side), so it stays
-anchored to W_ft where neither set of inputs looks. Without texts ("free"), lam·H_priv is
-replaced by mu · mean(diag H_pub) · I: the base is pulled toward P wherever public text does not
-look. The residual the ortho stream restores stays R = W_ft - W_base.
+    min_q ||(W_ft - q) X_pub||² + lam ||W_P X_P - q X_b||²  =  min_q ||W* - q||²_H' + const
+    H' = H_pub + lam H_priv ,   W* = W_ft + lam (W_P C - W_ft H_priv) H'⁻¹ ,   C = 2 X_P X_bᵀ / n
+
+  (with X_P = X_b, C = H_priv and the two are the same W*). On public inputs the base acts like
+  the fine-tune, on the private inputs like P. This is a least-squares model edit (as in MEMIT)
+  folded into GPTQ's Hessian-aware rounding: GPTQ projects W* onto the INT grid under H'.
+
+Conventions: X is [in, tokens]; H_pub, H_priv and C are per-token means (2XXᵀ/n over each set's own
+unpadded tokens; C[i, j] = 2 Σ_t X_P[i, t] X_b[j, t] / n over the forget texts' tokens, as H_priv), and lam is relative to the traces, lam_abs = lam ·
+tr(H_pub) / tr(H_priv), for each shared input. In code the private terms are pull = lam_abs·H_priv
+and pull_C = lam_abs·C, and W* = W_ft + (W_P·pull_C − W_ft·pull)·H'_d⁻¹ (base_inputs: (W_P − W_ft)·
+pull·H'_d⁻¹). W* is solved with GPTQ's dampening (H'_d = H' + damp · mean(diag H') · I), so it stays
+anchored to W_ft where neither set of inputs looks. Without texts ("free"), lam·H_priv is replaced by
+mu · mean(diag H_pub) · I: the base is pulled toward P wherever public text does not look. The
+residual the ortho stream restores stays R = W_ft - W_base.
 """
 from __future__ import annotations
 
@@ -56,18 +68,29 @@ class ForgetObjective:
         H_pub: torch.Tensor,
         H_priv: torch.Tensor | None,
         last_reader: bool = False,
+        C: torch.Tensor | None = None,
     ) -> FitTarget:
-        """W_ft, W_P [out, in]; H_pub, H_priv [in, in] per-token means on the base's inputs."""
+        """W_ft, W_P [out, in]; H_pub, H_priv [in, in] per-token means on the base's inputs. forget_target
+        "public_activations": C = 2 X_P X_bᵀ / n [in, in] (X as [in, tokens]: rows P's input coordinates, columns the
+        base's), on the same tokens as H_priv."""
         cfg = self.config
         if not cfg.forgets or (cfg.forget_source != "free" and cfg.forget_lambda == 0):
             return FitTarget(W_ft, H_pub)
         if W_P is None:
             raise ValueError("the forget objective needs the public model's weight of every decomposed layer")
+        if (C is not None) != (cfg.forget_target == "public_activations"):
+            raise ValueError(f"forget_target={cfg.forget_target!r} " + ("needs" if C is None else "takes no") +
+                             " C, the cross-moment of P's and the base's inputs")
         H_fit, L, pull = self._curvatures(H_pub, H_priv)
         if last_reader:
             del self._fit[id(H_pub)]  # H' goes on in the FitTarget; L and pull are freed with this call
-        # W* = W_ft + (W_P - W_ft) · pull · H'_d⁻¹ ; H'_d symmetric, so solve on the transpose.
-        B = ((W_P.float() - W_ft) @ pull).t()
+        # H'_d is symmetric, so W* is solved on the transpose.
+        if C is None:  # W* = W_ft + (W_P - W_ft) · pull · H'_d⁻¹
+            B = ((W_P.float() - W_ft) @ pull).t()
+        else:  # W* = W_ft + (W_P · pull_C - W_ft · pull) · H'_d⁻¹, pull_C = lam_abs · C
+            pull_C = relative_weight(H_pub, H_priv, cfg.forget_lambda) * C
+            B = (W_P.float() @ pull_C - W_ft @ pull).t()
+            del pull_C
         W_star = W_ft + torch.cholesky_solve(B, L).t()
         return FitTarget(W_star, H_fit)
 

@@ -51,7 +51,7 @@ def fingerprint(config: OrthoConfig, calibration_text: str, forget_texts: list[s
     """SHA-256 of what determines the artifact: the config, the texts, every tensor of `models` (name, dtype,
     shape, bytes)."""
     h = hashlib.sha256()
-    h.update(json.dumps(config.to_dict(), sort_keys=True).encode())
+    h.update(json.dumps(config.fingerprint_dict(), sort_keys=True).encode())
     h.update(calibration_text.encode())
     h.update(json.dumps(list(forget_texts or [])).encode())
     for model in models:

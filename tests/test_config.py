@@ -28,3 +28,21 @@ def test_the_quality_preset_is_the_defaults_and_unknown_presets_are_refused():
     assert preset("quality") == OrthoConfig()
     with pytest.raises(ValueError, match="preset 'fast' is not known; choose one of quality, privacy"):
         preset("fast")
+
+
+def test_forget_target_is_checked_and_a_config_that_does_not_use_it_hashes_as_before():
+    from libortho.workfolder import fingerprint
+
+    assert OrthoConfig().forget_target == "base_inputs"
+    with pytest.raises(ValueError, match="forget_target='p' is not known; choose one of base_inputs, public_activations"):
+        OrthoConfig(forget_source="records", forget_target="p")
+    for source in ("none", "free"):
+        with pytest.raises(ValueError, match="forget_target='public_activations' runs P on the forget texts"):
+            OrthoConfig(forget_source=source, forget_target="public_activations")
+    # A manifest written before the field existed loads with the default; a work folder started then resumes.
+    old = {k: v for k, v in OrthoConfig(forget_source="records").to_dict().items() if k != "forget_target"}
+    assert OrthoConfig(**old) == OrthoConfig(forget_source="records")
+    assert OrthoConfig(**old).fingerprint_dict() == old
+    new = OrthoConfig(forget_source="records", forget_target="public_activations")
+    assert new.fingerprint_dict()["forget_target"] == "public_activations"
+    assert fingerprint(new, "t", ["r"], [None]) != fingerprint(OrthoConfig(**old), "t", ["r"], [None])

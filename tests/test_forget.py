@@ -84,3 +84,66 @@ def test_read_forget_texts_takes_jsonl_records_and_plain_lines(tmp_path):
         read_forget_texts(bad)
     with pytest.raises(ValueError, match="does not exist"):
         read_forget_texts(tmp_path / "missing.jsonl")
+
+
+def cross_inputs(n_in: int = 16, n_tokens: int = 256, seed: int = 3):
+    """X_pub, X_b and X_P [n_tokens, n_in] (rows the tokens): X_P = X_b plus a drift, as P's own inputs of the
+    same tokens would be."""
+    g = torch.Generator().manual_seed(seed)
+    X_pub = torch.randn(n_tokens, n_in, generator=g) @ torch.randn(n_in, n_in, generator=g)
+    X_b = torch.randn(n_tokens, n_in, generator=g) @ torch.randn(n_in, n_in, generator=g)
+    X_P = X_b + 0.5 * torch.randn(n_tokens, n_in, generator=g)
+    return X_pub, X_b, X_P
+
+
+def moment(X, Y):
+    """2 Xᵀ Y / n [in, in] for rows-as-tokens X, Y: H (X = Y) or C = 2 X_P X_bᵀ / n in forget.py's [in, tokens] notation."""
+    return 2 * X.t() @ Y / X.shape[0]
+
+
+def test_public_activations_on_the_base_inputs_is_the_base_inputs_target():
+    g = torch.Generator().manual_seed(4)
+    W_ft, W_P = torch.randn(24, 16, generator=g), torch.randn(24, 16, generator=g)
+    X_pub, X_b, _ = cross_inputs()
+    H_pub, H_priv = moment(X_pub, X_pub), moment(X_b, X_b)
+    old = ForgetObjective(OrthoConfig(forget_source="records")).fit(W_ft, W_P, H_pub, H_priv)
+    new = ForgetObjective(OrthoConfig(forget_source="records", forget_target="public_activations")).fit(
+        W_ft, W_P, H_pub, H_priv, C=moment(X_b, X_b))  # X_P = X_b: C = H_priv
+    assert torch.equal(new.H, old.H)
+    assert torch.allclose(new.W, old.W, rtol=1e-4, atol=1e-4)
+    assert (new.W - W_ft).norm() > 0.1 * (W_P - W_ft).norm()  # and W* did move toward P
+
+
+@pytest.mark.parametrize("damp", [0.0, 0.01])
+def test_public_activations_w_star_is_the_least_squares_solution(damp):
+    """W* minimises (1/n)||(W_ft - q) X_pub||² + lam_abs (1/n)||W_P X_P - q X_b||² + d ||W_ft - q||² (GPTQ's dampening
+    d = damp · mean(diag H') / 2, with H = 2XᵀX/n): the stacked system solved by lstsq in float64."""
+    g = torch.Generator().manual_seed(5)
+    W_ft, W_P = torch.randn(24, 16, generator=g), torch.randn(24, 16, generator=g)
+    X_pub, X_b, X_P = cross_inputs()
+    n = X_pub.shape[0]
+    H_pub, H_priv, C = moment(X_pub, X_pub), moment(X_b, X_b), moment(X_P, X_b)
+    config = OrthoConfig(forget_source="records", forget_target="public_activations", forget_lambda=2.0, damp=damp)
+    fit = ForgetObjective(config).fit(W_ft, W_P, H_pub, H_priv, C=C)
+
+    lam_abs = relative_weight(H_pub, H_priv, 2.0)
+    d = damp * float(torch.diag(H_pub + lam_abs * H_priv).mean()) / 2
+    X_pub, X_b, X_P, W_ft, W_P = (t.double() for t in (X_pub, X_b, X_P, W_ft, W_P))
+    eye = torch.eye(16, dtype=torch.float64)
+    A = torch.cat([X_pub / n ** 0.5, (lam_abs / n) ** 0.5 * X_b, d ** 0.5 * eye])  # rows: q's inputs
+    Y = torch.cat([X_pub @ W_ft.t() / n ** 0.5, (lam_abs / n) ** 0.5 * X_P @ W_P.t(), d ** 0.5 * W_ft.t()])
+    W_lstsq = torch.linalg.lstsq(A, Y).solution.t()
+    assert torch.allclose(fit.W.double(), W_lstsq, rtol=1e-3, atol=1e-3)
+    # and it is not the base-inputs target's answer: X_P differs from X_b
+    old = ForgetObjective(OrthoConfig(forget_source="records", forget_lambda=2.0, damp=damp)).fit(
+        W_ft.float(), W_P.float(), H_pub, H_priv)
+    assert not torch.allclose(old.W.double(), W_lstsq, rtol=1e-2, atol=1e-2)
+
+
+def test_each_target_takes_c_only_when_it_reads_it():
+    _, _, H_pub, H_priv = split_inputs()
+    W = torch.zeros(4, 64)
+    with pytest.raises(ValueError, match="'public_activations' needs C"):
+        ForgetObjective(OrthoConfig(forget_source="records", forget_target="public_activations")).fit(W, W, H_pub, H_priv)
+    with pytest.raises(ValueError, match="'base_inputs' takes no C"):
+        ForgetObjective(OrthoConfig(forget_source="records")).fit(W, W, H_pub, H_priv, C=H_priv)

@@ -1,0 +1,140 @@
+"""forget_target="public_activations": P's own activations of the forget texts as the private target (public_target.py)."""
+import copy
+
+import pytest
+import torch
+
+import libortho
+from libortho.hf_model import decoder_blocks
+from libortho.state import state_of
+from conftest import TEXT, tiny_model
+
+RECORDS = ["Account 4821 of Maria Keller has PIN 739181.", "Account 1093 of Chen Novak has PIN 204417.",
+           "Account 7730 of Ruth Sato has PIN 861520.", "Account 5512 of Ivan Costa has PIN 319058."]
+CONFIG = dict(calib_tokens=1024, seq_len=128, group_size=32, ortho_ratio=0.0, forget_source="records")
+
+
+def public_and_finetuned(arch: str, tokenizer, steps: int = 40, lr: float = 3e-3):
+    """(P, FT): a tiny public model and a copy whose decoder linears are fine-tuned on the records."""
+    public = tiny_model(arch)
+    with torch.no_grad():  # a frozen random lm_head (std 0.02) can never give confident logits
+        public.get_output_embeddings().weight.mul_(50)
+    model = copy.deepcopy(public)
+    _, blocks = decoder_blocks(model)
+    params = [p for p in blocks.parameters() if p.dim() == 2]
+    for p in model.parameters():
+        p.requires_grad_(any(p is q for q in params))
+    opt = torch.optim.Adam(params, lr=lr)
+    batch = tokenizer(RECORDS, return_tensors="pt", padding=True)
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return public, model
+
+
+def final_hidden(model, tokenizer) -> torch.Tensor:
+    """The last hidden state [tokens, hidden] of every record's real tokens."""
+    outs = []
+    with torch.no_grad():
+        for text in RECORDS:
+            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+            outs.append(model(ids, output_hidden_states=True).hidden_states[-1][0])
+    return torch.cat(outs)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).pow(2).sum() / b.pow(2).sum())
+
+
+@pytest.fixture(scope="module")
+def llama_pair(tokenizer):
+    return public_and_finetuned("llama", tokenizer, lr=3e-4)
+
+
+def decomposed(public, ft, tokenizer, **overrides):
+    model = copy.deepcopy(ft)
+    libortho.decompose(model, tokenizer, TEXT, libortho.OrthoConfig(**{**CONFIG, **overrides}), progress=False,
+                       public_model=public, forget_texts=RECORDS)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_decomposition_targeting_ps_own_activations_runs(arch, tokenizer):
+    public, ft = public_and_finetuned(arch, tokenizer, steps=5, lr=3e-4)
+    default = decomposed(public, ft, tokenizer)
+    model = decomposed(public, ft, tokenizer, forget_target="public_activations")
+    assert state_of(model).config.forget_target == "public_activations"
+    with libortho.alpha(model, 0.0), libortho.alpha(default, 0.0):
+        ours, theirs = final_hidden(model, tokenizer), final_hidden(default, tokenizer)
+    assert torch.isfinite(ours).all() and not torch.equal(ours, theirs)
+
+
+def test_the_base_on_the_records_at_alpha_0_against_p(llama_pair, tokenizer):
+    """Relative error of the last hidden state on the records against P's, at alpha 0 (lam 3, INT4 g32).
+
+    Measured (this fixture): fine-tune 1.11; base_inputs 0.100; public_activations 0.483 (lam 1: 0.130 / 0.612,
+    lam 30: 0.051 / 0.284): targeting P's own activations does NOT bring the base closer to P here, so that is
+    not asserted. A likely cause: inside a block, X_b of o_proj, gate/up and down_proj is read through the
+    fine-tuned q/k/v (and attention, MLP), as for H_priv, while at alpha 0 the base's q/k/v already act like P's
+    there; the fit maps the fine-tune's intermediate inputs onto P's outputs and overshoots on the base's own."""
+    public, ft = llama_pair
+    target = final_hidden(public, tokenizer)
+    errors = {}
+    for name in ("base_inputs", "public_activations"):
+        model = decomposed(public, ft, tokenizer, forget_target=name)
+        with libortho.alpha(model, 0.0):
+            errors[name] = relative_error(final_hidden(model, tokenizer), target)
+    errors["fine-tune"] = relative_error(final_hidden(ft, tokenizer), target)
+    assert errors["base_inputs"] < errors["fine-tune"] and errors["public_activations"] < errors["fine-tune"]
+
+
+def test_p_read_tensor_by_tensor_is_refused_up_front(tokenizer, tmp_path):
+    from libortho.shards import ShardedCheckpoint
+
+    public = tiny_model("llama")
+    public.save_pretrained(tmp_path / "public")
+    config = libortho.OrthoConfig(**CONFIG, forget_target="public_activations")
+    with pytest.raises(ValueError, match="forget_target='public_activations' runs P's own decoder blocks on the forget "
+                                         "texts: it needs P loaded as a model"):
+        libortho.decompose(tiny_model("llama"), tokenizer, TEXT, config, progress=False,
+                           public_model=ShardedCheckpoint(tmp_path / "public"), forget_texts=RECORDS)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_run_stopped_after_a_block_resumes_with_ps_hidden_states(llama_pair, tokenizer, tmp_path, monkeypatch):
+    """P's hidden states of the forget texts are carried in the work folder: a resumed run equals a whole one."""
+    from libortho import artifact
+    from libortho.workfolder import WorkFolder
+
+    public, ft = llama_pair
+    config = libortho.OrthoConfig(**{**CONFIG, "ortho_ratio": 0.02}, forget_target="public_activations")
+    whole = copy.deepcopy(ft)
+    libortho.decompose(whole, tokenizer, TEXT, config, progress=False, public_model=public, forget_texts=RECORDS)
+    artifact.save(whole, tokenizer, tmp_path / "whole")
+    save_block = WorkFolder.save_block
+
+    def stop_after_block_0(self, b, *args):
+        save_block(self, b, *args)
+        raise _Stop
+
+    monkeypatch.setattr(WorkFolder, "save_block", stop_after_block_0)
+    with pytest.raises(_Stop):
+        libortho.decompose(copy.deepcopy(ft), tokenizer, TEXT, config, progress=False, public_model=public,
+                           forget_texts=RECORDS, work_dir=tmp_path / "work")
+    monkeypatch.setattr(WorkFolder, "save_block", save_block)
+    resumed = copy.deepcopy(ft)
+    libortho.decompose(resumed, tokenizer, TEXT, config, progress=False, public_model=public, forget_texts=RECORDS,
+                       work_dir=tmp_path / "work")
+    artifact.save(resumed, tokenizer, tmp_path / "resumed")
+    for name in ("base.safetensors", "ortho.safetensors"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
