@@ -30,6 +30,12 @@ class BlockCurvatures:
         self._factors: dict[int, torch.Tensor] = {}  # id(H') -> upper factor of H'⁻¹, while a reader is left
         self._readers = Counter(id(H) for H in H_pub.values())  # layers left to fit, per input
 
+    def add_private(self, H_priv: dict[str, torch.Tensor], cross: dict[str, torch.Tensor]) -> None:
+        """H_priv and C [in, in] of the next input group, collected just before it is fitted (forget_target=
+        "public_activations", public_target.py); before any of that group's layers calls `target`."""
+        self.priv.update(H_priv)
+        self.cross.update(cross)
+
     def __contains__(self, name: str) -> bool:
         return name in self.pub
 

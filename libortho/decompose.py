@@ -17,7 +17,11 @@ and the ortho fits alike); what a stage keeps across blocks is kept in host memo
             texts) and carries them from block to block. Per block: accumulates H_pub (and
             H_priv), fits each layer's base (forget.py's W* under H', GPTQ) and replaces the
             nn.Linear by a base-only OrthoLinear and points the plan at it, so the fine-tuned
-            weight of that layer is freed with the module. Keeps, per layer, the LayerParts (the
+            weight of that layer is freed with the module. H_pub, and H_priv of the default
+            target, are read once per block through the fine-tuned block. forget_target=
+            "public_activations": H_priv and C are collected per input group instead, just before
+            the group is fitted, through the groups fitted before it (o_proj's inputs through the
+            base's q/k/v, ...), and P's hidden states move past P's block once the block is done. Keeps, per layer, the LayerParts (the
             base codes, the dense float32 residual R = W_ft - W_base, the curvature H the sieve
             uses, the bias). Each Hessian, and what is derived from it (H', the Cholesky factors,
             the sieve's curvature), is freed once the last layer reading it is fitted (curvatures.py),
@@ -55,7 +59,7 @@ from tqdm.auto import tqdm
 from . import __version__, calibrate
 from .config import OrthoConfig
 from .curvatures import BlockCurvatures
-from .public_target import PublicActivations
+from .public_target import PublicActivations, input_groups
 from .hf_model import decoder_blocks, linear_weight, module_device, replace_submodule, target_linears
 from .layer import OrthoLinear, ortho_layers
 from .memory import release_freed_memory
@@ -259,7 +263,8 @@ def quantize_model(
 ) -> tuple[dict[LayerKey, LayerParts], DecompositionStats]:
     """Quantize the base stream block by block; chosen linears become base-only OrthoLinear in place.
 
-    Per block: collect H_pub on the calibration batches (and H_priv on the forget texts), fit each
+    Per block: collect H_pub on the calibration batches (and H_priv on the forget texts: per input
+    group, through the groups already fitted, with forget_target="public_activations"), fit each
     layer's base to its target (plain GPTQ of W_ft, or the forget objective's W* under H'), then
     run both sets of inputs through the quantized block for the next one. Returns every layer's
     parts, keyed by (block index, name inside the block), so one base can be sieved in several ways;
@@ -312,23 +317,30 @@ def _fit_block(b: int, plan: DecompositionPlan, config: OrthoConfig, needs_h: bo
     """Fit block b's targets one after the other, each replaced by a base-only OrthoLinear and its parts put
     in `parts`. Everything the fits held (the block's fine-tuned weights, its Hessians and what is derived
     from them) is freed by the time this returns, each Hessian as soon as the last layer reading it is done.
-    `p_acts` (forget_target="public_activations"): P's hidden states of the forget texts, moved past P's block b."""
+    `p_acts` (forget_target="public_activations"): H_priv and C are collected per input group, through the
+    groups already fitted (public_target.py), and P's hidden states are moved past P's block b."""
     block = plan.blocks[b]
     if plan.block_loader is not None:
         plan.block_loader.load(b)
-    H_pub = _block_hessians(block, plan.targets[b], public) if needs_h else {}
-    H_priv = _block_hessians(block, plan.targets[b], private) if needs_h and private is not None else {}
-    C = p_acts.cross_moments(b, block, plan.targets[b], private) if p_acts is not None else None
-    curvatures = BlockCurvatures(H_pub, H_priv, config, C)
-    on_host: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     targets = plan.targets[b]
+    H_pub = _block_hessians(block, targets, public) if needs_h else {}
+    sequential = p_acts is not None
+    H_priv = _block_hessians(block, targets, private) if needs_h and private is not None and not sequential else {}
+    curvatures = BlockCurvatures(H_pub, H_priv, config, {} if sequential else None)
+    groups = input_groups(H_pub) if sequential else [list(targets)]
+    on_host: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     # The forwards' and each fit's freed activations would otherwise stay in the heap under the next fit.
     release_freed_memory(collect=False)
-    for name, module in targets.items():
-        parts[(b, name)] = _fit_layer((b, name), module, curvatures, plan, config, stats, finish, on_host)
-        # The plan points at the base-only layer: nothing holds this layer's fine-tuned weight any more.
-        targets[name] = block.get_submodule(name)
-        release_freed_memory(collect=False)
+    for group in groups:
+        if sequential:  # through the block as it is now: the groups before are base-only
+            curvatures.add_private(*p_acts.private_curvatures(b, block, group, private))
+        for name in group:
+            parts[(b, name)] = _fit_layer((b, name), targets[name], curvatures, plan, config, stats, finish, on_host)
+            # The plan points at the base-only layer: nothing holds this layer's fine-tuned weight any more.
+            targets[name] = block.get_submodule(name)
+            release_freed_memory(collect=False)
+    if sequential:
+        p_acts.advance(b)
 
 
 def _fit_layer(key: LayerKey, module: nn.Module, curvatures: BlockCurvatures, plan: DecompositionPlan, config: OrthoConfig,

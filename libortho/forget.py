@@ -12,7 +12,10 @@ the public checkpoint P's weight. The forget texts' term is one of two (`forget_
 
   public_activations: act like P on P's own inputs X_P of the same tokens (P's hidden states
   carried through P's own decoder blocks, public_target.py), so the drift of the blocks before
-  is corrected rather than copied,
+  is corrected rather than copied. Here X_b (for H_priv and C) is collected per input group,
+  just before the group is fitted, through the base-only layers fitted before it in the block
+  (o_proj's X_b through the base's q/k/v): read through the still fine-tuned layers, as the
+  default target reads it, the later layers would correct the same drift a second time,
 
     min_q ||(W_ft - q) X_pub||² + lam ||W_P X_P - q X_b||²  =  min_q ||W* - q||²_H' + const
     H' = H_pub + lam H_priv ,   W* = W_ft + lam (W_P C - W_ft H_priv) H'⁻¹ ,   C = 2 X_P X_bᵀ / n
