@@ -70,8 +70,11 @@ def cmd_decompose(args) -> int:
     model, tok, block_loader = sources.open_streamed_model(None if args.model == "default" else args.model, device)
     public_model = None
     if args.public_model is not None:
-        # Only P's weights are read, one layer at a time from its safetensors, while that layer is fitted.
-        public_model = sources.public_checkpoint(None if args.public_model == "default" else args.public_model)
+        public_source = None if args.public_model == "default" else args.public_model
+        if config.forget_target == "public_activations":  # P's own blocks run on the forget texts: P in memory
+            public_model = sources.load_model(public_source, device=device)[0]
+        else:  # only P's weights are read, one layer at a time from its safetensors, while that layer is fitted
+            public_model = sources.public_checkpoint(public_source)
     try:
         stats = decompose(model, tok, calib, config, progress=True, public_model=public_model, forget_texts=forget_texts,
                           work_dir=work, block_loader=block_loader)
@@ -93,8 +96,8 @@ def cmd_decompose(args) -> int:
 
 # `decompose` flags that set an OrthoConfig field of the same name; None = the preset's value.
 CONFIG_FLAGS = ("bits", "group_size", "method", "act_order", "score", "ortho_ratio", "budget", "calib_tokens",
-                "seq_len", "include", "seed", "forget_lambda", "sieve_private_weight", "ortho_budget", "lowrank_share",
-                "lowrank_fit")
+                "seq_len", "include", "seed", "forget_lambda", "forget_target", "sieve_private_weight", "ortho_budget",
+                "lowrank_share", "lowrank_fit")
 
 
 def decompose_config(args, source: str):
@@ -301,7 +304,7 @@ def _audit_default(field: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import BITS, BUDGETS, FORGET_SOURCES, GROUP_SIZES, LOWRANK_FITS, METHODS, SCORES
+    from .config import BITS, BUDGETS, FORGET_SOURCES, FORGET_TARGETS, GROUP_SIZES, LOWRANK_FITS, METHODS, SCORES
     from .evaluation import PERPLEXITY_WINDOW
     from .privacy.extraction import Sampling
 
@@ -366,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--forget-lambda", type=nonnegative_float, default=None, metavar="LAM",
                    help=f"weight of the forget texts relative to public text, by Hessian trace "
                         f"({_preset_default('forget_lambda', ('privacy',))})")
+    g.add_argument("--forget-target", default=None, choices=FORGET_TARGETS,
+                   help="what the forget texts' term asks of each layer: act like P's weight on the base's own inputs, "
+                        "or like P on P's own activations of the same tokens (loads all of P into memory; "
+                        f"{_preset_default('forget_target', ('privacy',))})")
     g.add_argument("--sieve-private-weight", type=nonnegative_float, default=None, metavar="LAM_S",
                    help="choose and refit the ortho stream under H_pub + LAM_S H_priv, so that alpha 1 restores more "
                         f"of what the base dropped on the forget texts ({_preset_default('sieve_private_weight', ('privacy',))})")

@@ -112,6 +112,17 @@ def test_decompose_with_the_forget_objective(hf_folder, text_file, tmp_path, tok
                  "--seq-len", "128", "--group-size", "32", "--forget-free", "0.5", "--public-model", str(hf_folder)]) == 0
     config = json.loads((out_free / "libortho.json").read_text())["config"]
     assert config["forget_source"] == "free" and config["forget_mu"] == 0.5 and config["group_size"] == 32
+    # P's own activations as the target: P is loaded as a model, and the choice is recorded.
+    out_acts = tmp_path / "art_acts"
+    assert main(["decompose", str(finetuned), str(out_acts), "--calib", str(text_file), "--calib-tokens", "1024",
+                 "--seq-len", "128", "--group-size", "32", "--forget", str(records), "--public-model", str(hf_folder),
+                 "--forget-target", "public_activations"]) == 0
+    assert json.loads((out_acts / "libortho.json").read_text())["config"]["forget_target"] == "public_activations"
+    capsys.readouterr()
+    assert main(["decompose", str(finetuned), str(tmp_path / "art_bad"), "--calib", str(text_file), "--forget-free", "0.5",
+                 "--public-model", str(hf_folder), "--forget-target", "public_activations"]) == 2
+    assert "forget_target='public_activations' runs P on the forget texts" in capsys.readouterr().err
+    assert not (tmp_path / "art_bad").exists()
 
 
 def test_lookalikes_writes_records_that_avoid_the_excluded_secrets(tmp_path, capsys):
