@@ -66,6 +66,7 @@ VARIANTS = {  # name -> (config overrides, forget texts)
     "lookalikes": (dict(forget_source="lookalikes"), "lookalikes"),
     "records, P activations": (dict(forget_source="records", forget_target="public_activations"), "members"),
     "lookalikes, P activations": (dict(forget_source="lookalikes", forget_target="public_activations"), "lookalikes"),
+    "control, P activations": (dict(forget_source="records", forget_target="public_activations"), "public"),
     "records-half": (dict(forget_source="records"), "half"),
     "control (public text as X_priv)": (dict(forget_source="records"), "public"),
     "free mu 1": (dict(forget_source="free", forget_mu=1.0), None),
