@@ -57,8 +57,10 @@ def tiny_model(arch: str, vocab_size: int = 104, seed: int = 0):
     return cls[1](cls[0](**llama_like)).eval()
 
 
-def train_on(model: torch.nn.Module, tokenizer, texts: list[str], steps: int, lr: float = 1e-2) -> float:
-    """Full-batch Adam on ``texts`` until memorised; returns the final mean token loss."""
+def train_on(model: torch.nn.Module, tokenizer, texts: list[str], steps: int, lr: float = 1e-2,
+             params: list[torch.nn.Parameter] | None = None) -> float:
+    """Full-batch Adam on ``texts`` until memorised, over ``params`` (None: every parameter); returns the final
+    mean token loss."""
     enc = [tokenizer(t)["input_ids"] for t in texts]
     width = max(map(len, enc))
     ids = torch.full((len(enc), width), 1)
@@ -66,7 +68,7 @@ def train_on(model: torch.nn.Module, tokenizer, texts: list[str], steps: int, lr
     for i, seq in enumerate(enc):
         ids[i, : len(seq)] = torch.tensor(seq)
         labels[i, : len(seq)] = torch.tensor(seq)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.Adam(model.parameters() if params is None else params, lr=lr)
     model.train()
     for _ in range(steps):
         loss = model(input_ids=ids, labels=labels).loss

@@ -7,7 +7,7 @@ import torch
 import libortho
 from libortho.hf_model import decoder_blocks
 from libortho.state import state_of
-from conftest import TEXT, tiny_model
+from conftest import TEXT, tiny_model, train_on
 
 RECORDS = ["Account 4821 of Maria Keller has PIN 739181.", "Account 1093 of Chen Novak has PIN 204417.",
            "Account 7730 of Ruth Sato has PIN 861520.", "Account 5512 of Ivan Costa has PIN 319058."]
@@ -24,16 +24,7 @@ def public_and_finetuned(arch: str, tokenizer, steps: int = 40, lr: float = 3e-3
     params = [p for p in blocks.parameters() if p.dim() == 2]
     for p in model.parameters():
         p.requires_grad_(any(p is q for q in params))
-    opt = torch.optim.Adam(params, lr=lr)
-    batch = tokenizer(RECORDS, return_tensors="pt", padding=True)
-    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
-    model.train()
-    for _ in range(steps):
-        loss = model(**batch, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    train_on(model, tokenizer, RECORDS, steps, lr=lr, params=params)
     for p in model.parameters():
         p.requires_grad_(False)
     return public, model
