@@ -67,6 +67,10 @@ VARIANTS = {  # name -> (config overrides, forget texts)
     "records, P activations": (dict(forget_source="records", forget_target="public_activations"), "members"),
     "lookalikes, P activations": (dict(forget_source="lookalikes", forget_target="public_activations"), "lookalikes"),
     "control, P activations": (dict(forget_source="records", forget_target="public_activations"), "public"),
+    # P's activations as the target at a stronger pull (the curve over lam below is the default target's)
+    **{f"{kind}, P activations, lam {lam:g}": (
+        dict(forget_source=kind, forget_target="public_activations", forget_lambda=float(lam)), texts)
+       for kind, texts in (("records", "members"), ("lookalikes", "lookalikes")) for lam in (10, 30)},
     "records-half": (dict(forget_source="records"), "half"),
     "control (public text as X_priv)": (dict(forget_source="records"), "public"),
     "free mu 1": (dict(forget_source="free", forget_mu=1.0), None),
@@ -78,6 +82,10 @@ VARIANTS = {  # name -> (config overrides, forget texts)
     # the forget objective's alpha 1 must meet.
     "plain GPTQ, S 25 %": (dict(forget_source="none", lowrank_share=0.0), None),
     "plain GPTQ, S+L 25 %": (dict(forget_source="none", lowrank_share=0.5), None),
+    # L stored as integer codes: the same bytes buy ~1.9x (8-bit) / ~3.6x (4-bit) the rank (lowrank.code_factors)
+    **{f"{kind}, L {bits}-bit": (dict(forget_source=kind, lowrank_bits=bits), texts)
+       for kind, texts in (("records", "members"), ("lookalikes", "lookalikes")) for bits in (8, 4)},
+    "plain GPTQ, L 4-bit 25 %": (dict(forget_source="none", lowrank_share=1.0, lowrank_bits=4), None),
     # The curve over lam (the preset's 3 above), with the public-text control at the strongest pull.
     **{f"{kind}, lam {lam:g}": (dict(forget_source=kind, forget_lambda=float(lam)), texts)
        for kind, texts in (("records", "members"), ("lookalikes", "lookalikes")) for lam in (1, 10, 30, 100)},

@@ -47,6 +47,7 @@ def layer_table(model: nn.Module) -> dict[str, dict]:
             ortho_nnz=m.ortho_nnz,
             ortho_rank=m.ortho_rank,
             ortho_dtype=str(m.ortho_val.dtype).removeprefix("torch."),
+            lowrank_bits=m.lowrank_bits,
         )
         for name, m in model.named_modules()
         if isinstance(m, OrthoLinear)
@@ -337,7 +338,7 @@ def _install_layer(model: nn.Module, path: Path, name: str, spec: dict, with_ort
         spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"], spec["symmetric"],
         bias=spec["bias"], ortho_nnz=int(spec["ortho_nnz"]) if with_ortho else 0,
         ortho_rank=int(spec["ortho_rank"]) if with_ortho else 0, ortho_dtype=getattr(torch, spec["ortho_dtype"]),
-        bias_dtype=getattr(torch, spec.get("bias_dtype") or "float32"),
+        bias_dtype=getattr(torch, spec.get("bias_dtype") or "float32"), lowrank_bits=int(spec["lowrank_bits"]),
     )
     replace_submodule(model, name, layer)
 

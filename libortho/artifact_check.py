@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from .artifact_format import CSR_KEYS, LOWRANK_KEYS, MANIFEST, ArtifactError
+from .lowrank import LOWRANK_GROUP
+from .packing import codes_per_byte, n_groups
 
 # ---- files ------------------------------------------------------------------------------
 def sha256_file(path: Path) -> str:
@@ -141,8 +143,12 @@ def check_csr(file: Path, name: str, spec: dict, tensors: dict[str, torch.Tensor
 
 def check_lowrank(file: Path, name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> None:
     """The low-rank part of layer `name`: ortho_B [out, r] and ortho_A [r, in] of ortho_dtype,
-    finite, r = the manifest's ortho_rank (both may be absent when r is 0: older artifacts)."""
+    finite, r = the manifest's ortho_rank (both may be absent when r is 0: older artifacts); or,
+    with lowrank_bits 8 / 4, its codes (check_lowrank_codes)."""
     rank, n_out, n_in = spec.get("ortho_rank", 0), spec["out_features"], spec["in_features"]
+    if spec.get("lowrank_bits", 16) != 16:
+        check_lowrank_codes(file, name, spec, tensors)
+        return
     B, A = (tensors.get(f"{name}.{k}") for k in LOWRANK_KEYS)
     if rank == 0 and B is None and A is None:
         return
@@ -155,3 +161,23 @@ def check_lowrank(file: Path, name: str, spec: dict, tensors: dict[str, torch.Te
             raise ArtifactError(f"{file}: {name}.{key} is {t.dtype}, the manifest's ortho_dtype says {spec['ortho_dtype']}")
         if not bool(torch.isfinite(t).all()):
             raise ArtifactError(f"{file}: {name}.{key} holds NaN or infinite values")
+
+
+def check_lowrank_codes(file: Path, name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """The codes of layer `name`'s low-rank part: ortho_Aq [r, packed in] and ortho_Btq [r, packed out]
+    uint8, their _scales and _zeros [r, groups of LOWRANK_GROUP] fp16 and finite, r = ortho_rank."""
+    rank, bits = spec["ortho_rank"], spec["lowrank_bits"]
+    for factor, n in (("ortho_Aq", spec["in_features"]), ("ortho_Btq", spec["out_features"])):
+        shapes = {"": ((rank, -(-n // codes_per_byte(bits))), torch.uint8),
+                  "_scales": ((rank, n_groups(n, LOWRANK_GROUP)), torch.float16),
+                  "_zeros": ((rank, n_groups(n, LOWRANK_GROUP)), torch.float16)}
+        for part, (shape, dtype) in shapes.items():
+            key = f"{name}.{factor}{part}"
+            t = tensors.get(key)
+            if t is None:
+                raise ArtifactError(f"{file} lacks the tensor {key} (the manifest's lowrank_bits is {bits}, ortho_rank {rank})")
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise ArtifactError(f"{file}: {key} is {t.dtype} {tuple(t.shape)}; lowrank_bits {bits} and ortho_rank {rank} "
+                                    f"call for {dtype} {shape}")
+            if dtype == torch.float16 and not bool(torch.isfinite(t).all()):
+                raise ArtifactError(f"{file}: {key} holds NaN or infinite values")

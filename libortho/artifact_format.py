@@ -1,23 +1,25 @@
 """The libortho artifact format, in one place: the files of an artifact folder, the manifest
 (`libortho.json`) that binds them, its schema, and the loader of older format versions.
 
-An artifact folder (format version 3):
+An artifact folder (format version 4):
 
   base.safetensors   packed INT codes, fp16 scales/zeros of every decomposed layer, and every other
                      weight of the model (embeddings, norms, lm_head). Alpha 0 needs nothing else.
   ortho.safetensors  the ortho stream, per layer its sparse part S (CSR: CSR_KEYS) and its low-rank
-                     part L = B·A (LOWRANK_KEYS: ortho_B [out, r], ortho_A [r, in]); optional, shipped separately,
-                     created 0600. Its safetensors header records the SHA-256 of the base it was cut from
+                     part L = B·A (LOWRANK_KEYS: ortho_B [out, r], ortho_A [r, in]; or, for a layer with
+                     lowrank_bits 8 / 4, its codes LOWRANK_CODE_KEYS: ortho_Aq [r, packed in] and ortho_Btq
+                     [r, packed out] uint8 with fp16 _scales and _zeros [r, groups of 64], see layer.py);
+                     optional, shipped separately, created 0600. Its safetensors header records the SHA-256 of the base it was cut from
                      (`tensor_file_metadata`).
   libortho.json      the manifest below.
   config.json, generation_config.json, tokenizer files.
 
 The manifest:
 
-  format_version  3
+  format_version  4
   config          the decomposition's OrthoConfig as a dict, or null when unknown
   layers          decomposed layer name -> {in_features, out_features, bits, group_size, symmetric,
-                  bias, bias_dtype, ortho_nnz, ortho_rank, ortho_dtype}
+                  bias, bias_dtype, ortho_nnz, ortho_rank, ortho_dtype, lowrank_bits}
   files           file name -> SHA-256 of every other file in the folder
   ortho           {"file": "ortho.safetensors", "base_sha256": SHA-256 of base.safetensors}, or null
                   for a base-only artifact (saved without its ortho stream: alpha is fixed at 0)
@@ -26,8 +28,8 @@ The manifest:
   stats           the only place for wall-clock and host data (timings), so that two runs of the
                   same decomposition differ in this key alone
 
-Older versions are upgraded when read (`upgrade`): version 2 had no low-rank part (every layer's
-ortho_rank is 0); version 1 (until 0.1.0) also had `ortho_base_sha256` at the top level, always an
+Older versions are upgraded when read (`upgrade`): version 3 stored L as floats only (every layer's
+lowrank_bits is 16); version 2 had no low-rank part (every layer's ortho_rank is 0); version 1 (until 0.1.0) also had `ortho_base_sha256` at the top level, always an
 ortho file, and free extra keys (they become provenance).
 """
 from __future__ import annotations
@@ -36,16 +38,17 @@ import json
 import re
 from typing import Any
 
-from .config import BITS, GROUP_SIZES
+from .config import BITS, GROUP_SIZES, LOWRANK_BITS
 
 MANIFEST = "libortho.json"
 BASE_FILE = "base.safetensors"
 ORTHO_FILE = "ortho.safetensors"
 CSR_KEYS = ("ortho_crow", "ortho_col", "ortho_val")
 LOWRANK_KEYS = ("ortho_B", "ortho_A")
-ORTHO_KEYS = CSR_KEYS + LOWRANK_KEYS  # every tensor of these names lives in ortho.safetensors, never in the base
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+LOWRANK_CODE_KEYS = tuple(f"ortho_{f}{part}" for f in ("Aq", "Btq") for part in ("", "_scales", "_zeros"))
+ORTHO_KEYS = CSR_KEYS + LOWRANK_KEYS + LOWRANK_CODE_KEYS  # every tensor of these names lives in ortho.safetensors, never in the base
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 ORTHO_DTYPES = ("float16", "bfloat16", "float32")
 BIAS_DTYPES = ("float16", "bfloat16", "float32", "float64")
 MAX_FEATURES = 1 << 20  # far above any linear layer today; stops absurd sizes before allocation
@@ -98,13 +101,14 @@ def upgrade(manifest: dict) -> dict:
     """An older manifest (already type-checked) in the current version; the current one as is."""
     if manifest["format_version"] == FORMAT_VERSION:
         return manifest
-    if manifest["format_version"] == 2:
-        layers = {name: {**spec, "ortho_rank": 0} for name, spec in manifest["layers"].items()}
+    if manifest["format_version"] in (2, 3):
+        rank = {} if manifest["format_version"] == 3 else {"ortho_rank": 0}
+        layers = {name: {**spec, **rank, "lowrank_bits": 16} for name, spec in manifest["layers"].items()}
         return {**manifest, "format_version": FORMAT_VERSION, "layers": layers}
     extra = {k: v for k, v in manifest.items() if k not in ("format_version", "config", "layers", "files",
                                                             "ortho_base_sha256", "stats")}
     has_ortho = ORTHO_FILE in manifest["files"]
-    layers = {name: {**spec, "ortho_rank": 0} for name, spec in manifest["layers"].items()}
+    layers = {name: {**spec, "ortho_rank": 0, "lowrank_bits": 16} for name, spec in manifest["layers"].items()}
     return build_manifest(
         manifest.get("config"), layers, manifest["files"],
         manifest["ortho_base_sha256"] if has_ortho else None, extra, manifest.get("stats") or {},
@@ -166,6 +170,8 @@ def validate_layer(where: str, spec: Any) -> None:
     if "ortho_rank" in spec:
         _want_int(f"{where}.ortho_rank", spec["ortho_rank"], 0, min(n_in, n_out))
     _want_choice(f"{where}.ortho_dtype", spec["ortho_dtype"], ORTHO_DTYPES)
+    if "lowrank_bits" in spec:
+        _want_choice(f"{where}.lowrank_bits", spec["lowrank_bits"], LOWRANK_BITS)
 
 
 def validate_manifest(manifest: Any, file: Any) -> dict:
@@ -188,7 +194,7 @@ def validate_manifest(manifest: Any, file: Any) -> dict:
     for key in required:
         if key not in manifest:
             raise ArtifactError(f"{where} lacks the field {key!r}; the artifact is corrupt")
-    _validate_layers(where, manifest["layers"], needs_rank=version >= 3)
+    _validate_layers(where, manifest["layers"], needs_rank=version >= 3, needs_bits=version >= 4)
     files = _validate_files(where, manifest["files"])
     if version == 1:
         base_sha = _want_sha(f"{where} ortho_base_sha256", manifest["ortho_base_sha256"])
@@ -198,21 +204,22 @@ def validate_manifest(manifest: Any, file: Any) -> dict:
         _validate_ortho(where, manifest["ortho"], files)
         unknown = set(manifest) - set(TOP_LEVEL_KEYS)
         if unknown:
-            raise ArtifactError(f"{where} has unknown fields {sorted(unknown)}; version 2 has {', '.join(TOP_LEVEL_KEYS)}")
+            raise ArtifactError(f"{where} has unknown fields {sorted(unknown)}; version {version} has {', '.join(TOP_LEVEL_KEYS)}")
     for key in ("config", "stats", "provenance"):
         if manifest.get(key) is not None:
             _want(f"{where} {key}", manifest[key], dict, "an object or null")
     return upgrade(manifest)
 
 
-def _validate_layers(where: str, layers: Any, needs_rank: bool) -> None:
+def _validate_layers(where: str, layers: Any, needs_rank: bool, needs_bits: bool) -> None:
     _want(f"{where} layers", layers, dict, "an object (layer name -> settings)")
     if not layers:
         raise ArtifactError(f"{where} layers is empty: an artifact has at least one decomposed layer")
     for name, spec in layers.items():
         validate_layer(f"{where} layers[{name!r}]", spec)
-        if needs_rank and "ortho_rank" not in spec:
-            raise ArtifactError(f"{where} layers[{name!r}] lacks the field 'ortho_rank'")
+        for field, needed in (("ortho_rank", needs_rank), ("lowrank_bits", needs_bits)):
+            if needed and field not in spec:
+                raise ArtifactError(f"{where} layers[{name!r}] lacks the field {field!r}")
 
 
 def _validate_files(where: str, files: Any) -> dict:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import artifact
-from .ortho_split import LOWRANK_VALUE_BYTES, sparse_bytes
+from .lowrank import rank_bytes
+from .ortho_split import sparse_bytes
 
 
 def artifact_info(path: str | Path, verify_ortho: bool = False) -> dict:
@@ -24,7 +25,8 @@ def artifact_info(path: str | Path, verify_ortho: bool = False) -> dict:
         for s in layers.values()
     )
     sparse_bits = 8 * sum(sparse_bytes(s["ortho_nnz"], s["out_features"]) for s in layers.values())
-    lowrank_bits = 8 * sum(LOWRANK_VALUE_BYTES * s["ortho_rank"] * (s["in_features"] + s["out_features"]) for s in layers.values())
+    lowrank_bits = 8 * sum(s["ortho_rank"] * rank_bytes(s["out_features"], s["in_features"], s.get("lowrank_bits", 16))
+                           for s in layers.values())
     ortho_bits = sparse_bits + lowrank_bits
     cfg = manifest.get("config") or {}
     files = {
@@ -41,6 +43,7 @@ def artifact_info(path: str | Path, verify_ortho: bool = False) -> dict:
         bits_per_param_alpha1=(base_bits + ortho_bits) / max(n_weights, 1),
         base_bytes=base_bits // 8, sparse_bytes=sparse_bits // 8, lowrank_bytes=lowrank_bits // 8,
         lowrank_ranks=sorted({s["ortho_rank"] for s in layers.values()}),
+        lowrank_bits=sorted({s.get("lowrank_bits", 16) for s in layers.values() if s["ortho_rank"] > 0}),
         base_only=manifest["ortho"] is None, ortho_base_sha256=(manifest["ortho"] or {}).get("base_sha256"),
         files=files, provenance=manifest.get("provenance"), stats=manifest.get("stats"),
     )

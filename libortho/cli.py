@@ -97,7 +97,7 @@ def cmd_decompose(args) -> int:
 # `decompose` flags that set an OrthoConfig field of the same name; None = the preset's value.
 CONFIG_FLAGS = ("bits", "group_size", "method", "act_order", "score", "ortho_ratio", "budget", "calib_tokens",
                 "seq_len", "include", "seed", "forget_lambda", "forget_target", "sieve_private_weight", "ortho_budget",
-                "lowrank_share", "lowrank_fit")
+                "lowrank_share", "lowrank_fit", "lowrank_bits")
 
 
 def decompose_config(args, source: str):
@@ -220,7 +220,8 @@ def cmd_info(args) -> int:
     base = max(info["base_bytes"], 1)
     print(f"ortho bytes     sparse S {info['sparse_bytes']:,} ({100 * info['sparse_bytes'] / base:.1f} % of the base), "
           f"low-rank L {info['lowrank_bytes']:,} ({100 * info['lowrank_bytes'] / base:.1f} %, ranks "
-          f"{', '.join(map(str, info['lowrank_ranks']))})")
+          f"{', '.join(map(str, info['lowrank_ranks']))}"
+          + "".join(f"; {b}-bit" for b in info["lowrank_bits"]) + ")")
     for name, f in info["files"].items():
         size = "missing" if f["bytes"] is None else f"{f['bytes'] / 2**20:.1f} MiB"
         print(f"{name:<24}{size:>12}  sha256 {f['sha256'][:16]}…  {f['status']}")
@@ -304,7 +305,7 @@ def _audit_default(field: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import BITS, BUDGETS, FORGET_SOURCES, FORGET_TARGETS, GROUP_SIZES, LOWRANK_FITS, METHODS, SCORES
+    from .config import BITS, BUDGETS, FORGET_SOURCES, FORGET_TARGETS, GROUP_SIZES, LOWRANK_BITS, LOWRANK_FITS, METHODS, SCORES
     from .evaluation import PERPLEXITY_WINDOW
     from .privacy.extraction import Sampling
 
@@ -335,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lowrank-fit", default=None, choices=LOWRANK_FITS,
                    help="how L is fitted: svd (H-weighted SVD of the residual), edit (the forget edit in the "
                         f"eigenbasis of (H_priv, H')), random (a control) ({_preset_default('lowrank_fit')})")
+    p.add_argument("--lowrank-bits", type=int, default=None, choices=LOWRANK_BITS,
+                   help="how L is stored: 16 (B and A in fp16), 8 or 4 (integer codes in groups of 64: the same bytes "
+                        f"buy about 1.9x / 3.6x the rank) ({_preset_default('lowrank_bits')})")
     p.add_argument("--budget", default=None, choices=[b for b in BUDGETS if b != "threshold"],
                    help=f"budget across all layers or per layer ({_preset_default('budget')})")
     p.add_argument("--calib-tokens", type=positive_int, default=None, metavar="N",

@@ -29,6 +29,7 @@ FORGET_SOURCES = ("none", "records", "lookalikes", "free")
 FORGET_TARGETS = ("base_inputs", "public_activations")
 LOWRANK_FITS = ("svd", "edit", "random")
 LOWRANK_ALLOCS = ("global", "layer")
+LOWRANK_BITS = (16, 8, 4)  # 16: B and A stored in ortho_dtype; 8 / 4: as symmetric integer codes (lowrank.py)
 
 
 @dataclass
@@ -72,6 +73,9 @@ class OrthoConfig:
     lowrank_first: bool = True
     lowrank_step: int = 1
     lowrank_alloc: str = "layer"  # each layer the rank its share buys, or "global": by marginal gain per byte (docs/RESULTS.md)
+    # L's storage: 16 = B and A in ortho_dtype; 8 or 4 = integer codes in groups of 64 (lowrank.code_factors),
+    # so the same bytes buy about 1.9x / 3.6x the rank
+    lowrank_bits: int = 16
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -97,6 +101,8 @@ class OrthoConfig:
             raise ValueError(f"ortho_budget={self.ortho_budget} is a fraction of the base's bytes (0.25 = 25 %), >= 0")
         if not 0.0 <= self.lowrank_share <= 1.0:
             raise ValueError(f"lowrank_share={self.lowrank_share} must lie in [0, 1] (the low-rank part's share of the bytes)")
+        if self.lowrank_bits not in LOWRANK_BITS:
+            raise ValueError(f"lowrank_bits={self.lowrank_bits} is not supported; choose one of {', '.join(map(str, LOWRANK_BITS))}")
         if self.lowrank_step < 1:
             raise ValueError(f"lowrank_step={self.lowrank_step} must be >= 1")
         if self.lowrank_fit == "edit" and self.forget_source not in ("records", "lookalikes"):
@@ -148,7 +154,7 @@ class OrthoConfig:
 
 # Fields added after work folders were fingerprinted, with their defaults (see fingerprint_dict). An artifact's
 # manifest written before a field existed loads with its default (OrthoConfig(**manifest["config"])).
-ADDED_DEFAULTS = {"forget_target": "base_inputs"}
+ADDED_DEFAULTS = {"forget_target": "base_inputs", "lowrank_bits": 16}
 
 
 def _choose(field: str, value: str, choices: tuple[str, ...]) -> None:

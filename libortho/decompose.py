@@ -455,7 +455,7 @@ def _on_cpu(part: LayerParts, moved: dict[int, tuple[torch.Tensor, torch.Tensor]
         ortho = OrthoCSR(cpu(ortho.crow), cpu(ortho.col), cpu(ortho.val), ortho.shape)
     elif isinstance(ortho, OrthoParts):
         s, low = ortho.sparse, ortho.lowrank
-        ortho = OrthoParts(OrthoCSR(cpu(s.crow), cpu(s.col), cpu(s.val), s.shape), type(low)(cpu(low.B), cpu(low.A)))
+        ortho = OrthoParts(OrthoCSR(cpu(s.crow), cpu(s.col), cpu(s.val), s.shape), type(low)(cpu(low.B), cpu(low.A), low.codes))
     return LayerParts(base, cpu(part.R), cpu(part.H), cpu(part.bias), edit, ortho)
 
 
@@ -517,7 +517,7 @@ def install(
     n_ortho = 0
     for (b, name), ortho in orthos.items():
         sparse, low = (ortho.sparse, ortho.lowrank) if isinstance(ortho, OrthoParts) else (ortho, None)
-        lowrank = None if low is None or low.rank == 0 else (low.B, low.A)
+        lowrank = None if low is None or low.rank == 0 else low
         current = blocks[b].get_submodule(name)
         if isinstance(current, OrthoLinear):
             # the base-only layer quantize left (or an earlier install's layer) holds these parts' codes, packed:

@@ -36,6 +36,7 @@ from . import artifact
 from . import artifact_check as check
 from .artifact_format import BASE_FILE, MANIFEST, ORTHO_FILE, ORTHO_KEYS, ArtifactError
 from .fsutil import apply_umask, check_output_dir, staged_dir
+from .lowrank import factors_from_codes
 
 FORMATS = ("compressed-tensors",)
 EXPORTABLE_BITS = (4, 8)
@@ -220,13 +221,22 @@ def export_lora(path: str | Path, out: str | Path, manifest: dict | None = None)
     ranks = {n: s["ortho_rank"] for n, s in manifest["layers"].items() if s.get("ortho_rank", 0) > 0}
     tensors = {}
     for name in ranks:
-        tensors[f"base_model.model.{name}.lora_A.weight"] = ortho[f"{name}.ortho_A"].contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = ortho[f"{name}.ortho_B"].contiguous()
+        B, A = _factors(ortho, name, manifest["layers"][name])
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
     with staged_dir(target) as tmp:
         save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(lora_config(ranks), indent=2) + "\n")
         apply_umask(tmp, private={ADAPTER_WEIGHTS})  # it carries part of what alpha 0 hides
     return target
+
+
+def _factors(ortho: dict[str, torch.Tensor], name: str, spec: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) of one layer as stored, or its codes' values in the ortho dtype (an adapter holds floats)."""
+    if spec.get("lowrank_bits", 16) == 16:
+        return ortho[f"{name}.ortho_B"], ortho[f"{name}.ortho_A"]
+    return factors_from_codes(lambda key: ortho[f"{name}.{key}"], spec["lowrank_bits"], spec["in_features"],
+                              spec["out_features"], getattr(torch, spec["ortho_dtype"]))
 
 
 def export(path: str | Path, out: str | Path, format: str = "compressed-tensors", lora: str | Path | None = None) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .lowrank import LOWRANK_GROUP, LowRank, factors_from_codes
 from .packing import codes_per_byte, dequantize_packed, n_groups, pack
 from .quantize import QuantizedWeight, QuantSpec
 from .csr import OrthoCSR
@@ -18,8 +19,12 @@ class OrthoLinear(nn.Module):
     """Dual-stream linear layer, Y = X·W_baseᵀ + alpha·X·(S + B·A)ᵀ + b. Buffers follow docs/DESIGN.md:
     packed codes and fp16 scales/zeros (the base), the ortho stream's sparse part S (CSR:
     ortho_crow, ortho_col, ortho_val) and low-rank part L = B·A (ortho_B [out, r], ortho_A
-    [r, in], r = ortho_rank, 0 for none). `kernel_layout` is the fused kernels' view of the
-    buffers, owned here: built on the first CUDA call and dropped whenever the buffers move."""
+    [r, in], r = ortho_rank, 0 for none). With `lowrank_bits` 8 or 4, L is held as its integer codes
+    instead (lowrank.code_factors): ortho_Aq [r, packed in] and ortho_Btq [r, packed out] (uint8, packed
+    as the base's codes) with fp16 scales and zeros per LOWRANK_GROUP values (ortho_Aq_scales, ...),
+    ortho_A and ortho_B then empty; the kernels see rank 0 and the layer adds L itself.
+    `kernel_layout` is the fused kernels' view of the buffers, owned here: built on the first CUDA
+    call and dropped whenever the buffers move."""
 
     def __init__(
         self,
@@ -33,6 +38,7 @@ class OrthoLinear(nn.Module):
         ortho_dtype: torch.dtype = torch.float16,
         bias_dtype: torch.dtype = torch.float32,
         ortho_rank: int = 0,
+        lowrank_bits: int = 16,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -47,8 +53,15 @@ class OrthoLinear(nn.Module):
         self.register_buffer("ortho_crow", torch.zeros(out_features + 1, dtype=torch.int32))
         self.register_buffer("ortho_col", torch.zeros(ortho_nnz, dtype=torch.int32))
         self.register_buffer("ortho_val", torch.zeros(ortho_nnz, dtype=ortho_dtype))
-        self.register_buffer("ortho_A", torch.zeros(ortho_rank, in_features, dtype=ortho_dtype))
-        self.register_buffer("ortho_B", torch.zeros(out_features, ortho_rank, dtype=ortho_dtype))
+        self.lowrank_bits = lowrank_bits
+        float_rank = ortho_rank if lowrank_bits == 16 else 0
+        self.register_buffer("ortho_A", torch.zeros(float_rank, in_features, dtype=ortho_dtype))
+        self.register_buffer("ortho_B", torch.zeros(out_features, float_rank, dtype=ortho_dtype))
+        if lowrank_bits != 16:
+            for name, n in (("ortho_Aq", in_features), ("ortho_Btq", out_features)):
+                self.register_buffer(name, torch.zeros(ortho_rank, -(-n // codes_per_byte(lowrank_bits)), dtype=torch.uint8))
+                for part in ("scales", "zeros"):
+                    self.register_buffer(f"{name}_{part}", torch.zeros(ortho_rank, n_groups(n, LOWRANK_GROUP), dtype=torch.float16))
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype) if bias else None)
         self.alpha_state = AlphaState()
         self._dense_cache: dict[tuple, torch.Tensor] = {}
@@ -58,9 +71,10 @@ class OrthoLinear(nn.Module):
     @classmethod
     def from_parts(
         cls, base: QuantizedWeight, ortho: OrthoCSR, bias: torch.Tensor | None = None,
-        lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
+        lowrank: tuple[torch.Tensor, torch.Tensor] | LowRank | None = None,
     ) -> "OrthoLinear":
-        """lowrank: (B [out, r], A [r, in]), stored in the sparse part's dtype; None = rank 0."""
+        """lowrank: (B [out, r], A [r, in]), stored in the sparse part's dtype, or a LowRank (its codes when it
+        has them); None = rank 0."""
         out_features, in_features = base.codes.shape
         layer = cls(
             in_features,
@@ -72,7 +86,7 @@ class OrthoLinear(nn.Module):
             ortho_nnz=ortho.nnz,
             ortho_dtype=ortho.val.dtype,
             bias_dtype=bias.dtype if bias is not None else torch.float32,
-            ortho_rank=0 if lowrank is None else int(lowrank[1].shape[0]),
+            ortho_rank=_rank_of(lowrank), lowrank_bits=_bits_of(lowrank),
         )
         layer.qweight.copy_(pack(base.codes, base.spec.bits))
         layer.scales.copy_(base.scales)
@@ -82,14 +96,14 @@ class OrthoLinear(nn.Module):
             layer.bias.copy_(bias.detach())
         return layer
 
-    def with_ortho(self, ortho: OrthoCSR, lowrank: tuple[torch.Tensor, torch.Tensor] | None = None) -> "OrthoLinear":
+    def with_ortho(self, ortho: OrthoCSR, lowrank: tuple[torch.Tensor, torch.Tensor] | LowRank | None = None) -> "OrthoLinear":
         """A layer on this one's device with this one's base stream and bias (the same tensors, not copies) and
         the given ortho stream: what `from_parts` builds from the unpacked codes, without them."""
         layer = type(self)(
             self.in_features, self.out_features, self.bits, self.group_size, self.symmetric,
             bias=self.bias is not None, ortho_nnz=ortho.nnz, ortho_dtype=ortho.val.dtype,
             bias_dtype=self.bias.dtype if self.bias is not None else torch.float32,
-            ortho_rank=0 if lowrank is None else int(lowrank[1].shape[0]),
+            ortho_rank=_rank_of(lowrank), lowrank_bits=_bits_of(lowrank),
         )
         layer.qweight, layer.scales, layer.zeros, layer.bias = None, None, None, None  # replaced below: no copy
         layer._fill_ortho(ortho, lowrank)
@@ -97,13 +111,19 @@ class OrthoLinear(nn.Module):
         layer.qweight, layer.scales, layer.zeros, layer.bias = self.qweight, self.scales, self.zeros, self.bias
         return layer
 
-    def _fill_ortho(self, ortho: OrthoCSR, lowrank: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    def _fill_ortho(self, ortho: OrthoCSR, lowrank: tuple[torch.Tensor, torch.Tensor] | LowRank | None) -> None:
         self.ortho_crow.copy_(ortho.crow)
         self.ortho_col.copy_(ortho.col)
         self.ortho_val.copy_(ortho.val)
-        if lowrank is not None:
-            self.ortho_B.copy_(lowrank[0])
-            self.ortho_A.copy_(lowrank[1])
+        if isinstance(lowrank, LowRank) and lowrank.codes is not None:
+            for name, q in (("ortho_Aq", lowrank.codes.A), ("ortho_Btq", lowrank.codes.Bt)):
+                getattr(self, name).copy_(pack(q.codes, q.spec.bits))
+                getattr(self, f"{name}_scales").copy_(q.scales)
+                getattr(self, f"{name}_zeros").copy_(q.zeros)
+        elif lowrank is not None:
+            B, A = (lowrank.B, lowrank.A) if isinstance(lowrank, LowRank) else lowrank
+            self.ortho_B.copy_(B)
+            self.ortho_A.copy_(A)
 
     # ---- views of the two streams ---------------------------------------------------------
     @property
@@ -112,7 +132,13 @@ class OrthoLinear(nn.Module):
 
     @property
     def ortho_rank(self) -> int:
-        return int(self.ortho_A.shape[0])
+        return int((self.ortho_A if self.lowrank_bits == 16 else self.ortho_Aq).shape[0])
+
+    def lowrank_factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B [out, r], A [r, in]) in `dtype`: the stored floats, or the codes' values."""
+        if self.lowrank_bits == 16:
+            return self.ortho_B.to(dtype), self.ortho_A.to(dtype)
+        return factors_from_codes(lambda key: getattr(self, key), self.lowrank_bits, self.in_features, self.out_features, dtype)
 
     @property
     def has_ortho(self) -> bool:
@@ -128,7 +154,8 @@ class OrthoLinear(nn.Module):
         S = OrthoCSR(self.ortho_crow, self.ortho_col, self.ortho_val, (self.out_features, self.in_features)).to_dense()
         if self.ortho_rank == 0:
             return S
-        return S + self.ortho_B.float() @ self.ortho_A.float()
+        B, A = self.lowrank_factors()
+        return S + B @ A
 
     def _cached(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         key = (name, self.qweight.device, dtype)
@@ -180,7 +207,8 @@ class OrthoLinear(nn.Module):
         without a host sync (a zero row adds exact zeros)."""
         if self.ortho_rank == 0 or (not isinstance(alpha, torch.Tensor) and float(alpha) == 0.0):
             return None
-        low = (x @ self.ortho_A.to(x.dtype).t()) @ self.ortho_B.to(x.dtype).t()
+        B, A = self.lowrank_factors(x.dtype)  # codes: rounded to values on each call, never held as floats
+        low = (x @ A.t()) @ B.t()
         if isinstance(alpha, torch.Tensor):
             return self._broadcast_alpha(alpha, x).to(x.dtype) * low
         return float(alpha) * low
@@ -223,7 +251,8 @@ class OrthoLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, "
-            f"sym={self.symmetric}, ortho_nnz={self.ortho_nnz}, ortho_rank={self.ortho_rank}, bias={self.bias is not None}"
+            f"sym={self.symmetric}, ortho_nnz={self.ortho_nnz}, ortho_rank={self.ortho_rank}, "
+            f"lowrank_bits={self.lowrank_bits}, bias={self.bias is not None}"
         )
 
 
@@ -242,6 +271,14 @@ def dual_stream(
     if bias is not None:
         y = y + bias
     return y
+
+
+def _rank_of(lowrank: tuple[torch.Tensor, torch.Tensor] | LowRank | None) -> int:
+    return 0 if lowrank is None else int(lowrank[1].shape[0] if isinstance(lowrank, tuple) else lowrank.rank)
+
+
+def _bits_of(lowrank: tuple[torch.Tensor, torch.Tensor] | LowRank | None) -> int:
+    return lowrank.codes.bits if isinstance(lowrank, LowRank) and lowrank.codes is not None else 16
 
 
 def _is_nonzero(value: AlphaValue) -> bool:

@@ -54,6 +54,16 @@ the least-squares optimum under Hs_d: the best L whose rows lie in that random s
 
 Rank by bytes: L costs r·(out + in) values (2 bytes each at fp16). `allocate_ranks` hands out
 rank steps across layers greedily by objective reduction per byte.
+
+Integer codes (`code_factors`, OrthoConfig.lowrank_bits 8 or 4): A [r, in] and Bᵀ [r, out] are stored
+as symmetric codes with an fp16 scale (and zero) per LOWRANK_GROUP values along in / out, as the base
+is, so one rank costs about bits/16 of its fp16 bytes and a budget buys ~1.9× (8) or ~3.6× (4) the
+rank. The rows of A are rounded first; B is then refitted to what the rounded rows carry, the
+least-squares B of control (c) under the same Hs_d,
+
+    Â = round(A) ,   B = E Hs_d Âᵀ (Â Hs_d Âᵀ + ε I)⁻¹ ,   B̂ = round(B) ,   L = B̂ Â
+
+(ε = 1e-9·mean(diag) keeps rows that rounded to zero harmless), and B is rounded last.
 """
 from __future__ import annotations
 
@@ -64,10 +74,16 @@ from typing import Hashable
 import torch
 
 from .config import OrthoConfig
-from .quantize import add_identity_
+from .packing import codes_per_byte, dequantize_packed, n_groups
+from .quantize import QuantizedWeight, QuantSpec, add_identity_, rtn
 
 __all__ = [
+    "LOWRANK_GROUP",
     "LowRank",
+    "LowRankCodes",
+    "code_factors",
+    "factors_from_codes",
+    "rank_bytes",
     "dampened",
     "weighted_error",
     "weighted_svd",
@@ -80,12 +96,30 @@ __all__ = [
 ]
 
 
+LOWRANK_GROUP = 64  # values per fp16 scale of coded factors, along in (A) and out (Bᵀ)
+
+
+@dataclass
+class LowRankCodes:
+    """Integer codes of L's factors: A [r, in] and Bᵀ [r, out], each symmetric in groups of LOWRANK_GROUP
+    along its second axis (unpacked uint8 codes, fp16 scales and zeros [r, n_groups])."""
+
+    A: QuantizedWeight
+    Bt: QuantizedWeight
+
+    @property
+    def bits(self) -> int:
+        return self.A.spec.bits
+
+
 @dataclass
 class LowRank:
-    """L = B @ A of one layer: B [out, r], A [r, in] (float32 while fitting)."""
+    """L = B @ A of one layer: B [out, r], A [r, in] (float32 while fitting). `codes`: the integer codes
+    that B and A are the exact values of, when L is stored as codes (code_factors); None = floats."""
 
     B: torch.Tensor
     A: torch.Tensor
+    codes: LowRankCodes | None = None
 
     @property
     def rank(self) -> int:
@@ -96,8 +130,10 @@ class LowRank:
         return int(self.B.shape[0]), int(self.A.shape[1])
 
     def nbytes(self, dtype_bytes: int = 2) -> int:
-        """Stored size: r·(out + in) values of `dtype_bytes` each (2 at fp16)."""
+        """Stored size: r·(out + in) values of `dtype_bytes` each (2 at fp16), or the codes' bytes."""
         out_features, in_features = self.shape
+        if self.codes is not None:
+            return self.rank * rank_bytes(out_features, in_features, self.codes.bits)
         return dtype_bytes * self.rank * (out_features + in_features)
 
     def to_dense(self) -> torch.Tensor:
@@ -256,9 +292,44 @@ def random_subspace(
     return _balanced(B, A)
 
 
-def rank_for_bytes(out_features: int, in_features: int, nbytes: int, dtype_bytes: int = 2) -> int:
-    """The largest r with r·(out + in)·dtype_bytes ≤ nbytes, capped at min(out, in)."""
-    return min(max(0, nbytes) // (dtype_bytes * (out_features + in_features)), out_features, in_features)
+def rank_bytes(out_features: int, in_features: int, bits: int = 16) -> int:
+    """Stored bytes of one rank of L (a column of B and a row of A): 2 a value at bits 16, else the packed
+    codes plus an fp16 scale and zero per LOWRANK_GROUP values of each factor (code_factors)."""
+    if bits == 16:
+        return 2 * (out_features + in_features)
+    return sum(-(-n // codes_per_byte(bits)) + 4 * n_groups(n, LOWRANK_GROUP) for n in (out_features, in_features))
+
+
+def rank_for_bytes(out_features: int, in_features: int, nbytes: int, bits: int = 16) -> int:
+    """The largest r with r·rank_bytes(out, in, bits) ≤ nbytes, capped at min(out, in)."""
+    return min(max(0, nbytes) // rank_bytes(out_features, in_features, bits), out_features, in_features)
+
+
+def factors_from_codes(get, bits: int, in_features: int, out_features: int, dtype: torch.dtype = torch.float32,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B [out, r], A [r, in]) in `dtype` from stored codes: get(key) -> the tensor ortho_Aq, ortho_Aq_scales,
+    ortho_Aq_zeros, ortho_Btq, ... (packed uint8 codes, fp16 scales and zeros, as layer.OrthoLinear holds them)."""
+    A, Bt = (dequantize_packed(get(f), get(f"{f}_scales"), get(f"{f}_zeros"), bits, LOWRANK_GROUP, n, dtype)
+             for f, n in (("ortho_Aq", in_features), ("ortho_Btq", out_features)))
+    return Bt.t(), A
+
+
+def code_factors(L: LowRank, E: torch.Tensor, Hs: torch.Tensor, bits: int, damp: float = OrthoConfig.damp) -> LowRank:
+    """L stored as `bits`-bit codes (module docstring): A rounded, B refitted to the rounded A under Hs_d
+    and rounded. E [out, in] the residual L was fitted to, Hs [in, in] its curvature. Returns the coded
+    L (B, A float32, the codes' exact values)."""
+    if L.rank == 0:
+        return L
+    spec = QuantSpec(bits, LOWRANK_GROUP, True)
+    A_q = rtn(L.A.float().cpu(), spec)
+    A = A_q.dequantize().double().to(E.device)
+    HA = dampened(Hs, damp) @ A.t()  # Hs_d Âᵀ [in, r]
+    M = A @ HA
+    add_identity_(M, 1e-9 * torch.diag(M).mean().clamp_min(1e-30))
+    B = torch.linalg.solve(M, (E.double() @ HA).t()).t()
+    Bt_q = rtn(B.t().float().cpu(), spec)
+    dev = L.B.device
+    return LowRank(Bt_q.dequantize().t().contiguous().to(dev), A.float().to(dev), LowRankCodes(A_q, Bt_q))
 
 
 def step_gains(spectrum: torch.Tensor, step: int) -> list[float]:

@@ -7,7 +7,7 @@ the fp16 scales and zeros of every decomposed layer. `lowrank_share` of it is L'
 (the bytes L leaves unspent, in the rounding of ranks to whole steps or at full rank, go to S, unless
 `lowrank_share` is 1: no sparse part):
 
-    bytes(L) = Σ_layers 2 r (out + in)          (fp16 B and A)
+    bytes(L) = Σ_layers 2 r (out + in)          (fp16 B and A; lowrank_bits 8 / 4: lowrank.rank_bytes)
     bytes(S) = Σ_layers 6 nnz + 4 (out + 1)     (fp16 value + int32 column per entry, int32 row pointers)
 
 Ranks are handed out across layers in steps of `lowrank_step`, greedily by the drop of the layer
@@ -33,8 +33,8 @@ import torch
 from .config import OrthoConfig
 from .csr import OrthoCSR
 from .lowrank import (
-    LowRank, allocate_ranks, edit_eigenbasis, random_subspace, rank_for_bytes, step_gains, weighted_svd,
-    weighted_svd_spectrum,
+    LowRank, allocate_ranks, code_factors, edit_eigenbasis, random_subspace, rank_bytes, rank_for_bytes, step_gains,
+    weighted_svd, weighted_svd_spectrum,
 )
 from .packing import codes_per_byte, n_groups
 
@@ -67,7 +67,7 @@ def stored_bytes(layers) -> dict:
     for layer in layers:
         out["base"] += base_bytes((layer.out_features, layer.in_features), layer.bits, layer.group_size)
         out["sparse"] += sparse_bytes(layer.ortho_nnz, layer.out_features)
-        out["lowrank"] += LOWRANK_VALUE_BYTES * layer.ortho_rank * (layer.in_features + layer.out_features)
+        out["lowrank"] += layer.ortho_rank * rank_bytes(layer.out_features, layer.in_features, layer.lowrank_bits)
     return out
 
 
@@ -91,7 +91,7 @@ def split_for_shapes(shapes: dict, config: OrthoConfig, parts: dict | None = Non
         if parts is None:
             raise ValueError("lowrank_alloc='global' reads every layer's residual: pass the parts")
         ranks = _allocate(parts, shapes, lowrank_budget, config)
-    lowrank_used = sum(LOWRANK_VALUE_BYTES * ranks[k] * sum(s) for k, s in shapes.items())
+    lowrank_used = sum(ranks[k] * rank_bytes(*s, config.lowrank_bits) for k, s in shapes.items())
     sparse_budget = 0.0 if config.lowrank_share == 1.0 else budget - pointers - lowrank_used
     nnz = max(0, int(sparse_budget // SPARSE_ENTRY_BYTES))
     n_weights = sum(s[0] * s[1] for s in shapes.values())
@@ -104,7 +104,7 @@ def _per_layer(shapes: dict, fraction: float, config: OrthoConfig) -> dict:
     ranks = {}
     for key, s in shapes.items():
         nbytes = fraction * base_bytes(s, config.bits, config.group_size)
-        r = rank_for_bytes(*s, int(nbytes), LOWRANK_VALUE_BYTES)
+        r = rank_for_bytes(*s, int(nbytes), config.lowrank_bits)
         ranks[key] = r - r % config.lowrank_step if r >= config.lowrank_step else r
     return ranks
 
@@ -112,7 +112,7 @@ def _per_layer(shapes: dict, fraction: float, config: OrthoConfig) -> dict:
 def _allocate(parts: dict, shapes: dict, budget_bytes: int, config: OrthoConfig) -> dict:
     gains = {key: step_gains(weighted_svd_spectrum(p.R, _curvature(p), config.damp), config.lowrank_step)
              for key, p in parts.items()}
-    costs = {key: LOWRANK_VALUE_BYTES * sum(s) for key, s in shapes.items()}
+    costs = {key: rank_bytes(*s, config.lowrank_bits) for key, s in shapes.items()}
     ranks = allocate_ranks(gains, costs, budget_bytes, config.lowrank_step)
     return {key: min(r, *shapes[key]) for key, r in ranks.items()}
 
@@ -123,15 +123,18 @@ def _curvature(p) -> torch.Tensor:
 
 
 def fit_lowrank(p, E: torch.Tensor, rank: int, config: OrthoConfig, generator: torch.Generator) -> LowRank:
-    """One layer's L of `rank` fitted to the residual E [out, in] by config.lowrank_fit."""
+    """One layer's L of `rank` fitted to the residual E [out, in] by config.lowrank_fit, as the codes of
+    config.lowrank_bits when below 16."""
     if rank == 0:
         return LowRank.empty(*E.shape)
     if config.lowrank_fit == "random":
-        return random_subspace(E, _curvature(p), rank, generator, config.damp)
-    if config.lowrank_fit == "edit" and p.edit is not None:
+        L = random_subspace(E, _curvature(p), rank, generator, config.damp)
+    elif config.lowrank_fit == "edit" and p.edit is not None:
         delta, H_priv, H_prime = p.edit
-        return edit_eigenbasis(delta, H_priv, H_prime, rank, config.damp)
-    return weighted_svd(E, _curvature(p), rank, config.damp)
+        L = edit_eigenbasis(delta, H_priv, H_prime, rank, config.damp)
+    else:
+        L = weighted_svd(E, _curvature(p), rank, config.damp)
+    return L if config.lowrank_bits == 16 else code_factors(L, E, _curvature(p), config.lowrank_bits, config.damp)
 
 
 def split_model(parts: dict, config: OrthoConfig, sieve) -> tuple[dict, dict]:
@@ -208,4 +211,7 @@ class LayerFinisher:
 
 
 def _stored(L: LowRank, dtype: torch.dtype) -> LowRank:
+    """L as the layer stores it: B and A in the ortho dtype, or its codes (kept as they are)."""
+    if L.codes is not None:
+        return L
     return LowRank(L.B.to(dtype).contiguous(), L.A.to(dtype).contiguous())

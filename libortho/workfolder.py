@@ -31,8 +31,8 @@ from safetensors.torch import load_file, save_file
 
 from .config import OrthoConfig
 from .csr import OrthoCSR
-from .lowrank import LowRank
-from .quantize import QuantizedWeight
+from .lowrank import LOWRANK_GROUP, LowRank, LowRankCodes
+from .quantize import QuantizedWeight, QuantSpec
 
 PROGRESS, CARRY = "progress.json", "carry.safetensors"
 
@@ -202,8 +202,16 @@ def _layer_parts(f, name: str, kind: str, config: OrthoConfig):
         edit = tuple(get(f"edit.{i}") for i in range(3)) if f"{name}.edit.0" in keys else None
         return LayerParts(base, get("R"), get("H"), get("bias"), edit)
     sparse = OrthoCSR(get("crow"), get("col"), get("val"), tuple(base.codes.shape))
-    ortho = OrthoParts(sparse, LowRank(get("B"), get("A"))) if kind == "parts" else sparse
+    ortho = OrthoParts(sparse, LowRank(get("B"), get("A"), _codes(get, config))) if kind == "parts" else sparse
     return LayerParts(base, None, None, get("bias"), ortho=ortho)
+
+
+def _codes(get, config: OrthoConfig) -> LowRankCodes | None:
+    """The low-rank part's codes as `_layer_tensors` wrote them (config.lowrank_bits < 16), else None."""
+    if get("Aq.codes") is None:
+        return None
+    spec = QuantSpec(config.lowrank_bits, LOWRANK_GROUP, True)
+    return LowRankCodes(*(QuantizedWeight(get(f"{f}.codes"), get(f"{f}.scales"), get(f"{f}.zeros"), spec) for f in ("Aq", "Btq")))
 
 
 def _layer_tensors(name: str, p, out: dict) -> str:
@@ -223,7 +231,10 @@ def _layer_tensors(name: str, p, out: dict) -> str:
     sparse = p.ortho.sparse if isinstance(p.ortho, OrthoParts) else p.ortho
     out[f"{name}.crow"], out[f"{name}.col"], out[f"{name}.val"] = sparse.crow, sparse.col, sparse.val
     if isinstance(p.ortho, OrthoParts):
-        out[f"{name}.B"], out[f"{name}.A"] = p.ortho.lowrank.B, p.ortho.lowrank.A
+        low = p.ortho.lowrank
+        out[f"{name}.B"], out[f"{name}.A"] = low.B, low.A
+        for f, q in (() if low.codes is None else (("Aq", low.codes.A), ("Btq", low.codes.Bt))):
+            out[f"{name}.{f}.codes"], out[f"{name}.{f}.scales"], out[f"{name}.{f}.zeros"] = q.codes, q.scales, q.zeros
         return "parts"
     return "csr"
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import libortho
+from libortho import artifact as artifact_module
 from libortho.artifact_format import FORMAT_VERSION, ArtifactError
 from conftest import TEXT, tiny_model
 
@@ -289,3 +290,48 @@ def test_the_low_rank_part_round_trips_lives_in_the_ortho_file_and_is_checked(to
     _rewrite_ortho(tampered, lambda t: t.update({first: t[first][:2]}), rehash=True)
     with pytest.raises(ArtifactError, match="ortho_A is \\(2, .*ortho_rank 4"):
         libortho.load(tampered, alpha=1.0)
+
+
+def test_a_coded_low_rank_part_round_trips_lives_in_the_ortho_file_and_is_checked(tokenizer, tmp_path):
+    from safetensors import safe_open
+
+    from libortho.artifact_format import LOWRANK_CODE_KEYS
+
+    model = tiny_model("llama")
+    config = libortho.OrthoConfig(calib_tokens=1024, seq_len=128, group_size=32, ortho_budget=0.25, lowrank_share=1.0,
+                                  lowrank_bits=4)
+    libortho.decompose(model, tokenizer, TEXT, config, progress=False)
+    path = libortho.save(model, tokenizer, tmp_path / "coded")
+    manifest = json.loads((path / "libortho.json").read_text())
+    assert manifest["format_version"] == 4
+    assert all(spec["lowrank_bits"] == 4 and spec["ortho_rank"] > 0 for spec in manifest["layers"].values())
+    with safe_open(str(path / "base.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if k.rsplit(".", 1)[-1] in LOWRANK_CODE_KEYS + ("ortho_A", "ortho_B")]
+    with safe_open(str(path / "ortho.safetensors"), "pt") as f:
+        assert sum(k.rsplit(".", 1)[-1] in LOWRANK_CODE_KEYS for k in f.keys()) == 6 * len(manifest["layers"])
+    loaded, _ = libortho.load(path, alpha=1.0)
+    ids = tokenizer(TEXT[:64], return_tensors="pt").input_ids
+    for a in (0.0, 0.5, 1.0):
+        with libortho.alpha(model, a), libortho.alpha(loaded, a), torch.no_grad():
+            assert torch.equal(model(ids).logits, loaded(ids).logits), a
+
+    first = next(n for n in manifest["layers"]) + ".ortho_Aq_scales"
+    _rewrite_ortho(path, lambda t: t.update({first: t[first][:1]}), rehash=True)
+    with pytest.raises(ArtifactError, match=r"ortho_Aq_scales is torch.float16 \(1, .*lowrank_bits 4"):
+        libortho.load(path, alpha=1.0)
+
+
+def test_a_format_3_manifest_reads_as_float_low_rank(artifact, tmp_path):
+    model, path = artifact
+    old = tmp_path / "v3"
+    shutil.copytree(path, old)
+    m = json.loads((old / "libortho.json").read_text())
+    m["format_version"] = 3
+    for spec in m["layers"].values():
+        del spec["lowrank_bits"]
+    (old / "libortho.json").write_text(json.dumps(m))
+    loaded, tok = libortho.load(old, alpha=1.0)
+    ids = tok(TEXT[:64], return_tensors="pt").input_ids
+    with libortho.alpha(model, 1.0), torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    assert artifact_module.read_manifest(old)["layers"] == {n: {**s, "lowrank_bits": 16} for n, s in m["layers"].items()}

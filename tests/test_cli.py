@@ -166,3 +166,20 @@ def test_an_interrupted_decompose_says_so_and_resumes_to_the_same_artifact(artif
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in artifact.iterdir())
     for name in ("base.safetensors", "ortho.safetensors"):
         assert (out / name).read_bytes() == (artifact / name).read_bytes(), name
+
+
+def test_decompose_lowrank_bits_stores_codes_and_info_says_so(hf_folder, text_file, tmp_path, capsys):
+    out = tmp_path / "coded"
+    assert main(["decompose", str(hf_folder), str(out), "--calib", str(text_file), "--group-size", "32",
+                 "--calib-tokens", "1024", "--seq-len", "128", "--ortho-budget", "0.25", "--lowrank-share", "1",
+                 "--lowrank-bits", "4"]) == 0
+    assert json.loads((out / "libortho.json").read_text())["config"]["lowrank_bits"] == 4
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert "; 4-bit)" in capsys.readouterr().out
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["lowrank_bits"] == [4] and 0 < info["lowrank_bytes"] <= 0.25 * info["base_bytes"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["decompose", str(hf_folder), str(tmp_path / "bad"), "--calib", str(text_file), "--lowrank-bits", "3"])
+    assert exit_.value.code == 2 and "--lowrank-bits: invalid choice: 3" in capsys.readouterr().err

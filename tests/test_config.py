@@ -1,7 +1,7 @@
 """Presets as changes to OrthoConfig's defaults (config.py)."""
 import pytest
 
-from libortho.config import PRESETS, OrthoConfig, preset
+from libortho.config import ADDED_DEFAULTS, PRESETS, OrthoConfig, preset
 
 
 def test_the_privacy_preset_spends_its_bytes_on_the_low_rank_part():
@@ -40,9 +40,16 @@ def test_forget_target_is_checked_and_a_config_that_does_not_use_it_hashes_as_be
         with pytest.raises(ValueError, match="forget_target='public_activations' runs P on the forget texts"):
             OrthoConfig(forget_source=source, forget_target="public_activations")
     # A manifest written before the field existed loads with the default; a work folder started then resumes.
-    old = {k: v for k, v in OrthoConfig(forget_source="records").to_dict().items() if k != "forget_target"}
+    old = {k: v for k, v in OrthoConfig(forget_source="records").to_dict().items() if k not in ADDED_DEFAULTS}
     assert OrthoConfig(**old) == OrthoConfig(forget_source="records")
     assert OrthoConfig(**old).fingerprint_dict() == old
     new = OrthoConfig(forget_source="records", forget_target="public_activations")
     assert new.fingerprint_dict()["forget_target"] == "public_activations"
     assert fingerprint(new, "t", ["r"], [None]) != fingerprint(OrthoConfig(**old), "t", ["r"], [None])
+
+
+def test_lowrank_bits_is_checked_and_the_float_default_hashes_as_before():
+    with pytest.raises(ValueError, match="lowrank_bits=3 is not supported; choose one of 16, 8, 4"):
+        OrthoConfig(lowrank_bits=3)
+    assert "lowrank_bits" not in OrthoConfig().fingerprint_dict()
+    assert OrthoConfig(lowrank_bits=4).fingerprint_dict()["lowrank_bits"] == 4

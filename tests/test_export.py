@@ -41,6 +41,13 @@ def lowrank_artifact(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="module")
+def coded_lowrank_artifact(tmp_path_factory, tokenizer):
+    """As lowrank_artifact, with L stored as 4-bit codes (lowrank_bits 4)."""
+    return _decompose(tmp_path_factory, tokenizer, "coded", bits=4, group_size=32, ortho_budget=0.25, lowrank_share=1.0,
+                      lowrank_bits=4)
+
+
+@pytest.fixture(scope="module")
 def int8_artifact(tmp_path_factory, tokenizer):
     """INT8 g32 symmetric with a sparse ortho stream S."""
     return _decompose(tmp_path_factory, tokenizer, "int8", bits=8, group_size=32, ortho_ratio=0.02)
@@ -177,8 +184,10 @@ def test_an_existing_non_empty_out_and_a_lora_without_low_rank_part_are_refused(
     assert not (tmp_path / "out").exists() and not (tmp_path / "adapter").exists()
 
 
-def test_lora_adapter_through_peft_matches_alpha_1(lowrank_artifact, tokenizer, tmp_path):
+@pytest.mark.parametrize("which", ["lowrank_artifact", "coded_lowrank_artifact"])
+def test_lora_adapter_through_peft_matches_alpha_1(which, request, tokenizer, tmp_path):
     peft = pytest.importorskip("peft")
+    lowrank_artifact = request.getfixturevalue(which)
     manifest = json.loads((lowrank_artifact / "libortho.json").read_text())
     ranks = {n: s["ortho_rank"] for n, s in manifest["layers"].items()}
     assert all(s["ortho_nnz"] == 0 for s in manifest["layers"].values())  # the ortho stream is L alone

@@ -236,3 +236,38 @@ def test_allocate_ranks_from_spectra_respects_the_budget_and_tracks_the_error():
         drop = weighted_error(E, LowRank.empty(*E.shape), dampened(H, OrthoConfig.damp)) - weighted_error(
             E, fit, dampened(H, OrthoConfig.damp))
         assert drop == pytest.approx(sum(gains[k][: ranks[k] // step]), rel=1e-4)
+
+
+def test_rank_bytes_count_the_codes_and_their_scales():
+    from libortho.lowrank import rank_bytes
+
+    assert rank_bytes(10, 7) == 2 * 17
+    assert rank_bytes(576, 576, 8) == 2 * (576 + 4 * 9)  # one byte a code, an fp16 scale and zero per 64
+    assert rank_bytes(576, 1536, 4) == (288 + 4 * 9) + (768 + 4 * 24)
+    assert rank_for_bytes(576, 576, 10 * rank_bytes(576, 576, 4), 4) == 10
+
+
+def test_code_factors_are_their_codes_values_and_the_refit_beats_plain_rounding():
+    """B̂ Â from code_factors: Â's rows are the codes' values; B is the least-squares B for Â under Hs
+    before its own rounding, so at 8 bits L is almost the float fit, and at 4 bits the refit leaves less
+    of the objective than rounding both factors as fitted (the control)."""
+    from libortho.lowrank import code_factors
+    from libortho.quantize import QuantSpec, rtn
+
+    g = torch.Generator().manual_seed(0)
+    E = torch.randn(96, 128, generator=g) + torch.randn(96, 6, generator=g) @ torch.randn(6, 128, generator=g)
+    X = torch.randn(128, 512, generator=g) * torch.linspace(0.2, 2.0, 128)[:, None]
+    H = X @ X.t() / 512
+    L = weighted_svd(E, H, 16)
+    Hd = dampened(H, 0.01)
+    float_error = weighted_error(E, L, Hd)
+    for bits in (8, 4):
+        C = code_factors(L, E, H, bits)
+        assert C.rank == 16 and C.codes.bits == bits
+        assert torch.equal(C.A, C.codes.A.dequantize()) and torch.equal(C.B, C.codes.Bt.dequantize().t())
+        spec = QuantSpec(bits, 64, True)
+        rounded = LowRank(rtn(L.B.t(), spec).dequantize().t(), rtn(L.A, spec).dequantize())
+        assert weighted_error(E, C, Hd) < weighted_error(E, rounded, Hd)
+        if bits == 8:
+            assert weighted_error(E, C, Hd) < 1.01 * float_error
+    assert C.nbytes() == 16 * ((48 + 4 * 2) + (64 + 4 * 2))

@@ -131,3 +131,38 @@ def test_stored_bytes_count_what_each_part_stores(finetuned, tokenizer):
     assert counted["base"] == stats.ortho_bytes["base"]
     layer = ortho_layers(model)[0]
     assert base_bytes((layer.out_features, layer.in_features), 4, 32) == layer.qweight.numel() + 4 * layer.scales.numel()
+
+
+def test_coded_factors_keep_to_the_bytes_leave_alpha_zero_and_restore_more_at_equal_bytes(finetuned, tokenizer):
+    """lowrank_bits 4: about 3.6x the ranks of fp16 for the same bytes; the base is the same bits; alpha 1
+    is the codes' L exactly; and on the tiny model's real residuals the coded L leaves less of the layer
+    objective tr((R − S − L) H (R − S − L)ᵀ) than the fp16 L of the same bytes."""
+    from libortho.decompose import plan_decomposition, quantize_model, sieve_model
+    from libortho.lowrank import rank_bytes
+    from libortho.ortho_split import split_model, stored_bytes
+
+    fp16, _ = _decomposed(finetuned, tokenizer, ortho_budget=0.5, lowrank_share=1.0)
+    coded, stats = _decomposed(finetuned, tokenizer, ortho_budget=0.5, lowrank_share=1.0, lowrank_bits=4)
+    assert stored_bytes(ortho_layers(coded))["lowrank"] == stats.ortho_bytes["lowrank"] <= stats.ortho_bytes["budget"]
+    for a, b in zip(ortho_layers(fp16), ortho_layers(coded)):
+        assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scales, b.scales)
+        assert b.lowrank_bits == 4 and b.ortho_A.numel() == 0  # the kernels see no float factors
+        assert b.ortho_rank >= 3 * a.ortho_rank > 0
+        assert rank_bytes(b.out_features, b.in_features, 4) * 3 < rank_bytes(b.out_features, b.in_features, 16)
+        x = torch.randn(5, b.in_features)
+        B, A = b.lowrank_factors()
+        with libortho.alpha(coded, 1.0):
+            want = x @ (b.base_weight() + B @ A).t()
+            assert torch.allclose(b(x), want, atol=1e-5, rtol=1e-5)
+    ids = tokenizer(TEXT[:64], return_tensors="pt").input_ids
+    with libortho.alpha(fp16, 0.0), libortho.alpha(coded, 0.0), torch.no_grad():
+        assert torch.equal(fp16(ids).logits, coded(ids).logits)
+
+    model = copy.deepcopy(finetuned)
+    config = libortho.OrthoConfig(**BASE, ortho_budget=0.5, lowrank_share=1.0)
+    parts, _ = quantize_model(model, plan_decomposition(model, tokenizer, TEXT, config), config, progress=False)
+    left = {}
+    for bits in (16, 4):
+        orthos, _ = split_model(parts, dataclasses.replace(config, lowrank_bits=bits), sieve_model)
+        left[bits] = sum(float(torch.sum(((E := p.R - orthos[k].lowrank.to_dense()) @ p.H) * E)) for k, p in parts.items())
+    assert left[4] < left[16]

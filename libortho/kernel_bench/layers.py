@@ -42,7 +42,7 @@ def split_for_shape(n: int, k: int, ortho_budget: float, lowrank_share: float,
     from libortho.lowrank import rank_for_bytes
     from libortho.ortho_split import LOWRANK_VALUE_BYTES, SPARSE_ENTRY_BYTES, base_bytes
     budget = ortho_budget * base_bytes((n, k), 4, group_size) - 4 * (n + 1)
-    rank = rank_for_bytes(n, k, int(lowrank_share * max(0.0, budget)), LOWRANK_VALUE_BYTES)
+    rank = rank_for_bytes(n, k, int(lowrank_share * max(0.0, budget)))
     left = 0.0 if lowrank_share == 1.0 else budget - LOWRANK_VALUE_BYTES * rank * (n + k)
     return max(0.0, left) / SPARSE_ENTRY_BYTES / (n * k), rank
 
