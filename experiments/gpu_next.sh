@@ -16,6 +16,7 @@ mkdir -p "$OUT"
 SMOL=/root/smol
 case "$1" in
   kernels)
+    timeout 120 python3 -m pytest -o addopts="" -q tests/gpu/test_lowrank_gpu.py 2>&1 | tail -2  # fp16 and coded L on CUDA
     python3 benchmarks/bench_decode_v3.py --out "$OUT" --budget-s "${BUDGET:-420}" 2>&1 | tail -40
     ;;
   serve)

@@ -1,9 +1,9 @@
-"""The alpha-1 table of the two-part ortho stream over scenario seeds, from a gpu_eval.sh result file
-({run file: {seed: {variant: ...}}}): per variant, the mean over seeds and the range (min–max) of
+"""The alpha-1 table of the two-part ortho stream over scenario seeds, from gpu_eval.sh result files
+({run file: {seed: {variant: ...}}}) or forget_eval.py output files ({seed: {variant: ...}}): per variant, the mean over seeds and the range (min–max) of
 alpha-1 perplexity, measured PIN exposure at k = 4 and 16 and greedy extraction at k = 16, each also
 as a fraction of the FP fine-tune's mean; for records-half, the records listed and not listed.
 
-    python experiments/split_report.py docs/ortho_split/preset_3seeds_default.json [--alpha 1]
+    python experiments/split_report.py docs/ortho_split/preset_3seeds_default.json [more files ...] [--alpha 1]
 """
 from __future__ import annotations
 
@@ -62,11 +62,16 @@ def table(fp: dict, rows: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("path")
+    ap.add_argument("paths", nargs="+")
     ap.add_argument("--alpha", type=float, default=1.0)
     args = ap.parse_args()
-    with open(args.path) as f:
-        fp, rows = gather(json.load(f), args.alpha)
+    runs = {}
+    for path in args.paths:
+        with open(path) as f:
+            data = json.load(f)
+        is_run = all(key.isdigit() for key in data)  # forget_eval.py's own output: one run
+        runs.update({path: data} if is_run else {f"{path}:{k}": v for k, v in data.items()})
+    fp, rows = gather(runs, args.alpha)
     print(table(fp, rows))
 
 
