@@ -7,6 +7,7 @@ from libortho.config import ADDED_DEFAULTS, PRESETS, OrthoConfig, preset
 def test_the_privacy_preset_spends_its_bytes_on_the_low_rank_part():
     config = preset("privacy", forget_source="records")
     assert config.ortho_budget == PRESETS["privacy"]["ortho_budget"] and config.lowrank_share == 1.0
+    assert config.lowrank_bits == 4 and preset("quality").lowrank_bits == 16  # L as 4-bit codes
     assert config.sieve_private_weight == PRESETS["privacy"]["sieve_private_weight"] > 0
 
 

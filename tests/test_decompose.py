@@ -153,7 +153,8 @@ def test_lambda_zero_is_plain_gptq_bit_for_bit(tokenizer):
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(ortho_budget=0.25, lowrank_share=1.0),  # the privacy preset's split: L alone, ranks per layer
+    dict(ortho_budget=0.25, lowrank_share=1.0),  # L alone, ranks per layer
+    dict(ortho_budget=0.25, lowrank_share=1.0, lowrank_bits=4),  # the privacy preset's split: the same, as 4-bit codes
     dict(budget="layer", ortho_ratio=0.02),  # a sparse-only per-layer budget
 ])
 def test_layers_finished_as_their_block_is_done_equal_the_staged_stages(overrides, tokenizer):
@@ -193,6 +194,7 @@ class _Stop(Exception):
     dict(ortho_budget=0.25, lowrank_share=1.0, lowrank_fit="random"),  # finished in the block (and a random state)
     dict(ortho_ratio=0.02),  # the staged path: R and H of every block saved for the global sieve
     dict(ortho_budget=0.25, lowrank_share=0.5),  # staged, split between L and a global S: R − B·A read per layer
+    dict(ortho_budget=0.25, lowrank_share=1.0, lowrank_bits=4),  # finished in the block, L kept as its codes
 ])
 def test_a_run_stopped_after_a_block_and_resumed_equals_an_uninterrupted_one(overrides, tokenizer, tmp_path, monkeypatch):
     import copy
