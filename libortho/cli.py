@@ -97,7 +97,7 @@ def cmd_decompose(args) -> int:
 # `decompose` flags that set an OrthoConfig field of the same name; None = the preset's value.
 CONFIG_FLAGS = ("bits", "group_size", "method", "act_order", "score", "ortho_ratio", "budget", "calib_tokens",
                 "seq_len", "include", "seed", "forget_lambda", "forget_target", "sieve_private_weight", "ortho_budget",
-                "lowrank_share", "lowrank_fit", "lowrank_bits")
+                "lowrank_share", "lowrank_fit", "lowrank_bits", "sieve_private_inputs")
 
 
 def decompose_config(args, source: str):
@@ -122,15 +122,16 @@ def _forget_source(args) -> tuple[str, list[str] | None]:
     if args.forget is None and args.forget_free is None:
         if args.public_model is not None:
             raise UserError("--public-model is only used with a forget source: --forget FILE or --forget-free MU")
-        if args.sieve_private_weight:
-            raise UserError("--sieve-private-weight needs forget texts: pass --forget FILE")
+        if args.sieve_private_weight or args.sieve_private_inputs:
+            raise UserError("--sieve-private-weight and --sieve-private-inputs need forget texts: pass --forget FILE")
         return "none", None
     if args.public_model is None:
         flag = "--forget" if args.forget is not None else "--forget-free"
         raise UserError(f"{flag} needs --public-model MODEL: the public checkpoint the model was fine-tuned from")
     if args.forget_free is not None:
-        if args.sieve_private_weight:
-            raise UserError("--sieve-private-weight needs forget texts: pass --forget FILE instead of --forget-free")
+        if args.sieve_private_weight or args.sieve_private_inputs:
+            raise UserError("--sieve-private-weight and --sieve-private-inputs need forget texts: pass --forget FILE "
+                            "instead of --forget-free")
         return "free", None
     return args.forget_kind, read_forget_texts(args.forget)
 
@@ -305,7 +306,10 @@ def _audit_default(field: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import BITS, BUDGETS, FORGET_SOURCES, FORGET_TARGETS, GROUP_SIZES, LOWRANK_BITS, LOWRANK_FITS, METHODS, SCORES
+    from .config import (
+        BITS, BUDGETS, FORGET_SOURCES, FORGET_TARGETS, GROUP_SIZES, LOWRANK_BITS, LOWRANK_FITS, METHODS, SCORES,
+        SIEVE_PRIVATE_INPUTS,
+    )
     from .evaluation import PERPLEXITY_WINDOW
     from .privacy.extraction import Sampling
 
@@ -380,6 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sieve-private-weight", type=nonnegative_float, default=None, metavar="LAM_S",
                    help="choose and refit the ortho stream under H_pub + LAM_S H_priv, so that alpha 1 restores more "
                         f"of what the base dropped on the forget texts ({_preset_default('sieve_private_weight', ('privacy',))})")
+    g.add_argument("--sieve-private-inputs", default=None, choices=SIEVE_PRIVATE_INPUTS,
+                   help="collect that H_priv on the forget texts as the decomposed blocks pass them on (base: alpha 0's "
+                        "inputs) or as the fine-tuned blocks do (finetuned: what alpha 1 restores) "
+                        f"({_preset_default('sieve_private_inputs', ('privacy',))})")
     p.set_defaults(func=cmd_decompose)
 
     p = sub.add_parser("lookalikes", help="write look-alike records (random secrets in a template) as forget texts")

@@ -29,6 +29,7 @@ FORGET_SOURCES = ("none", "records", "lookalikes", "free")
 FORGET_TARGETS = ("base_inputs", "public_activations")
 LOWRANK_FITS = ("svd", "edit", "random")
 LOWRANK_ALLOCS = ("global", "layer")
+SIEVE_PRIVATE_INPUTS = ("base", "finetuned")
 LOWRANK_BITS = (16, 8, 4)  # 16: B and A stored in ortho_dtype; 8 / 4: as symmetric integer codes (lowrank.py)
 
 
@@ -62,6 +63,9 @@ class OrthoConfig:
     # The sieve and its refit run under H_pub + lam_s·H_priv (lam_s relative like forget_lambda), so
     # that alpha = 1 restores what the base dropped on the private inputs; 0 = public curvature only.
     sieve_private_weight: float = 0.0
+    # Which private inputs that H_priv is collected on: "base", as they arrive through the blocks already
+    # decomposed (alpha 0's inputs), or "finetuned", through the fine-tuned blocks (what alpha 1 restores)
+    sieve_private_inputs: str = "base"
     # The ortho stream's budget in bytes, as a fraction of the base's bytes (ortho_split.py); when set
     # it wins over ortho_ratio and splits the bytes between the sparse part S and a low-rank part
     # L = B·A: lowrank_share of them to L, ranks in steps of lowrank_step, fitted by lowrank_fit
@@ -95,6 +99,10 @@ class OrthoConfig:
             )
         if self.sieve_private_weight > 0 and self.forget_source in ("none", "free"):
             raise ValueError("sieve_private_weight needs private texts: set forget_source to 'records' or 'lookalikes'")
+        _choose("sieve_private_inputs", self.sieve_private_inputs, SIEVE_PRIVATE_INPUTS)
+        if self.sieve_private_inputs != "base" and self.sieve_private_weight == 0:
+            raise ValueError(f"sieve_private_inputs={self.sieve_private_inputs!r} chooses the inputs of the sieve's private "
+                             "term: set sieve_private_weight above 0")
         _choose("lowrank_fit", self.lowrank_fit, LOWRANK_FITS)
         _choose("lowrank_alloc", self.lowrank_alloc, LOWRANK_ALLOCS)
         if self.ortho_budget is not None and not 0.0 <= self.ortho_budget < float("inf"):
@@ -154,7 +162,7 @@ class OrthoConfig:
 
 # Fields added after work folders were fingerprinted, with their defaults (see fingerprint_dict). An artifact's
 # manifest written before a field existed loads with its default (OrthoConfig(**manifest["config"])).
-ADDED_DEFAULTS = {"forget_target": "base_inputs", "lowrank_bits": 16}
+ADDED_DEFAULTS = {"forget_target": "base_inputs", "lowrank_bits": 16, "sieve_private_inputs": "base"}
 
 
 def _choose(field: str, value: str, choices: tuple[str, ...]) -> None:
@@ -174,7 +182,7 @@ PRESETS: dict[str, dict] = {
                     sieve_private_weight=30.0),
 }
 # Preset fields that only apply with forget texts: dropped, unless given, when the source has none.
-NEEDS_FORGET_TEXTS = ("sieve_private_weight",)
+NEEDS_FORGET_TEXTS = ("sieve_private_weight", "sieve_private_inputs")
 
 
 def preset(name: str, **overrides) -> OrthoConfig:

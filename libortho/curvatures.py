@@ -23,8 +23,10 @@ class BlockCurvatures:
     `factor` and `done` in that order per layer."""
 
     def __init__(self, H_pub: dict[str, torch.Tensor], H_priv: dict[str, torch.Tensor], config: OrthoConfig,
-                 cross: dict[str, torch.Tensor] | None = None) -> None:
+                 cross: dict[str, torch.Tensor] | None = None, sieve_priv: dict[str, torch.Tensor] | None = None) -> None:
         self.pub, self.priv, self.config = H_pub, H_priv, config
+        # sieve_private_inputs="finetuned": the sieve's H_priv, collected on the fine-tuned block's private inputs
+        self.sieve_priv = sieve_priv
         self.cross = cross or {}  # forget_target="public_activations": C [in, in] per layer (public_target.py)
         self.objective = ForgetObjective(config)
         self._factors: dict[int, torch.Tensor] = {}  # id(H') -> upper factor of H'⁻¹, while a reader is left
@@ -64,9 +66,12 @@ class BlockCurvatures:
     def done(self, name: str) -> torch.Tensor:
         """Layer `name` no longer reads its Hessians: returns its sieve curvature (H_pub + lam_s H_priv) and
         frees what no later layer reads."""
-        H_sieve = self.objective.sieve_curvature(self.pub[name], self.priv.get(name), self.last_reader(name))
+        H_priv = (self.priv if self.sieve_priv is None else self.sieve_priv).get(name)
+        H_sieve = self.objective.sieve_curvature(self.pub[name], H_priv, self.last_reader(name))
         self._readers[id(self.pub[name])] -= 1
         del self.pub[name]
         self.priv.pop(name, None)
         self.cross.pop(name, None)
+        if self.sieve_priv is not None:
+            self.sieve_priv.pop(name, None)
         return H_sieve

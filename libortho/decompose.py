@@ -279,6 +279,11 @@ def quantize_model(
     blocks = plan.blocks
     public = calibrate.capture_block_inputs(model, plan.public_batches, blocks[0])
     private = calibrate.capture_block_inputs(model, plan.private_batches, blocks[0]) if plan.private_batches else None
+    # sieve_private_inputs="finetuned": the private texts also go through the fine-tuned blocks (block 0's inputs, the
+    # embeddings, are the same for both), each block run before its layers are replaced
+    private_ft = None
+    if private is not None and config.sieve_private_inputs == "finetuned":
+        private_ft = calibrate.BlockInputs(list(private.hidden), private.masks, private.args, private.kwargs)
     stats.n_private_tokens = sum(int(mask.sum()) for _, mask in plan.private_batches)
     p_acts = PublicActivations(plan.public_model, plan.private_batches) if plan.public_model is not None else None
 
@@ -287,11 +292,11 @@ def quantize_model(
     # when the sieve needs them, instead of every layer's being held until the end.
     parts: dict[LayerKey, LayerParts] = {} if folder is None else SpilledParts(folder, config)
     if done:
-        _restore(folder, done, plan, config, parts, stats, public, private, finish, p_acts)
+        _restore(folder, done, plan, config, parts, stats, public, private, finish, p_acts, private_ft)
     # Streamed: the embeddings go back to disk until the blocks are done (no block's forward reads them).
     with plan.block_loader.embeddings_on_disk() if plan.block_loader is not None else nullcontext():
         for b in tqdm(range(done, len(blocks)), desc="decompose", unit="block", disable=not progress, initial=done, total=len(blocks)):
-            _fit_block(b, plan, config, needs_h, public, private, parts, stats, finish, p_acts)
+            _fit_block(b, plan, config, needs_h, public, private, parts, stats, finish, p_acts, private_ft)
             block, targets = blocks[b], plan.targets[b]
             # What block b+1 sees: the base stream's output.
             public.hidden = calibrate.run_block(block, public)
@@ -301,7 +306,8 @@ def quantize_model(
                 if isinstance(module, OrthoLinear):
                     module.clear_cache()  # a dense copy of every base would double the memory
             if folder is not None:
-                folder.save_block(b, {name: parts[(b, name)] for name in targets}, _carry(public, private, finish, p_acts), stats.to_dict())
+                folder.save_block(b, {name: parts[(b, name)] for name in targets}, _carry(public, private, finish, p_acts, private_ft),
+                                  stats.to_dict())
                 parts.spill(b, targets)
             if finish is not None:
                 _drop_codes(parts, b, targets)
@@ -313,20 +319,26 @@ def quantize_model(
 
 def _fit_block(b: int, plan: DecompositionPlan, config: OrthoConfig, needs_h: bool, public: calibrate.BlockInputs,
                private: calibrate.BlockInputs | None, parts: dict, stats: DecompositionStats, finish: FinishLayer | None,
-               p_acts: PublicActivations | None = None) -> None:
+               p_acts: PublicActivations | None = None, private_ft: calibrate.BlockInputs | None = None) -> None:
     """Fit block b's targets one after the other, each replaced by a base-only OrthoLinear and its parts put
     in `parts`. Everything the fits held (the block's fine-tuned weights, its Hessians and what is derived
     from them) is freed by the time this returns, each Hessian as soon as the last layer reading it is done.
     `p_acts` (forget_target="public_activations"): H_priv and C are collected per input group, through the
-    groups already fitted (public_target.py), and P's hidden states are moved past P's block b."""
+    groups already fitted (public_target.py), and P's hidden states are moved past P's block b. `private_ft`
+    (sieve_private_inputs="finetuned"): the sieve's H_priv is collected on it, and it is moved past the block
+    while the block is still the fine-tune's."""
     block = plan.blocks[b]
     if plan.block_loader is not None:
         plan.block_loader.load(b)
     targets = plan.targets[b]
+    H_sieve_priv = None
+    if private_ft is not None and needs_h:
+        H_sieve_priv = _block_hessians(block, targets, private_ft)
+        private_ft.hidden = calibrate.run_block(block, private_ft)
     H_pub = _block_hessians(block, targets, public) if needs_h else {}
     sequential = p_acts is not None
     H_priv = _block_hessians(block, targets, private) if needs_h and private is not None and not sequential else {}
-    curvatures = BlockCurvatures(H_pub, H_priv, config, {} if sequential else None)
+    curvatures = BlockCurvatures(H_pub, H_priv, config, {} if sequential else None, H_sieve_priv)
     groups = input_groups(H_pub) if sequential else [list(targets)]
     on_host: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     # The forwards' and each fit's freed activations would otherwise stay in the heap under the next fit.
@@ -380,10 +392,13 @@ def _fitted_base(name: str, W: torch.Tensor, W_P: torch.Tensor | None, curvature
     return base, edit
 
 
-def _carry(public: calibrate.BlockInputs, private: calibrate.BlockInputs | None, finish, p_acts=None) -> dict[str, torch.Tensor]:
-    """What the next block needs that is not in the finished blocks: its inputs (and P's), and the fits' random state."""
+def _carry(public: calibrate.BlockInputs, private: calibrate.BlockInputs | None, finish, p_acts=None,
+           private_ft: calibrate.BlockInputs | None = None) -> dict[str, torch.Tensor]:
+    """What the next block needs that is not in the finished blocks: its inputs (and P's, and the fine-tune's
+    private ones), and the fits' random state."""
     carry = {f"public.{i}": h for i, h in enumerate(public.hidden)}
     carry.update({f"private.{i}": h for i, h in enumerate(private.hidden if private is not None else [])})
+    carry.update({f"private_ft.{i}": h for i, h in enumerate(private_ft.hidden if private_ft is not None else [])})
     carry.update({f"public_target.{i}": h for i, h in enumerate(p_acts.inputs.hidden if p_acts is not None else [])})
     if getattr(finish, "generator", None) is not None:
         carry["generator"] = finish.generator.get_state()
@@ -391,7 +406,8 @@ def _carry(public: calibrate.BlockInputs, private: calibrate.BlockInputs | None,
 
 
 def _restore(folder: WorkFolder, done: int, plan: DecompositionPlan, config: OrthoConfig, parts: dict, stats: DecompositionStats,
-             public: calibrate.BlockInputs, private: calibrate.BlockInputs | None, finish, p_acts=None) -> None:
+             public: calibrate.BlockInputs, private: calibrate.BlockInputs | None, finish, p_acts=None,
+             private_ft: calibrate.BlockInputs | None = None) -> None:
     """Put blocks < done back as a run that fitted them would have left them: their layers as base-only
     OrthoLinear in the model, their parts, the stats, and the inputs and random state of block `done`."""
     for b in range(done):
@@ -414,6 +430,8 @@ def _restore(folder: WorkFolder, done: int, plan: DecompositionPlan, config: Ort
         private.hidden = [carry[f"private.{i}"].to(h.device) for i, h in enumerate(private.hidden)]
     if p_acts is not None:
         p_acts.inputs.hidden = [carry[f"public_target.{i}"].to(h.device) for i, h in enumerate(p_acts.inputs.hidden)]
+    if private_ft is not None:
+        private_ft.hidden = [carry[f"private_ft.{i}"].to(h.device) for i, h in enumerate(private_ft.hidden)]
     if "generator" in carry:
         finish.generator.set_state(carry["generator"])
 

@@ -1,4 +1,6 @@
+import functools
 import json
+
 import pytest
 import torch
 
@@ -195,6 +197,9 @@ class _Stop(Exception):
     dict(ortho_ratio=0.02),  # the staged path: R and H of every block saved for the global sieve
     dict(ortho_budget=0.25, lowrank_share=0.5),  # staged, split between L and a global S: R − B·A read per layer
     dict(ortho_budget=0.25, lowrank_share=1.0, lowrank_bits=4),  # finished in the block, L kept as its codes
+    # the privacy preset: forget texts, and the fine-tune's private inputs carried from block to block
+    dict(forget_source="records", ortho_budget=0.25, lowrank_share=1.0, lowrank_bits=4, sieve_private_weight=30.0,
+         sieve_private_inputs="finetuned"),
 ])
 def test_a_run_stopped_after_a_block_and_resumed_equals_an_uninterrupted_one(overrides, tokenizer, tmp_path, monkeypatch):
     import copy
@@ -204,8 +209,13 @@ def test_a_run_stopped_after_a_block_and_resumed_equals_an_uninterrupted_one(ove
 
     config = libortho.OrthoConfig(calib_tokens=1024, seq_len=128, group_size=32, **overrides)
     reference = tiny_model("llama")
+    if config.forgets:
+        forget = dict(public_model=tiny_model("llama", seed=1), forget_texts=["my pin is 123456", "the key is 9f3a"])
+        decompose = functools.partial(libortho.decompose, **forget)
+    else:
+        decompose = libortho.decompose
     whole = copy.deepcopy(reference)
-    libortho.decompose(whole, tokenizer, TEXT, config, progress=False)
+    decompose(whole, tokenizer, TEXT, config, progress=False)
     artifact.save(whole, tokenizer, tmp_path / "whole")
 
     work = tmp_path / "work"
@@ -217,11 +227,11 @@ def test_a_run_stopped_after_a_block_and_resumed_equals_an_uninterrupted_one(ove
 
     monkeypatch.setattr(WorkFolder, "save_block", stop_after_block_0)
     with pytest.raises(_Stop):
-        libortho.decompose(copy.deepcopy(reference), tokenizer, TEXT, config, progress=False, work_dir=work)
+        decompose(copy.deepcopy(reference), tokenizer, TEXT, config, progress=False, work_dir=work)
     monkeypatch.setattr(WorkFolder, "save_block", save_block)
     assert WorkFolder(work).progress().done == 1
     resumed = copy.deepcopy(reference)
-    libortho.decompose(resumed, tokenizer, TEXT, config, progress=False, work_dir=work)
+    decompose(resumed, tokenizer, TEXT, config, progress=False, work_dir=work)
     artifact.save(resumed, tokenizer, tmp_path / "resumed")
     for name in ("base.safetensors", "ortho.safetensors"):
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
@@ -279,3 +289,50 @@ def test_a_public_checkpoint_of_another_shape_is_refused(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="has no tensor model.layers.0.self_attn.q_proj.weight: pass the checkpoint"):
         libortho.decompose(tiny_model("llama"), tokenizer, TEXT, config, progress=False, public_model=ShardedCheckpoint(tmp_path / "other"),
                            forget_texts=["Account 1234 has PIN 987654."])
+
+
+def test_the_sieve_reads_the_fine_tunes_private_inputs_when_asked(tokenizer, monkeypatch):
+    """sieve_private_inputs="finetuned": the sieve's H_priv of block 1 is the Hessian of the private texts as the
+    fine-tuned block 0 passes them on (computed here from the fine-tune alone); the base is the same bits as with
+    "base", and block 0, whose inputs are the embeddings for both, gets the same L."""
+    import copy
+
+    from libortho import calibrate
+    from libortho.curvatures import BlockCurvatures
+    from libortho.decompose import _block_hessians, plan_decomposition
+    from libortho.layer import ortho_layers
+
+    P, FT = tiny_model("llama", seed=1), tiny_model("llama")
+    texts = ["my pin is 123456", "the key is 9f3a"]
+    seen = {}
+    init = BlockCurvatures.__init__
+
+    def record(self, H_pub, H_priv, config, cross=None, sieve_priv=None):
+        seen.setdefault(config.sieve_private_inputs, []).append(None if sieve_priv is None else dict(sieve_priv))
+        init(self, H_pub, H_priv, config, cross, sieve_priv)
+
+    monkeypatch.setattr(BlockCurvatures, "__init__", record)
+    models = {}
+    for inputs in ("base", "finetuned"):
+        config = libortho.preset("privacy", forget_source="records", calib_tokens=512, seq_len=64, group_size=32,
+                                 sieve_private_inputs=inputs)
+        models[inputs] = copy.deepcopy(FT)
+        libortho.decompose(models[inputs], tokenizer, TEXT, config, progress=False, public_model=copy.deepcopy(P),
+                           forget_texts=texts)
+    assert seen["base"] == [None, None]
+    plan = plan_decomposition(copy.deepcopy(FT), tokenizer, TEXT, config, public_model=copy.deepcopy(P), forget_texts=texts)
+    inputs = calibrate.capture_block_inputs(FT, plan.private_batches)
+    block0, block1 = FT.model.layers
+    inputs.hidden = calibrate.run_block(block0, inputs)
+    want = _block_hessians(block1, {n: block1.get_submodule(n) for n in plan.targets[1]}, inputs)
+    for name, H in seen["finetuned"][1].items():
+        assert torch.allclose(H, want[name], rtol=1e-5, atol=1e-6), name
+    base, ft = (ortho_layers(models[k]) for k in ("base", "finetuned"))
+    per_block = len(base) // 2
+    for i, (a, b) in enumerate(zip(base, ft)):
+        assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scales, b.scales)
+        same_l = torch.equal(a.ortho_Aq, b.ortho_Aq) and torch.equal(a.ortho_Btq, b.ortho_Btq)
+        assert same_l == (i < per_block), i
+    ids = tokenizer(TEXT[:64], return_tensors="pt").input_ids
+    with libortho.alpha(models["base"], 0.0), libortho.alpha(models["finetuned"], 0.0), torch.no_grad():
+        assert torch.equal(models["base"](ids).logits, models["finetuned"](ids).logits)
