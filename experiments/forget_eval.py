@@ -86,6 +86,9 @@ VARIANTS = {  # name -> (config overrides, forget texts)
     **{f"{kind}, L {bits}-bit": (dict(forget_source=kind, lowrank_bits=bits), texts)
        for kind, texts in (("records", "members"), ("lookalikes", "lookalikes")) for bits in (8, 4)},
     "plain GPTQ, L 4-bit 25 %": (dict(forget_source="none", lowrank_share=1.0, lowrank_bits=4), None),
+    # ... with the sieve's private term collected on the fine-tuned blocks' inputs (what alpha 1 restores)
+    **{f"{kind}, L 4-bit, fine-tuned inputs": (dict(forget_source=kind, lowrank_bits=4, sieve_private_inputs="finetuned"), texts)
+       for kind, texts in (("records", "members"), ("lookalikes", "lookalikes"))},
     # The curve over lam (the preset's 3 above), with the public-text control at the strongest pull.
     **{f"{kind}, lam {lam:g}": (dict(forget_source=kind, forget_lambda=float(lam)), texts)
        for kind, texts in (("records", "members"), ("lookalikes", "lookalikes")) for lam in (1, 10, 30, 100)},

@@ -174,12 +174,12 @@ def _choose(field: str, value: str, choices: tuple[str, ...]) -> None:
 # "quality": the plain decomposition (no forget objective): the defaults themselves.
 # "privacy": GPTQ INT4 g64 fitted by the forget objective on the given forget texts; its ortho stream
 # is the low-rank part alone, 25 % of the base's bytes, stored as 4-bit codes (~3.6x the rank of fp16
-# factors), fitted under H_pub + 30·H_priv so that alpha 1 gives back what the edit took from the
-# private inputs.
+# factors), fitted under H_pub + 30·H_priv with H_priv on the fine-tuned blocks' inputs, so that alpha 1
+# gives back what the edit took from the private inputs where alpha 1 meets them.
 PRESETS: dict[str, dict] = {
     "quality": dict(),
     "privacy": dict(group_size=64, ortho_ratio=0.02, ortho_budget=0.25, lowrank_share=1.0, lowrank_bits=4,
-                    sieve_private_weight=30.0),
+                    sieve_private_weight=30.0, sieve_private_inputs="finetuned"),
 }
 # Preset fields that only apply with forget texts: dropped, unless given, when the source has none.
 NEEDS_FORGET_TEXTS = ("sieve_private_weight", "sieve_private_inputs")

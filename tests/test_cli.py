@@ -63,6 +63,8 @@ def test_decompose_info_perplexity_generate(artifact, text_file, capsys):
           "--public-model", "{hf}"], "one of them"),
         (["decompose", "{hf}", "{tmp}/out", "--calib", "{text}", "--forget-free", "1", "--public-model", "{hf}",
           "--sieve-private-weight", "3"], "forget texts"),
+        (["decompose", "{hf}", "{tmp}/out", "--calib", "{text}", "--sieve-private-inputs", "finetuned"],
+         "--sieve-private-inputs need forget texts"),
         (["lookalikes", "PIN {{secret}} {{nope}}", "--format", "digits:6"], "unknown slot"),
         (["lookalikes", "PIN {{secret}}", "--format", "digits:6", "--exclude", "/no/such.txt"], "does not exist"),
     ],
@@ -107,6 +109,7 @@ def test_decompose_with_the_forget_objective(hf_folder, text_file, tmp_path, tok
     config = json.loads((out / "libortho.json").read_text())["config"]
     # A forget source switches the defaults to the privacy preset.
     assert config["forget_source"] == "records" and config["forget_lambda"] == 3.0 and config["ortho_ratio"] == 0.02
+    assert config["lowrank_bits"] == 4 and config["sieve_private_inputs"] == "finetuned"
     out_free = tmp_path / "art_free"
     assert main(["decompose", str(finetuned), str(out_free), "--calib", str(text_file), "--calib-tokens", "1024",
                  "--seq-len", "128", "--group-size", "32", "--forget-free", "0.5", "--public-model", str(hf_folder)]) == 0

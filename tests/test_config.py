@@ -9,6 +9,7 @@ def test_the_privacy_preset_spends_its_bytes_on_the_low_rank_part():
     assert config.ortho_budget == PRESETS["privacy"]["ortho_budget"] and config.lowrank_share == 1.0
     assert config.lowrank_bits == 4 and preset("quality").lowrank_bits == 16  # L as 4-bit codes
     assert config.sieve_private_weight == PRESETS["privacy"]["sieve_private_weight"] > 0
+    assert config.sieve_private_inputs == "finetuned"  # H_priv of the sieve and L on the fine-tune's activations
 
 
 def test_a_sparse_ratio_given_alone_replaces_the_presets_byte_budget():
@@ -20,7 +21,7 @@ def test_a_sparse_ratio_given_alone_replaces_the_presets_byte_budget():
 @pytest.mark.parametrize("source", ["none", "free"])
 def test_preset_fields_that_need_forget_texts_are_dropped_without_them(source):
     config = preset("privacy", forget_source=source)
-    assert config.sieve_private_weight == 0.0
+    assert config.sieve_private_weight == 0.0 and config.sieve_private_inputs == "base"
     with pytest.raises(ValueError, match="sieve_private_weight needs private texts"):
         preset("privacy", forget_source=source, sieve_private_weight=30.0)  # asked for: refused, not dropped
 
@@ -54,3 +55,11 @@ def test_lowrank_bits_is_checked_and_the_float_default_hashes_as_before():
         OrthoConfig(lowrank_bits=3)
     assert "lowrank_bits" not in OrthoConfig().fingerprint_dict()
     assert OrthoConfig(lowrank_bits=4).fingerprint_dict()["lowrank_bits"] == 4
+
+
+def test_sieve_private_inputs_is_checked():
+    with pytest.raises(ValueError, match="sieve_private_inputs='p' is not known; choose one of base, finetuned"):
+        OrthoConfig(forget_source="records", sieve_private_weight=1.0, sieve_private_inputs="p")
+    with pytest.raises(ValueError, match="set sieve_private_weight above 0"):
+        OrthoConfig(forget_source="records", sieve_private_inputs="finetuned")
+    assert "sieve_private_inputs" not in OrthoConfig().fingerprint_dict()
