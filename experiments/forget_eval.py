@@ -14,6 +14,9 @@ GPTQ of the fine-tune, and the forget objective with each source:
   records / lookalikes, lam L: the same at another lam (the curve over lam; the control at lam 30);
   records, sieve lam_s 30 / records, 5 % and 10 % ortho: the restoring half (alpha 1) with the sieve and
                refit under H_pub + 30·H_priv, or with a larger ortho budget;
+  records / lookalikes, L 8-bit / 4-bit (/ fine-tuned inputs): the low-rank part stored as codes (and fitted on
+               the fine-tuned blocks' private inputs); since both became the privacy preset's defaults, the plain
+               "records" and "lookalikes" rows are these too;
   NPO          standard unlearning for comparison: NPO (beta 0.1) + retain loss on the fine-tune,
                forget set = the member records, retain set = the public training text, learning
                rate and steps by the stopping rule (unlearn.select_unlearning); audited in FP and
