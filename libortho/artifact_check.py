@@ -17,7 +17,7 @@ import torch
 
 from .artifact_format import CSR_KEYS, LOWRANK_KEYS, MANIFEST, ArtifactError
 from .lowrank import LOWRANK_GROUP
-from .packing import codes_per_byte, n_groups
+from .packing import n_groups, packed_bytes
 
 # ---- files ------------------------------------------------------------------------------
 def sha256_file(path: Path) -> str:
@@ -168,7 +168,7 @@ def check_lowrank_codes(file: Path, name: str, spec: dict, tensors: dict[str, to
     uint8, their _scales and _zeros [r, groups of LOWRANK_GROUP] fp16 and finite, r = ortho_rank."""
     rank, bits = spec["ortho_rank"], spec["lowrank_bits"]
     for factor, n in (("ortho_Aq", spec["in_features"]), ("ortho_Btq", spec["out_features"])):
-        shapes = {"": ((rank, -(-n // codes_per_byte(bits))), torch.uint8),
+        shapes = {"": ((rank, packed_bytes(n, bits)), torch.uint8),
                   "_scales": ((rank, n_groups(n, LOWRANK_GROUP)), torch.float16),
                   "_zeros": ((rank, n_groups(n, LOWRANK_GROUP)), torch.float16)}
         for part, (shape, dtype) in shapes.items():

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .lowrank import LOWRANK_GROUP, LowRank, factors_from_codes
-from .packing import codes_per_byte, dequantize_packed, n_groups, pack
+from .packing import dequantize_packed, n_groups, pack, packed_bytes
 from .quantize import QuantizedWeight, QuantSpec
 from .csr import OrthoCSR
 from .switch import AlphaState, AlphaValue
@@ -44,10 +44,8 @@ class OrthoLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.spec = QuantSpec(bits, group_size, symmetric)
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
-        per_byte = codes_per_byte(bits)
-        packed_cols = -(-in_features // per_byte)
         G = n_groups(in_features, group_size)
-        self.register_buffer("qweight", torch.zeros(out_features, packed_cols, dtype=torch.uint8))
+        self.register_buffer("qweight", torch.zeros(out_features, packed_bytes(in_features, bits), dtype=torch.uint8))
         self.register_buffer("scales", torch.ones(out_features, G, dtype=torch.float16))
         self.register_buffer("zeros", torch.zeros(out_features, G, dtype=torch.float16))
         self.register_buffer("ortho_crow", torch.zeros(out_features + 1, dtype=torch.int32))
@@ -59,7 +57,7 @@ class OrthoLinear(nn.Module):
         self.register_buffer("ortho_B", torch.zeros(out_features, float_rank, dtype=ortho_dtype))
         if lowrank_bits != 16:
             for name, n in (("ortho_Aq", in_features), ("ortho_Btq", out_features)):
-                self.register_buffer(name, torch.zeros(ortho_rank, -(-n // codes_per_byte(lowrank_bits)), dtype=torch.uint8))
+                self.register_buffer(name, torch.zeros(ortho_rank, packed_bytes(n, lowrank_bits), dtype=torch.uint8))
                 for part in ("scales", "zeros"):
                     self.register_buffer(f"{name}_{part}", torch.zeros(ortho_rank, n_groups(n, LOWRANK_GROUP), dtype=torch.float16))
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype) if bias else None)
@@ -206,7 +204,7 @@ class OrthoLinear(nn.Module):
         kept (turning them on every call made a SmolLM2 decode step 2.4x slower on an H100): the device then
         holds L at the codes' rank in `dtype`, about 3.6x the codes' bytes at 4 bits (docs/lowrank_codes/)."""
         if self.lowrank_bits == 16:
-            return self.ortho_B.to(dtype), self.ortho_A.to(dtype)
+            return self.lowrank_factors(dtype)
         key = ("lowrank", self.ortho_Aq.device, dtype)
         if key not in self._dense_cache:
             self._dense_cache[key] = self.lowrank_factors(dtype)

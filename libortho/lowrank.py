@@ -74,7 +74,7 @@ from typing import Hashable
 import torch
 
 from .config import OrthoConfig
-from .packing import codes_per_byte, dequantize_packed, n_groups
+from .packing import dequantize_packed, n_groups, packed_bytes
 from .quantize import QuantizedWeight, QuantSpec, add_identity_, rtn
 
 __all__ = [
@@ -297,7 +297,7 @@ def rank_bytes(out_features: int, in_features: int, bits: int = 16) -> int:
     codes plus an fp16 scale and zero per LOWRANK_GROUP values of each factor (code_factors)."""
     if bits == 16:
         return 2 * (out_features + in_features)
-    return sum(-(-n // codes_per_byte(bits)) + 4 * n_groups(n, LOWRANK_GROUP) for n in (out_features, in_features))
+    return sum(packed_bytes(n, bits) + 4 * n_groups(n, LOWRANK_GROUP) for n in (out_features, in_features))
 
 
 def rank_for_bytes(out_features: int, in_features: int, nbytes: int, bits: int = 16) -> int:

@@ -36,7 +36,7 @@ from .lowrank import (
     LowRank, allocate_ranks, code_factors, edit_eigenbasis, random_subspace, rank_bytes, rank_for_bytes, step_gains,
     weighted_svd, weighted_svd_spectrum,
 )
-from .packing import codes_per_byte, n_groups
+from .packing import n_groups, packed_bytes
 
 SPARSE_ENTRY_BYTES = 6  # fp16 value + int32 column
 LOWRANK_VALUE_BYTES = 2  # fp16
@@ -53,7 +53,7 @@ class OrthoParts:
 def base_bytes(shape: tuple[int, int], bits: int, group_size: int) -> int:
     """Stored bytes of one layer's base [out, in]: packed codes + fp16 scales and zeros."""
     out_features, in_features = shape
-    packed = out_features * -(-in_features // codes_per_byte(bits))
+    packed = out_features * packed_bytes(in_features, bits)
     return packed + 2 * 2 * out_features * n_groups(in_features, group_size)
 
 

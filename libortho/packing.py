@@ -32,6 +32,11 @@ def codes_per_byte(bits: int) -> int:
     return 8 // container_bits(bits)
 
 
+def packed_bytes(in_features: int, bits: int) -> int:
+    """Bytes one row of ``in_features`` codes packs into: ceil(in_features / codes_per_byte)."""
+    return -(-in_features // codes_per_byte(bits))
+
+
 def n_groups(in_features: int, group_size: int) -> int:
     return math.ceil(in_features / group_size)
 

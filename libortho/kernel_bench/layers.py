@@ -39,11 +39,11 @@ def split_for_shape(n: int, k: int, ortho_budget: float, lowrank_share: float,
     """(sparse density, rank) of one [n, k] layer whose ortho stream takes ``ortho_budget`` of its
     INT4 base's bytes, ``lowrank_share`` of them the low-rank part's (as ortho_split.split_budget
     splits a model with per-layer ranks)."""
-    from libortho.lowrank import rank_for_bytes
-    from libortho.ortho_split import LOWRANK_VALUE_BYTES, SPARSE_ENTRY_BYTES, base_bytes
+    from libortho.lowrank import rank_bytes, rank_for_bytes
+    from libortho.ortho_split import SPARSE_ENTRY_BYTES, base_bytes
     budget = ortho_budget * base_bytes((n, k), 4, group_size) - 4 * (n + 1)
     rank = rank_for_bytes(n, k, int(lowrank_share * max(0.0, budget)))
-    left = 0.0 if lowrank_share == 1.0 else budget - LOWRANK_VALUE_BYTES * rank * (n + k)
+    left = 0.0 if lowrank_share == 1.0 else budget - rank * rank_bytes(n, k)
     return max(0.0, left) / SPARSE_ENTRY_BYTES / (n * k), rank
 
 
