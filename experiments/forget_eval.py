@@ -95,6 +95,12 @@ VARIANTS = {  # name -> (config overrides, forget texts)
     # The preset's L fitted under H_pub + lam_s·H_priv at a stronger private weight (the preset's lam_s is 30)
     **{f"{kind}, lam_s {w:g}": (dict(forget_source=kind, sieve_private_weight=float(w)), texts)
        for kind, texts in (("records", "members"), ("lookalikes", "lookalikes")) for w in (100, 300)},
+    # L fitted to the fine-tune's outputs on the inputs alpha 1 gives each layer (lowrank_target, propagated.py)
+    **{f"{kind}, propagated L": (dict(forget_source=kind, lowrank_target="propagated"), texts)
+       for kind, texts in (("records", "members"), ("lookalikes", "lookalikes"), ("records-half", "half"))},
+    "plain GPTQ, propagated L": (dict(forget_source="none", lowrank_share=1.0, lowrank_bits=4, lowrank_target="propagated"), None),
+    **{f"{kind}, propagated L, ridge {r:g}": (dict(forget_source=kind, lowrank_target="propagated", propagated_ridge=r), texts)
+       for kind, texts in (("records", "members"), ("lookalikes", "lookalikes")) for r in (0.01, 0.3)},
     # The curve over lam (the preset's 3 above), with the public-text control at the strongest pull.
     **{f"{kind}, lam {lam:g}": (dict(forget_source=kind, forget_lambda=float(lam)), texts)
        for kind, texts in (("records", "members"), ("lookalikes", "lookalikes")) for lam in (1, 10, 30, 100)},

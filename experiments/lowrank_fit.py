@@ -35,7 +35,8 @@ import torch
 
 from libortho.config import OrthoConfig
 from libortho.csr import csr_from_flat_indices
-from libortho.decompose import plan_decomposition, quantize_model
+from libortho.decompose import quantize_model
+from libortho.plan import plan_decomposition
 from libortho.hf_model import decoder_blocks
 from libortho.lm import pad_sequences
 from libortho.lowrank import edit_eigenbasis, random_subspace, weighted_svd

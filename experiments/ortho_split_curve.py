@@ -27,7 +27,8 @@ import torch
 
 from libortho import sources
 from libortho.config import preset
-from libortho.decompose import install, plan_decomposition, quantize_model, sieve_model
+from libortho.decompose import install, quantize_model, sieve_model
+from libortho.plan import plan_decomposition
 from libortho.lookalikes import lookalike_records
 from libortho.ortho_split import split_model
 from libortho.scenario import ScenarioConfig, build_scenario

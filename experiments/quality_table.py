@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from libortho import sources
-from libortho.decompose import OrthoConfig, install, plan_decomposition, quantize_model, sieve_model
+from libortho.decompose import OrthoConfig, install, quantize_model, sieve_model
+from libortho.plan import plan_decomposition
 from libortho.evaluation import mean_nll, token_windows
 from libortho.switch import set_alpha
 from libortho.scenario import public_corpus

@@ -155,3 +155,42 @@ def text_batches(tokenizer, texts: list[str], batch_size: int = 16, max_len: int
     seqs = [tokenizer(t, add_special_tokens=False).input_ids[:max_len] for t in texts]
     seqs = [s for s in seqs if len(s) >= 2]
     return [pad_sequences(seqs[i : i + batch_size], pad)[:2] for i in range(0, len(seqs), batch_size)]
+
+
+def n_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> int:
+    """The tokens of a batch that count, as HessianCollector counts them: every position, or the unmasked ones."""
+    return x[..., 0].numel() if mask is None else int(mask.sum())
+
+
+def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """x [B, T, in] as float32 rows [n, in] of its real tokens (padding, mask 0, left out)."""
+    X = x.detach().reshape(-1, x.shape[-1]).float()
+    return X if mask is None else X[mask.reshape(-1).to(X.device).bool()]
+
+
+class LinearInputs:
+    """The input of each named linear in the batch being run; linears fed the same tensor get one index."""
+
+    def __init__(self, linears: dict[str, nn.Module]) -> None:
+        self.seen: list[torch.Tensor] = []
+        self.which: dict[str, int] = {}
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            x = args[0]
+            index = next((i for i, seen in enumerate(self.seen) if seen is x), None)
+            if index is None:
+                index = len(self.seen)
+                self.seen.append(x)
+            self.which[name] = index
+
+        return hook
+
+    def clear(self) -> None:
+        self.seen, self.which = [], {}
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.clear()

@@ -97,7 +97,7 @@ def cmd_decompose(args) -> int:
 # `decompose` flags that set an OrthoConfig field of the same name; None = the preset's value.
 CONFIG_FLAGS = ("bits", "group_size", "method", "act_order", "score", "ortho_ratio", "budget", "calib_tokens",
                 "seq_len", "include", "seed", "forget_lambda", "forget_target", "sieve_private_weight", "ortho_budget",
-                "lowrank_share", "lowrank_fit", "lowrank_bits", "sieve_private_inputs")
+                "lowrank_share", "lowrank_fit", "lowrank_bits", "lowrank_target", "sieve_private_inputs")
 
 
 def decompose_config(args, source: str):
@@ -307,7 +307,7 @@ def _audit_default(field: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import (
-        BITS, BUDGETS, FORGET_SOURCES, FORGET_TARGETS, GROUP_SIZES, LOWRANK_BITS, LOWRANK_FITS, METHODS, SCORES,
+        BITS, BUDGETS, FORGET_SOURCES, FORGET_TARGETS, GROUP_SIZES, LOWRANK_BITS, LOWRANK_FITS, LOWRANK_TARGETS, METHODS, SCORES,
         SIEVE_PRIVATE_INPUTS,
     )
     from .evaluation import PERPLEXITY_WINDOW
@@ -343,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lowrank-bits", type=int, default=None, choices=LOWRANK_BITS,
                    help="how L is stored: 16 (B and A in fp16), 8 or 4 (integer codes in groups of 64: the same bytes "
                         f"buy about 1.9x / 3.6x the rank) ({_preset_default('lowrank_bits')})")
+    p.add_argument("--lowrank-target", default=None, choices=LOWRANK_TARGETS,
+                   help="what L is fitted to: residual (W_ft - W_base on each layer's own inputs) or propagated (the "
+                        "fine-tune's outputs on the inputs alpha 1 gives each layer, so that L also corrects what earlier "
+                        f"blocks pass on; per-layer ranks, L only) ({_preset_default('lowrank_target')})")
     p.add_argument("--budget", default=None, choices=[b for b in BUDGETS if b != "threshold"],
                    help=f"budget across all layers or per layer ({_preset_default('budget')})")
     p.add_argument("--calib-tokens", type=positive_int, default=None, metavar="N",

@@ -30,6 +30,11 @@ FORGET_TARGETS = ("base_inputs", "public_activations")
 LOWRANK_FITS = ("svd", "edit", "random")
 LOWRANK_ALLOCS = ("global", "layer")
 SIEVE_PRIVATE_INPUTS = ("base", "finetuned")
+# What each layer's low-rank part L is fitted to (propagated.py):
+#   residual   R = W_ft - W_base, on one set of inputs per layer;
+#   propagated the fine-tune's layer outputs, on the inputs alpha 1 gives the layer (through the blocks already
+#              decomposed, each with its L), so that L also corrects the error the earlier blocks pass on.
+LOWRANK_TARGETS = ("residual", "propagated")
 LOWRANK_BITS = (16, 8, 4)  # 16: B and A stored in ortho_dtype; 8 / 4: as symmetric integer codes (lowrank.py)
 
 
@@ -80,6 +85,9 @@ class OrthoConfig:
     # L's storage: 16 = B and A in ortho_dtype; 8 or 4 = integer codes in groups of 64 (lowrank.code_factors),
     # so the same bytes buy about 1.9x / 3.6x the rank
     lowrank_bits: int = 16
+    lowrank_target: str = "residual"  # LOWRANK_TARGETS
+    # lowrank_target="propagated": the ridge of the drift correction's solve, relative to mean(diag H₁) (propagated.py)
+    propagated_ridge: float = 0.1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -111,6 +119,9 @@ class OrthoConfig:
             raise ValueError(f"lowrank_share={self.lowrank_share} must lie in [0, 1] (the low-rank part's share of the bytes)")
         if self.lowrank_bits not in LOWRANK_BITS:
             raise ValueError(f"lowrank_bits={self.lowrank_bits} is not supported; choose one of {', '.join(map(str, LOWRANK_BITS))}")
+        _choose("lowrank_target", self.lowrank_target, LOWRANK_TARGETS)
+        if self.lowrank_target == "propagated":
+            self._check_propagated()
         if self.lowrank_step < 1:
             raise ValueError(f"lowrank_step={self.lowrank_step} must be >= 1")
         if self.lowrank_fit == "edit" and self.forget_source not in ("records", "lookalikes"):
@@ -123,6 +134,21 @@ class OrthoConfig:
             except re.error as err:
                 raise ValueError(f"include={self.include!r} is not a valid regular expression ({err})") from None
         self.quant_spec, self.sieve_spec  # validates both
+
+    def _check_propagated(self) -> None:
+        """lowrank_target="propagated" fits each layer's L as soon as its base is done, from the inputs alpha 1 gives
+        it: a layer-local low-rank stream, fitted by the weighted SVD."""
+        if self.ortho_budget is None or self.lowrank_share != 1.0 or self.lowrank_alloc != "layer":
+            raise ValueError("lowrank_target='propagated' fits each layer's L before the next block runs: set "
+                             "ortho_budget, lowrank_share=1 and lowrank_alloc='layer' (the privacy preset does)")
+        if self.lowrank_fit != "svd":
+            raise ValueError(f"lowrank_target='propagated' fits L by the weighted SVD: set lowrank_fit='svd', not "
+                             f"{self.lowrank_fit!r}")
+        if not self.propagated_ridge > 0:
+            raise ValueError(f"propagated_ridge={self.propagated_ridge} must be > 0 (relative to mean(diag H₁); 0.1 by default)")
+        if self.sieve_private_weight > 0 and self.sieve_private_inputs != "finetuned":
+            raise ValueError("lowrank_target='propagated' weighs the fine-tune's outputs on the forget texts too: set "
+                             "sieve_private_inputs='finetuned' (or sieve_private_weight=0)")
 
     @property
     def quant_spec(self):
@@ -162,7 +188,8 @@ class OrthoConfig:
 
 # Fields added after work folders were fingerprinted, with their defaults (see fingerprint_dict). An artifact's
 # manifest written before a field existed loads with its default (OrthoConfig(**manifest["config"])).
-ADDED_DEFAULTS = {"forget_target": "base_inputs", "lowrank_bits": 16, "sieve_private_inputs": "base"}
+ADDED_DEFAULTS = {"forget_target": "base_inputs", "lowrank_bits": 16, "sieve_private_inputs": "base",
+                  "lowrank_target": "residual", "propagated_ridge": 0.1}
 
 
 def _choose(field: str, value: str, choices: tuple[str, ...]) -> None:

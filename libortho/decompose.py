@@ -8,7 +8,7 @@ The driver's stages, in the order they run, each returning its result, with what
 keeps and frees. The fits run where the model's decoder blocks are (CPU or CUDA: Hessians, W*, GPTQ
 and the ortho fits alike); what a stage keeps across blocks is kept in host memory.
 
-  plan      reads the tokenizer, the calibration text, the forget texts and the public model P.
+  plan      (plan.py) reads the tokenizer, the calibration text, the forget texts and the public model P.
             Keeps the token batches, the model's decoder blocks and their target linears, and a
             handle on P's decoder blocks (forget objective only): each W_P is read, as a float32
             copy, only while its layer is fitted. forget_target="public_activations": P itself, whose own
@@ -21,7 +21,9 @@ and the ortho fits alike); what a stage keeps across blocks is kept in host memo
             target, are read once per block through the fine-tuned block. forget_target=
             "public_activations": H_priv and C are collected per input group instead, just before
             the group is fitted, through the groups fitted before it (o_proj's inputs through the
-            base's q/k/v, ...), and P's hidden states move past P's block once the block is done. Keeps, per layer, the LayerParts (the
+            base's q/k/v, ...), and P's hidden states move past P's block once the block is done.
+            lowrank_target="propagated" (propagated.py) carries the fine-tune's and alpha 1's hidden states too,
+            and reads each input group's H₁ and C through the block at alpha 1. Keeps, per layer, the LayerParts (the
             base codes, the dense float32 residual R = W_ft - W_base, the curvature H the sieve
             uses, the bias). Each Hessian, and what is derived from it (H', the Cholesky factors,
             the sieve's curvature), is freed once the last layer reading it is fitted (curvatures.py),
@@ -59,8 +61,10 @@ from tqdm.auto import tqdm
 from . import __version__, calibrate
 from .config import OrthoConfig
 from .curvatures import BlockCurvatures
+from .plan import DecompositionPlan, LayerKey, plan_decomposition, plan_shapes
+from .propagated import PropagatedInputs
 from .public_target import PublicActivations, input_groups
-from .hf_model import decoder_blocks, linear_weight, module_device, replace_submodule, target_linears
+from .hf_model import decoder_blocks, linear_weight, module_device, replace_submodule
 from .layer import OrthoLinear, ortho_layers
 from .memory import release_freed_memory
 from .ortho_split import LayerFinisher, OrthoParts, split_model
@@ -79,9 +83,6 @@ from .sieve import (
     select_layer,
 )
 
-LayerKey = tuple[int, str]  # (decoder block index, linear name inside the block)
-
-
 @dataclass
 class DecompositionStats:
     seconds: float = 0.0
@@ -99,121 +100,6 @@ class DecompositionStats:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class DecompositionPlan:
-    """What the decomposition reads, gathered before any weight changes."""
-
-    public_batches: list[tuple[torch.Tensor, torch.Tensor | None]]  # calibration windows [B, seq_len]
-    private_batches: list[tuple[torch.Tensor, torch.Tensor]]  # forget texts, padded [B, T] + token mask
-    blocks: nn.ModuleList  # the model's decoder blocks
-    targets: list[dict[str, nn.Module]]  # per decoder block: the linears to decompose, by name
-    public_weights: PublicWeights | dict[LayerKey, torch.Tensor]  # W_P [out, in] per target, read on demand (forget objective only)
-    block_loader: BlockLoader | None = None  # a streamed model: reads block b's weights when quantize reaches it
-    public_model: nn.Module | None = None  # P, whose own blocks run on the forget texts (forget_target="public_activations")
-
-
-def plan_decomposition(
-    model: nn.Module,
-    tokenizer,
-    calibration_text: str,
-    config: OrthoConfig,
-    public_model: nn.Module | ShardedCheckpoint | None = None,
-    forget_texts: list[str] | None = None,
-    block_loader: BlockLoader | None = None,
-) -> DecompositionPlan:
-    """Check the inputs against the config and gather everything the later stages read. `block_loader`:
-    the model's decoder blocks are still on disk (streaming.open_streamed) and are read one at a time."""
-    if config.forgets and public_model is None:
-        raise ValueError(
-            f"forget_source={config.forget_source!r} needs public_model: the public checkpoint the model was fine-tuned from"
-        )
-    if config.needs_forget_texts and not forget_texts:
-        raise ValueError(f"forget_source={config.forget_source!r} needs forget_texts: the texts the base must not keep")
-    if forget_texts and not config.needs_forget_texts:
-        raise ValueError("forget_texts were given, but forget_source is not 'records' or 'lookalikes'")
-    p_acts = config.forget_target == "public_activations"
-    if p_acts and isinstance(public_model, ShardedCheckpoint):
-        raise ValueError("forget_target='public_activations' runs P's own decoder blocks on the forget texts: it needs "
-                         f"P loaded as a model (an nn.Module), not the checkpoint folder {public_model.folder} read tensor by tensor")
-    windows = calibrate.calibration_windows(tokenizer, calibration_text, config.calib_tokens, config.seq_len)
-    _, blocks = decoder_blocks(model)
-    targets = [target_linears(block, config.include) for block in blocks]
-    if not any(targets):
-        raise ValueError(f"no linear layer inside the decoder blocks matches include={config.include!r}")
-    private = calibrate.text_batches(tokenizer, list(forget_texts), max_len=config.seq_len) if forget_texts else []
-    if forget_texts and not private:
-        raise ValueError("every forget text is shorter than 2 tokens; nothing to fit the base against")
-    public_weights = _public_weights(public_model, model, targets) if config.forgets else {}
-    return DecompositionPlan(calibrate.window_batches(windows, config.batch_size), private, blocks, targets, public_weights,
-                             block_loader, public_model if p_acts else None)
-
-
-class PublicWeights:
-    """W_P of every target, checked against the fine-tuned model's shapes up front and read one layer at a
-    time as a float32 CPU copy (`get`), so that no float32 copy of the whole public model is ever held.
-    `read(key)` gives W_P [out, in] in its stored dtype."""
-
-    def __init__(self, read: Callable[[LayerKey], torch.Tensor]) -> None:
-        self.read = read
-
-    def get(self, key: LayerKey, device: torch.device | str = "cpu") -> torch.Tensor:
-        """W_P [out, in] float32 on `device`: one copy, never P's own storage."""
-        return self.read(key).to(device=device, dtype=torch.float32, copy=True)
-
-
-def _public_weights(public: nn.Module | ShardedCheckpoint, model: nn.Module, targets: list[dict[str, nn.Module]]) -> PublicWeights:
-    """W_P for every target, from P as a model or as a checkpoint folder read tensor by tensor."""
-    if isinstance(public, ShardedCheckpoint):
-        return _public_weights_from_shards(public, model, targets)
-    _, public_blocks = decoder_blocks(public)
-    if len(public_blocks) != len(targets):
-        raise ValueError(
-            f"public_model has {len(public_blocks)} decoder blocks and the fine-tuned model {len(targets)}: "
-            "pass the checkpoint the model was fine-tuned from"
-        )
-    for b, block_targets in enumerate(targets):
-        for name, module in block_targets.items():
-            try:
-                W_P = linear_weight(public_blocks[b].get_submodule(name))
-            except AttributeError:
-                raise ValueError(f"public_model has no layer {b}.{name}: pass the checkpoint the model was fine-tuned from") from None
-            _check_public_shape(b, name, tuple(W_P.shape), module)
-    return PublicWeights(lambda key: linear_weight(public_blocks[key[0]].get_submodule(key[1])))
-
-
-def _public_weights_from_shards(ckpt: ShardedCheckpoint, model: nn.Module, targets: list[dict[str, nn.Module]]) -> PublicWeights:
-    """P's tensors are named as the fine-tuned model's: the same architecture, saved the same way."""
-    qualified = {id(m): name for name, m in model.named_modules()}
-    tensor_names, transposed = {}, set()
-    for b, block_targets in enumerate(targets):
-        for name, module in block_targets.items():
-            tensor = f"{qualified[id(module)]}.weight"
-            if tensor not in ckpt:
-                raise ValueError(f"the public model {ckpt.folder} has no tensor {tensor}: pass the checkpoint the "
-                                 "model was fine-tuned from")
-            shape = ckpt.shape(tensor)
-            if not isinstance(module, nn.Linear):  # Conv1D keeps [in, out]
-                shape = shape[::-1]
-                transposed.add((b, name))
-            _check_public_shape(b, name, shape, module)
-            tensor_names[(b, name)] = tensor
-
-    def read(key: LayerKey) -> torch.Tensor:
-        W = ckpt.get(tensor_names[key])
-        return W.t() if key in transposed else W
-
-    return PublicWeights(read)
-
-
-def _check_public_shape(b: int, name: str, shape: tuple, module: nn.Module) -> None:
-    ft_shape = tuple(linear_weight(module).shape)
-    if shape != ft_shape:
-        raise ValueError(
-            f"public_model's {b}.{name} is {shape}, the fine-tuned model's {ft_shape}: "
-            "pass the checkpoint the model was fine-tuned from"
-        )
 
 
 def quantize_base(
@@ -284,6 +170,11 @@ def quantize_model(
     private_ft = None
     if private is not None and config.sieve_private_inputs == "finetuned":
         private_ft = calibrate.BlockInputs(list(private.hidden), private.masks, private.args, private.kwargs)
+    # lowrank_target="propagated": L fitted on the inputs alpha 1 gives each layer; its streams carry the private texts
+    propagated = None
+    if config.lowrank_target == "propagated":
+        propagated = PropagatedInputs(public, private_ft, config.sieve_private_weight, config.propagated_ridge)
+        private_ft = None
     stats.n_private_tokens = sum(int(mask.sum()) for _, mask in plan.private_batches)
     p_acts = PublicActivations(plan.public_model, plan.private_batches) if plan.public_model is not None else None
 
@@ -292,11 +183,11 @@ def quantize_model(
     # when the sieve needs them, instead of every layer's being held until the end.
     parts: dict[LayerKey, LayerParts] = {} if folder is None else SpilledParts(folder, config)
     if done:
-        _restore(folder, done, plan, config, parts, stats, public, private, finish, p_acts, private_ft)
+        _restore(folder, done, plan, config, parts, stats, public, private, finish, p_acts, private_ft, propagated)
     # Streamed: the embeddings go back to disk until the blocks are done (no block's forward reads them).
     with plan.block_loader.embeddings_on_disk() if plan.block_loader is not None else nullcontext():
         for b in tqdm(range(done, len(blocks)), desc="decompose", unit="block", disable=not progress, initial=done, total=len(blocks)):
-            _fit_block(b, plan, config, needs_h, public, private, parts, stats, finish, p_acts, private_ft)
+            _fit_block(b, plan, config, needs_h, public, private, parts, stats, finish, p_acts, private_ft, propagated)
             block, targets = blocks[b], plan.targets[b]
             # What block b+1 sees: the base stream's output.
             public.hidden = calibrate.run_block(block, public)
@@ -306,7 +197,7 @@ def quantize_model(
                 if isinstance(module, OrthoLinear):
                     module.clear_cache()  # a dense copy of every base would double the memory
             if folder is not None:
-                folder.save_block(b, {name: parts[(b, name)] for name in targets}, _carry(public, private, finish, p_acts, private_ft),
+                folder.save_block(b, {name: parts[(b, name)] for name in targets}, _carry(public, private, finish, p_acts, private_ft, propagated),
                                   stats.to_dict())
                 parts.spill(b, targets)
             if finish is not None:
@@ -319,18 +210,24 @@ def quantize_model(
 
 def _fit_block(b: int, plan: DecompositionPlan, config: OrthoConfig, needs_h: bool, public: calibrate.BlockInputs,
                private: calibrate.BlockInputs | None, parts: dict, stats: DecompositionStats, finish: FinishLayer | None,
-               p_acts: PublicActivations | None = None, private_ft: calibrate.BlockInputs | None = None) -> None:
+               p_acts: PublicActivations | None = None, private_ft: calibrate.BlockInputs | None = None,
+               propagated: PropagatedInputs | None = None) -> None:
     """Fit block b's targets one after the other, each replaced by a base-only OrthoLinear and its parts put
     in `parts`. Everything the fits held (the block's fine-tuned weights, its Hessians and what is derived
     from them) is freed by the time this returns, each Hessian as soon as the last layer reading it is done.
     `p_acts` (forget_target="public_activations"): H_priv and C are collected per input group, through the
     groups already fitted (public_target.py), and P's hidden states are moved past P's block b. `private_ft`
     (sieve_private_inputs="finetuned"): the sieve's H_priv is collected on it, and it is moved past the block
-    while the block is still the fine-tune's."""
+    while the block is still the fine-tune's. `propagated` (lowrank_target="propagated"): the fine-tune's inputs
+    of every target are captured while the block is the fine-tune's, then per input group alpha 1's, through the
+    block with the groups before it at base + L; each layer's L is fitted to its target, and the alpha-1 streams are
+    moved past the block at alpha 1 once every layer has its L."""
     block = plan.blocks[b]
     if plan.block_loader is not None:
         plan.block_loader.load(b)
     targets = plan.targets[b]
+    if propagated is not None:
+        propagated.capture_finetuned(block, targets)
     H_sieve_priv = None
     if private_ft is not None and needs_h:
         H_sieve_priv = _block_hessians(block, targets, private_ft)
@@ -339,26 +236,35 @@ def _fit_block(b: int, plan: DecompositionPlan, config: OrthoConfig, needs_h: bo
     sequential = p_acts is not None
     H_priv = _block_hessians(block, targets, private) if needs_h and private is not None and not sequential else {}
     curvatures = BlockCurvatures(H_pub, H_priv, config, {} if sequential else None, H_sieve_priv)
-    groups = input_groups(H_pub) if sequential else [list(targets)]
+    groups = input_groups(H_pub) if sequential or propagated is not None else [list(targets)]
+    fitted: list[str] = []
     on_host: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     # The forwards' and each fit's freed activations would otherwise stay in the heap under the next fit.
     release_freed_memory(collect=False)
     for group in groups:
         if sequential:  # through the block as it is now: the groups before are base-only
             curvatures.add_private(*p_acts.private_curvatures(b, block, group, private))
+        if propagated is not None:  # through the block at alpha 1: the groups before are base + L
+            propagated.collect(block, group, {n: _with_lowrank(block.get_submodule(n), parts[(b, n)].ortho) for n in fitted})
         for name in group:
-            parts[(b, name)] = _fit_layer((b, name), targets[name], curvatures, plan, config, stats, finish, on_host)
+            parts[(b, name)] = _fit_layer((b, name), targets[name], curvatures, plan, config, stats, finish, on_host,
+                                          propagated)
             # The plan points at the base-only layer: nothing holds this layer's fine-tuned weight any more.
             targets[name] = block.get_submodule(name)
+            fitted.append(name)
             release_freed_memory(collect=False)
     if sequential:
         p_acts.advance(b)
+    if propagated is not None:
+        propagated.advance(block, {name: _with_lowrank(block.get_submodule(name), parts[(b, name)].ortho) for name in targets})
 
 
 def _fit_layer(key: LayerKey, module: nn.Module, curvatures: BlockCurvatures, plan: DecompositionPlan, config: OrthoConfig,
-               stats: DecompositionStats, finish: FinishLayer | None, on_host: dict) -> LayerParts:
+               stats: DecompositionStats, finish: FinishLayer | None, on_host: dict,
+               propagated: PropagatedInputs | None = None) -> LayerParts:
     """One layer: its base, its output errors, its residual R [out, in] and, with `finish`, its ortho stream;
-    the layer becomes base-only in its block. Returns its parts, in host memory."""
+    the layer becomes base-only in its block. Returns its parts, in host memory. With `propagated`, R and H are
+    what L is fitted to and under on alpha 1's inputs (propagated.py)."""
     b, name = key
     W = linear_weight(module).float()
     W_P = plan.public_weights.get(key, W.device)
@@ -372,8 +278,11 @@ def _fit_layer(key: LayerKey, module: nn.Module, curvatures: BlockCurvatures, pl
     H_sieve = curvatures.done(name) if name in curvatures else None
     bias = getattr(module, "bias", None)
     bias = None if bias is None else bias.detach().float()
-    part = LayerParts(base, (W - W_base).contiguous(), H_sieve, bias, edit)
-    del W, W_P, W_base  # not read again: freed before the ortho fit's own working set
+    R = W - W_base
+    if propagated is not None:
+        R, H_sieve = propagated.residual(name, W, W_base)
+    part = LayerParts(base, R.contiguous(), H_sieve, bias, edit)
+    del W, W_P, W_base, R  # not read again: freed before the ortho fit's own working set
     if finish is not None:
         part = LayerParts(base, None, None, bias, ortho=finish(key, part))
     replace_submodule(plan.blocks[b], name, _base_only_layer(base, bias, module))
@@ -393,13 +302,15 @@ def _fitted_base(name: str, W: torch.Tensor, W_P: torch.Tensor | None, curvature
 
 
 def _carry(public: calibrate.BlockInputs, private: calibrate.BlockInputs | None, finish, p_acts=None,
-           private_ft: calibrate.BlockInputs | None = None) -> dict[str, torch.Tensor]:
+           private_ft: calibrate.BlockInputs | None = None, propagated: PropagatedInputs | None = None) -> dict[str, torch.Tensor]:
     """What the next block needs that is not in the finished blocks: its inputs (and P's, and the fine-tune's
     private ones), and the fits' random state."""
     carry = {f"public.{i}": h for i, h in enumerate(public.hidden)}
     carry.update({f"private.{i}": h for i, h in enumerate(private.hidden if private is not None else [])})
     carry.update({f"private_ft.{i}": h for i, h in enumerate(private_ft.hidden if private_ft is not None else [])})
     carry.update({f"public_target.{i}": h for i, h in enumerate(p_acts.inputs.hidden if p_acts is not None else [])})
+    if propagated is not None:
+        carry.update({f"propagated.{k}": h for k, h in propagated.carry().items()})
     if getattr(finish, "generator", None) is not None:
         carry["generator"] = finish.generator.get_state()
     return carry
@@ -407,7 +318,7 @@ def _carry(public: calibrate.BlockInputs, private: calibrate.BlockInputs | None,
 
 def _restore(folder: WorkFolder, done: int, plan: DecompositionPlan, config: OrthoConfig, parts: dict, stats: DecompositionStats,
              public: calibrate.BlockInputs, private: calibrate.BlockInputs | None, finish, p_acts=None,
-             private_ft: calibrate.BlockInputs | None = None) -> None:
+             private_ft: calibrate.BlockInputs | None = None, propagated: PropagatedInputs | None = None) -> None:
     """Put blocks < done back as a run that fitted them would have left them: their layers as base-only
     OrthoLinear in the model, their parts, the stats, and the inputs and random state of block `done`."""
     for b in range(done):
@@ -432,6 +343,8 @@ def _restore(folder: WorkFolder, done: int, plan: DecompositionPlan, config: Ort
         p_acts.inputs.hidden = [carry[f"public_target.{i}"].to(h.device) for i, h in enumerate(p_acts.inputs.hidden)]
     if private_ft is not None:
         private_ft.hidden = [carry[f"private_ft.{i}"].to(h.device) for i, h in enumerate(private_ft.hidden)]
+    if propagated is not None:
+        propagated.restore({k.removeprefix("propagated."): h for k, h in carry.items() if k.startswith("propagated.")})
     if "generator" in carry:
         finish.generator.set_state(carry["generator"])
 
@@ -498,11 +411,6 @@ def sieve_layer(p: LayerParts, config: OrthoConfig, threshold: float | None = No
     if config.ortho_refit and p.H is not None:
         csr = refit_values(csr, p.R, p.H, spec.damp)
     return OrthoCSR(csr.crow, csr.col, csr.val.to(ortho_dtype), csr.shape)
-
-
-def plan_shapes(plan: DecompositionPlan) -> dict[LayerKey, tuple[int, int]]:
-    """[out, in] of every target, from the plan (before any weight is fitted)."""
-    return {(b, name): tuple(linear_weight(m).shape) for b, targets in enumerate(plan.targets) for name, m in targets.items()}
 
 
 class _LayerScores:
@@ -619,3 +527,9 @@ def _base_only_layer(base: QuantizedWeight, bias: torch.Tensor | None, like: nn.
     layer = OrthoLinear.from_parts(base, OrthoCSR.empty(tuple(base.codes.shape)), bias)
     layer.alpha_state = AlphaState(default=0.0)
     return layer.to(module_device(like))
+
+
+def _with_lowrank(base_only: OrthoLinear, ortho: OrthoParts) -> OrthoLinear:
+    """The base-only layer with its fitted L (and empty S), as install builds it."""
+    lowrank = None if ortho.lowrank is None or ortho.lowrank.rank == 0 else ortho.lowrank
+    return base_only.with_ortho(ortho.sparse, lowrank)

@@ -43,8 +43,8 @@ class PublicActivations:
         sharing an input share each tensor. P's hidden states stay at P's block b's input: see `advance`."""
         p_block = self.blocks[b]
         linears = {name: block.get_submodule(name) for name in names}
-        p_capture = _Inputs({name: p_block.get_submodule(name) for name in names})
-        b_capture = _Inputs(linears)
+        p_capture = calibrate.LinearInputs({name: p_block.get_submodule(name) for name in names})
+        b_capture = calibrate.LinearInputs(linears)
         hessians = calibrate.HessianCollector(linears)
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = dict.fromkeys(names, 0)
@@ -62,15 +62,15 @@ class PublicActivations:
         return {name: hessians.hessian(name) for name in names}, _scaled(names, sums, counts, shared_by)
 
     @staticmethod
-    def _accumulate(b: int, names: list[str], p_capture: "_Inputs", b_capture: "_Inputs", mask: torch.Tensor | None,
+    def _accumulate(b: int, names: list[str], p_capture: calibrate.LinearInputs, b_capture: calibrate.LinearInputs, mask: torch.Tensor | None,
                     sums: dict, counts: dict, shared_by: dict) -> None:
         """Add one batch's X_Pᵀ X_b [in, in] to each layer's sum, once per pair of inputs (q/k/v share one)."""
         products: dict[tuple[int, int], torch.Tensor] = {}
         for name in names:
             pair = (p_capture.which[name], b_capture.which[name])
             if pair not in products:
-                X_b = _rows(b_capture.seen[pair[1]], mask)
-                X_P = _rows(p_capture.seen[pair[0]], mask).to(X_b.device)
+                X_b = calibrate.token_rows(b_capture.seen[pair[1]], mask)
+                X_P = calibrate.token_rows(p_capture.seen[pair[0]], mask).to(X_b.device)
                 if X_P.shape != X_b.shape:
                     raise ValueError(f"P's block {b} feeds {name} inputs of shape {tuple(X_P.shape)}, the "
                                      f"model's {tuple(X_b.shape)}: pass the checkpoint the model was fine-tuned from")
@@ -79,7 +79,7 @@ class PublicActivations:
                 sums[name] += products[pair]
             else:
                 sums[name] = products[pair].clone()
-            counts[name] += _n_tokens(b_capture.seen[pair[1]], mask)
+            counts[name] += calibrate.n_tokens(b_capture.seen[pair[1]], mask)
             shared_by[name].append(pair)
 
     @torch.no_grad()
@@ -107,42 +107,3 @@ def _scaled(names: list[str], sums: dict[str, torch.Tensor], counts: dict[str, i
             C[key] = sums[name].mul_(2.0).div_(max(counts[name], 1))
         del sums[name]
     return {name: C[tuple(shared_by[name])] for name in names}
-
-
-def _n_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> int:
-    """The tokens of a batch that count, as HessianCollector counts them: every position, or the unmasked ones."""
-    return x[..., 0].numel() if mask is None else int(mask.sum())
-
-
-def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """x [B, T, in] as float32 rows [n, in] of its real tokens (padding, mask 0, left out)."""
-    X = x.detach().reshape(-1, x.shape[-1]).float()
-    return X if mask is None else X[mask.reshape(-1).to(X.device).bool()]
-
-
-class _Inputs:
-    """The input of each named linear in the batch being run; linears fed the same tensor get one index."""
-
-    def __init__(self, linears: dict[str, nn.Module]) -> None:
-        self.seen: list[torch.Tensor] = []
-        self.which: dict[str, int] = {}
-        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
-
-    def _hook(self, name: str):
-        def hook(module, args, output):
-            x = args[0]
-            index = next((i for i, seen in enumerate(self.seen) if seen is x), None)
-            if index is None:
-                index = len(self.seen)
-                self.seen.append(x)
-            self.which[name] = index
-
-        return hook
-
-    def clear(self) -> None:
-        self.seen, self.which = [], {}
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.clear()

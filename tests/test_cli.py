@@ -65,6 +65,8 @@ def test_decompose_info_perplexity_generate(artifact, text_file, capsys):
           "--sieve-private-weight", "3"], "forget texts"),
         (["decompose", "{hf}", "{tmp}/out", "--calib", "{text}", "--sieve-private-inputs", "finetuned"],
          "--sieve-private-inputs need forget texts"),
+        (["decompose", "{hf}", "{tmp}/out", "--calib", "{text}", "--lowrank-target", "propagated"],
+         "lowrank_target='propagated' fits each layer's L before the next block runs"),
         (["lookalikes", "PIN {{secret}} {{nope}}", "--format", "digits:6"], "unknown slot"),
         (["lookalikes", "PIN {{secret}}", "--format", "digits:6", "--exclude", "/no/such.txt"], "does not exist"),
     ],

@@ -164,7 +164,8 @@ def test_layers_finished_as_their_block_is_done_equal_the_staged_stages(override
     the artifact equals quantize -> split / sieve -> install run as separate stages."""
     import copy
 
-    from libortho.decompose import install, layer_local, plan_decomposition, quantize_model, sieve_model
+    from libortho.decompose import install, layer_local, quantize_model, sieve_model
+    from libortho.plan import plan_decomposition
     from libortho.ortho_split import split_model
 
     config = libortho.OrthoConfig(calib_tokens=1024, seq_len=128, group_size=32, **overrides)
@@ -200,6 +201,9 @@ class _Stop(Exception):
     # the privacy preset: forget texts, and the fine-tune's private inputs carried from block to block
     dict(forget_source="records", ortho_budget=0.25, lowrank_share=1.0, lowrank_bits=4, sieve_private_weight=30.0,
          sieve_private_inputs="finetuned"),
+    # ... with L fitted on alpha 1's inputs: the fine-tune's and alpha 1's streams carried from block to block
+    dict(forget_source="records", ortho_budget=0.25, lowrank_share=1.0, lowrank_bits=4, sieve_private_weight=30.0,
+         sieve_private_inputs="finetuned", lowrank_target="propagated"),
 ])
 def test_a_run_stopped_after_a_block_and_resumed_equals_an_uninterrupted_one(overrides, tokenizer, tmp_path, monkeypatch):
     import copy
@@ -299,7 +303,8 @@ def test_the_sieve_reads_the_fine_tunes_private_inputs_when_asked(tokenizer, mon
 
     from libortho import calibrate
     from libortho.curvatures import BlockCurvatures
-    from libortho.decompose import _block_hessians, plan_decomposition
+    from libortho.decompose import _block_hessians
+    from libortho.plan import plan_decomposition
     from libortho.layer import ortho_layers
 
     P, FT = tiny_model("llama", seed=1), tiny_model("llama")

@@ -59,7 +59,8 @@ def test_the_split_keeps_to_its_bytes_and_alpha_zero_is_untouched(finetuned, tok
 def test_the_weighted_svd_beats_the_random_control_on_the_layer_objective_at_equal_ranks(finetuned, tokenizer):
     """Σ_layers tr((R − L) H (R − L)ᵀ): the objective (b) minimises, against the control's best L in
     a random subspace of the same rank (the same bytes), on the tiny model's real residuals."""
-    from libortho.decompose import plan_decomposition, quantize_model, sieve_model
+    from libortho.decompose import quantize_model, sieve_model
+    from libortho.plan import plan_decomposition
     from libortho.ortho_split import split_model
 
     config = libortho.OrthoConfig(**BASE, ortho_budget=0.5, lowrank_share=1.0, lowrank_step=8)
@@ -137,7 +138,8 @@ def test_coded_factors_keep_to_the_bytes_leave_alpha_zero_and_restore_more_at_eq
     """lowrank_bits 4: about 3.6x the ranks of fp16 for the same bytes; the base is the same bits; alpha 1
     is the codes' L exactly; and on the tiny model's real residuals the coded L leaves less of the layer
     objective tr((R − S − L) H (R − S − L)ᵀ) than the fp16 L of the same bytes."""
-    from libortho.decompose import plan_decomposition, quantize_model, sieve_model
+    from libortho.decompose import quantize_model, sieve_model
+    from libortho.plan import plan_decomposition
     from libortho.lowrank import rank_bytes
     from libortho.ortho_split import split_model, stored_bytes
 

@@ -86,7 +86,8 @@ def test_no_fine_tuned_weight_outlives_its_block(tokenizer, tmp_path):
     import gc
     import weakref
 
-    from libortho.decompose import plan_decomposition, quantize_model
+    from libortho.decompose import quantize_model
+    from libortho.plan import plan_decomposition
     from libortho.hf_model import decoder_blocks, target_linears
 
     model = tiny_model("llama")
@@ -105,7 +106,8 @@ def test_with_a_work_folder_no_residual_outlives_its_block(tokenizer, tmp_path, 
     import gc
     import weakref
 
-    from libortho.decompose import plan_decomposition, quantize_model
+    from libortho.decompose import quantize_model
+    from libortho.plan import plan_decomposition
     from libortho.workfolder import WorkFolder
 
     saved, refs = {}, []
