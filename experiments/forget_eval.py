@@ -97,7 +97,8 @@ VARIANTS = {  # name -> (config overrides, forget texts)
        for kind, texts in (("records", "members"), ("lookalikes", "lookalikes")) for w in (100, 300)},
     # L fitted to the fine-tune's outputs on the inputs alpha 1 gives each layer (lowrank_target, propagated.py)
     **{f"{kind}, propagated L": (dict(forget_source=kind, lowrank_target="propagated"), texts)
-       for kind, texts in (("records", "members"), ("lookalikes", "lookalikes"), ("records-half", "half"))},
+       for kind, texts in (("records", "members"), ("lookalikes", "lookalikes"))},
+    "records-half, propagated L": (dict(forget_source="records", lowrank_target="propagated"), "half"),
     "plain GPTQ, propagated L": (dict(forget_source="none", lowrank_share=1.0, lowrank_bits=4, lowrank_target="propagated"), None),
     **{f"{kind}, propagated L, ridge {r:g}": (dict(forget_source=kind, lowrank_target="propagated", propagated_ridge=r), texts)
        for kind, texts in (("records", "members"), ("lookalikes", "lookalikes")) for r in (0.01, 0.3)},

@@ -201,12 +201,13 @@ def _choose(field: str, value: str, choices: tuple[str, ...]) -> None:
 # "quality": the plain decomposition (no forget objective): the defaults themselves.
 # "privacy": GPTQ INT4 g64 fitted by the forget objective on the given forget texts; its ortho stream
 # is the low-rank part alone, 25 % of the base's bytes, stored as 4-bit codes (~3.6x the rank of fp16
-# factors), fitted under H_pub + 30·H_priv with H_priv on the fine-tuned blocks' inputs, so that alpha 1
+# factors), fitted to the fine-tune's layer outputs on the inputs alpha 1 gives each layer (propagated.py),
+# public calibration text plus 30x the forget texts as the fine-tuned blocks pass them on, so that alpha 1
 # gives back what the edit took from the private inputs where alpha 1 meets them.
 PRESETS: dict[str, dict] = {
     "quality": dict(),
     "privacy": dict(group_size=64, ortho_ratio=0.02, ortho_budget=0.25, lowrank_share=1.0, lowrank_bits=4,
-                    sieve_private_weight=30.0, sieve_private_inputs="finetuned"),
+                    sieve_private_weight=30.0, sieve_private_inputs="finetuned", lowrank_target="propagated"),
 }
 # Preset fields that only apply with forget texts: dropped, unless given, when the source has none.
 NEEDS_FORGET_TEXTS = ("sieve_private_weight", "sieve_private_inputs")
@@ -216,7 +217,10 @@ def preset(name: str, **overrides) -> OrthoConfig:
     """An OrthoConfig from a named preset, with any field overridden.
 
     A sparse-only budget given as `ortho_ratio` (without `ortho_budget`) replaces the preset's byte
-    budget: the caller asked for entries, not bytes."""
+    budget: the caller asked for entries, not bytes. The preset's lowrank_target="propagated" fits a
+    layer-local L only; overrides that ask for another ortho stream (a sparse part, global ranks, another
+    fit) or for the forget texts' term on the base's inputs get the residual target, unless they ask for
+    propagated themselves (then the config refuses)."""
     if name not in PRESETS:
         raise ValueError(f"preset {name!r} is not known; choose one of {', '.join(PRESETS)}")
     fields = dict(PRESETS[name])
@@ -225,4 +229,15 @@ def preset(name: str, **overrides) -> OrthoConfig:
     if overrides.get("forget_source", OrthoConfig.forget_source) not in ("records", "lookalikes"):
         for field in NEEDS_FORGET_TEXTS:
             fields.pop(field, None)
+    if "lowrank_target" not in overrides and not _propagated_fits({**fields, **overrides}):
+        fields.pop("lowrank_target", None)
     return OrthoConfig(**{**fields, **overrides})
+
+
+def _propagated_fits(fields: dict) -> bool:
+    """Whether these OrthoConfig fields allow lowrank_target="propagated": a layer-local L fitted by the weighted
+    SVD, and the forget texts' term (if any) on the fine-tune's inputs (OrthoConfig._check_propagated)."""
+    get = lambda name: fields.get(name, OrthoConfig.__dataclass_fields__[name].default)  # noqa: E731
+    private_on_base_inputs = get("sieve_private_weight") > 0 and get("sieve_private_inputs") != "finetuned"
+    return (get("ortho_budget") is not None and get("lowrank_share") == 1.0 and get("lowrank_alloc") == "layer"
+            and get("lowrank_fit") == "svd" and not private_on_base_inputs)

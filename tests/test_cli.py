@@ -112,6 +112,7 @@ def test_decompose_with_the_forget_objective(hf_folder, text_file, tmp_path, tok
     # A forget source switches the defaults to the privacy preset.
     assert config["forget_source"] == "records" and config["forget_lambda"] == 3.0 and config["ortho_ratio"] == 0.02
     assert config["lowrank_bits"] == 4 and config["sieve_private_inputs"] == "finetuned"
+    assert config["lowrank_target"] == "propagated"
     out_free = tmp_path / "art_free"
     assert main(["decompose", str(finetuned), str(out_free), "--calib", str(text_file), "--calib-tokens", "1024",
                  "--seq-len", "128", "--group-size", "32", "--forget-free", "0.5", "--public-model", str(hf_folder)]) == 0

@@ -10,10 +10,16 @@ def test_the_privacy_preset_spends_its_bytes_on_the_low_rank_part():
     assert config.lowrank_bits == 4 and preset("quality").lowrank_bits == 16  # L as 4-bit codes
     assert config.sieve_private_weight == PRESETS["privacy"]["sieve_private_weight"] > 0
     assert config.sieve_private_inputs == "finetuned"  # H_priv of the sieve and L on the fine-tune's activations
+    assert config.lowrank_target == "propagated"  # L fitted on the inputs alpha 1 gives each layer
 
 
 def test_a_sparse_ratio_given_alone_replaces_the_presets_byte_budget():
-    assert preset("privacy", forget_source="records", ortho_ratio=0.05).ortho_budget is None
+    sparse = preset("privacy", forget_source="records", ortho_ratio=0.05)
+    assert sparse.ortho_budget is None and sparse.lowrank_target == "residual"  # no L to fit on alpha 1's inputs
+    assert preset("privacy", forget_source="records", lowrank_share=0.5).lowrank_target == "residual"
+    assert preset("privacy", forget_source="records", sieve_private_inputs="base").lowrank_target == "residual"
+    with pytest.raises(ValueError, match="lowrank_share=1"):  # asked for: refused, not dropped
+        preset("privacy", forget_source="records", lowrank_share=0.5, lowrank_target="propagated")
     both = preset("privacy", forget_source="records", ortho_ratio=0.05, ortho_budget=0.1)
     assert both.ortho_budget == 0.1 and both.ortho_ratio == 0.05  # the byte budget wins in decompose
 

@@ -320,7 +320,7 @@ def test_the_sieve_reads_the_fine_tunes_private_inputs_when_asked(tokenizer, mon
     models = {}
     for inputs in ("base", "finetuned"):
         config = libortho.preset("privacy", forget_source="records", calib_tokens=512, seq_len=64, group_size=32,
-                                 sieve_private_inputs=inputs)
+                                 sieve_private_inputs=inputs, lowrank_target="residual")  # the residual target's sieve
         models[inputs] = copy.deepcopy(FT)
         libortho.decompose(models[inputs], tokenizer, TEXT, config, progress=False, public_model=copy.deepcopy(P),
                            forget_texts=texts)
