@@ -99,6 +99,9 @@ VARIANTS = {  # name -> (config overrides, forget texts)
     **{f"{kind}, propagated L": (dict(forget_source=kind, lowrank_target="propagated"), texts)
        for kind, texts in (("records", "members"), ("lookalikes", "lookalikes"))},
     "records-half, propagated L": (dict(forget_source="records", lowrank_target="propagated"), "half"),
+    # ... and the preset before it (L fitted to R = W_ft - W_base), since "records" / "lookalikes" are propagated now
+    **{f"{kind}, residual L": (dict(forget_source=kind, lowrank_target="residual"), texts)
+       for kind, texts in (("records", "members"), ("lookalikes", "lookalikes"))},
     "plain GPTQ, propagated L": (dict(forget_source="none", lowrank_share=1.0, lowrank_bits=4, lowrank_target="propagated"), None),
     **{f"{kind}, propagated L, ridge {r:g}": (dict(forget_source=kind, lowrank_target="propagated", propagated_ridge=r), texts)
        for kind, texts in (("records", "members"), ("lookalikes", "lookalikes")) for r in (0.01, 0.3)},
