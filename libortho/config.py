@@ -136,19 +136,11 @@ class OrthoConfig:
         self.quant_spec, self.sieve_spec  # validates both
 
     def _check_propagated(self) -> None:
-        """lowrank_target="propagated" fits each layer's L as soon as its base is done, from the inputs alpha 1 gives
-        it: a layer-local low-rank stream, fitted by the weighted SVD."""
-        if self.ortho_budget is None or self.lowrank_share != 1.0 or self.lowrank_alloc != "layer":
-            raise ValueError("lowrank_target='propagated' fits each layer's L before the next block runs: set "
-                             "ortho_budget, lowrank_share=1 and lowrank_alloc='layer' (the privacy preset does)")
-        if self.lowrank_fit != "svd":
-            raise ValueError(f"lowrank_target='propagated' fits L by the weighted SVD: set lowrank_fit='svd', not "
-                             f"{self.lowrank_fit!r}")
+        conflict = propagated_conflict(self.to_dict())
+        if conflict is not None:
+            raise ValueError(conflict)
         if not self.propagated_ridge > 0:
             raise ValueError(f"propagated_ridge={self.propagated_ridge} must be > 0 (relative to mean(diag H₁); 0.1 by default)")
-        if self.sieve_private_weight > 0 and self.sieve_private_inputs != "finetuned":
-            raise ValueError("lowrank_target='propagated' weighs the fine-tune's outputs on the forget texts too: set "
-                             "sieve_private_inputs='finetuned' (or sieve_private_weight=0)")
 
     @property
     def quant_spec(self):
@@ -229,15 +221,22 @@ def preset(name: str, **overrides) -> OrthoConfig:
     if overrides.get("forget_source", OrthoConfig.forget_source) not in ("records", "lookalikes"):
         for field in NEEDS_FORGET_TEXTS:
             fields.pop(field, None)
-    if "lowrank_target" not in overrides and not _propagated_fits({**fields, **overrides}):
+    if "lowrank_target" not in overrides and propagated_conflict({**fields, **overrides}) is not None:
         fields.pop("lowrank_target", None)
     return OrthoConfig(**{**fields, **overrides})
 
 
-def _propagated_fits(fields: dict) -> bool:
-    """Whether these OrthoConfig fields allow lowrank_target="propagated": a layer-local L fitted by the weighted
-    SVD, and the forget texts' term (if any) on the fine-tune's inputs (OrthoConfig._check_propagated)."""
+def propagated_conflict(fields: dict) -> str | None:
+    """Why these OrthoConfig fields (missing ones at their defaults) cannot take lowrank_target="propagated", or None.
+    It fits each layer's L as soon as its base is done, from the inputs alpha 1 gives it: a layer-local low-rank
+    stream fitted by the weighted SVD, with the forget texts' term (if any) on the fine-tune's inputs."""
     get = lambda name: fields.get(name, OrthoConfig.__dataclass_fields__[name].default)  # noqa: E731
-    private_on_base_inputs = get("sieve_private_weight") > 0 and get("sieve_private_inputs") != "finetuned"
-    return (get("ortho_budget") is not None and get("lowrank_share") == 1.0 and get("lowrank_alloc") == "layer"
-            and get("lowrank_fit") == "svd" and not private_on_base_inputs)
+    if get("ortho_budget") is None or get("lowrank_share") != 1.0 or get("lowrank_alloc") != "layer":
+        return ("lowrank_target='propagated' fits each layer's L before the next block runs: set "
+                "ortho_budget, lowrank_share=1 and lowrank_alloc='layer' (the privacy preset does)")
+    if get("lowrank_fit") != "svd":
+        return f"lowrank_target='propagated' fits L by the weighted SVD: set lowrank_fit='svd', not {get('lowrank_fit')!r}"
+    if get("sieve_private_weight") > 0 and get("sieve_private_inputs") != "finetuned":
+        return ("lowrank_target='propagated' weighs the fine-tune's outputs on the forget texts too: set "
+                "sieve_private_inputs='finetuned' (or sieve_private_weight=0)")
+    return None

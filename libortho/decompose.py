@@ -237,7 +237,7 @@ def _fit_block(b: int, plan: DecompositionPlan, config: OrthoConfig, needs_h: bo
     H_priv = _block_hessians(block, targets, private) if needs_h and private is not None and not sequential else {}
     curvatures = BlockCurvatures(H_pub, H_priv, config, {} if sequential else None, H_sieve_priv)
     groups = input_groups(H_pub) if sequential or propagated is not None else [list(targets)]
-    fitted: list[str] = []
+    with_lowrank: dict[str, OrthoLinear] = {}  # propagated: the layers fitted so far, base + L, as alpha 1 runs them
     on_host: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     # The forwards' and each fit's freed activations would otherwise stay in the heap under the next fit.
     release_freed_memory(collect=False)
@@ -245,18 +245,19 @@ def _fit_block(b: int, plan: DecompositionPlan, config: OrthoConfig, needs_h: bo
         if sequential:  # through the block as it is now: the groups before are base-only
             curvatures.add_private(*p_acts.private_curvatures(b, block, group, private))
         if propagated is not None:  # through the block at alpha 1: the groups before are base + L
-            propagated.collect(block, group, {n: _with_lowrank(block.get_submodule(n), parts[(b, n)].ortho) for n in fitted})
+            propagated.collect(block, group, with_lowrank)
         for name in group:
             parts[(b, name)] = _fit_layer((b, name), targets[name], curvatures, plan, config, stats, finish, on_host,
                                           propagated)
             # The plan points at the base-only layer: nothing holds this layer's fine-tuned weight any more.
             targets[name] = block.get_submodule(name)
-            fitted.append(name)
+            if propagated is not None:
+                with_lowrank[name] = _with_lowrank(targets[name], parts[(b, name)].ortho)
             release_freed_memory(collect=False)
     if sequential:
         p_acts.advance(b)
     if propagated is not None:
-        propagated.advance(block, {name: _with_lowrank(block.get_submodule(name), parts[(b, name)].ortho) for name in targets})
+        propagated.advance(block, with_lowrank)
 
 
 def _fit_layer(key: LayerKey, module: nn.Module, curvatures: BlockCurvatures, plan: DecompositionPlan, config: OrthoConfig,
