@@ -15,7 +15,8 @@ two matmuls + softmax over the whole static cache with an additive mask (per ste
 
 ``--ortho privacy`` gives every libortho layer the privacy preset's ortho stream (its byte budget
 split between sparse entries and a per-layer rank, ``kernel_bench.layers.split_for_shape``, at
-the preset's group size) instead of ``--density`` sparse; ``--int4-lm-head`` makes the libortho
+the preset's group size, L as the preset's 4-bit codes, read by ``kernels.lowrank_codes``) instead of
+``--density`` sparse; ``--int4-lm-head`` makes the libortho
 variants' lm_head an INT4 base (outside the privacy split, so never an ortho stream).
 
 With ``--artifact DIR`` it times a real libortho artifact instead (Llama architecture): the
@@ -43,7 +44,7 @@ import triton.language as tl
 from libortho.kernels import configs, dual_stream_linear, prepare
 from libortho.config import preset
 from libortho.kernel_bench.layers import split_for_shape
-from libortho.kernels.synthetic import as_ortholinear, random_layer
+from libortho.kernels.synthetic import as_ortholinear, random_layer, with_coded_lowrank
 
 H, I, NH, NKV, D, V = 4096, 14336, 32, 8, 128, 128256
 
@@ -108,7 +109,7 @@ class DecodeModel:
     """Minimal Llama decoder for timing; ``linear(name, layer_index)`` picks the variant."""
 
     def __init__(self, kind: str, n_layers: int, batch: int, max_len: int, density: float,
-                 seed: int = 0, split: Optional[Tuple[float, float, int]] = None,
+                 seed: int = 0, split: Optional[Tuple[float, float, int, int]] = None,
                  int4_lm_head: bool = False) -> None:
         g = torch.Generator(device="cuda").manual_seed(seed)
         dev, f16 = "cuda", torch.float16
@@ -127,14 +128,17 @@ class DecodeModel:
                 if kind == "fp16":
                     layer[name] = (torch.randn(n, k, device=dev, generator=g) * 0.02).to(f16)
                 else:
-                    group, layer_density, rank = 128, density, 0
+                    group, layer_density, rank, bits = 128, density, 0, 16
                     if split is not None:
-                        budget, share, group = split
-                        layer_density, rank = split_for_shape(n, k, budget, share, group)
+                        budget, share, group, bits = split
+                        layer_density, rank = split_for_shape(n, k, budget, share, group, bits)
                     src = random_layer(k, n, group_size=group, density=layer_density, device=dev,
-                                       generator=g, rank=rank)
+                                       generator=g, rank=rank if bits == 16 else 0)
                     try:  # the real layer: its forward calls libortho.kernels on CUDA
-                        layer[name] = as_ortholinear(src, lowrank=(src.ortho_B, src.ortho_A) if rank else None)
+                        if bits != 16 and rank:  # L as integer codes, read by kernels.lowrank_codes
+                            layer[name] = with_coded_lowrank(src, rank, bits, seed=len(self.w))
+                        else:
+                            layer[name] = as_ortholinear(src, lowrank=(src.ortho_B, src.ortho_A) if rank else None)
                         self.layer_class = "libortho.layer.OrthoLinear"
                     except ImportError:
                         layer[name] = src
@@ -170,6 +174,9 @@ class DecodeModel:
             if self.alpha != 0.0 and lin is not self.lm_head:
                 total += lin.ortho_crow.numel() * 4 + lin.ortho_col.numel() * 4 + lin.ortho_val.numel() * 2
                 total += (lin.ortho_A.numel() + lin.ortho_B.numel()) * lin.ortho_A.element_size()
+                if lin.lowrank_bits != 16:
+                    total += sum(getattr(lin, f"ortho_{f}q{p}").numel() * (1 if p == "" else 2)
+                                 for f in ("A", "Bt") for p in ("", "_scales", "_zeros"))
         return int(total)
 
     def set_alpha(self, a: float) -> None:
@@ -270,6 +277,8 @@ def time_artifact(path: str, batches: List[int], steps: int, prompt_len: int = 1
     from libortho.serve.slot_runner import SlotRunner
 
     model, _ = libortho.load(path, alpha=0.0, device="cuda", with_ortho=True)
+    loaded_mib = torch.cuda.memory_allocated() / 2**20  # the model as loaded, before any cache
+    print(f"device memory after load: {loaded_mib:.1f} MiB", flush=True)
     out = []
     for b in batches:
         runner = SlotRunner(model, ServeConfig(device="cuda", max_batch=b, fused_small_ops=fused_small_ops),
@@ -304,7 +313,9 @@ def time_artifact(path: str, batches: List[int], steps: int, prompt_len: int = 1
             end.record()
             torch.cuda.synchronize()
             ms = start.elapsed_time(end) / steps
-            out.append(dict(batch=b, alphas=mix, step_ms=ms, tokens_per_s=b / (ms * 1e-3), width=width))
+            # allocated after the steps: the weights, anything the layers derived from them, the slot cache
+            out.append(dict(batch=b, alphas=mix, step_ms=ms, tokens_per_s=b / (ms * 1e-3), width=width,
+                            loaded_mib=loaded_mib, allocated_mib=torch.cuda.memory_allocated() / 2**20))
             print(f"batch {b:3d} alphas {mix:5s} step {ms:7.3f} ms  {b / (ms * 1e-3):9.1f} tok/s  "
                   f"(graph of {b} rows x {width} columns, argmax included)", flush=True)
             runner.release(rows)
@@ -349,9 +360,10 @@ def main() -> int:
     split = None
     if args.ortho == "privacy":
         cfg = preset("privacy")
-        split = (cfg.ortho_budget, cfg.lowrank_share, cfg.group_size)
+        split = (cfg.ortho_budget, cfg.lowrank_share, cfg.group_size, cfg.lowrank_bits)
     stream = (f"ortho density {args.density}" if split is None else
-              f"privacy preset's ortho stream ({split[0]:g} of the base's bytes, low-rank share {split[1]:g}, g{split[2]})")
+              f"privacy preset's ortho stream ({split[0]:g} of the base's bytes, low-rank share {split[1]:g}, g{split[2]}, "
+              f"{split[3]}-bit L)")
     print(f"device {torch.cuda.get_device_name(0)}; {args.layers} layers, max_len {args.max_len}, {stream}"
           f"{', INT4 lm_head' if args.int4_lm_head else ''}", flush=True)
     rows = []

@@ -27,6 +27,22 @@ def test_4096_square_at_a_quarter_of_its_bytes():
     assert split_for_shape(4096, 4096, 0.25, 1.0) == (0.0, 134)
 
 
+def test_4bit_codes_buy_the_rank_their_bytes_buy():
+    # one rank of 4-bit codes: 2·(2048 code bytes + 4·64 scale and zero bytes) = 4608 B; 2211836 // 4608 = 479
+    assert split_for_shape(4096, 4096, 0.25, 1.0, lowrank_bits=4) == (0.0, 479)
+
+
+def test_a_synthetic_coded_lowrank_layer_is_what_the_codes_kernel_reads():
+    import torch
+    from libortho.kernels.synthetic import random_layer, with_coded_lowrank
+    src = random_layer(256, 128, generator=torch.Generator().manual_seed(0))
+    layer = with_coded_lowrank(src, 24, 4, seed=1)
+    B, A = layer.lowrank_factors()
+    assert layer.ortho_rank == 24 and layer.lowrank_bits == 4 and B.shape == (128, 24) and A.shape == (24, 256)
+    assert 0 < A.abs().max() <= 8 * 0.02 / 4 * (1 + 1e-3)  # codes in [0, 15] about the zero 8, scale 0.02 / 4
+    assert torch.equal(layer.qweight, src.qweight)
+
+
 # ---- goals and the GPU command's verdict (benchmarks/bench_decode_v3.py); CPU only ---------
 
 def _rows(n=8192, k=8192, a0=11.0, a1=12.0, i4_4=40.0, a0_4=30.0, f16_16=35.0, a1_16=15.0,

@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lowrank-share", type=float, default=None, metavar="SHARE",
                         help="with --ortho-budget: the low-rank part's share of its bytes "
                         "(default: the privacy preset's)")
+    parser.add_argument("--lowrank-bits", type=int, choices=(16, 8, 4), default=None,
+                        help="with --ortho-budget: how L is stored, fp16 factors (16) or integer codes "
+                        "(8, 4) at the rank the bytes buy (default: the privacy preset's)")
     parser.add_argument("--baseline-configs", default=None,
                         help="a second config table: adds rows a0_base / a1_1_base timed with "
                         "it (before/after in one run on one card)")
@@ -149,11 +152,12 @@ def run(args: argparse.Namespace) -> int:
         if args.ortho_budget is not None:
             from libortho.config import PRESETS
             share = PRESETS["privacy"]["lowrank_share"] if args.lowrank_share is None else args.lowrank_share
-            split = split_for_shape(n, k, args.ortho_budget, share)
+            lr_bits = PRESETS["privacy"]["lowrank_bits"] if args.lowrank_bits is None else args.lowrank_bits
+            split = split_for_shape(n, k, args.ortho_budget, share, lowrank_bits=lr_bits)
             log(f"  N={n:5d} K={k:5d} split at {args.ortho_budget:g} of the base's bytes: "
-                f"sparse density {split[0]:.4f}, rank {split[1]}")
+                f"sparse density {split[0]:.4f}, rank {split[1]} ({lr_bits}-bit L)")
         results += bench_shape(n, k, batches, max(100, args.reps), DENSITIES, rows_wanted, log,
-                               baseline, split)
+                               baseline, split, lr_bits if split else 16)
         if args.json:  # partial results survive a timeout
             with open(args.json, "w") as f:
                 json.dump(dict(env=env, copy_gbps=bw, results=results, tuned=tuned,

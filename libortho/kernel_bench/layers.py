@@ -35,27 +35,28 @@ def _prev_path(fn):
 
 
 def split_for_shape(n: int, k: int, ortho_budget: float, lowrank_share: float,
-                    group_size: int = 128) -> Tuple[float, int]:
+                    group_size: int = 128, lowrank_bits: int = 16) -> Tuple[float, int]:
     """(sparse density, rank) of one [n, k] layer whose ortho stream takes ``ortho_budget`` of its
     INT4 base's bytes, ``lowrank_share`` of them the low-rank part's (as ortho_split.split_budget
-    splits a model with per-layer ranks)."""
+    splits a model with per-layer ranks), L stored at ``lowrank_bits`` (16: fp16 factors, 8 or 4: codes)."""
     from libortho.lowrank import rank_bytes, rank_for_bytes
     from libortho.ortho_split import SPARSE_ENTRY_BYTES, base_bytes
     budget = ortho_budget * base_bytes((n, k), 4, group_size) - 4 * (n + 1)
-    rank = rank_for_bytes(n, k, int(lowrank_share * max(0.0, budget)))
-    left = 0.0 if lowrank_share == 1.0 else budget - rank * rank_bytes(n, k)
+    rank = rank_for_bytes(n, k, int(lowrank_share * max(0.0, budget)), lowrank_bits)
+    left = 0.0 if lowrank_share == 1.0 else budget - rank * rank_bytes(n, k, lowrank_bits)
     return max(0.0, left) / SPARSE_ENTRY_BYTES / (n * k), rank
 
 
 def bench_shape(n: int, k: int, batches: Sequence[int], reps: int, densities: Sequence[float],
                 rows_wanted: Sequence[str], log: Callable[[str], None],
-                baseline: Optional[dict] = None, split: Optional[Tuple[float, int]] = None) -> List[dict]:
+                baseline: Optional[dict] = None, split: Optional[Tuple[float, int]] = None,
+                lowrank_bits: int = 16) -> List[dict]:
     """All rows for one layer shape at the given token-row counts. ``baseline``: a second
     config table (``configs.read_table``); adds rows ``a0_base`` / ``a1_1_base`` that run
     the same layers with that table's configs (before/after on one card in one run).
     ``split``: (sparse density, rank) of a two-part ortho stream; adds rows ``a0_split`` and
-    ``a1_split`` that run OrthoLinear itself (the fused kernel, then the low-rank part's two thin
-    GEMMs) at alpha 0 and 1.
+    ``a1_split`` that run OrthoLinear itself (the fused kernel, then the low-rank part: two thin
+    GEMMs on fp16 factors, or kernels.lowrank_codes on ``lowrank_bits`` 8 / 4 codes) at alpha 0 and 1.
     ``a1_lr``: alpha 1, 1 % sparse plus a rank-``LR_RANK`` part through
     ``dual_stream_linear(..., lowrank=True)`` (fused into kernel v3 for 2 <= M <= 64).
     ``*_prev`` rows (``PREV_ROWS``, M >= 2): the same calls with kernel v3 switched off (the
@@ -81,7 +82,7 @@ def bench_shape(n: int, k: int, batches: Sequence[int], reps: int, densities: Se
     want_lr = "a1_lr" in rows_wanted or "a1_lr_prev" in rows_wanted
     lr_layers = ([with_lowrank(l, LR_RANK, seed=30_000 + i) for i, l in enumerate(dens_layers[d1])]
                  if want_lr else [])
-    split_layers = _split_layers(bases, *split) if split else []
+    split_layers = _split_layers(bases, *split, lowrank_bits) if split else []
     csr = []
     if "naive_1" in rows_wanted:
         for lay in dens_layers[d1]:
@@ -163,8 +164,9 @@ def bench_shape(n: int, k: int, batches: Sequence[int], reps: int, densities: Se
                 dict(config=bc))
         if split_layers:
             lay0 = split_layers[0]
-            extra = dict(nnz=int(lay0.ortho_col.numel()), rank=split[1])
-            lowrank_bytes = 2 * split[1] * (n + k)
+            from libortho.lowrank import rank_bytes
+            extra = dict(nnz=int(lay0.ortho_col.numel()), rank=split[1], lowrank_bits=lowrank_bits)
+            lowrank_bytes = split[1] * rank_bytes(n, k, lowrank_bits)
             for a in (0.0, 1.0):
                 for lay in split_layers:
                     lay.alpha_state.default = a
@@ -193,16 +195,21 @@ def bench_shape(n: int, k: int, batches: Sequence[int], reps: int, densities: Se
     return results
 
 
-def _split_layers(bases: list, density: float, rank: int) -> list:
-    """OrthoLinear copies of ``bases`` with a Bernoulli(density) sparse part and a random rank-``rank`` part."""
+def _split_layers(bases: list, density: float, rank: int, lowrank_bits: int = 16) -> list:
+    """OrthoLinear copies of ``bases`` with a Bernoulli(density) sparse part and a random rank-``rank`` part
+    (fp16 factors at ``lowrank_bits`` 16, else random codes of that width)."""
     from libortho.kernels import prepare
-    from libortho.kernels.synthetic import as_ortholinear
+    from libortho.kernels.synthetic import as_ortholinear, with_coded_lowrank
     out = []
     for i, b in enumerate(bases):
-        gen = torch.Generator(device="cuda").manual_seed(10_000 + i)
-        B = (torch.randn(b.out_features, rank, generator=gen, device="cuda") * 0.02).half()
-        A = (torch.randn(rank, b.in_features, generator=gen, device="cuda") * 0.02).half()
-        layer = as_ortholinear(with_ortho(b, density, seed=20_000 + i), lowrank=(B, A) if rank else None)
+        sparse = with_ortho(b, density, seed=20_000 + i)
+        if lowrank_bits != 16 and rank:
+            layer = with_coded_lowrank(sparse, rank, lowrank_bits, seed=10_000 + i)
+        else:
+            gen = torch.Generator(device="cuda").manual_seed(10_000 + i)
+            B = (torch.randn(b.out_features, rank, generator=gen, device="cuda") * 0.02).half()
+            A = (torch.randn(rank, b.in_features, generator=gen, device="cuda") * 0.02).half()
+            layer = as_ortholinear(sparse, lowrank=(B, A) if rank else None)
         prepare(layer)
         out.append(layer)
     return out

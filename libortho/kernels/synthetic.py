@@ -125,3 +125,30 @@ def as_ortholinear(src: SyntheticLayer, symmetric: bool = True,
             layer.ortho_B.copy_(lowrank[0])
             layer.ortho_A.copy_(lowrank[1])
     return layer
+
+
+def with_coded_lowrank(src: SyntheticLayer, rank: int, bits: int, seed: int = 0, symmetric: bool = True) -> nn.Module:
+    """OrthoLinear copy of ``src`` with a random rank-``rank`` low-rank part held as ``bits``-bit codes (4 or 8,
+    layer.OrthoLinear's ortho_Aq / ortho_Btq layout): uniform codes, zero point 2^(bits−1), fp16 scales
+    chosen so that the factors' values are about 0.02 (as the fp16 factors of the benchmarks)."""
+    from libortho.layer import OrthoLinear  # type: ignore
+    from libortho.lowrank import LOWRANK_GROUP
+    from libortho.packing import n_groups, packed_bytes
+    plain = as_ortholinear(src, symmetric)
+    layer = OrthoLinear(src.in_features, src.out_features, bits=src.bits, group_size=src.group_size,
+                        symmetric=symmetric, bias=src.bias is not None, ortho_nnz=int(src.ortho_col.numel()),
+                        ortho_dtype=src.ortho_val.dtype, ortho_rank=rank, lowrank_bits=bits)
+    layer = layer.to(src.qweight.device)
+    gen = torch.Generator(device=src.qweight.device).manual_seed(seed)
+    with torch.no_grad():
+        for name, buf in plain.named_buffers():
+            if buf is not None and getattr(layer, name, None) is not None:
+                getattr(layer, name).copy_(buf)
+        for name, width in (("ortho_Aq", src.in_features), ("ortho_Btq", src.out_features)):
+            getattr(layer, name).copy_(torch.randint(0, 256, (rank, packed_bytes(width, bits)), generator=gen,
+                                                     device=layer.qweight.device, dtype=torch.uint8))
+            getattr(layer, f"{name}_scales").fill_(0.02 / 2 ** (bits - 2))
+            getattr(layer, f"{name}_zeros").fill_(2 ** (bits - 1))
+    assert n_groups(src.in_features, LOWRANK_GROUP) == layer.ortho_Aq_scales.shape[1]
+    return layer
+

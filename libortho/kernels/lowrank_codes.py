@@ -1,0 +1,158 @@
+"""The low-rank ortho part read from its integer codes: Y += alpha·(X·Âᵀ)·B̂ᵀ, with Â and B̂ never
+held in fp16.
+
+A coded L (``OrthoConfig.lowrank_bits`` 4 or 8, `lowrank.code_factors`) is stored by
+`layer.OrthoLinear` as
+
+    ortho_Aq   [r, ceil(K / PB)] uint8   codes of A  [r, K], PB = 8 / bits codes per byte, low bits first
+    ortho_Aq_scales, ortho_Aq_zeros [r, ceil(K / G)] fp16     Â[i, k] = (c − z[i, k // G])·s[i, k // G]
+    ortho_Btq  [r, ceil(N / PB)] uint8   codes of Bᵀ [r, N], groups of G along N (G = LOWRANK_GROUP)
+    ortho_Btq_scales, ortho_Btq_zeros [r, ceil(N / G)] fp16
+
+Turning the codes into fp16 factors once per device costs what fp16 factors of that rank cost, about
+3.6× the codes' bytes at 4 bits. These two kernels dequantise tiles in registers instead:
+
+    _xa_kernel   Zp [S, M, r] fp32 = X[:, split s] · Â[:, split s]ᵀ      grid (cdiv(r, BR), S, cdiv(M, BM))
+    _zb_kernel   Y [M, N] += alpha[m] · round(Σ_s Zp[s]) · B̂ᵀ          grid (cdiv(N, BN), cdiv(M, BM))
+
+K is split S ways so that a thin A (r rows) still spreads over the SMs; the partial sums are added
+in a fixed order by the second kernel (deterministic, no atomics). Z is rounded to X's dtype before
+the second product, as the two thin GEMMs of the fp16 path round it. Each dequantised value is
+(c − z)·s computed in fp32 and rounded to X's dtype, which equals the fp16 product the PyTorch path
+forms (both operands are exact in fp16; their fp32 product is exact). Accumulation is fp32.
+"""
+from __future__ import annotations
+
+from typing import Any, Union
+
+import torch
+import triton
+import triton.language as tl
+
+from ..lowrank import LOWRANK_GROUP
+from ..packing import codes_per_byte, container_bits
+from .dispatch import interpret_mode
+
+Alpha = Union[float, torch.Tensor]
+
+BR = 16  # rank rows per tile (tl.dot needs >= 16)
+BK = 128  # K columns per tile of A
+BN = 64  # output columns per program of the second kernel
+
+
+def supported(layer: Any) -> bool:
+    """Whether the layer holds a coded low-rank part these kernels read (4- or 8-bit codes, rank > 0)."""
+    return int(getattr(layer, "lowrank_bits", 16)) in (4, 8) and int(layer.ortho_rank) > 0
+
+
+def _block_m(m: int) -> int:
+    return 16 if m <= 16 else 32 if m <= 32 else 64
+
+
+def _split_k(k: int, r: int, m_blocks: int, device: torch.device) -> int:
+    """Enough (rank tile, K split) programs for about two waves of SMs, each split at least two tiles long."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    programs = triton.cdiv(r, BR) * m_blocks
+    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(k, 2 * BK)))
+
+
+@triton.jit
+def _dequant(q_ptr, s_ptr, z_ptr, rows, cols, n_rows, n_cols, q_stride, g_stride,
+             G: tl.constexpr, PB: tl.constexpr, CB: tl.constexpr, DT: tl.constexpr):
+    """Values [len(rows), len(cols)] in DT of a packed code matrix: (c − z)·s (zero outside the matrix)."""
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    byte = tl.load(q_ptr + rows[:, None] * q_stride + (cols // PB)[None, :], mask=mask, other=0).to(tl.int32)
+    code = (byte >> ((cols % PB) * CB)[None, :]) & ((1 << CB) - 1)
+    goff = rows[:, None] * g_stride + (cols // G)[None, :]
+    s = tl.load(s_ptr + goff, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + goff, mask=mask, other=0.0).to(tl.float32)
+    return ((code.to(tl.float32) - z) * s).to(DT)
+
+
+@triton.jit
+def _xa_kernel(x_ptr, q_ptr, s_ptr, z_ptr, zp_ptr, M, K, R, x_stride, q_stride, g_stride, k_per_split,
+               G: tl.constexpr, PB: tl.constexpr, CB: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
+               BK: tl.constexpr, DOT_F32: tl.constexpr):
+    pid_r, split, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_r * BR + tl.arange(0, BR)
+    rm = pid_m * BM + tl.arange(0, BM)
+    DT = x_ptr.dtype.element_ty
+    acc = tl.zeros((BM, BR), dtype=tl.float32)
+    k_lo = split * k_per_split
+    for k0 in range(k_lo, k_lo + k_per_split, BK):
+        cols = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + rm[:, None] * x_stride + cols[None, :],
+                    mask=(rm < M)[:, None] & (cols < K)[None, :], other=0.0)
+        a = _dequant(q_ptr, s_ptr, z_ptr, rows, cols, R, K, q_stride, g_stride, G, PB, CB, DT)
+        if DOT_F32:  # Triton 3.9's interpreter computes bf16 dots wrongly (kernel_notes.md)
+            x, a = x.to(tl.float32), a.to(tl.float32)
+        acc += tl.dot(x, tl.trans(a))
+    out = zp_ptr + split * M * R + rm[:, None] * R + rows[None, :]
+    tl.store(out, acc, mask=(rm < M)[:, None] & (rows < R)[None, :])
+
+
+@triton.jit
+def _zb_kernel(zp_ptr, q_ptr, s_ptr, z_ptr, y_ptr, alpha_ptr, alpha, M, N, R, n_splits, y_stride, q_stride,
+               g_stride, G: tl.constexpr, PB: tl.constexpr, CB: tl.constexpr, BM: tl.constexpr,
+               BR: tl.constexpr, BN: tl.constexpr, PER_ROW: tl.constexpr, DOT_F32: tl.constexpr):
+    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+    cols = pid_n * BN + tl.arange(0, BN)
+    rm = pid_m * BM + tl.arange(0, BM)
+    DT = y_ptr.dtype.element_ty
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for r0 in range(0, R, BR):
+        rr = r0 + tl.arange(0, BR)
+        zmask = (rm < M)[:, None] & (rr < R)[None, :]
+        z = tl.zeros((BM, BR), dtype=tl.float32)
+        for s in range(n_splits):  # fixed order: the same bits whatever the grid's timing
+            z += tl.load(zp_ptr + s * M * R + rm[:, None] * R + rr[None, :], mask=zmask, other=0.0)
+        b = _dequant(q_ptr, s_ptr, z_ptr, rr, cols, R, N, q_stride, g_stride, G, PB, CB, DT)
+        z = z.to(DT)
+        if DOT_F32:
+            z, b = z.to(tl.float32), b.to(tl.float32)
+        acc += tl.dot(z, b)
+    if PER_ROW:
+        acc = acc * tl.load(alpha_ptr + rm, mask=rm < M, other=0.0).to(tl.float32)[:, None]
+    else:
+        acc = acc * alpha
+    ymask = (rm < M)[:, None] & (cols < N)[None, :]
+    yp = y_ptr + rm[:, None] * y_stride + cols[None, :]
+    y = tl.load(yp, mask=ymask, other=0.0)
+    tl.store(yp, (y.to(tl.float32) + acc.to(DT).to(tl.float32)).to(DT), mask=ymask)
+
+
+def add_lowrank_codes_(y: torch.Tensor, x: torch.Tensor, layer: Any, alpha: Alpha) -> torch.Tensor:
+    """y += alpha·(x·Âᵀ)·B̂ᵀ in place, read from the layer's codes (module docstring).
+
+    x: [M, K] fp16/bf16, unit column stride; y: [M, N] contiguous, x's dtype; alpha: a float, or a
+    tensor [M] (one value per row, any float dtype). Returns y. The caller checks `supported(layer)`."""
+    m, k = x.shape
+    n, r, bits = int(layer.out_features), int(layer.ortho_rank), int(layer.lowrank_bits)
+    if y.shape != (m, n) or y.dtype != x.dtype or not y.is_contiguous():
+        raise ValueError(f"y must be a contiguous [{m}, {n}] {x.dtype} tensor, got {tuple(y.shape)} {y.dtype}")
+    if m == 0 or r == 0:
+        return y
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    pb, cb = codes_per_byte(bits), container_bits(bits)
+    dot_f32 = interpret_mode() and x.dtype == torch.bfloat16
+    bm = _block_m(m)
+    m_blocks = triton.cdiv(m, bm)
+    n_splits = _split_k(k, r, m_blocks, x.device)
+    k_per_split = triton.cdiv(triton.cdiv(k, n_splits), BK) * BK
+    n_splits = triton.cdiv(k, k_per_split)
+    zp = torch.empty(n_splits, m, r, dtype=torch.float32, device=x.device)
+    A, A_s, A_z = layer.ortho_Aq, layer.ortho_Aq_scales, layer.ortho_Aq_zeros
+    _xa_kernel[(triton.cdiv(r, BR), n_splits, m_blocks)](
+        x, A, A_s, A_z, zp, m, k, r, x.stride(0), A.stride(0), A_s.stride(0), k_per_split,
+        G=LOWRANK_GROUP, PB=pb, CB=cb, BM=bm, BR=BR, BK=BK, DOT_F32=dot_f32)
+    per_row = isinstance(alpha, torch.Tensor)
+    avec = alpha.reshape(-1).to(device=x.device, dtype=torch.float32) if per_row else zp
+    if per_row and avec.numel() != m:
+        raise ValueError(f"alpha has {avec.numel()} values for {m} rows")
+    Bt, B_s, B_z = layer.ortho_Btq, layer.ortho_Btq_scales, layer.ortho_Btq_zeros
+    _zb_kernel[(triton.cdiv(n, BN), m_blocks)](
+        zp, Bt, B_s, B_z, y, avec, 0.0 if per_row else float(alpha), m, n, r, n_splits, y.stride(0),
+        Bt.stride(0), B_s.stride(0), G=LOWRANK_GROUP, PB=pb, CB=cb, BM=bm, BR=BR, BN=BN, PER_ROW=per_row,
+        DOT_F32=dot_f32)
+    return y
