@@ -5,8 +5,8 @@
 #   bash experiments/gpu_next.sh e2e8b     # end-to-end decode at Llama-3-8B shapes, batch 1/4/16/64: v3 on and off, the
 #                                          # privacy preset's ortho stream, and with an INT4 lm_head (~4 min)
 #   bash experiments/gpu_next.sh heldout   # the held-out scenario, 3 seeds, look-alikes / records / plain GPTQ (needs the GGUF; LIMIT s)
-#   bash experiments/gpu_next.sh lowrank   # L read from its codes (kernels.lowrank_codes): GPU correctness, SmolLM2 decode
-#                                          # step and device memory with fp16 L vs 4-bit codes at equal bytes, layer bench (~5 min)
+#   bash experiments/gpu_next.sh lowrank   # coded L: GPU correctness, SmolLM2 decode step and device memory, layer bench:
+#                                          # fp16 L, 4-bit codes as fp16 factors, 4-bit codes read by kernels.lowrank_codes (~6 min)
 #   bash experiments/gpu_next.sh serve     # the slot-cache engine: check, graph loop, load (needs the GGUF, ~4 min)
 #   bash experiments/gpu_next.sh scale     # the 8B checkpoints, then a decomposition stopped after LIMIT s (~9 min)
 #   bash experiments/gpu_next.sh resume    # that decomposition resumed, then the artifact loaded and used (~5 min)
@@ -21,17 +21,19 @@ case "$1" in
     timeout 120 python3 -m pytest -o addopts="" -q tests/gpu/test_lowrank_gpu.py 2>&1 | tail -2  # fp16 and coded L on CUDA
     python3 benchmarks/bench_decode_v3.py --out "$OUT" --budget-s "${BUDGET:-420}" 2>&1 | tail -40
     ;;
-  lowrank)
+  lowrank)  # LIBORTHO_LOWRANK_CODES=1: OrthoLinear reads coded L through kernels.lowrank_codes; 0: fp16 factors made once
     timeout 150 python3 -m pytest -o addopts="" -q tests/gpu/test_lowrank_gpu.py tests/test_kernels_lowrank.py 2>&1 | tail -2
     for B in 16 4; do
       [ -d /root/l$B ] || python3 -m libortho.cli decompose default /root/l$B --calib README.md --method rtn --calib-tokens 2048 \
         --group-size 64 --ortho-budget 0.25 --lowrank-share 1 --lowrank-bits $B --device cuda 2>&1 | tail -1
-      timeout 100 python3 benchmarks/bench_e2e.py --artifact /root/l$B --batches 1,64 --steps 200 \
-        --json "$OUT/e2e_smol_lowrank$B.json" 2>&1 | tail -7
     done
-    for B in 4 16; do
-      timeout 150 python3 -m libortho.kernel_bench --batches 1,16 --rows fp16,a0 --ortho-budget 0.25 --lowrank-bits $B \
-        --json "$OUT/bench_split_lowrank$B.json" 2>&1 | grep -E "split|M=" | tail -40
+    for RUN in 16:0 4:0 4:1; do B=${RUN%:*} C=${RUN#*:}
+      LIBORTHO_LOWRANK_CODES=$C timeout 100 python3 benchmarks/bench_e2e.py --artifact /root/l$B --batches 1,64 --steps 200 \
+        --json "$OUT/e2e_smol_lowrank${B}_codes$C.json" 2>&1 | grep -E "memory|batch" | tail -7
+    done
+    for RUN in 16:0 4:0 4:1; do B=${RUN%:*} C=${RUN#*:}
+      LIBORTHO_LOWRANK_CODES=$C timeout 150 python3 -m libortho.kernel_bench --batches 1,16 --rows fp16,a0 --ortho-budget 0.25 \
+        --lowrank-bits $B --json "$OUT/bench_split_lowrank${B}_codes$C.json" 2>&1 | grep -E "split" | tail -40
     done
     ;;
   serve)

@@ -198,7 +198,8 @@ class OrthoLinear(nn.Module):
 
                 per_row = self._alpha_per_row(a, x)
                 y = kernels.dual_stream_linear(x, self, per_row)
-                if lowrank_codes.supported(self) and (isinstance(a, torch.Tensor) or float(a) != 0.0):
+                if (lowrank_codes.ENABLED and lowrank_codes.supported(self)
+                        and (isinstance(a, torch.Tensor) or float(a) != 0.0)):
                     # L read from its codes in the kernels: the device never holds it in fp16
                     lowrank_codes.add_lowrank_codes_(y.view(-1, self.out_features), x.reshape(-1, self.in_features),
                                                      self, per_row)
@@ -208,9 +209,16 @@ class OrthoLinear(nn.Module):
         return self.reference_forward(x, a)
 
     def _factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, A) of a float L in `dtype` for the two thin GEMMs (a coded L takes kernels.lowrank_codes, which
-        reads the codes: an fp16 copy would hold 3.6x their bytes at 4 bits)."""
-        return self.lowrank_factors(dtype)
+        """(B, A) in `dtype` for the two thin GEMMs. Codes are turned into values once per device and dtype and
+        kept (turning them on every call made a SmolLM2 decode step 2.4x slower on an H100): the device then
+        holds L at the codes' rank in `dtype`, about 3.6x the codes' bytes at 4 bits (docs/lowrank_codes/).
+        kernels.lowrank_codes reads the codes instead where it is switched on."""
+        if self.lowrank_bits == 16:
+            return self.lowrank_factors(dtype)
+        key = ("lowrank", self.ortho_Aq.device, dtype)
+        if key not in self._dense_cache:
+            self._dense_cache[key] = self.lowrank_factors(dtype)
+        return self._dense_cache[key]
 
     def _lowrank_term(self, x: torch.Tensor, alpha: AlphaValue) -> torch.Tensor | None:
         """alpha·(X·Aᵀ)·Bᵀ [..., out] in x's dtype: two thin GEMMs beside the fused kernel; None when

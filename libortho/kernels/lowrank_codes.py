@@ -15,6 +15,13 @@ Turning the codes into fp16 factors once per device costs what fp16 factors of t
     _xa_kernel   Zp [S, M, r] fp32 = X[:, split s] · Â[:, split s]ᵀ      grid (cdiv(r, BR), S, cdiv(M, BM))
     _zb_kernel   Y [M, N] += alpha[m] · round(Σ_s Zp[s]) · B̂ᵀ          grid (cdiv(N, BN), cdiv(M, BM))
 
+Off by default: ``LIBORTHO_LOWRANK_CODES=1`` in the environment or ``set_enabled(True)`` makes
+`layer.OrthoLinear` take these kernels on CUDA; otherwise it turns the codes into fp16 factors once per
+device and runs two thin GEMMs. On one H100 (docs/lowrank_codes/README.md § 7) the first version of these
+kernels matched that path on SmolLM2 (decode step 5.60 against 5.65 ms for fp16 L of the same bytes) but
+added 64–184 µs per layer at Llama-3-8B shapes, 6–13× the fp16 path's cost; this version (wide byte
+loads, an unrolled split sum, larger tiles) has not been timed on a GPU yet.
+
 K is split S ways so that a thin A (r rows) still spreads over the SMs; the partial sums are added
 in a fixed order by the second kernel (deterministic, no atomics). Z is rounded to X's dtype before
 the second product, as the two thin GEMMs of the fp16 path round it. Each dequantised value is
@@ -31,13 +38,12 @@ import triton.language as tl
 
 from ..lowrank import LOWRANK_GROUP
 from ..packing import codes_per_byte, container_bits
-from .dispatch import interpret_mode
+from .dispatch import _env_flag, interpret_mode
 
 Alpha = Union[float, torch.Tensor]
 
-BR = 16  # rank rows per tile (tl.dot needs >= 16)
-BK = 128  # K columns per tile of A
-BN = 64  # output columns per program of the second kernel
+XA_BR, XA_BK = 32, 256  # first kernel: rank rows x K columns of A per tile (tl.dot needs >= 16 each)
+ZB_BR, ZB_BN = 64, 64  # second kernel: rank rows per step x output columns per program
 
 
 def supported(layer: Any) -> bool:
@@ -49,20 +55,42 @@ def _block_m(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
+ENABLED = _env_flag("LIBORTHO_LOWRANK_CODES", default=False)
+
+
+def set_enabled(enabled: bool) -> None:
+    """Make OrthoLinear read coded L through these kernels on CUDA (True) or through fp16 factors made once
+    per device (False, the default; ``LIBORTHO_LOWRANK_CODES=1`` switches it on at import)."""
+    global ENABLED
+    ENABLED = bool(enabled)
+
+
+MAX_SPLITS = 16  # the second kernel sums the partials in an unrolled loop
+
+
 def _split_k(k: int, r: int, m_blocks: int, device: torch.device) -> int:
     """Enough (rank tile, K split) programs for about two waves of SMs, each split at least two tiles long."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    programs = triton.cdiv(r, BR) * m_blocks
-    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(k, 2 * BK)))
+    programs = triton.cdiv(r, XA_BR) * m_blocks
+    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(k, 2 * XA_BK), MAX_SPLITS))
 
 
 @triton.jit
-def _dequant(q_ptr, s_ptr, z_ptr, rows, cols, n_rows, n_cols, q_stride, g_stride,
-             G: tl.constexpr, PB: tl.constexpr, CB: tl.constexpr, DT: tl.constexpr):
-    """Values [len(rows), len(cols)] in DT of a packed code matrix: (c − z)·s (zero outside the matrix)."""
+def _dequant(q_ptr, s_ptr, z_ptr, rows, col0, n_rows, n_cols, q_stride, g_stride,
+             BC: tl.constexpr, G: tl.constexpr, PB: tl.constexpr, CB: tl.constexpr, DT: tl.constexpr):
+    """Values [len(rows), BC] in DT of columns [col0, col0 + BC) of a packed code matrix, (c − z)·s, zero
+    outside the matrix. The tile's bytes are read as one contiguous [rows, BC / PB] block (wide loads); the
+    nibbles are split in registers and interleaved back into column order (low nibble first, as packing.pack)."""
+    BB: tl.constexpr = BC // PB
+    bcols = col0 // PB + tl.arange(0, BB)
+    bmask = (rows < n_rows)[:, None] & (bcols < (n_cols + PB - 1) // PB)[None, :]
+    byte = tl.load(q_ptr + rows[:, None] * q_stride + bcols[None, :], mask=bmask, other=0).to(tl.int32)
+    if PB == 2:
+        code = tl.reshape(tl.join(byte & 15, byte >> 4), (byte.shape[0], BC))
+    else:
+        code = byte
+    cols = col0 + tl.arange(0, BC)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    byte = tl.load(q_ptr + rows[:, None] * q_stride + (cols // PB)[None, :], mask=mask, other=0).to(tl.int32)
-    code = (byte >> ((cols % PB) * CB)[None, :]) & ((1 << CB) - 1)
     goff = rows[:, None] * g_stride + (cols // G)[None, :]
     s = tl.load(s_ptr + goff, mask=mask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + goff, mask=mask, other=0.0).to(tl.float32)
@@ -83,7 +111,7 @@ def _xa_kernel(x_ptr, q_ptr, s_ptr, z_ptr, zp_ptr, M, K, R, x_stride, q_stride, 
         cols = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + rm[:, None] * x_stride + cols[None, :],
                     mask=(rm < M)[:, None] & (cols < K)[None, :], other=0.0)
-        a = _dequant(q_ptr, s_ptr, z_ptr, rows, cols, R, K, q_stride, g_stride, G, PB, CB, DT)
+        a = _dequant(q_ptr, s_ptr, z_ptr, rows, k0, R, K, q_stride, g_stride, BK, G, PB, CB, DT)
         if DOT_F32:  # Triton 3.9's interpreter computes bf16 dots wrongly (kernel_notes.md)
             x, a = x.to(tl.float32), a.to(tl.float32)
         acc += tl.dot(x, tl.trans(a))
@@ -92,9 +120,10 @@ def _xa_kernel(x_ptr, q_ptr, s_ptr, z_ptr, zp_ptr, M, K, R, x_stride, q_stride, 
 
 
 @triton.jit
-def _zb_kernel(zp_ptr, q_ptr, s_ptr, z_ptr, y_ptr, alpha_ptr, alpha, M, N, R, n_splits, y_stride, q_stride,
-               g_stride, G: tl.constexpr, PB: tl.constexpr, CB: tl.constexpr, BM: tl.constexpr,
-               BR: tl.constexpr, BN: tl.constexpr, PER_ROW: tl.constexpr, DOT_F32: tl.constexpr):
+def _zb_kernel(zp_ptr, q_ptr, s_ptr, z_ptr, y_ptr, alpha_ptr, alpha, M, N, R, y_stride, q_stride,
+               g_stride, NSPLIT: tl.constexpr, G: tl.constexpr, PB: tl.constexpr, CB: tl.constexpr,
+               BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, PER_ROW: tl.constexpr,
+               DOT_F32: tl.constexpr):
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     cols = pid_n * BN + tl.arange(0, BN)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -104,9 +133,9 @@ def _zb_kernel(zp_ptr, q_ptr, s_ptr, z_ptr, y_ptr, alpha_ptr, alpha, M, N, R, n_
         rr = r0 + tl.arange(0, BR)
         zmask = (rm < M)[:, None] & (rr < R)[None, :]
         z = tl.zeros((BM, BR), dtype=tl.float32)
-        for s in range(n_splits):  # fixed order: the same bits whatever the grid's timing
+        for s in tl.static_range(NSPLIT):  # fixed order: the same bits whatever the grid's timing
             z += tl.load(zp_ptr + s * M * R + rm[:, None] * R + rr[None, :], mask=zmask, other=0.0)
-        b = _dequant(q_ptr, s_ptr, z_ptr, rr, cols, R, N, q_stride, g_stride, G, PB, CB, DT)
+        b = _dequant(q_ptr, s_ptr, z_ptr, rr, pid_n * BN, R, N, q_stride, g_stride, BN, G, PB, CB, DT)
         z = z.to(DT)
         if DOT_F32:
             z, b = z.to(tl.float32), b.to(tl.float32)
@@ -139,20 +168,20 @@ def add_lowrank_codes_(y: torch.Tensor, x: torch.Tensor, layer: Any, alpha: Alph
     bm = _block_m(m)
     m_blocks = triton.cdiv(m, bm)
     n_splits = _split_k(k, r, m_blocks, x.device)
-    k_per_split = triton.cdiv(triton.cdiv(k, n_splits), BK) * BK
+    k_per_split = triton.cdiv(triton.cdiv(k, n_splits), XA_BK) * XA_BK
     n_splits = triton.cdiv(k, k_per_split)
     zp = torch.empty(n_splits, m, r, dtype=torch.float32, device=x.device)
     A, A_s, A_z = layer.ortho_Aq, layer.ortho_Aq_scales, layer.ortho_Aq_zeros
-    _xa_kernel[(triton.cdiv(r, BR), n_splits, m_blocks)](
+    _xa_kernel[(triton.cdiv(r, XA_BR), n_splits, m_blocks)](
         x, A, A_s, A_z, zp, m, k, r, x.stride(0), A.stride(0), A_s.stride(0), k_per_split,
-        G=LOWRANK_GROUP, PB=pb, CB=cb, BM=bm, BR=BR, BK=BK, DOT_F32=dot_f32)
+        G=LOWRANK_GROUP, PB=pb, CB=cb, BM=bm, BR=XA_BR, BK=XA_BK, DOT_F32=dot_f32)
     per_row = isinstance(alpha, torch.Tensor)
     avec = alpha.reshape(-1).to(device=x.device, dtype=torch.float32) if per_row else zp
     if per_row and avec.numel() != m:
         raise ValueError(f"alpha has {avec.numel()} values for {m} rows")
     Bt, B_s, B_z = layer.ortho_Btq, layer.ortho_Btq_scales, layer.ortho_Btq_zeros
-    _zb_kernel[(triton.cdiv(n, BN), m_blocks)](
-        zp, Bt, B_s, B_z, y, avec, 0.0 if per_row else float(alpha), m, n, r, n_splits, y.stride(0),
-        Bt.stride(0), B_s.stride(0), G=LOWRANK_GROUP, PB=pb, CB=cb, BM=bm, BR=BR, BN=BN, PER_ROW=per_row,
-        DOT_F32=dot_f32)
+    _zb_kernel[(triton.cdiv(n, ZB_BN), m_blocks)](
+        zp, Bt, B_s, B_z, y, avec, 0.0 if per_row else float(alpha), m, n, r, y.stride(0),
+        Bt.stride(0), B_s.stride(0), NSPLIT=n_splits, G=LOWRANK_GROUP, PB=pb, CB=cb, BM=bm, BR=ZB_BR, BN=ZB_BN,
+        PER_ROW=per_row, DOT_F32=dot_f32)
     return y

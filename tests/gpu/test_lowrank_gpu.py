@@ -1,6 +1,7 @@
 """On CUDA, a layer with both ortho parts (the fused kernel for base + S, two thin GEMMs for L)
 agrees with the CPU path in float64, for scalar and per-row alpha and several batch sizes, with L
-stored as fp16 factors or as 4-bit codes (lowrank_bits 4)."""
+stored as fp16 factors or as 4-bit codes (lowrank_bits 4), read through fp16 factors made once per device or
+by kernels.lowrank_codes."""
 import pytest
 import torch
 
@@ -27,10 +28,12 @@ def _layer(seed: int = 0, coded: bool = False) -> OrthoLinear:
     return OrthoLinear.from_parts(base, csr_from_flat_indices(idx, R, torch.float16), None, lowrank=lowrank)
 
 
-@pytest.mark.parametrize("coded", [False, True])
+@pytest.mark.parametrize("coded", [False, "fp16 factors", "codes kernel"])
 @pytest.mark.parametrize("m", [1, 4, 16, 64])
-def test_both_ortho_parts_on_cuda_match_the_cpu_path(m, coded):
-    cpu, gpu = _layer(coded=coded), _layer(coded=coded).cuda()
+def test_both_ortho_parts_on_cuda_match_the_cpu_path(m, coded, monkeypatch):
+    from libortho.kernels import lowrank_codes
+    monkeypatch.setattr(lowrank_codes, "ENABLED", coded == "codes kernel")
+    cpu, gpu = _layer(coded=bool(coded)), _layer(coded=bool(coded)).cuda()
     assert gpu.lowrank_bits == (4 if coded else 16)
     x = torch.randn(m, 1024, generator=torch.Generator().manual_seed(m))
     for alpha in (0.0, 1.0, torch.rand(m, generator=torch.Generator().manual_seed(1))):
