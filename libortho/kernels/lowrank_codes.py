@@ -78,8 +78,8 @@ def _split_k(k: int, r: int, m_blocks: int, device: torch.device) -> int:
 @triton.jit
 def _dequant(q_ptr, s_ptr, z_ptr, rows, col0, n_rows, n_cols, q_stride, g_stride,
              BC: tl.constexpr, G: tl.constexpr, PB: tl.constexpr, CB: tl.constexpr, DT: tl.constexpr):
-    """Values [len(rows), BC] in DT of columns [col0, col0 + BC) of a packed code matrix, (c − z)·s, zero
-    outside the matrix. The tile's bytes are read as one contiguous [rows, BC / PB] block (wide loads); the
+    """Values [len(rows), BC] in DT of columns [col0, col0 + BC) of a packed code matrix, (c − z)·s; zero in
+    rows past n_rows, undefined in columns past n_cols (the callers mask x there, or the store). The tile's bytes are read as one contiguous [rows, BC / PB] block (wide loads); the
     nibbles are split in registers and interleaved back into column order (low nibble first, as packing.pack)."""
     BB: tl.constexpr = BC // PB
     bcols = col0 // PB + tl.arange(0, BB)
@@ -89,11 +89,16 @@ def _dequant(q_ptr, s_ptr, z_ptr, rows, col0, n_rows, n_cols, q_stride, g_stride
         code = tl.reshape(tl.join(byte & 15, byte >> 4), (byte.shape[0], BC))
     else:
         code = byte
-    cols = col0 + tl.arange(0, BC)
-    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    goff = rows[:, None] * g_stride + (cols // G)[None, :]
-    s = tl.load(s_ptr + goff, mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + goff, mask=mask, other=0.0).to(tl.float32)
+    # one scale and zero per group of G columns, loaded once and widened in registers (BC is a multiple of G)
+    tl.static_assert(BC % G == 0)
+    NG: tl.constexpr = BC // G
+    gcols = col0 // G + tl.arange(0, NG)
+    gmask = (rows < n_rows)[:, None] & (gcols < (n_cols + G - 1) // G)[None, :]
+    goff = rows[:, None] * g_stride + gcols[None, :]
+    s = tl.load(s_ptr + goff, mask=gmask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + goff, mask=gmask, other=0.0).to(tl.float32)
+    s = tl.reshape(tl.broadcast_to(s[:, :, None], (s.shape[0], NG, G)), (s.shape[0], BC))
+    z = tl.reshape(tl.broadcast_to(z[:, :, None], (z.shape[0], NG, G)), (z.shape[0], BC))
     return ((code.to(tl.float32) - z) * s).to(DT)
 
 
