@@ -92,9 +92,9 @@ VARIANTS = {  # name -> (config overrides, forget texts)
     # ... with the sieve's private term collected on the fine-tuned blocks' inputs (what alpha 1 restores)
     **{f"{kind}, L 4-bit, fine-tuned inputs": (dict(forget_source=kind, lowrank_bits=4, sieve_private_inputs="finetuned"), texts)
        for kind, texts in (("records", "members"), ("lookalikes", "lookalikes"))},
-    # The preset's L fitted under H_pub + lam_s·H_priv at a stronger private weight (the preset's lam_s is 30)
+    # The preset's L fitted under H_pub + lam_s·H_priv at another private weight (the preset's lam_s is 30)
     **{f"{kind}, lam_s {w:g}": (dict(forget_source=kind, sieve_private_weight=float(w)), texts)
-       for kind, texts in (("records", "members"), ("lookalikes", "lookalikes")) for w in (100, 300)},
+       for kind, texts in (("records", "members"), ("lookalikes", "lookalikes")) for w in (3, 10, 100, 300)},
     # L fitted to the fine-tune's outputs on the inputs alpha 1 gives each layer (lowrank_target, propagated.py)
     **{f"{kind}, propagated L": (dict(forget_source=kind, lowrank_target="propagated"), texts)
        for kind, texts in (("records", "members"), ("lookalikes", "lookalikes"))},
