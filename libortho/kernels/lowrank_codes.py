@@ -30,6 +30,7 @@ forms (both operands are exact in fp16; their fp32 product is exact). Accumulati
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Union
 
 import torch
@@ -68,9 +69,14 @@ def set_enabled(enabled: bool) -> None:
 MAX_SPLITS = 16  # the second kernel sums the partials in an unrolled loop
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
 def _split_k(k: int, r: int, m_blocks: int, device: torch.device) -> int:
     """Enough (rank tile, K split) programs for about two waves of SMs, each split at least two tiles long."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    sms = _sm_count(device)
     programs = triton.cdiv(r, XA_BR) * m_blocks
     return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(k, 2 * XA_BK), MAX_SPLITS))
 
