@@ -94,7 +94,7 @@ VARIANTS = {  # name -> (config overrides, forget texts)
        for kind, texts in (("records", "members"), ("lookalikes", "lookalikes"))},
     # The preset's L fitted under H_pub + lam_s·H_priv at another private weight (the preset's lam_s is 30)
     **{f"{kind}, lam_s {w:g}": (dict(forget_source=kind, sieve_private_weight=float(w)), texts)
-       for kind, texts in (("records", "members"), ("lookalikes", "lookalikes")) for w in (3, 10, 100, 300)},
+       for kind, texts in (("records", "members"), ("lookalikes", "lookalikes")) for w in (1, 3, 10, 30, 100, 300)},
     # L fitted to the fine-tune's outputs on the inputs alpha 1 gives each layer (lowrank_target, propagated.py)
     **{f"{kind}, propagated L": (dict(forget_source=kind, lowrank_target="propagated"), texts)
        for kind, texts in (("records", "members"), ("lookalikes", "lookalikes"))},

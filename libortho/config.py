@@ -194,12 +194,14 @@ def _choose(field: str, value: str, choices: tuple[str, ...]) -> None:
 # "privacy": GPTQ INT4 g64 fitted by the forget objective on the given forget texts; its ortho stream
 # is the low-rank part alone, 25 % of the base's bytes, stored as 4-bit codes (~3.6x the rank of fp16
 # factors), fitted to the fine-tune's layer outputs on the inputs alpha 1 gives each layer (propagated.py),
-# public calibration text plus 30x the forget texts as the fine-tuned blocks pass them on, so that alpha 1
-# gives back what the edit took from the private inputs where alpha 1 meets them.
+# public calibration text plus 3x the forget texts (lam_s relative to the traces) as the fine-tuned blocks pass
+# them on, so that alpha 1 gives back what the edit took from the private inputs where alpha 1 meets them
+# without spending most of L's fit on them (lam_s 30 cost about 0.2 perplexity at alpha 1; lam_s 1 fell
+# under 90 % of FP's k = 4 exposure: docs/lowrank_codes/README.md § 8).
 PRESETS: dict[str, dict] = {
     "quality": dict(),
     "privacy": dict(group_size=64, ortho_ratio=0.02, ortho_budget=0.25, lowrank_share=1.0, lowrank_bits=4,
-                    sieve_private_weight=30.0, sieve_private_inputs="finetuned", lowrank_target="propagated"),
+                    sieve_private_weight=3.0, sieve_private_inputs="finetuned", lowrank_target="propagated"),
 }
 # Preset fields that only apply with forget texts: dropped, unless given, when the source has none.
 NEEDS_FORGET_TEXTS = ("sieve_private_weight", "sieve_private_inputs")
