@@ -38,23 +38,14 @@ import triton
 import triton.language as tl
 
 from ..lowrank import LOWRANK_GROUP
-from ..packing import codes_per_byte, container_bits
+from ..packing import codes_per_byte
 from .dispatch import _env_flag, interpret_mode
 
 Alpha = Union[float, torch.Tensor]
 
 XA_BR, XA_BK = 32, 256  # first kernel: rank rows x K columns of A per tile (tl.dot needs >= 16 each)
 ZB_BR, ZB_BN = 64, 64  # second kernel: rank rows per step x output columns per program
-
-
-def supported(layer: Any) -> bool:
-    """Whether the layer holds a coded low-rank part these kernels read (4- or 8-bit codes, rank > 0)."""
-    return int(getattr(layer, "lowrank_bits", 16)) in (4, 8) and int(layer.ortho_rank) > 0
-
-
-def _block_m(m: int) -> int:
-    return 16 if m <= 16 else 32 if m <= 32 else 64
-
+MAX_SPLITS = 16  # the second kernel sums the partials in an unrolled loop
 
 ENABLED = _env_flag("LIBORTHO_LOWRANK_CODES", default=False)
 
@@ -66,7 +57,13 @@ def set_enabled(enabled: bool) -> None:
     ENABLED = bool(enabled)
 
 
-MAX_SPLITS = 16  # the second kernel sums the partials in an unrolled loop
+def supported(layer: Any) -> bool:
+    """Whether the layer holds a coded low-rank part these kernels read (4- or 8-bit codes, rank > 0)."""
+    return int(getattr(layer, "lowrank_bits", 16)) in (4, 8) and int(layer.ortho_rank) > 0
+
+
+def _block_m(m: int) -> int:
+    return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,10 +80,11 @@ def _split_k(k: int, r: int, m_blocks: int, device: torch.device) -> int:
 
 @triton.jit
 def _dequant(q_ptr, s_ptr, z_ptr, rows, col0, n_rows, n_cols, q_stride, g_stride,
-             BC: tl.constexpr, G: tl.constexpr, PB: tl.constexpr, CB: tl.constexpr, DT: tl.constexpr):
+             BC: tl.constexpr, G: tl.constexpr, PB: tl.constexpr, DT: tl.constexpr):
     """Values [len(rows), BC] in DT of columns [col0, col0 + BC) of a packed code matrix, (c − z)·s; zero in
-    rows past n_rows, undefined in columns past n_cols (the callers mask x there, or the store). The tile's bytes are read as one contiguous [rows, BC / PB] block (wide loads); the
-    nibbles are split in registers and interleaved back into column order (low nibble first, as packing.pack)."""
+    rows past n_rows, undefined in columns past n_cols (the callers mask x there, or the store). The tile's
+    bytes are read as one contiguous [rows, BC / PB] block (wide loads); 4-bit codes (PB 2) are split in
+    registers and interleaved back into column order (low nibble first, as packing.pack)."""
     BB: tl.constexpr = BC // PB
     bcols = col0 // PB + tl.arange(0, BB)
     bmask = (rows < n_rows)[:, None] & (bcols < (n_cols + PB - 1) // PB)[None, :]
@@ -110,8 +108,8 @@ def _dequant(q_ptr, s_ptr, z_ptr, rows, col0, n_rows, n_cols, q_stride, g_stride
 
 @triton.jit
 def _xa_kernel(x_ptr, q_ptr, s_ptr, z_ptr, zp_ptr, M, K, R, x_stride, q_stride, g_stride, k_per_split,
-               G: tl.constexpr, PB: tl.constexpr, CB: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
-               BK: tl.constexpr, DOT_F32: tl.constexpr):
+               G: tl.constexpr, PB: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+               DOT_F32: tl.constexpr):
     pid_r, split, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_r * BR + tl.arange(0, BR)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -122,7 +120,7 @@ def _xa_kernel(x_ptr, q_ptr, s_ptr, z_ptr, zp_ptr, M, K, R, x_stride, q_stride, 
         cols = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + rm[:, None] * x_stride + cols[None, :],
                     mask=(rm < M)[:, None] & (cols < K)[None, :], other=0.0)
-        a = _dequant(q_ptr, s_ptr, z_ptr, rows, k0, R, K, q_stride, g_stride, BK, G, PB, CB, DT)
+        a = _dequant(q_ptr, s_ptr, z_ptr, rows, k0, R, K, q_stride, g_stride, BK, G, PB, DT)
         if DOT_F32:  # Triton 3.9's interpreter computes bf16 dots wrongly (kernel_notes.md)
             x, a = x.to(tl.float32), a.to(tl.float32)
         acc += tl.dot(x, tl.trans(a))
@@ -132,9 +130,8 @@ def _xa_kernel(x_ptr, q_ptr, s_ptr, z_ptr, zp_ptr, M, K, R, x_stride, q_stride, 
 
 @triton.jit
 def _zb_kernel(zp_ptr, q_ptr, s_ptr, z_ptr, y_ptr, alpha_ptr, alpha, M, N, R, y_stride, q_stride,
-               g_stride, NSPLIT: tl.constexpr, G: tl.constexpr, PB: tl.constexpr, CB: tl.constexpr,
-               BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, PER_ROW: tl.constexpr,
-               DOT_F32: tl.constexpr):
+               g_stride, NSPLIT: tl.constexpr, G: tl.constexpr, PB: tl.constexpr, BM: tl.constexpr,
+               BR: tl.constexpr, BN: tl.constexpr, PER_ROW: tl.constexpr, DOT_F32: tl.constexpr):
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     cols = pid_n * BN + tl.arange(0, BN)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -146,7 +143,7 @@ def _zb_kernel(zp_ptr, q_ptr, s_ptr, z_ptr, y_ptr, alpha_ptr, alpha, M, N, R, y_
         z = tl.zeros((BM, BR), dtype=tl.float32)
         for s in tl.static_range(NSPLIT):  # fixed order: the same bits whatever the grid's timing
             z += tl.load(zp_ptr + s * M * R + rm[:, None] * R + rr[None, :], mask=zmask, other=0.0)
-        b = _dequant(q_ptr, s_ptr, z_ptr, rr, pid_n * BN, R, N, q_stride, g_stride, BN, G, PB, CB, DT)
+        b = _dequant(q_ptr, s_ptr, z_ptr, rr, pid_n * BN, R, N, q_stride, g_stride, BN, G, PB, DT)
         z = z.to(DT)
         if DOT_F32:
             z, b = z.to(tl.float32), b.to(tl.float32)
@@ -174,7 +171,7 @@ def add_lowrank_codes_(y: torch.Tensor, x: torch.Tensor, layer: Any, alpha: Alph
         return y
     if x.stride(-1) != 1:
         x = x.contiguous()
-    pb, cb = codes_per_byte(bits), container_bits(bits)
+    pb = codes_per_byte(bits)
     dot_f32 = interpret_mode() and x.dtype == torch.bfloat16
     bm = _block_m(m)
     m_blocks = triton.cdiv(m, bm)
@@ -185,7 +182,7 @@ def add_lowrank_codes_(y: torch.Tensor, x: torch.Tensor, layer: Any, alpha: Alph
     A, A_s, A_z = layer.ortho_Aq, layer.ortho_Aq_scales, layer.ortho_Aq_zeros
     _xa_kernel[(triton.cdiv(r, XA_BR), n_splits, m_blocks)](
         x, A, A_s, A_z, zp, m, k, r, x.stride(0), A.stride(0), A_s.stride(0), k_per_split,
-        G=LOWRANK_GROUP, PB=pb, CB=cb, BM=bm, BR=XA_BR, BK=XA_BK, DOT_F32=dot_f32)
+        G=LOWRANK_GROUP, PB=pb, BM=bm, BR=XA_BR, BK=XA_BK, DOT_F32=dot_f32)
     per_row = isinstance(alpha, torch.Tensor)
     avec = alpha.reshape(-1).to(device=x.device, dtype=torch.float32) if per_row else zp
     if per_row and avec.numel() != m:
@@ -193,6 +190,6 @@ def add_lowrank_codes_(y: torch.Tensor, x: torch.Tensor, layer: Any, alpha: Alph
     Bt, B_s, B_z = layer.ortho_Btq, layer.ortho_Btq_scales, layer.ortho_Btq_zeros
     _zb_kernel[(triton.cdiv(n, ZB_BN), m_blocks)](
         zp, Bt, B_s, B_z, y, avec, 0.0 if per_row else float(alpha), m, n, r, y.stride(0),
-        Bt.stride(0), B_s.stride(0), NSPLIT=n_splits, G=LOWRANK_GROUP, PB=pb, CB=cb, BM=bm, BR=ZB_BR, BN=ZB_BN,
+        Bt.stride(0), B_s.stride(0), NSPLIT=n_splits, G=LOWRANK_GROUP, PB=pb, BM=bm, BR=ZB_BR, BN=ZB_BN,
         PER_ROW=per_row, DOT_F32=dot_f32)
     return y

@@ -132,8 +132,7 @@ def with_coded_lowrank(src: SyntheticLayer, rank: int, bits: int, seed: int = 0,
     layer.OrthoLinear's ortho_Aq / ortho_Btq layout): uniform codes, zero point 2^(bits−1), fp16 scales
     chosen so that the factors' values are about 0.02 (as the fp16 factors of the benchmarks)."""
     from libortho.layer import OrthoLinear  # type: ignore
-    from libortho.lowrank import LOWRANK_GROUP
-    from libortho.packing import n_groups, packed_bytes
+    from libortho.packing import packed_bytes
     plain = as_ortholinear(src, symmetric)
     layer = OrthoLinear(src.in_features, src.out_features, bits=src.bits, group_size=src.group_size,
                         symmetric=symmetric, bias=src.bias is not None, ortho_nnz=int(src.ortho_col.numel()),
@@ -149,6 +148,4 @@ def with_coded_lowrank(src: SyntheticLayer, rank: int, bits: int, seed: int = 0,
                                                      device=layer.qweight.device, dtype=torch.uint8))
             getattr(layer, f"{name}_scales").fill_(0.02 / 2 ** (bits - 2))
             getattr(layer, f"{name}_zeros").fill_(2 ** (bits - 1))
-    assert n_groups(src.in_features, LOWRANK_GROUP) == layer.ortho_Aq_scales.shape[1]
     return layer
-
