@@ -16,14 +16,16 @@ import statistics
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def collect(paths: list[str], preset_lam_s: float) -> tuple[dict, dict]:
     """({seed: FP summary}, {(mode, lam_s or None for plain GPTQ): {seed: alpha-1 row}})."""
     fp, rows = {}, {}
     for path in paths:
-        for seed, variants in json.load(open(path)).items():
+        with open(path) as f:
+            runs = json.load(f)
+        for seed, variants in runs.items():
             for name, v in variants.items():
                 if name == "baselines":
                     fp[seed] = v["fp"]
@@ -46,12 +48,13 @@ def table(fp: dict, rows: dict, only_seed: str | None = None) -> list[dict]:
         fp4 = statistics.mean(fp[s]["measured_exposure_by_k"]["4"] for s in seeds)
         fpx = statistics.mean(fp[s]["extraction_by_k"]["16"] for s in seeds)
         fpp = statistics.mean(fp[s]["perplexity"] for s in seeds)
-        mean = lambda f: statistics.mean(f(by_seed[s]) for s in seeds)  # noqa: E731
-        out.append(dict(mode=mode, lam_s=lam_s, seeds=seeds, ppl=mean(lambda r: r["perplexity"]), fp_ppl=fpp,
-                        k4=mean(lambda r: r["measured_exposure_by_k"]["4"]) / fp4,
-                        k16=mean(lambda r: r["measured_exposure_by_k"]["16"]) / statistics.mean(
-                            fp[s]["measured_exposure_by_k"]["16"] for s in seeds),
-                        extraction=mean(lambda r: r["extraction_by_k"]["16"]) / fpx))
+        picked = [by_seed[s] for s in seeds]
+        fp16 = statistics.mean(fp[s]["measured_exposure_by_k"]["16"] for s in seeds)
+        out.append(dict(mode=mode, lam_s=lam_s, seeds=seeds, fp_ppl=fpp,
+                        ppl=statistics.mean(r["perplexity"] for r in picked),
+                        k4=statistics.mean(r["measured_exposure_by_k"]["4"] for r in picked) / fp4,
+                        k16=statistics.mean(r["measured_exposure_by_k"]["16"] for r in picked) / fp16,
+                        extraction=statistics.mean(r["extraction_by_k"]["16"] for r in picked) / fpx))
     return out
 
 
