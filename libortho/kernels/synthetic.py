@@ -105,23 +105,30 @@ def random_layer(in_features: int, out_features: int, *, bits: int = 4, group_si
                           crow, cols.to(torch.int32), val, b, low)
 
 
-def as_ortholinear(src: SyntheticLayer, symmetric: bool = True,
-                   lowrank: Optional[tuple] = None) -> nn.Module:
-    """Copy a SyntheticLayer into libortho.layer.OrthoLinear (ImportError if it is absent).
-    ``lowrank``: the low-rank part (B [out, r], A [r, in]) in the ortho dtype, or None (rank 0)."""
+def _ortholinear_like(src: SyntheticLayer, symmetric: bool, rank: int, lowrank_bits: int) -> nn.Module:
+    """libortho.layer.OrthoLinear with ``src``'s base, sparse part and bias copied in, and room for a rank-``rank``
+    low-rank part stored at ``lowrank_bits`` (left zero). ImportError if libortho is absent."""
     from libortho.layer import OrthoLinear  # type: ignore
     layer = OrthoLinear(src.in_features, src.out_features, bits=src.bits,
                         group_size=src.group_size, symmetric=symmetric,
                         bias=src.bias is not None, ortho_nnz=int(src.ortho_col.numel()),
-                        ortho_dtype=src.ortho_val.dtype,
-                        ortho_rank=0 if lowrank is None else int(lowrank[1].shape[0]))
+                        ortho_dtype=src.ortho_val.dtype, ortho_rank=rank, lowrank_bits=lowrank_bits)
     layer = layer.to(src.qweight.device)
     with torch.no_grad():
         for name in ("qweight", "scales", "zeros", "ortho_crow", "ortho_col", "ortho_val"):
             getattr(layer, name).copy_(getattr(src, name))
         if src.bias is not None:
             layer.bias.copy_(src.bias.to(layer.bias.dtype))
-        if lowrank is not None:
+    return layer
+
+
+def as_ortholinear(src: SyntheticLayer, symmetric: bool = True,
+                   lowrank: Optional[tuple] = None) -> nn.Module:
+    """Copy a SyntheticLayer into libortho.layer.OrthoLinear (ImportError if it is absent).
+    ``lowrank``: the low-rank part (B [out, r], A [r, in]) in the ortho dtype, or None (rank 0)."""
+    layer = _ortholinear_like(src, symmetric, 0 if lowrank is None else int(lowrank[1].shape[0]), 16)
+    if lowrank is not None:
+        with torch.no_grad():
             layer.ortho_B.copy_(lowrank[0])
             layer.ortho_A.copy_(lowrank[1])
     return layer
@@ -131,18 +138,10 @@ def with_coded_lowrank(src: SyntheticLayer, rank: int, bits: int, seed: int = 0,
     """OrthoLinear copy of ``src`` with a random rank-``rank`` low-rank part held as ``bits``-bit codes (4 or 8,
     layer.OrthoLinear's ortho_Aq / ortho_Btq layout): uniform codes, zero point 2^(bits−1), fp16 scales
     chosen so that the factors' values are about 0.02 (as the fp16 factors of the benchmarks)."""
-    from libortho.layer import OrthoLinear  # type: ignore
     from libortho.packing import packed_bytes
-    plain = as_ortholinear(src, symmetric)
-    layer = OrthoLinear(src.in_features, src.out_features, bits=src.bits, group_size=src.group_size,
-                        symmetric=symmetric, bias=src.bias is not None, ortho_nnz=int(src.ortho_col.numel()),
-                        ortho_dtype=src.ortho_val.dtype, ortho_rank=rank, lowrank_bits=bits)
-    layer = layer.to(src.qweight.device)
+    layer = _ortholinear_like(src, symmetric, rank, bits)
     gen = torch.Generator(device=src.qweight.device).manual_seed(seed)
     with torch.no_grad():
-        for name, buf in plain.named_buffers():
-            if buf is not None and getattr(layer, name, None) is not None:
-                getattr(layer, name).copy_(buf)
         for name, width in (("ortho_Aq", src.in_features), ("ortho_Btq", src.out_features)):
             getattr(layer, name).copy_(torch.randint(0, 256, (rank, packed_bytes(width, bits)), generator=gen,
                                                      device=layer.qweight.device, dtype=torch.uint8))
