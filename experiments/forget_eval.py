@@ -11,6 +11,7 @@ GPTQ of the fine-tune, and the forget objective with each source:
   control      the same objective and lam with X_priv = held-out public text of as many tokens
                (separates forgetting the records from merely pulling the model toward P);
   free         no texts, mu = 1;
+  lookalikes x4 / control x4: four times as many look-alikes, and public text of as many words;
   records / lookalikes, lam L: the same at another lam (the curve over lam; the control at lam 30);
   records, sieve lam_s 30 / records, 5 % and 10 % ortho: the restoring half (alpha 1) with the sieve and
                refit under H_pub + 30·H_priv, or with a larger ortho budget;
@@ -75,6 +76,10 @@ VARIANTS = {  # name -> (config overrides, forget texts)
         dict(forget_source=kind, forget_target="public_activations", forget_lambda=float(lam)), texts)
        for kind, texts in (("records", "members"), ("lookalikes", "lookalikes")) for lam in (10, 30)},
     "records-half": (dict(forget_source="records"), "half"),
+    # Four times as many look-alikes (the same lam, relative to the traces): more of the names and digits the
+    # records may hold are among the forget texts; the control: public text of the same number of words
+    "lookalikes x4": (dict(forget_source="lookalikes"), "lookalikes x4"),
+    "control x4 (public text as X_priv)": (dict(forget_source="lookalikes"), "public x4"),
     "control (public text as X_priv)": (dict(forget_source="records"), "public"),
     "free mu 1": (dict(forget_source="free", forget_mu=1.0), None),
     # The restoring half: the sieve and refit under H_pub + lam_s·H_priv, and a larger budget.
@@ -92,9 +97,12 @@ VARIANTS = {  # name -> (config overrides, forget texts)
     # ... with the sieve's private term collected on the fine-tuned blocks' inputs (what alpha 1 restores)
     **{f"{kind}, L 4-bit, fine-tuned inputs": (dict(forget_source=kind, lowrank_bits=4, sieve_private_inputs="finetuned"), texts)
        for kind, texts in (("records", "members"), ("lookalikes", "lookalikes"))},
-    # The preset's L fitted under H_pub + lam_s·H_priv at another private weight (the preset's lam_s is 30)
+    # The preset's L fitted under H_pub + lam_s·H_priv at another private weight (the preset's lam_s is 3);
+    # lam_s 0: public text alone, what of plain GPTQ's alpha-1 perplexity the forget base leaves L to recover
     **{f"{kind}, lam_s {w:g}": (dict(forget_source=kind, sieve_private_weight=float(w)), texts)
        for kind, texts in (("records", "members"), ("lookalikes", "lookalikes")) for w in (1, 3, 10, 30, 100, 300)},
+    **{f"{kind}, lam_s 0": (dict(forget_source=kind, sieve_private_weight=0.0, sieve_private_inputs="base"), texts)
+       for kind, texts in (("records", "members"), ("lookalikes", "lookalikes"))},
     # L fitted to the fine-tune's outputs on the inputs alpha 1 gives each layer (lowrank_target, propagated.py)
     **{f"{kind}, propagated L": (dict(forget_source=kind, lowrank_target="propagated"), texts)
        for kind, texts in (("records", "members"), ("lookalikes", "lookalikes"))},
@@ -147,12 +155,15 @@ def forget_texts(kind: str | None, scenario, members, seed: int) -> tuple[list[s
     if kind == "half":
         half = sorted(members, key=lambda r: random.Random(f"{seed}:{r.id}").random())[: len(members) // 2]
         return [r.text for r in half], {r.id for r in half}
+    kind, _, times = kind.partition(" x")  # "lookalikes x4": four times as many texts
+    times = int(times or 1)
     if kind == "lookalikes":  # the owner's descriptions of the scenario's template family, another seed
         config = scenario.config
-        return [r.text for r in owner_lookalikes(config, config.seed + LOOKALIKE_SEED_OFFSET)], set()
+        per_format = times * config.members_per_format()
+        return [r.text for r in owner_lookalikes(config, config.seed + LOOKALIKE_SEED_OFFSET, per_format)], set()
     if kind == "public":  # as many tokens of held-out public text as the members have, in record-sized pieces
         words = scenario.read_split("heldout").split()
-        n_words = sum(len(r.text.split()) for r in members)
+        n_words = times * sum(len(r.text.split()) for r in members)
         per = max(1, n_words // len(members))
         return [" ".join(words[i : i + per]) for i in range(0, n_words, per)], set()
     raise ValueError(kind)
