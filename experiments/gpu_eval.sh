@@ -6,7 +6,9 @@
 # SEEDS="0 2" ONLY="NPO": those seeds only, one process each running only the named variants
 # (comma-separated); SPLIT="a|b;c|d": one process per group and seed, each running the variants
 # named in its group ("|"-separated), and SPLIT_<seed> the same for that seed alone; ARGS: more forget_eval.py options (--alphas 1 --no-quantized-reference);
-# THREADS: CPU threads per process (the GPTQ fits run on the CPU). PRESET=heldout: the held-out shape
+# THREADS: CPU threads per process (the GPTQ fits run on the CPU). PRESEED: a forget_eval JSON (or this script's
+# combined output) whose baseline rows start each new run file, so that they are not computed again: only where the
+# scenarios are bitwise the same (the same card and software built them). PRESET=heldout: the held-out shape
 # (standard-library docstrings, support-ticket records, 6-digit secrets at k 4 and 16); TEMPLATES=prose|code
 # and CORPUS=stdlib: another record template family / public text for any preset (runs are then named
 # e.g. eval-code, and their rows kept apart).
@@ -26,8 +28,21 @@ for s in $SEEDS; do  # the very configs the runs below use, so that they find th
 done
 wait
 echo "scenarios built: $SECONDS s"
+preseed() {  # out-file seed: start it from $PRESEED's baseline rows of that seed (FP, reference, quantized reference)
+  [ -n "${PRESEED:-}" ] && [ ! -e "$1" ] && python3 - "$PRESEED" "$2" "$1" <<'PY'
+import json, sys
+src, seed, out = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
+runs = src.values() if all(isinstance(v, dict) and set(v) <= {"0", "1", "2", "3", "4"} for v in src.values()) else [src]
+for rows in runs:
+    if seed in rows and "baselines" in rows[seed]:
+        keep = {k: v for k, v in rows[seed].items() if k in ("baselines", "quantized reference")}
+        json.dump({seed: keep}, open(out, "w"))
+        break
+PY
+}
 run() {  # seed part variants...
   local s=$1 part=$2; shift 2
+  preseed "$RES/${NAME}_${part}_$s.json" "$s"
   timeout -s INT $((LIMIT - SECONDS)) python3 experiments/forget_eval.py $SCENARIO --model "$GGUF" \
     --seeds "$s" --threads "$THREADS" ${ARGS:-} --sample-extraction ${SAMPLES:-64} --out "$RES/${NAME}_${part}_$s.json" --only "$@" 2>&1 \
     | grep -v -e "Loading weights" -e "Writing model" -e "clean_up_tokenization" | sed "s/^/[$part$s] /"

