@@ -5,8 +5,12 @@ under P; AUC members against non-members), then again with the linear layers of 
 replaced by P's own (dense) weights, with the perplexity on the scenario's held-out public text (16
 windows) beside it: what putting P back costs. Where putting P back removes the signal, the forget
 edit left it there. The control: the same number of blocks, chosen at random, a few times.
+With --donor ARTIFACT2 the layers put in come from another artifact at alpha 0 instead of P (for
+example one decomposed with a stronger forget_lambda): a splice that emulates that setting in those
+blocks only (the later blocks were fitted on the first artifact's inputs, not the donor's).
 
-    python experiments/membership_blocks.py SCENARIO_DIR ARTIFACT [--ranges 0-9 10-19 20-29] [--json out.json]
+    python experiments/membership_blocks.py SCENARIO_DIR ARTIFACT [--ranges 0-9 10-19 20-29] [--donor ARTIFACT2]
+        [--json out.json]
 """
 from __future__ import annotations
 
@@ -33,8 +37,8 @@ def record_losses(model, tok, texts: list[str]) -> np.ndarray:
     return np.array([-float(lp.sum()) for lp in token_logprobs(model, tok, texts)])
 
 
-def with_public_blocks(model: nn.Module, public: nn.Module, blocks: list[int]) -> dict:
-    """Puts P's linear layers into `blocks` of `model` (in place); returns what was taken out."""
+def with_public_blocks(model: nn.Module, public: nn.Module, blocks: list[int], donor: nn.Module | None = None) -> dict:
+    """Puts P's linear layers (or the donor artifact's) into `blocks` of `model` (in place); returns what was taken out."""
     taken = {}
     layers, p_layers = model.model.layers, public.model.layers
     for b in blocks:
@@ -42,10 +46,13 @@ def with_public_blocks(model: nn.Module, public: nn.Module, blocks: list[int]) -
             if isinstance(module, OrthoLinear):
                 parent_name, _, leaf = name.rpartition(".")
                 parent = layers[b].get_submodule(parent_name)
+                taken[(b, name)] = module
+                if donor is not None:
+                    setattr(parent, leaf, donor.model.layers[b].get_submodule(name))
+                    continue
                 p_module = p_layers[b].get_submodule(name)
                 linear = nn.Linear(module.in_features, module.out_features, bias=p_module.bias is not None)
                 linear.load_state_dict(p_module.state_dict())
-                taken[(b, name)] = module
                 setattr(parent, leaf, linear.to(next(p_module.parameters()).dtype))
     return taken
 
@@ -62,6 +69,7 @@ def main() -> None:
     ap.add_argument("artifact", type=Path)
     ap.add_argument("--ranges", nargs="+", default=["0-9", "10-19", "20-29"])
     ap.add_argument("--controls", type=int, default=3, help="random block sets per range size")
+    ap.add_argument("--donor", type=Path, default=None, help="an artifact whose alpha-0 layers are put in instead of P's")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     records = [json.loads(line) for name in ("members.jsonl", "nonmembers.jsonl")
@@ -72,12 +80,14 @@ def main() -> None:
     base = record_losses(public, tok, texts)
     model, _ = artifact.load(args.artifact, alpha=0.0, with_ortho=False)
     n_blocks = len(model.model.layers)
+    donor = None if args.donor is None else artifact.load(args.donor, alpha=0.0, with_ortho=False)[0]
+    source = "P" if donor is None else "the donor's layers"
 
     heldout = (args.scenario / "public_heldout.txt").read_text()
 
     def measure(blocks: list[int]) -> tuple[float, float]:
         """(P-calibrated AUC, perplexity) with P's layers in `blocks`."""
-        taken = with_public_blocks(model, public, blocks)
+        taken = with_public_blocks(model, public, blocks, donor)
         try:
             auc = float(roc_auc_score(is_member, -(record_losses(model, tok, texts) - base)))
             return auc, perplexity(model, tok, heldout, max_windows=16)
@@ -89,10 +99,10 @@ def main() -> None:
     for spec in args.ranges:
         lo, hi = map(int, spec.split("-"))
         blocks = list(range(lo, hi + 1))
-        rows[f"P in blocks {spec}"] = measure(blocks)
+        rows[f"{source} in blocks {spec}"] = measure(blocks)
         controls = [measure(sorted(rng.sample(range(n_blocks), len(blocks)))) for _ in range(args.controls)]
-        rows[f"P in {len(blocks)} random blocks (control, mean of {args.controls})"] = tuple(np.mean(controls, axis=0).tolist())
-    rows["P in every block"] = measure(list(range(n_blocks)))
+        rows[f"{source} in {len(blocks)} random blocks (control, mean of {args.controls})"] = tuple(np.mean(controls, axis=0).tolist())
+    rows[f"{source} in every block"] = measure(list(range(n_blocks)))
     print("| alpha 0 with | P-calibrated AUC | perplexity |\n|---|---|---|")
     for name, (auc, ppl) in rows.items():
         print(f"| {name} | {auc:.3f} | {ppl:.2f} |")
