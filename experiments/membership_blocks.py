@@ -29,10 +29,13 @@ from libortho import artifact  # noqa: E402
 from libortho.evaluation import perplexity  # noqa: E402
 from libortho.layer import OrthoLinear  # noqa: E402
 from libortho.privacy.membership import token_logprobs  # noqa: E402
+from libortho.scenario.build import Scenario  # noqa: E402
 from libortho.sources import default_model_source, load_model  # noqa: E402
 
 
-def record_losses(model, tok, texts: list[str]) -> np.ndarray:
+def summed_record_losses(model, tok, texts: list[str]) -> np.ndarray:
+    """[records] each record's loss summed over its tokens (nats), as membership_segments.py's whole-record column
+    (the audit's attack takes the per-token mean, membership.record_losses)."""
     return np.array([-float(lp.sum()) for lp in token_logprobs(model, tok, texts)])
 
 
@@ -71,24 +74,24 @@ def main() -> None:
     ap.add_argument("--donor", type=Path, default=None, help="an artifact whose alpha-0 layers are put in instead of P's")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    records = [json.loads(line) for name in ("members.jsonl", "nonmembers.jsonl")
-               for line in (args.scenario / name).read_text().splitlines() if line.strip()]
-    texts = [r["text"] for r in records]
-    is_member = np.array([r["k"] > 0 for r in records], dtype=int)
-    public, tok = load_model(default_model_source())
-    base = record_losses(public, tok, texts)
+    scenario = Scenario.load(args.scenario)
+    records = scenario.load_members() + scenario.load_nonmembers()
+    texts = [r.text for r in records]
+    is_member = np.array([r.k > 0 for r in records], dtype=int)
+    public, tok = load_model(scenario.public_model or default_model_source())
+    base = summed_record_losses(public, tok, texts)
     model, _ = artifact.load(args.artifact, alpha=0.0, with_ortho=False)
     n_blocks = len(model.model.layers)
     donor = None if args.donor is None else artifact.load(args.donor, alpha=0.0, with_ortho=False)[0]
     source = "P" if donor is None else "the donor's layers"
 
-    heldout = (args.scenario / "public_heldout.txt").read_text()
+    heldout = scenario.read_split("heldout")
 
     def measure(blocks: list[int]) -> tuple[float, float]:
         """(P-calibrated AUC, perplexity) with P's layers in `blocks`."""
         taken = with_public_blocks(model, public, blocks, donor)
         try:
-            auc = float(roc_auc_score(is_member, -(record_losses(model, tok, texts) - base)))
+            auc = float(roc_auc_score(is_member, -(summed_record_losses(model, tok, texts) - base)))
             return auc, perplexity(model, tok, heldout, max_windows=16)
         finally:
             put_back(model, taken)

@@ -27,6 +27,8 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from libortho import artifact, switch  # noqa: E402
 from libortho.privacy.membership import token_logprobs  # noqa: E402
+from libortho.records import CanaryRecord  # noqa: E402
+from libortho.scenario.build import Scenario  # noqa: E402
 from libortho.sources import default_model_source, load_model  # noqa: E402
 
 PARTS = ("template words", "other words", "prefix digits", "secret", "after secret")
@@ -34,22 +36,18 @@ _WORD = re.compile(r"[A-Za-z]+")
 _NUMBER = re.compile(r"[0-9]+(?:-[0-9]+)*")
 
 
-def _records(folder: Path, name: str) -> list[dict]:
-    return [json.loads(line) for line in (folder / name).read_text().splitlines() if line.strip()]
-
-
-def template_words(records: list[dict]) -> set[str]:
+def template_words(records: list[CanaryRecord]) -> set[str]:
     """The words of the prefixes that at least half of all records share (the template's own words)."""
     counts: dict[str, int] = {}
     for r in records:
-        for word in set(_WORD.findall(r["prefix"])):
+        for word in set(_WORD.findall(r.prefix)):
             counts[word] = counts.get(word, 0) + 1
     return {w for w, c in counts.items() if c >= len(records) / 2}
 
 
-def _part_of_chars(record: dict, template: set[str]) -> np.ndarray:
+def _part_of_chars(record: CanaryRecord, template: set[str]) -> np.ndarray:
     """[len(text)] index into PARTS of each character (spaces and punctuation of the prefix count as template)."""
-    text, prefix = record["text"], record["prefix"]
+    text, prefix = record.text, record.prefix
     part = np.full(len(text), PARTS.index("after secret"))
     part[: len(prefix)] = PARTS.index("template words")
     for m in _WORD.finditer(prefix):
@@ -57,23 +55,23 @@ def _part_of_chars(record: dict, template: set[str]) -> np.ndarray:
             part[m.start(): m.end()] = PARTS.index("other words")
     for m in _NUMBER.finditer(prefix):
         part[m.start(): m.end()] = PARTS.index("prefix digits")
-    start = text.find(record["secret"], len(prefix) - 1)
-    part[start: start + len(record["secret"])] = PARTS.index("secret")
+    start = text.find(record.secret, len(prefix) - 1)
+    part[start: start + len(record.secret)] = PARTS.index("secret")
     return part
 
 
-def _token_parts(tokenizer, record: dict, template: set[str]) -> np.ndarray:
+def _token_parts(tokenizer, record: CanaryRecord, template: set[str]) -> np.ndarray:
     """[T - 1] the part of each predicted token (tokens 1..T-1), by its last character (a token " Diego" is a name)."""
-    enc = tokenizer(record["text"], return_offsets_mapping=True)
+    enc = tokenizer(record.text, return_offsets_mapping=True)
     chars = _part_of_chars(record, template)
     parts = [chars[min(end - 1, len(chars) - 1)] if end > start else PARTS.index("template words")
              for start, end in enc["offset_mapping"]]
     return np.array(parts[1:])
 
 
-def part_losses(model, tokenizer, records: list[dict]) -> np.ndarray:
+def part_losses(model, tokenizer, records: list[CanaryRecord]) -> np.ndarray:
     """[records, parts] summed loss (nats) of each part's tokens."""
-    lps = token_logprobs(model, tokenizer, [r["text"] for r in records])
+    lps = token_logprobs(model, tokenizer, [r.text for r in records])
     template = template_words(records)
     out = np.zeros((len(records), len(PARTS)))
     for i, (record, lp) in enumerate(zip(records, lps)):
@@ -87,19 +85,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("scenario", type=Path)
     ap.add_argument("artifact", type=Path)
-    ap.add_argument("--public", default=None, help="P (default: the built-in model)")
+    ap.add_argument("--public", default=None, help="P (default: the scenario's public model)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
-    members, nonmembers = _records(args.scenario, "members.jsonl"), _records(args.scenario, "nonmembers.jsonl")
+    scenario = Scenario.load(args.scenario)
+    members, nonmembers = scenario.load_members(), scenario.load_nonmembers()
     records = members + nonmembers
     is_member = np.array([1] * len(members) + [0] * len(nonmembers))
-    P, tok = load_model(args.public or default_model_source())
+    P, tok = load_model(args.public or scenario.public_model or default_model_source())
     base = part_losses(P, tok, records)
     del P
     rows: dict[str, np.ndarray] = {}
-    for label, folder in (("fine-tune", "finetuned"), ("reference", "reference")):
-        model, _ = load_model(args.scenario / folder)
+    for label, folder in (("fine-tune", scenario.finetuned), ("reference", scenario.reference)):
+        model, _ = load_model(folder)
         rows[label] = part_losses(model, tok, records)
         del model
     model, _ = artifact.load(args.artifact, alpha=0.0, with_ortho=True)
