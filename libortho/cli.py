@@ -244,11 +244,16 @@ def cmd_audit(args) -> int:
     # Fail closed: an artifact is audited at alpha 0 unless --alpha asks for more.
     alphas = args.alpha if args.alpha else ([0.0] if extra else None)
     sample_extraction = Sampling.n_samples if args.sample_extraction is None else args.sample_extraction
+    public_model = args.public_model
+    if public_model == "default":  # the built-in model, as decompose --public-model reads it
+        from .sources import default_model_source
+
+        public_model = default_model_source()
     given = dict(exposure_candidates=args.candidates, perplexity_max_windows=args.max_windows,
                  frontier_cap=args.frontier_cap, sample_extraction=sample_extraction)
     report = audit_from_paths(
         args.path, args.private, args.nonmembers, args.public, args.out,
-        alphas=alphas, reference_path=args.reference, extra_settings=extra, public_model_path=args.public_model,
+        alphas=alphas, reference_path=args.reference, extra_settings=extra, public_model_path=public_model,
         **{k: v for k, v in given.items() if v is not None},
     )
     print((Path(args.out) / "report.md").read_text())
@@ -443,8 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="digit secrets: trie nodes kept per depth before sub-sampling (exact rank while fewer candidates "
                         "beat the secret; larger = more exact and slower)")
     p.add_argument("--public-model", default=None, metavar="MODEL",
-                   help="the public checkpoint the model was fine-tuned from: adds the membership attack calibrated "
-                        "by it (record loss minus its loss under MODEL)")
+                   help="the public checkpoint the model was fine-tuned from ('default' = the built-in model): adds the "
+                        "membership attack calibrated by it (record loss minus its loss under MODEL)")
     p.add_argument("--sample-extraction", type=whole_number, default=None, metavar="N",
                    help="extraction by sampling: N samples (temperature 1, top-k 40) per record prefix; 0 disables "
                         f"(default {Sampling.n_samples}: this command samples, the library's AuditConfig does not by default)")

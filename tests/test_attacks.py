@@ -261,3 +261,25 @@ def test_cli_audit_with_public_model(setting, tmp_path, capsys):
     assert report["settings"]["sample_extraction"]["samples"] == 4
     with pytest.raises(SystemExit):
         main(["audit", "x", "--public", "p", "--private", "m", "--nonmembers", "n", "--sample-extraction", "-1"])
+
+
+def test_cli_audit_public_model_default_is_the_built_in_model(setting, tmp_path, monkeypatch):
+    """`--public-model default` names the built-in model in audit as it does in decompose."""
+    from libortho import sources
+    from libortho.cli import main
+
+    tok, public, on_members, _, members, nonmembers = setting
+    for name, model in (("model", on_members), ("public", public)):
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    monkeypatch.setattr(sources, "default_model_source", lambda: str(tmp_path / "public"))
+    P.save_records(members[:4], tmp_path / "members.jsonl")
+    P.save_records(nonmembers[:4], tmp_path / "nonmembers.jsonl")
+    (tmp_path / "public.txt").write_text(PUBLIC_TEXT)
+    rc = main(["audit", str(tmp_path / "model"), "--public", str(tmp_path / "public.txt"),
+               "--private", str(tmp_path / "members.jsonl"), "--nonmembers", str(tmp_path / "nonmembers.jsonl"),
+               "--public-model", "default", "--sample-extraction", "0", "--candidates", "20",
+               "--frontier-cap", "16", "--out", str(tmp_path / "out")])
+    assert rc == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["rows"][0]["mia"]["ref"]["auc"] == 1.0
