@@ -12,6 +12,9 @@ GPTQ of the fine-tune, and the forget objective with each source:
                (separates forgetting the records from merely pulling the model toward P);
   free         no texts, mu = 1;
   lookalikes x4 / control x4: four times as many look-alikes, and public text of as many words;
+  records, look-alikes kept: records mode with four times as many look-alikes on the public side (the calibration
+               text starts with them), so the base keeps the fine-tune's behaviour on records never trained; its
+               control starts the calibration text with as many tokens of the public training text instead;
   records / lookalikes, lam L: the same at another lam (the curve over lam; the control at lam 30);
   records, sieve lam_s 30 / records, 5 % and 10 % ortho: the restoring half (alpha 1) with the sieve and
                refit under H_pub + 30·H_priv, or with a larger ortho budget;
@@ -117,11 +120,16 @@ VARIANTS = {  # name -> (config overrides, forget texts)
     **{f"{kind}, lam {lam:g}": (dict(forget_source=kind, forget_lambda=float(lam)), texts)
        for kind, texts in (("records", "members"), ("lookalikes", "lookalikes")) for lam in (1, 10, 30, 100)},
     "control, lam 30": (dict(forget_source="records", forget_lambda=30.0), "public"),
+    "records, look-alikes kept": (dict(forget_source="records"), "members"),
+    "records, training text kept (control)": (dict(forget_source="records"), "members"),
 }
 AUDIT = dict(exposure_candidates=128, frontier_cap=64, perplexity_max_windows=16, progress=False,
              exposure_formats=("digits",), white_box=False, goals=False)
 # The evaluation scenario: enough PINs per k and non-members per format to resolve 1 bit and FPR 0.5 %.
 EVAL_SCENARIO = dict(n_per_k=32, n_nonmembers=200)
+# Variants whose calibration text starts with more public-side text (experiments/retain_calibration.py): four times
+# as many owner look-alikes as members, kept acting like the fine-tune; the control, as many tokens of the training text.
+CALIB_PREFIX = {"records, look-alikes kept": "lookalikes x4", "records, training text kept (control)": "train"}
 ALPHAS = [0.0, 1.0]  # --alphas
 WITH_QUANTIZED_REFERENCE = True  # --no-quantized-reference
 
@@ -166,6 +174,18 @@ def forget_texts(kind: str | None, scenario, members, seed: int) -> tuple[list[s
         n_words = times * sum(len(r.text.split()) for r in members)
         per = max(1, n_words // len(members))
         return [" ".join(words[i : i + per]) for i in range(0, n_words, per)], set()
+    raise ValueError(kind)
+
+
+def calibration_prefix(kind: str, scenario, members, seed: int, tok) -> tuple[str, int]:
+    """(text, its token count) put before the calibration text: "lookalikes x4", or "train", as many tokens of the
+    fine-tune's public training text as four times the look-alikes have."""
+    shaped = "\n".join(forget_texts("lookalikes x4", scenario, members, seed)[0]) + "\n\n"
+    n_tokens = len(tok(shaped)["input_ids"])
+    if kind == "lookalikes x4":
+        return shaped, n_tokens
+    if kind == "train":
+        return tok.decode(tok(scenario.read_split("train"))["input_ids"][:n_tokens]) + "\n\n", n_tokens
     raise ValueError(kind)
 
 
@@ -228,9 +248,14 @@ def run_seed(config: ScenarioConfig, results: dict, only: list[str] | None, out_
         torch.manual_seed(0)
         config = preset("privacy", **{**BASE, **cfg})
         texts, listed = forget_texts(texts_kind, scenario, members, seed)
+        variant_calib = calib
+        if name in CALIB_PREFIX:
+            prefix, n_tokens = calibration_prefix(CALIB_PREFIX[name], scenario, members, seed, tok)
+            variant_calib = prefix + calib
+            config = preset("privacy", **{**BASE, **cfg, "calib_tokens": BASE["calib_tokens"] + n_tokens})
         model, _ = sources.load_model(scenario.finetuned)
         public = sources.load_model(scenario.public_model)[0] if config.forgets else None
-        stats = decompose(model, tok, calib, config, progress=False, public_model=public, forget_texts=texts)
+        stats = decompose(model, tok, variant_calib, config, progress=False, public_model=public, forget_texts=texts)
         del public
         rep = audit(model, tok, heldout, members, nonmembers, alphas=ALPHAS, **audit_settings)
         summaries = []
