@@ -10,11 +10,11 @@ shape and leaves the pull to what the members do not share with it. In the close
 (H_pub gains the look-alikes' inputs): W* = W_ft + lam (W_P - W_ft) H_priv H'^-1.
 
 Writes, for one cached scenario, three files into OUT:
-  calib_retain.txt   4 x as many owner look-alikes as members (another seed than the scenario's), then the
+  calib_retain.txt   4 x (--times) as many owner look-alikes as members (another seed than the scenario's), then the
                      scenario's public calibration text;
   calib_control.txt  as many tokens of the fine-tune's public training text, then the same calibration text
                      (the control: the same budget of extra public-side tokens, none shaped like a record);
-  lookalikes_x4.jsonl the look-alikes used.
+  lookalikes_x4.jsonl the look-alikes used (x{times}).
 
     python experiments/retain_calibration.py ~/.cache/libortho/scenarios/default-1efb256405cecabf /tmp/ret/seed0
     libortho decompose $S/finetuned /tmp/ret/seed0/art_retain --calib /tmp/ret/seed0/calib_retain.txt \\
@@ -34,19 +34,19 @@ from libortho.scenario import owner_lookalikes  # noqa: E402
 from libortho.scenario.build import Scenario  # noqa: E402
 
 LOOKALIKE_SEED_OFFSET = 1000  # as experiments/forget_eval.py: the owner's look-alikes come from another seed
-TIMES = 4
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("scenario", type=Path, help="a cached scenario folder (built by forget_eval.py)")
     ap.add_argument("out", type=Path)
+    ap.add_argument("--times", type=int, default=4, help="look-alikes per member (4: the screen's)")
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
     scenario = Scenario.load(args.scenario)
     config = scenario.config
-    lookalikes = owner_lookalikes(config, config.seed + LOOKALIKE_SEED_OFFSET, TIMES * config.members_per_format())
+    lookalikes = owner_lookalikes(config, config.seed + LOOKALIKE_SEED_OFFSET, args.times * config.members_per_format())
     shaped = "\n".join(r.text for r in lookalikes) + "\n\n"
     tok = AutoTokenizer.from_pretrained(args.scenario / "finetuned")
     n_tokens = len(tok(shaped)["input_ids"])
@@ -55,7 +55,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "calib_retain.txt").write_text(shaped + calibration)
     (args.out / "calib_control.txt").write_text(unshaped + "\n\n" + calibration)
-    (args.out / "lookalikes_x4.jsonl").write_text("".join(json.dumps({"text": r.text}) + "\n" for r in lookalikes))
+    (args.out / f"lookalikes_x{args.times}.jsonl").write_text("".join(json.dumps({"text": r.text}) + "\n" for r in lookalikes))
     print(f"{args.scenario.name}: {len(lookalikes)} look-alikes, {n_tokens} tokens; control: as many of the training text")
 
 
