@@ -178,8 +178,8 @@ def forget_texts(kind: str | None, scenario, members, seed: int) -> tuple[list[s
 
 
 def calibration_prefix(kind: str, scenario, members, seed: int, tok) -> tuple[str, int]:
-    """(text, its token count) put before the calibration text: "lookalikes x4", or "train", as many tokens of the
-    fine-tune's public training text as four times the look-alikes have."""
+    """(text, its token count) put before the calibration text: "lookalikes x4" (four look-alikes per member), or
+    "train" (as many tokens of the fine-tune's public training text as those look-alikes have)."""
     shaped = "\n".join(forget_texts("lookalikes x4", scenario, members, seed)[0]) + "\n\n"
     n_tokens = len(tok(shaped)["input_ids"])
     if kind == "lookalikes x4":
