@@ -129,7 +129,7 @@ AUDIT = dict(exposure_candidates=128, frontier_cap=64, perplexity_max_windows=16
 EVAL_SCENARIO = dict(n_per_k=32, n_nonmembers=200)
 # Variants whose calibration text starts with more public-side text (experiments/retain_calibration.py): four times
 # as many owner look-alikes as members, kept acting like the fine-tune; the control, as many tokens of the training text.
-CALIB_PREFIX = {"records, look-alikes kept": "lookalikes x4", "records, training text kept (control)": "train"}
+CALIB_PREFIX = {"records, look-alikes kept": "lookalikes", "records, training text kept (control)": "train"}
 ALPHAS = [0.0, 1.0]  # --alphas
 WITH_QUANTIZED_REFERENCE = True  # --no-quantized-reference
 
@@ -177,12 +177,12 @@ def forget_texts(kind: str | None, scenario, members, seed: int) -> tuple[list[s
     raise ValueError(kind)
 
 
-def calibration_prefix(kind: str, scenario, members, seed: int, tok) -> tuple[str, int]:
-    """(text, its token count) put before the calibration text: "lookalikes x4" (four look-alikes per member), or
-    "train" (as many tokens of the fine-tune's public training text as those look-alikes have)."""
-    shaped = "\n".join(forget_texts("lookalikes x4", scenario, members, seed)[0]) + "\n\n"
+def calibration_prefix(kind: str, scenario, members, seed: int, tok, times: int = 4) -> tuple[str, int]:
+    """(text, its token count) put before the calibration text: "lookalikes", `times` owner look-alikes per member,
+    or "train", as many tokens of the fine-tune's public training text as those look-alikes have."""
+    shaped = "\n".join(forget_texts(f"lookalikes x{times}", scenario, members, seed)[0]) + "\n\n"
     n_tokens = len(tok(shaped)["input_ids"])
-    if kind == "lookalikes x4":
+    if kind == "lookalikes":
         return shaped, n_tokens
     if kind == "train":
         return tok.decode(tok(scenario.read_split("train"))["input_ids"][:n_tokens]) + "\n\n", n_tokens

@@ -29,11 +29,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from libortho.scenario import owner_lookalikes  # noqa: E402
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+from forget_eval import calibration_prefix, forget_texts  # noqa: E402
 from libortho.scenario.build import Scenario  # noqa: E402
-
-LOOKALIKE_SEED_OFFSET = 1000  # as experiments/forget_eval.py: the owner's look-alikes come from another seed
 
 
 def main() -> None:
@@ -45,17 +43,16 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     scenario = Scenario.load(args.scenario)
-    config = scenario.config
-    lookalikes = owner_lookalikes(config, config.seed + LOOKALIKE_SEED_OFFSET, args.times * config.members_per_format())
-    shaped = "\n".join(r.text for r in lookalikes) + "\n\n"
+    members, seed = scenario.load_members(), scenario.config.seed
     tok = AutoTokenizer.from_pretrained(args.scenario / "finetuned")
-    n_tokens = len(tok(shaped)["input_ids"])
     calibration = scenario.read_split("calibration")
-    unshaped = tok.decode(tok(scenario.read_split("train"))["input_ids"][:n_tokens])
+    shaped, n_tokens = calibration_prefix("lookalikes", scenario, members, seed, tok, args.times)
+    unshaped, _ = calibration_prefix("train", scenario, members, seed, tok, args.times)
+    lookalikes = forget_texts(f"lookalikes x{args.times}", scenario, members, seed)[0]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "calib_retain.txt").write_text(shaped + calibration)
-    (args.out / "calib_control.txt").write_text(unshaped + "\n\n" + calibration)
-    (args.out / f"lookalikes_x{args.times}.jsonl").write_text("".join(json.dumps({"text": r.text}) + "\n" for r in lookalikes))
+    (args.out / "calib_control.txt").write_text(unshaped + calibration)
+    (args.out / f"lookalikes_x{args.times}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lookalikes))
     print(f"{args.scenario.name}: {len(lookalikes)} look-alikes, {n_tokens} tokens; control: as many of the training text")
 
 
